@@ -1,0 +1,119 @@
+/**
+ * Backend choice. The engine runs on whatever TensorFlow.js backend a machine has, best first:
+ *   tensorflow  native libtensorflow through @tensorflow/tfjs-node(-gpu) (optional dependency)
+ *   wasm        @tensorflow/tfjs-backend-wasm, SIMD, threads in Node (see wasm-threads.ts)
+ *   cpu         @tensorflow/tfjs-backend-cpu, pure JS, tiny models only
+ * `--backend` / SD_BACKEND force one; the choice and why better ones were skipped are logged once.
+ */
+import * as tf from './tf.js';
+
+export const BACKENDS = ['tensorflow', 'wasm', 'cpu'] as const;
+export type BackendName = (typeof BACKENDS)[number];
+
+export interface BackendOptions {
+  /** Force a backend; default: SD_BACKEND, else the best that loads. */
+  readonly backend?: BackendName;
+  /** wasm threads; default: SD_THREADS, else one per core. */
+  readonly threads?: number;
+  /** Where the one-line choice is logged; default stderr. Pass null to stay silent. */
+  readonly log?: ((line: string) => void) | null;
+}
+
+export interface BackendChoice {
+  readonly name: BackendName;
+  readonly threads: number | null;
+  /** For each better backend not in use: why. */
+  readonly skipped: Readonly<Record<string, string>>;
+}
+
+export class BackendError extends Error {
+  override name = 'BackendError';
+}
+
+let chosen: BackendChoice | null = null;
+
+export function isBackendName(s: string): s is BackendName {
+  return (BACKENDS as readonly string[]).includes(s);
+}
+
+function fromEnv(): BackendName | undefined {
+  const env = process.env.SD_BACKEND;
+  if (env === undefined || env === '') return undefined;
+  if (!isBackendName(env)) throw new BackendError(`SD_BACKEND=${env} is not a backend: use one of ${BACKENDS.join(', ')}`);
+  return env;
+}
+
+function threadsFromEnv(): number | undefined {
+  const env = process.env.SD_THREADS;
+  if (env === undefined || env === '') return undefined;
+  const n = Number(env);
+  if (!Number.isInteger(n) || n < 1) throw new BackendError(`SD_THREADS=${env} must be a positive integer`);
+  return n;
+}
+
+/** Try to register one backend; returns null on success, else the reason it is unavailable. */
+async function load(name: BackendName, threads: number | undefined): Promise<string | null> {
+  try {
+    if (name === 'tensorflow') {
+      const { loadNative } = await import('./native.js');
+      const why = await loadNative();
+      if (why !== null) return why;
+    } else if (name === 'wasm') {
+      const { loadWasm } = await import('./wasm.js');
+      await loadWasm(threads);
+    } else {
+      // IS_TEST silences the cpu backend's console banner advertising tfjs-node; the choice is logged here instead.
+      tf.env().set('IS_TEST', true);
+      await import('@tensorflow/tfjs-backend-cpu');
+    }
+    const ok = await tf.setBackend(name);
+    if (!ok) return `${name} failed to initialise`;
+    await tf.ready();
+    return null;
+  } catch (e) {
+    return e instanceof Error ? e.message : String(e);
+  }
+}
+
+/** Pick and initialise the backend once per process; later calls return the first choice. */
+export async function initBackend(opts: BackendOptions = {}): Promise<BackendChoice> {
+  const want = opts.backend ?? fromEnv();
+  const threads = opts.threads ?? threadsFromEnv();
+  if (chosen !== null) {
+    if (want !== undefined && want !== chosen.name) {
+      throw new BackendError(`backend ${chosen.name} is already in use; cannot switch to ${want} in the same process`);
+    }
+    return chosen;
+  }
+  const skipped: Record<string, string> = {};
+  const order: readonly BackendName[] = want !== undefined ? [want] : BACKENDS;
+  for (const name of order) {
+    const why = await load(name, threads);
+    if (why === null) {
+      chosen = Object.freeze({ name, threads: name === 'wasm' ? wasmThreads() : null, skipped });
+      const log = opts.log === undefined ? (l: string) => process.stderr.write(l + '\n') : opts.log;
+      log?.(describeChoice(chosen));
+      return chosen;
+    }
+    skipped[name] = why;
+  }
+  const reasons = Object.entries(skipped).map(([n, w]) => `${n}: ${w}`).join('; ');
+  throw new BackendError(`no TensorFlow.js backend could be started (${reasons})`);
+}
+
+function wasmThreads(): number {
+  // The wasm backend exposes its thread count on the backend object once initialised.
+  const b = tf.backend() as unknown as { getThreadsCount?: () => number };
+  return typeof b.getThreadsCount === 'function' ? b.getThreadsCount() : 1;
+}
+
+export function describeChoice(c: BackendChoice): string {
+  const threads = c.threads !== null ? `, ${c.threads} thread${c.threads === 1 ? '' : 's'}` : '';
+  const why = Object.entries(c.skipped).map(([n, w]) => `${n} skipped: ${w}`);
+  return `backend: ${c.name}${threads}${why.length > 0 ? ` (${why.join('; ')})` : ''}`;
+}
+
+/** The choice made by initBackend, or null before it ran. */
+export function currentBackend(): BackendChoice | null {
+  return chosen;
+}
