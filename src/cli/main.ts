@@ -1,0 +1,31 @@
+/**
+ * The `sd` command. Each subcommand lives in ./commands/<name>.ts and exports a yargs CommandModule;
+ * this file only lists them. Errors the user can fix print one line and exit 1; bugs print a stack.
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { isUserError } from './errors.js';
+import { parityCommand } from './commands/parity.js';
+
+export async function main(argv: string[] = hideBin(process.argv)): Promise<void> {
+  try {
+    await yargs(argv)
+      .scriptName('sd')
+      .command(parityCommand)
+      .demandCommand(1, 'name a command; `sd --help` lists them')
+      .strict()
+      .fail((msg, err, y) => {
+        if (err) throw err;
+        process.stderr.write(`${y.help() && ''}${msg}\n`);
+        process.exit(2);
+      })
+      .help()
+      .parseAsync();
+  } catch (e) {
+    if (isUserError(e)) {
+      process.stderr.write(`sd: ${(e as Error).message}\n`);
+      process.exit(1);
+    }
+    throw e;
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * Runs every fixture kind found in a folder laid out like ../shared/fixtures and counts the results.
+ * A folder whose kind has no runner is reported as failed ("not implemented"), never skipped.
+ */
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import type { CaseResult, KindRunner, ParityOptions } from './types.js';
+
+/** Fixture folder name -> module in this folder exporting `run: KindRunner`. */
+const RUNNERS: Readonly<Record<string, string>> = {
+  tokenizer: './tokenizer.js',
+  'bad-weights': './bad-weights.js',
+  rng: './rng.js',
+  samplers: './samplers.js',
+  clip: './clip.js',
+  vae: './vae.js',
+  unet: './unet.js',
+  pipeline: './pipeline.js',
+};
+
+export const KNOWN_KINDS = Object.keys(RUNNERS);
+
+async function runnerFor(kind: string): Promise<KindRunner | string> {
+  const mod = RUNNERS[kind];
+  if (mod === undefined) return `unknown fixture kind "${kind}"`;
+  try {
+    const m = (await import(mod)) as { run?: KindRunner };
+    return m.run ?? `${mod} exports no run()`;
+  } catch (e) {
+    return `not implemented (${e instanceof Error ? e.message.split('\n')[0] : String(e)})`;
+  }
+}
+
+/** The fixture kinds present in dir: its sub-folders, or dir itself when it is one fixture folder. */
+export function kindsIn(dir: string): { kind: string; path: string }[] {
+  if (!existsSync(dir)) throw new Error(`${dir}: no such folder`);
+  const self = dir.replace(/\/+$/, '').split('/').pop() ?? '';
+  if (self in RUNNERS) return [{ kind: self, path: dir }];
+  return readdirSync(dir)
+    .filter((name) => statSync(join(dir, name)).isDirectory())
+    .sort()
+    .map((name) => ({ kind: name, path: join(dir, name) }));
+}
+
+export async function runParity(
+  dir: string,
+  opts: ParityOptions & { kinds?: readonly string[]; onResult?: (r: CaseResult) => void },
+): Promise<CaseResult[]> {
+  const results: CaseResult[] = [];
+  const report = (r: CaseResult) => {
+    results.push(r);
+    opts.onResult?.(r);
+  };
+  for (const { kind, path } of kindsIn(dir)) {
+    if (opts.kinds !== undefined && !opts.kinds.includes(kind)) continue;
+    const runner = await runnerFor(kind);
+    if (typeof runner === 'string') {
+      report({ kind, name: '*', passed: false, detail: runner });
+      continue;
+    }
+    try {
+      for (const r of await runner(path, opts)) report(r);
+    } catch (e) {
+      report({ kind, name: '*', passed: false, detail: `runner crashed: ${e instanceof Error ? e.stack : String(e)}` });
+    }
+  }
+  return results;
+}
+
+export function formatResult(r: CaseResult): string {
+  const status = r.passed ? 'PASS' : 'FAIL';
+  const err = r.maxRelError !== undefined ? ` max rel err ${r.maxRelError.toExponential(2)}` : '';
+  const tol = r.tolerance !== undefined ? ` (tol ${r.tolerance})` : '';
+  const detail = r.detail !== undefined ? ` - ${r.detail}` : '';
+  return `${status} ${r.kind}/${r.name}${err}${tol}${detail}`;
+}
+
+export function summary(results: readonly CaseResult[]): string {
+  const passed = results.filter((r) => r.passed).length;
+  return `${passed} passed, ${results.length - passed} failed`;
+}
