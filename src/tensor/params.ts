@@ -1,0 +1,74 @@
+/**
+ * Params: a view of a weight file (a TensorSource) under a key prefix, as the models load themselves from it.
+ *
+ * A module is handed `p = Params.root(src, 'first_stage_model').child('encoder')` and reads its own weights by
+ * their checkpoint names: `p.tensor('conv_in.weight', [ch, 3, 3, 3])`. Every read checks the shape exactly
+ * (a config that does not fit the checkpoint fails at load, naming the key) and is recorded, so a loader can
+ * ask which keys under its root nobody read (`unused()`) and refuse a checkpoint it only half understood.
+ *
+ * Tensors come back in the checkpoint's (PyTorch) layout as float32; the nn modules transpose them once.
+ */
+import * as tf from './tf.js';
+import { WeightsError, type TensorSource } from '../weights/types.js';
+
+/** A weight's shape differs from what the config says it must be. */
+export class ShapeError extends Error {
+  override name = 'ShapeError';
+}
+
+export class Params {
+  private constructor(
+    private readonly src: TensorSource,
+    /** The full key prefix of this view, '' for the file's top level. */
+    readonly prefix: string,
+    private readonly rootPrefix: string,
+    /** Keys read so far, shared by a root and all its children. */
+    private readonly used: Set<string>,
+  ) {}
+
+  /** A view of `src` under `prefix` (e.g. 'model.diffusion_model'; '' for the whole file). */
+  static root(src: TensorSource, prefix: string): Params {
+    return new Params(src, prefix, prefix, new Set());
+  }
+
+  /** The view one level down: `${prefix}.${name}`. */
+  child(name: string | number): Params {
+    return new Params(this.src, this.key(String(name)), this.rootPrefix, this.used);
+  }
+
+  /** The full checkpoint key of `name` under this view. */
+  key(name: string): string {
+    return this.prefix === '' ? name : `${this.prefix}.${name}`;
+  }
+
+  has(name: string): boolean {
+    return this.src.has(this.key(name));
+  }
+
+  /** Reads `${prefix}.${name}` as float32 in checkpoint layout; its shape must equal `shape` exactly. */
+  tensor(name: string, shape: readonly number[]): tf.Tensor {
+    const key = this.key(name);
+    if (!this.src.has(key)) {
+      throw new WeightsError(
+        `${this.src.path}: missing tensor ${key} [${shape.join(', ')}]; is this a Stable Diffusion 1.x checkpoint with the original key names?`,
+      );
+    }
+    const got = this.src.info(key).shape;
+    if (got.length !== shape.length || got.some((d, i) => d !== shape[i])) {
+      throw new ShapeError(
+        `${this.src.path}: ${key}: expected [${shape.join(', ')}], got [${got.join(', ')}]; the model config does not match this checkpoint`,
+      );
+    }
+    this.used.add(key);
+    return tf.tensor(this.src.float32(key), [...shape], 'float32');
+  }
+
+  /** Keys under the root prefix that nothing read, except those matching `ignore` (buffers such as position_ids). */
+  unused(ignore?: RegExp): string[] {
+    const under = this.rootPrefix === '' ? '' : `${this.rootPrefix}.`;
+    return this.src
+      .keys()
+      .filter((k) => k.startsWith(under) && !this.used.has(k) && !(ignore?.test(k) ?? false))
+      .sort();
+  }
+}
