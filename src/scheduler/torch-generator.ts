@@ -84,13 +84,17 @@ export class TorchGenerator {
   }
 }
 
-/** `normal_fill_16` in float32 arithmetic: u1 = 1 - data[j] (in (0, 1], safe for log), u2 = data[j + 8]. */
+/**
+ * `normal_fill_16` in float32 arithmetic: u1 = 1 - data[j] (in (0, 1], safe for log), u2 = data[j + 8].
+ * theta = float(2 pi) * u2 rounded to float, as the AVX2 kernel (`normal_fill_16_AVX2`, what x86 builds of
+ * torch run) computes it; this matches torch's output to about one float ulp.
+ */
 function boxMuller16(data: Float32Array, start: number): void {
   for (let j = start; j < start + 8; j++) {
     const u1 = f32(1 - data[j]);
     const u2 = data[j + 8];
     const radius = f32(Math.sqrt(f32(-2 * f32(Math.log(u1)))));
-    const theta = f32(2 * Math.PI * u2);
+    const theta = f32(f32(2 * Math.PI) * u2);
     data[j] = f32(radius * f32(Math.cos(theta)));
     data[j + 8] = f32(radius * f32(Math.sin(theta)));
   }

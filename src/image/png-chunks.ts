@@ -1,0 +1,102 @@
+/**
+ * PNG text chunks, read and written byte by byte (PNG spec, ISO/IEC 15948 §11.3.4): a chunk is
+ * length (u32 BE) | type (4 ASCII) | data | CRC-32 of type+data. sharp writes the pixels; this file adds the
+ * generation parameters as a `tEXt` chunk right after IHDR (or `iTXt` when the text is not Latin-1, as PIL and
+ * so A1111 do), and finds them again.
+ */
+
+const SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+
+/** CRC-32 (ISO 3309, polynomial 0xEDB88320 reflected), the checksum PNG chunks carry. */
+const CRC_TABLE: Uint32Array = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+export function crc32(bytes: Uint8Array): number {
+  let c = 0xffffffff;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+export interface PngChunk {
+  readonly type: string;
+  readonly data: Buffer;
+  /** Byte offset of the chunk's length field in the file. */
+  readonly offset: number;
+}
+
+/** Every chunk of a PNG in file order; throws on a bad signature, a truncated chunk or a bad CRC. */
+export function readChunks(png: Uint8Array): PngChunk[] {
+  const buf = Buffer.from(png.buffer, png.byteOffset, png.byteLength);
+  if (buf.length < 8 || !buf.subarray(0, 8).equals(SIGNATURE)) throw new Error('not a PNG (bad signature)');
+  const chunks: PngChunk[] = [];
+  let at = 8;
+  while (at < buf.length) {
+    if (at + 12 > buf.length) throw new Error(`truncated chunk header at byte ${at}`);
+    const length = buf.readUInt32BE(at);
+    const end = at + 12 + length;
+    if (end > buf.length) throw new Error(`truncated chunk at byte ${at}`);
+    const type = buf.toString('latin1', at + 4, at + 8);
+    const crc = buf.readUInt32BE(end - 4);
+    if (crc32(buf.subarray(at + 4, end - 4)) !== crc) throw new Error(`${type} chunk at byte ${at}: bad CRC`);
+    chunks.push({ type, data: buf.subarray(at + 8, end - 4), offset: at });
+    at = end;
+    if (type === 'IEND') break;
+  }
+  return chunks;
+}
+
+function chunk(type: string, data: Buffer): Buffer {
+  const out = Buffer.alloc(12 + data.length);
+  out.writeUInt32BE(data.length, 0);
+  out.write(type, 4, 'latin1');
+  data.copy(out, 8);
+  out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
+  return out;
+}
+
+const isLatin1 = (s: string): boolean => [...s].every((ch) => ch.codePointAt(0)! <= 0xff);
+
+/** tEXt: keyword NUL text (Latin-1); iTXt: keyword NUL 0 0 "" NUL "" NUL text (UTF-8, uncompressed). */
+function textChunk(keyword: string, text: string): Buffer {
+  if (isLatin1(text)) return chunk('tEXt', Buffer.concat([Buffer.from(keyword, 'latin1'), Buffer.from([0]), Buffer.from(text, 'latin1')]));
+  const head = Buffer.concat([Buffer.from(keyword, 'latin1'), Buffer.from([0, 0, 0, 0, 0])]);
+  return chunk('iTXt', Buffer.concat([head, Buffer.from(text, 'utf8')]));
+}
+
+/** The PNG with a text chunk `keyword` inserted right after IHDR (readers that stop early still see it). */
+export function insertTextChunk(png: Buffer, keyword: string, text: string): Buffer {
+  const [ihdr] = readChunks(png);
+  if (ihdr?.type !== 'IHDR') throw new Error('PNG does not start with IHDR');
+  const afterIhdr = ihdr.offset + 12 + ihdr.data.length;
+  return Buffer.concat([png.subarray(0, afterIhdr), textChunk(keyword, text), png.subarray(afterIhdr)]);
+}
+
+function decodeText(c: PngChunk): { keyword: string; text: string } | null {
+  const nul = c.data.indexOf(0);
+  if (nul < 0) return null;
+  const keyword = c.data.toString('latin1', 0, nul);
+  if (c.type === 'tEXt') return { keyword, text: c.data.toString('latin1', nul + 1) };
+  // iTXt: compression flag, method, language tag NUL, translated keyword NUL, text. Compressed text is not ours.
+  if (c.data[nul + 1] !== 0) return null;
+  const lang = c.data.indexOf(0, nul + 3);
+  const translated = lang < 0 ? -1 : c.data.indexOf(0, lang + 1);
+  if (translated < 0) return null;
+  return { keyword, text: c.data.toString('utf8', translated + 1) };
+}
+
+/** The text of the first tEXt/iTXt chunk named `keyword`, or null if there is none. */
+export function readTextChunk(png: Uint8Array, keyword: string): string | null {
+  for (const c of readChunks(png)) {
+    if (c.type !== 'tEXt' && c.type !== 'iTXt') continue;
+    const t = decodeText(c);
+    if (t?.keyword === keyword) return t.text;
+  }
+  return null;
+}

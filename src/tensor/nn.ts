@@ -1,0 +1,215 @@
+/**
+ * The layers every network here is built from, each loading itself from its checkpoint names
+ * (`weight`, `bias`) under a Params prefix and holding its weights until dispose().
+ *
+ * Layout, fixed at load so no forward pass ever transposes a weight:
+ *   Linear     checkpoint [out, in]         -> [in, out];  apply: [..., in] -> [..., out]
+ *   Conv2d     checkpoint OIHW [o, i, k, k] -> HWIO;       apply: NHWC [B, H, W, i] -> [B, H', W', o]
+ *   GroupNorm, LayerNorm: per-channel scale and shift, channels last.
+ *   Embedding  [num, dim] unchanged;                       apply: int32 ids [...] -> [..., dim]
+ * Each apply runs in its own tf.tidy, so calling one outside a tidy leaks nothing but its result.
+ */
+import * as tf from './tf.js';
+import type { Params } from './params.js';
+
+/** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
+function own<T extends tf.Tensor>(make: () => T): T {
+  return tf.keep(tf.tidy(make));
+}
+
+/** y = x W + b, PyTorch nn.Linear. */
+export class Linear {
+  private constructor(
+    readonly weight: tf.Tensor2D, // [in, out]
+    readonly bias: tf.Tensor1D | null,
+  ) {}
+
+  static load(p: Params, inFeatures: number, outFeatures: number, { bias = true }: { bias?: boolean } = {}): Linear {
+    const w = own(() => tf.transpose(p.tensor('weight', [outFeatures, inFeatures])) as tf.Tensor2D);
+    const b = bias ? own(() => p.tensor('bias', [outFeatures]) as tf.Tensor1D) : null;
+    return new Linear(w, b);
+  }
+
+  get inFeatures(): number {
+    return this.weight.shape[0];
+  }
+
+  get outFeatures(): number {
+    return this.weight.shape[1];
+  }
+
+  apply<T extends tf.Tensor>(x: T): T {
+    return tf.tidy(() => {
+      const lead = x.shape.slice(0, -1);
+      const flat = tf.reshape(x, [-1, this.inFeatures]) as tf.Tensor2D;
+      const y = tf.fused.matMul({ a: flat, b: this.weight, bias: this.bias ?? undefined });
+      return tf.reshape(y, [...lead, this.outFeatures]) as T;
+    });
+  }
+
+  dispose(): void {
+    this.weight.dispose();
+    this.bias?.dispose();
+  }
+}
+
+/**
+ * Zero padding of a Conv2d as PyTorch states it: 'same-as-torch' is kernel // 2 on every side (nn.Conv2d
+ * padding=k//2); a number pads every side by it; [top, bottom, left, right] pads asymmetrically (CompVis
+ * Downsample pads (0, 1, 0, 1) before a stride-2 conv).
+ */
+export type ConvPadding = 'same-as-torch' | number | readonly [number, number, number, number];
+
+type TfPad = 'same' | 'valid' | [[number, number], [number, number], [number, number], [number, number]];
+
+/** The tfjs padding that computes the same output as PyTorch's: 'same'/'valid' where they agree, else explicit. */
+function tfPadding(padding: ConvPadding, kernel: number, stride: number): TfPad {
+  const [t, b, l, r] = typeof padding === 'string' ? [kernel >> 1, kernel >> 1, kernel >> 1, kernel >> 1]
+    : typeof padding === 'number' ? [padding, padding, padding, padding] : padding;
+  if (t === 0 && b === 0 && l === 0 && r === 0) return 'valid';
+  // Stride 1 with an odd kernel padded k//2 on each side is exactly TensorFlow's 'same'.
+  if (stride === 1 && kernel % 2 === 1 && [t, b, l, r].every((v) => v === kernel >> 1)) return 'same';
+  return [[0, 0], [t, b], [l, r], [0, 0]];
+}
+
+/** PyTorch nn.Conv2d (square kernel, with bias) on NHWC tensors. */
+export class Conv2d {
+  private constructor(
+    readonly filter: tf.Tensor4D, // HWIO [k, k, in, out]
+    readonly bias: tf.Tensor1D,
+    readonly stride: number,
+    private readonly pad: TfPad,
+  ) {}
+
+  static load(
+    p: Params,
+    cin: number,
+    cout: number,
+    kernel: number,
+    { stride = 1, padding = 'same-as-torch' }: { stride?: number; padding?: ConvPadding } = {},
+  ): Conv2d {
+    const filter = own(() => tf.transpose(p.tensor('weight', [cout, cin, kernel, kernel]), [2, 3, 1, 0]) as tf.Tensor4D);
+    const bias = own(() => p.tensor('bias', [cout]) as tf.Tensor1D);
+    return new Conv2d(filter, bias, stride, tfPadding(padding, kernel, stride));
+  }
+
+  get outChannels(): number {
+    return this.filter.shape[3];
+  }
+
+  apply(x: tf.Tensor4D): tf.Tensor4D {
+    return tf.tidy(() =>
+      tf.fused.conv2d({ x, filter: this.filter, strides: this.stride, pad: this.pad, bias: this.bias, dataFormat: 'NHWC' }),
+    );
+  }
+
+  dispose(): void {
+    this.filter.dispose();
+    this.bias.dispose();
+  }
+}
+
+/** PyTorch nn.GroupNorm on channels-last input [B, ..., C]: biased variance over each group's channels and positions. */
+export class GroupNorm {
+  private constructor(
+    readonly gamma: tf.Tensor1D,
+    readonly beta: tf.Tensor1D,
+    readonly groups: number,
+    readonly eps: number,
+  ) {}
+
+  static load(p: Params, channels: number, { groups = 32, eps }: { groups?: number; eps: number }): GroupNorm {
+    if (channels % groups !== 0) {
+      throw new RangeError(`${p.prefix}: GroupNorm over ${channels} channels cannot make ${groups} equal groups`);
+    }
+    const gamma = own(() => p.tensor('weight', [channels]) as tf.Tensor1D);
+    const beta = own(() => p.tensor('bias', [channels]) as tf.Tensor1D);
+    return new GroupNorm(gamma, beta, groups, eps);
+  }
+
+  apply<T extends tf.Tensor>(x: T): T {
+    return tf.tidy(() => {
+      const c = x.shape[x.rank - 1];
+      const grouped = tf.reshape(x, [x.shape[0], -1, this.groups, c / this.groups]); // [B, positions, G, C/G]
+      const { mean, variance } = tf.moments(grouped, [1, 3], true);
+      const normed = tf.mul(tf.sub(grouped, mean), tf.rsqrt(tf.add(variance, this.eps)));
+      return tf.add(tf.mul(tf.reshape(normed, x.shape), this.gamma), this.beta) as T;
+    });
+  }
+
+  dispose(): void {
+    this.gamma.dispose();
+    this.beta.dispose();
+  }
+}
+
+/** PyTorch nn.LayerNorm over the last axis (biased variance). */
+export class LayerNorm {
+  private constructor(
+    readonly gamma: tf.Tensor1D,
+    readonly beta: tf.Tensor1D,
+    readonly eps: number,
+  ) {}
+
+  static load(p: Params, dim: number, { eps = 1e-5 }: { eps?: number } = {}): LayerNorm {
+    const gamma = own(() => p.tensor('weight', [dim]) as tf.Tensor1D);
+    const beta = own(() => p.tensor('bias', [dim]) as tf.Tensor1D);
+    return new LayerNorm(gamma, beta, eps);
+  }
+
+  apply<T extends tf.Tensor>(x: T): T {
+    return tf.tidy(() => {
+      const { mean, variance } = tf.moments(x, -1, true);
+      const normed = tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, this.eps)));
+      return tf.add(tf.mul(normed, this.gamma), this.beta) as T;
+    });
+  }
+
+  dispose(): void {
+    this.gamma.dispose();
+    this.beta.dispose();
+  }
+}
+
+/** PyTorch nn.Embedding: a lookup table [num, dim]. */
+export class Embedding {
+  private constructor(readonly table: tf.Tensor2D) {}
+
+  static load(p: Params, num: number, dim: number): Embedding {
+    return new Embedding(own(() => p.tensor('weight', [num, dim]) as tf.Tensor2D));
+  }
+
+  /** int32 ids [...] -> [..., dim]. */
+  apply(ids: tf.Tensor): tf.Tensor {
+    return tf.tidy(() => tf.gather(this.table, tf.cast(ids, 'int32')));
+  }
+
+  dispose(): void {
+    this.table.dispose();
+  }
+}
+
+/** SiLU (swish): x * sigmoid(x). */
+export function silu<T extends tf.Tensor>(x: T): T {
+  return tf.tidy(() => tf.mul(x, tf.sigmoid(x)) as T);
+}
+
+/** GELU with the exact erf, as torch.nn.functional.gelu by default: x/2 * (1 + erf(x / sqrt 2)). */
+export function gelu<T extends tf.Tensor>(x: T): T {
+  return tf.tidy(() => tf.mul(tf.mul(x, 0.5), tf.add(1, tf.erf(tf.mul(x, Math.SQRT1_2)))) as T);
+}
+
+// QuickGELU, the activation OpenAI's CLIP was trained with: x * sigmoid(1.702 x)
+export function quickGelu<T extends tf.Tensor>(x: T): T {
+  return tf.tidy(() => tf.mul(x, tf.sigmoid(tf.mul(x, 1.702))) as T);
+}
+
+/** torch F.interpolate(scale_factor=2, mode='nearest') on NHWC: each pixel becomes a 2x2 block. */
+export function upsampleNearest2x(x: tf.Tensor4D): tf.Tensor4D {
+  return upsampleNearestTo(x, x.shape[1] * 2, x.shape[2] * 2);
+}
+
+/** torch F.interpolate(size=(h, w), mode='nearest') on NHWC: source index floor(dst * in / out). */
+export function upsampleNearestTo(x: tf.Tensor4D, h: number, w: number): tf.Tensor4D {
+  return tf.image.resizeNearestNeighbor(x, [h, w], false, false);
+}

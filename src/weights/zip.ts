@@ -1,0 +1,394 @@
+/**
+ * A read-only zip archive reader for PyTorch checkpoints: the End Of Central Directory record (zip64 too, since
+ * real checkpoints are 4+ GB), the central directory, then each entry read by offset with fs.readSync, so the
+ * archive never becomes one Buffer. Only stored (method 0) entries can be read: torch.save writes no other kind.
+ *
+ * Layout (APPNOTE.TXT 4.3): [local header + data]* central directory [zip64 EOCD record, zip64 locator] EOCD.
+ * Every offset and size is checked against the file size before it is used.
+ */
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import * as zlib from 'node:zlib';
+import { WeightsError } from './types.js';
+
+const SIG_LOCAL = 0x04034b50;
+const SIG_CENTRAL = 0x02014b50;
+const SIG_EOCD = 0x06054b50;
+const SIG_ZIP64_EOCD = 0x06064b50;
+const SIG_ZIP64_LOCATOR = 0x07064b50;
+const EOCD_BYTES = 22;
+const ZIP64_LOCATOR_BYTES = 20;
+const ZIP64_EOCD_BYTES = 56;
+const CENTRAL_BYTES = 46;
+const LOCAL_BYTES = 30;
+const MAX_COMMENT = 0xffff;
+/** Field values meaning "the real value is in the zip64 record / extra field". */
+const U16_MAX = 0xffff;
+const U32_MAX = 0xffffffff;
+
+/** CRC-32 (IEEE) of the bytes: zlib's native one where this Node has it (20.15+), a table otherwise. */
+export function crc32(data: Uint8Array): number {
+  if (typeof zlib.crc32 === 'function') return zlib.crc32(data);
+  const table = crcTable();
+  let c = 0xffffffff;
+  for (let i = 0; i < data.length; i++) c = table[(c ^ data[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+let crcTableCache: Uint32Array | null = null;
+function crcTable(): Uint32Array {
+  if (crcTableCache !== null) return crcTableCache;
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c >>> 0;
+  }
+  crcTableCache = t;
+  return t;
+}
+
+export interface ZipEntry {
+  readonly name: string;
+  /** 0 = stored; anything else is refused when the entry is read. */
+  readonly method: number;
+  readonly size: number;
+  readonly crc32: number;
+  /** Where the entry's bytes start in the file (after its local header). */
+  readonly dataOffset: number;
+}
+
+export class ZipArchive {
+  private fd: number | null;
+
+  private constructor(
+    readonly path: string,
+    fd: number,
+    readonly entries: ReadonlyMap<string, ZipEntry>,
+  ) {
+    this.fd = fd;
+  }
+
+  static open(path: string): ZipArchive {
+    let fd: number;
+    try {
+      fd = openSync(path, 'r');
+    } catch (e) {
+      throw new WeightsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+    }
+    try {
+      return new ZipArchive(path, fd, readDirectory(new Reader(path, fd)));
+    } catch (e) {
+      closeSync(fd);
+      throw e;
+    }
+  }
+
+  entry(name: string): ZipEntry {
+    const e = this.entries.get(name);
+    if (e === undefined) throw new WeightsError(`${this.path}: zip archive has no entry ${name}`);
+    return e;
+  }
+
+  /**
+   * `length` bytes of an entry from `offset` within it. When the whole entry is read its CRC-32 is checked,
+   * so a corrupted archive is refused instead of yielding wrong numbers.
+   */
+  read(name: string, offset = 0, length?: number): Uint8Array {
+    const e = this.entry(name);
+    if (e.method !== 0) {
+      throw new WeightsError(
+        `${this.path}: zip entry ${name} is compressed (method ${e.method}); only stored entries are supported, as torch.save writes them: re-save the checkpoint with torch.save or convert it to safetensors`,
+      );
+    }
+    const n = length ?? e.size - offset;
+    if (offset < 0 || n < 0 || offset + n > e.size) {
+      throw new WeightsError(`${this.path}: bytes [${offset}, ${offset + n}) are outside zip entry ${name} (${e.size} bytes)`);
+    }
+    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
+    const out = new Uint8Array(n);
+    new Reader(this.path, this.fd).readInto(out, e.dataOffset + offset);
+    if (offset === 0 && n === e.size && crc32(out) !== e.crc32) {
+      throw new WeightsError(`${this.path}: zip entry ${name} fails its CRC-32 check: the file is corrupted, download or copy it again`);
+    }
+    return out;
+  }
+
+  close(): void {
+    if (this.fd !== null) closeSync(this.fd);
+    this.fd = null;
+  }
+}
+
+/** Bounded reads from an open file; every request past the end says the archive is truncated. */
+class Reader {
+  readonly size: number;
+
+  constructor(
+    readonly path: string,
+    private readonly fd: number,
+  ) {
+    this.size = fstatSync(fd).size;
+  }
+
+  readInto(into: Uint8Array, position: number): void {
+    if (position < 0 || position + into.byteLength > this.size) this.truncated(`${into.byteLength} bytes at offset ${position}`);
+    let done = 0;
+    while (done < into.byteLength) {
+      const n = readSync(this.fd, into, done, into.byteLength - done, position + done);
+      if (n === 0) this.truncated(`${into.byteLength} bytes at offset ${position}`);
+      done += n;
+    }
+  }
+
+  view(position: number, length: number): DataView {
+    const buf = new Uint8Array(length);
+    this.readInto(buf, position);
+    return new DataView(buf.buffer);
+  }
+
+  truncated(what: string): never {
+    throw new WeightsError(`${this.path}: zip archive is truncated or corrupted (needs ${what}, file is ${this.size} bytes)`);
+  }
+}
+
+interface Directory {
+  readonly offset: number;
+  readonly size: number;
+  readonly count: number;
+}
+
+function readDirectory(r: Reader): Map<string, ZipEntry> {
+  const dir = findCentralDirectory(r);
+  if (dir.offset + dir.size > r.size) r.truncated(`a ${dir.size}-byte central directory at offset ${dir.offset}`);
+  const cd = r.view(dir.offset, dir.size);
+  const entries = new Map<string, ZipEntry>();
+  let pos = 0;
+  for (let i = 0; i < dir.count; i++) {
+    const { entry, next } = readCentralEntry(r, cd, pos);
+    if (entries.has(entry.name)) throw new WeightsError(`${r.path}: zip archive lists entry ${entry.name} twice`);
+    entries.set(entry.name, entry);
+    pos = next;
+  }
+  return entries;
+}
+
+/** The EOCD record sits in the last 22 + 65535 bytes (it ends with a comment of up to 64 KiB). */
+function findCentralDirectory(r: Reader): Directory {
+  const tailLength = Math.min(r.size, EOCD_BYTES + MAX_COMMENT);
+  const tailStart = r.size - tailLength;
+  const tail = r.view(tailStart, tailLength);
+  for (let i = tailLength - EOCD_BYTES; i >= 0; i--) {
+    if (tail.getUint32(i, true) !== SIG_EOCD) continue;
+    const commentLength = tail.getUint16(i + 20, true);
+    if (i + EOCD_BYTES + commentLength > tailLength) continue; // a signature inside data, not the record
+    const eocd: Directory = {
+      count: tail.getUint16(i + 10, true),
+      size: tail.getUint32(i + 12, true),
+      offset: tail.getUint32(i + 16, true),
+    };
+    if (tail.getUint16(i + 4, true) !== 0 && tail.getUint16(i + 4, true) !== U16_MAX) {
+      throw new WeightsError(`${r.path}: multi-disk (split) zip archives are not supported: join the parts into one file`);
+    }
+    return readZip64Directory(r, tailStart + i) ?? eocd;
+  }
+  if (r.size >= 4 && r.view(0, 4).getUint32(0, true) === SIG_LOCAL) {
+    throw new WeightsError(`${r.path}: zip archive is truncated (no end of central directory record): the download or copy was cut short`);
+  }
+  throw new WeightsError(`${r.path}: not a zip archive (no end of central directory record)`);
+}
+
+/** The zip64 locator, when present, sits right before the EOCD and points at the zip64 EOCD record. */
+function readZip64Directory(r: Reader, eocdAt: number): Directory | null {
+  if (eocdAt < ZIP64_LOCATOR_BYTES) return null;
+  const loc = r.view(eocdAt - ZIP64_LOCATOR_BYTES, ZIP64_LOCATOR_BYTES);
+  if (loc.getUint32(0, true) !== SIG_ZIP64_LOCATOR) return null;
+  const recordAt = u64(r, loc, 8, 'zip64 end of central directory offset');
+  if (recordAt + ZIP64_EOCD_BYTES > eocdAt) r.truncated(`a zip64 end of central directory record at offset ${recordAt}`);
+  const rec = r.view(recordAt, ZIP64_EOCD_BYTES);
+  if (rec.getUint32(0, true) !== SIG_ZIP64_EOCD) {
+    throw new WeightsError(`${r.path}: zip64 end of central directory record missing at offset ${recordAt}: the archive is corrupted`);
+  }
+  return {
+    count: u64(r, rec, 32, 'zip64 entry count'),
+    size: u64(r, rec, 40, 'zip64 central directory size'),
+    offset: u64(r, rec, 48, 'zip64 central directory offset'),
+  };
+}
+
+function u64(r: Reader, v: DataView, at: number, what: string): number {
+  const x = v.getBigUint64(at, true);
+  if (x > BigInt(r.size)) r.truncated(`${what} ${x}`);
+  return Number(x);
+}
+
+function readCentralEntry(r: Reader, cd: DataView, pos: number): { entry: ZipEntry; next: number } {
+  if (pos + CENTRAL_BYTES > cd.byteLength || cd.getUint32(pos, true) !== SIG_CENTRAL) {
+    throw new WeightsError(`${r.path}: zip central directory is corrupted (no entry header at byte ${pos} of it)`);
+  }
+  const flags = cd.getUint16(pos + 8, true);
+  const nameLength = cd.getUint16(pos + 28, true);
+  const extraLength = cd.getUint16(pos + 30, true);
+  const commentLength = cd.getUint16(pos + 32, true);
+  const next = pos + CENTRAL_BYTES + nameLength + extraLength + commentLength;
+  if (next > cd.byteLength) throw new WeightsError(`${r.path}: zip central directory is corrupted (entry at byte ${pos} runs past its end)`);
+  const nameBytes = new Uint8Array(cd.buffer, pos + CENTRAL_BYTES, nameLength);
+  const name = decodeName(r, nameBytes);
+  if (flags & 1) throw new WeightsError(`${r.path}: zip entry ${name} is encrypted: not supported`);
+  const wide = {
+    compressed: cd.getUint32(pos + 20, true),
+    size: cd.getUint32(pos + 24, true),
+    localOffset: cd.getUint32(pos + 42, true),
+  };
+  const extra = new DataView(cd.buffer, pos + CENTRAL_BYTES + nameLength, extraLength);
+  const { compressed, size, localOffset } = applyZip64Extra(r, name, extra, wide);
+  const method = cd.getUint16(pos + 10, true);
+  if (method === 0 && compressed !== size) {
+    throw new WeightsError(`${r.path}: stored zip entry ${name} has compressed size ${compressed} != size ${size}: the archive is corrupted`);
+  }
+  const dataOffset = localDataOffset(r, name, nameBytes, localOffset);
+  if (dataOffset + compressed > r.size) r.truncated(`${compressed} bytes of entry ${name} at offset ${dataOffset}`);
+  return { entry: { name, method, size, crc32: cd.getUint32(pos + 16, true), dataOffset }, next };
+}
+
+function decodeName(r: Reader, bytes: Uint8Array): string {
+  try {
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw new WeightsError(`${r.path}: zip entry name is not UTF-8: the archive is corrupted`);
+  }
+}
+
+/** Zip64 extended information (header id 1): the 8-byte values of the fields whose 4-byte value is 0xFFFFFFFF, in order. */
+function applyZip64Extra(
+  r: Reader,
+  name: string,
+  extra: DataView,
+  v: { compressed: number; size: number; localOffset: number },
+): { compressed: number; size: number; localOffset: number } {
+  const needs = v.size === U32_MAX || v.compressed === U32_MAX || v.localOffset === U32_MAX;
+  for (let p = 0; p + 4 <= extra.byteLength; ) {
+    const id = extra.getUint16(p, true);
+    const length = extra.getUint16(p + 2, true);
+    if (p + 4 + length > extra.byteLength) break;
+    if (id === 1) {
+      const field = new DataView(extra.buffer, extra.byteOffset + p + 4, length);
+      let at = 0;
+      const take = (old: number, what: string): number => {
+        if (old !== U32_MAX) return old;
+        if (at + 8 > length) throw new WeightsError(`${r.path}: zip64 extra field of entry ${name} lacks its ${what}`);
+        const x = u64(r, field, at, `${what} of entry ${name}`);
+        at += 8;
+        return x;
+      };
+      const size = take(v.size, 'size');
+      const compressed = take(v.compressed, 'compressed size');
+      return { size, compressed, localOffset: take(v.localOffset, 'local header offset') };
+    }
+    p += 4 + length;
+  }
+  if (needs) throw new WeightsError(`${r.path}: zip entry ${name} needs a zip64 extra field and has none: the archive is corrupted`);
+  return v;
+}
+
+/** The local header repeats the name and has its own extra field (torch pads it so data is 64-byte aligned). */
+function localDataOffset(r: Reader, name: string, nameBytes: Uint8Array, localOffset: number): number {
+  const h = r.view(localOffset, LOCAL_BYTES);
+  if (h.getUint32(0, true) !== SIG_LOCAL) {
+    throw new WeightsError(`${r.path}: no local header for zip entry ${name} at offset ${localOffset}: the archive is corrupted`);
+  }
+  const nameLength = h.getUint16(26, true);
+  const extraLength = h.getUint16(28, true);
+  const localName = new Uint8Array(nameLength);
+  r.readInto(localName, localOffset + LOCAL_BYTES);
+  if (nameLength !== nameBytes.byteLength || !localName.every((b, i) => b === nameBytes[i])) {
+    throw new WeightsError(`${r.path}: local header at offset ${localOffset} does not name entry ${name}: the archive is corrupted`);
+  }
+  return localOffset + LOCAL_BYTES + nameLength + extraLength;
+}
+
+export interface ZipInput {
+  readonly name: string;
+  readonly data: Uint8Array;
+}
+
+/**
+ * A stored-only zip archive in memory, for tests (building archives by hand, zip64 included). `zip64: true`
+ * writes every size and offset through zip64 extra fields and the zip64 end records, as writers do past 4 GB.
+ */
+export function buildZip(files: readonly ZipInput[], opts: { zip64?: boolean; comment?: string } = {}): Uint8Array {
+  const zip64 = opts.zip64 ?? false;
+  const chunks: Uint8Array[] = [];
+  const central: Uint8Array[] = [];
+  let offset = 0;
+  const push = (b: Uint8Array) => {
+    chunks.push(b);
+    offset += b.byteLength;
+  };
+  for (const f of files) {
+    const name = new TextEncoder().encode(f.name);
+    const crc = crc32(f.data);
+    const local = new DataView(new ArrayBuffer(LOCAL_BYTES));
+    local.setUint32(0, SIG_LOCAL, true);
+    local.setUint16(4, zip64 ? 45 : 20, true);
+    local.setUint32(14, crc, true);
+    local.setUint32(18, f.data.byteLength, true);
+    local.setUint32(22, f.data.byteLength, true);
+    local.setUint16(26, name.byteLength, true);
+    const localOffset = offset;
+    push(new Uint8Array(local.buffer));
+    push(name);
+    push(f.data);
+    const extra = zip64 ? zip64Extra([f.data.byteLength, f.data.byteLength, localOffset]) : new Uint8Array(0);
+    const c = new DataView(new ArrayBuffer(CENTRAL_BYTES));
+    c.setUint32(0, SIG_CENTRAL, true);
+    c.setUint16(4, zip64 ? 45 : 20, true);
+    c.setUint16(6, zip64 ? 45 : 20, true);
+    c.setUint32(16, crc, true);
+    c.setUint32(20, zip64 ? U32_MAX : f.data.byteLength, true);
+    c.setUint32(24, zip64 ? U32_MAX : f.data.byteLength, true);
+    c.setUint16(28, name.byteLength, true);
+    c.setUint16(30, extra.byteLength, true);
+    c.setUint32(42, zip64 ? U32_MAX : localOffset, true);
+    central.push(new Uint8Array(c.buffer), name, extra);
+  }
+  const cdOffset = offset;
+  for (const b of central) push(b);
+  const cdSize = offset - cdOffset;
+  if (zip64) {
+    const recordAt = offset;
+    const rec = new DataView(new ArrayBuffer(ZIP64_EOCD_BYTES));
+    rec.setUint32(0, SIG_ZIP64_EOCD, true);
+    rec.setBigUint64(4, BigInt(ZIP64_EOCD_BYTES - 12), true);
+    rec.setUint16(12, 45, true);
+    rec.setUint16(14, 45, true);
+    rec.setBigUint64(24, BigInt(files.length), true);
+    rec.setBigUint64(32, BigInt(files.length), true);
+    rec.setBigUint64(40, BigInt(cdSize), true);
+    rec.setBigUint64(48, BigInt(cdOffset), true);
+    push(new Uint8Array(rec.buffer));
+    const loc = new DataView(new ArrayBuffer(ZIP64_LOCATOR_BYTES));
+    loc.setUint32(0, SIG_ZIP64_LOCATOR, true);
+    loc.setBigUint64(8, BigInt(recordAt), true);
+    loc.setUint32(16, 1, true);
+    push(new Uint8Array(loc.buffer));
+  }
+  const comment = new TextEncoder().encode(opts.comment ?? '');
+  const eocd = new DataView(new ArrayBuffer(EOCD_BYTES));
+  eocd.setUint32(0, SIG_EOCD, true);
+  eocd.setUint16(8, zip64 ? U16_MAX : files.length, true);
+  eocd.setUint16(10, zip64 ? U16_MAX : files.length, true);
+  eocd.setUint32(12, zip64 ? U32_MAX : cdSize, true);
+  eocd.setUint32(16, zip64 ? U32_MAX : cdOffset, true);
+  eocd.setUint16(20, comment.byteLength, true);
+  push(new Uint8Array(eocd.buffer));
+  push(comment);
+  return Buffer.concat(chunks);
+}
+
+function zip64Extra(values: readonly number[]): Uint8Array {
+  const v = new DataView(new ArrayBuffer(4 + 8 * values.length));
+  v.setUint16(0, 1, true);
+  v.setUint16(2, 8 * values.length, true);
+  values.forEach((x, i) => v.setBigUint64(4 + 8 * i, BigInt(x), true));
+  return new Uint8Array(v.buffer);
+}

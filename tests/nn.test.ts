@@ -1,0 +1,211 @@
+// The nn layers against direct loops written from PyTorch's definitions (NCHW, OIHW), on small random tensors.
+import { beforeAll, describe, expect, it } from 'vitest';
+import * as tf from '../src/tensor/tf.js';
+import { initBackend } from '../src/tensor/backend.js';
+import { Params, ShapeError } from '../src/tensor/params.js';
+import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/tensor/nn.js';
+import { WeightsError, type TensorInfo, type TensorSource } from '../src/weights/types.js';
+
+/** An in-memory TensorSource of float32 tensors. */
+class MemorySource implements TensorSource {
+  readonly path = '<memory>';
+  constructor(private readonly t: Map<string, { shape: number[]; data: Float32Array }>) {}
+  keys(): string[] {
+    return [...this.t.keys()];
+  }
+  has(k: string): boolean {
+    return this.t.has(k);
+  }
+  info(k: string): TensorInfo {
+    return { dtype: 'F32', shape: this.get(k).shape };
+  }
+  bytes(k: string): Uint8Array {
+    return new Uint8Array(this.get(k).data.buffer.slice(0));
+  }
+  float32(k: string): Float32Array {
+    return this.get(k).data.slice();
+  }
+  close(): void {}
+  private get(k: string) {
+    const v = this.t.get(k);
+    if (v === undefined) throw new Error(`no ${k}`);
+    return v;
+  }
+}
+
+let seed = 1;
+function rand(n: number): Float32Array {
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    seed = (seed * 1103515245 + 12345) % 2147483648;
+    a[i] = seed / 2147483648 - 0.5;
+  }
+  return a;
+}
+
+function source(shapes: Record<string, number[]>): MemorySource {
+  const m = new Map<string, { shape: number[]; data: Float32Array }>();
+  for (const [k, shape] of Object.entries(shapes)) m.set(k, { shape, data: rand(shape.reduce((a, b) => a * b, 1)) });
+  return new MemorySource(m);
+}
+
+function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  expect(a.length).toBe(b.length);
+  let d = 0;
+  for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
+  return d;
+}
+
+/** PyTorch conv2d on NCHW x [C, H, W] (batch 1), OIHW w, zero padding [top, bottom, left, right]. */
+function torchConv(x: Float32Array, c: number, h: number, w: number, wt: Float32Array, bias: Float32Array, o: number, k: number, stride: number, pad: number[]) {
+  const [pt, pb, pl, pr] = pad;
+  const oh = Math.floor((h + pt + pb - k) / stride) + 1;
+  const ow = Math.floor((w + pl + pr - k) / stride) + 1;
+  const out = new Float32Array(o * oh * ow);
+  for (let oc = 0; oc < o; oc++)
+    for (let y = 0; y < oh; y++)
+      for (let xx = 0; xx < ow; xx++) {
+        let s = bias[oc];
+        for (let ic = 0; ic < c; ic++)
+          for (let i = 0; i < k; i++)
+            for (let j = 0; j < k; j++) {
+              const iy = y * stride + i - pt;
+              const ix = xx * stride + j - pl;
+              if (iy < 0 || ix < 0 || iy >= h || ix >= w) continue;
+              s += x[(ic * h + iy) * w + ix] * wt[((oc * c + ic) * k + i) * k + j];
+            }
+        out[(oc * oh + y) * ow + xx] = s;
+      }
+  return { out, oh, ow };
+}
+
+beforeAll(async () => {
+  await initBackend({ backend: 'cpu', log: null });
+});
+
+describe('Conv2d matches torch conv2d', () => {
+  const cases: { k: number; stride: number; padding: ConvPadding; pad: number[] }[] = [
+    { k: 3, stride: 1, padding: 'same-as-torch', pad: [1, 1, 1, 1] },
+    { k: 1, stride: 1, padding: 'same-as-torch', pad: [0, 0, 0, 0] },
+    { k: 3, stride: 2, padding: 1, pad: [1, 1, 1, 1] }, // UNet Downsample
+    { k: 3, stride: 2, padding: [0, 1, 0, 1], pad: [0, 1, 0, 1] }, // CompVis VAE Downsample
+  ];
+  for (const { k, stride, padding, pad } of cases) {
+    it(`k=${k} stride=${stride} padding=${JSON.stringify(padding)}`, () => {
+      const [c, o, h, w] = [3, 5, 8, 6];
+      const src = source({ 'c.weight': [o, c, k, k], 'c.bias': [o] });
+      const conv = Conv2d.load(Params.root(src, 'c'), c, o, k, { stride, padding });
+      const xNchw = rand(c * h * w);
+      const ref = torchConv(xNchw, c, h, w, src.float32('c.weight'), src.float32('c.bias'), o, k, stride, pad);
+      const x = tf.transpose(tf.tensor4d(xNchw, [1, c, h, w]), [0, 2, 3, 1]) as tf.Tensor4D;
+      const y = conv.apply(x);
+      expect(y.shape).toEqual([1, ref.oh, ref.ow, o]);
+      const yNchw = tf.transpose(y, [0, 3, 1, 2]).dataSync();
+      expect(maxDiff(yNchw, ref.out)).toBeLessThan(1e-5);
+      tf.dispose([x, y]);
+      conv.dispose();
+    });
+  }
+});
+
+describe('norms and linear', () => {
+  it('GroupNorm: biased variance per group over positions and the group channels', () => {
+    const [b, h, w, c, g, eps] = [2, 3, 4, 8, 4, 1e-6];
+    const src = source({ 'n.weight': [c], 'n.bias': [c] });
+    const norm = GroupNorm.load(Params.root(src, 'n'), c, { groups: g, eps });
+    const x = rand(b * h * w * c);
+    const y = norm.apply(tf.tensor4d(x, [b, h, w, c])).dataSync();
+    const [gamma, beta] = [src.float32('n.weight'), src.float32('n.bias')];
+    const ref = new Float32Array(x.length);
+    const per = c / g;
+    for (let n = 0; n < b; n++)
+      for (let gi = 0; gi < g; gi++) {
+        const idx: number[] = [];
+        for (let p = 0; p < h * w; p++) for (let j = 0; j < per; j++) idx.push((n * h * w + p) * c + gi * per + j);
+        const mean = idx.reduce((s, i) => s + x[i], 0) / idx.length;
+        const v = idx.reduce((s, i) => s + (x[i] - mean) ** 2, 0) / idx.length;
+        for (const i of idx) ref[i] = ((x[i] - mean) / Math.sqrt(v + eps)) * gamma[i % c] + beta[i % c];
+      }
+    expect(maxDiff(y, ref)).toBeLessThan(1e-5);
+  });
+
+  it('LayerNorm over the last axis', () => {
+    const [n, d] = [5, 6];
+    const src = source({ 'ln.weight': [d], 'ln.bias': [d] });
+    const ln = LayerNorm.load(Params.root(src, 'ln'), d);
+    const x = rand(n * d);
+    const y = ln.apply(tf.tensor2d(x, [n, d])).dataSync();
+    const [gamma, beta] = [src.float32('ln.weight'), src.float32('ln.bias')];
+    const ref = new Float32Array(n * d);
+    for (let r = 0; r < n; r++) {
+      const row = x.subarray(r * d, r * d + d);
+      const mean = row.reduce((s, v) => s + v, 0) / d;
+      const v = row.reduce((s, e) => s + (e - mean) ** 2, 0) / d;
+      for (let j = 0; j < d; j++) ref[r * d + j] = ((row[j] - mean) / Math.sqrt(v + 1e-5)) * gamma[j] + beta[j];
+    }
+    expect(maxDiff(y, ref)).toBeLessThan(1e-5);
+  });
+
+  it('Linear: [B, N, in] -> [B, N, out] with torch [out, in] weights', () => {
+    const [i, o] = [4, 3];
+    const src = source({ 'l.weight': [o, i], 'l.bias': [o] });
+    const lin = Linear.load(Params.root(src, 'l'), i, o);
+    const x = rand(2 * 2 * i);
+    const y = lin.apply(tf.tensor3d(x, [2, 2, i]));
+    expect(y.shape).toEqual([2, 2, o]);
+    const [wt, bias] = [src.float32('l.weight'), src.float32('l.bias')];
+    const ref = new Float32Array(4 * o);
+    for (let r = 0; r < 4; r++) for (let oc = 0; oc < o; oc++) {
+      let s = bias[oc];
+      for (let j = 0; j < i; j++) s += x[r * i + j] * wt[oc * i + j];
+      ref[r * o + oc] = s;
+    }
+    expect(maxDiff(y.dataSync(), ref)).toBeLessThan(1e-6);
+  });
+});
+
+describe('activations and upsampling', () => {
+  it('gelu (erf), quickGelu, silu', () => {
+    const x = tf.tensor1d([-2, -0.5, 0, 1, 3]);
+    // torch.nn.functional.gelu(torch.tensor([-2., -.5, 0., 1., 3.]))
+    expect(maxDiff(gelu(x).dataSync(), [-0.04550028, -0.15426877, 0, 0.84134475, 2.99595031])).toBeLessThan(1e-6);
+    const sig = (v: number) => 1 / (1 + Math.exp(-v));
+    expect(maxDiff(quickGelu(x).dataSync(), [-2, -0.5, 0, 1, 3].map((v) => v * sig(1.702 * v)))).toBeLessThan(1e-6);
+    expect(maxDiff(silu(x).dataSync(), [-2, -0.5, 0, 1, 3].map((v) => v * sig(v)))).toBeLessThan(1e-6);
+  });
+
+  it('upsampleNearest2x repeats each pixel as a 2x2 block', () => {
+    const x = tf.tensor4d([1, 2, 3, 4, 5, 6], [1, 2, 3, 1]);
+    const y = upsampleNearest2x(x);
+    expect(y.shape).toEqual([1, 4, 6, 1]);
+    expect(Array.from(y.dataSync())).toEqual([1, 1, 2, 2, 3, 3, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 4, 4, 5, 5, 6, 6]);
+  });
+});
+
+describe('Params', () => {
+  it('checks shapes, names missing keys, and tracks what was read', () => {
+    const src = source({ 'm.a.weight': [2, 3], 'm.a.bias': [2], 'm.pos_ids': [1], 'other.x': [1] });
+    const p = Params.root(src, 'm');
+    expect(() => p.child('a').tensor('weight', [3, 2])).toThrow(ShapeError);
+    expect(() => p.child('a').tensor('weight', [3, 2])).toThrow(/m\.a\.weight: expected \[3, 2\], got \[2, 3\]/);
+    expect(() => p.tensor('missing', [1])).toThrow(WeightsError);
+    tf.dispose(p.child('a').tensor('weight', [2, 3]));
+    expect(p.unused()).toEqual(['m.a.bias', 'm.pos_ids']);
+    expect(p.unused(/pos_ids$/)).toEqual(['m.a.bias']);
+  });
+
+  it('layers leak no tensors per call and free their weights on dispose', () => {
+    const before = tf.memory().numTensors;
+    const src = source({ 'c.weight': [4, 2, 3, 3], 'c.bias': [4], 'n.weight': [4], 'n.bias': [4] });
+    const conv = Conv2d.load(Params.root(src, 'c'), 2, 4, 3);
+    const norm = GroupNorm.load(Params.root(src, 'n'), 4, { groups: 2, eps: 1e-5 });
+    const x = tf.ones([1, 4, 4, 2]) as tf.Tensor4D;
+    const mid = tf.memory().numTensors;
+    for (let i = 0; i < 3; i++) tf.tidy(() => silu(norm.apply(conv.apply(x)))).dispose();
+    expect(tf.memory().numTensors).toBe(mid);
+    x.dispose();
+    conv.dispose();
+    norm.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+});
