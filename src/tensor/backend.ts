@@ -1,11 +1,12 @@
 /**
  * Backend choice. The engine runs on whatever TensorFlow.js backend a machine has, best first:
  *   tensorflow  native libtensorflow through @tensorflow/tfjs-node(-gpu) (optional dependency)
- *   wasm        @tensorflow/tfjs-backend-wasm, SIMD, threads in Node (see wasm-threads.ts)
+ *   wasm        @tensorflow/tfjs-backend-wasm, SIMD, one thread per core in Node (see wasm.ts)
  *   cpu         @tensorflow/tfjs-backend-cpu, pure JS, tiny models only
  * `--backend` / SD_BACKEND force one; the choice and why better ones were skipped are logged once.
  */
 import * as tf from './tf.js';
+import { guardWasmHeap } from './heap.js';
 
 export const BACKENDS = ['tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];
@@ -69,6 +70,7 @@ async function load(name: BackendName, threads: number | undefined): Promise<str
     const ok = await tf.setBackend(name);
     if (!ok) return `${name} failed to initialise`;
     await tf.ready();
+    if (name === 'wasm') guardWasmHeap();
     return null;
   } catch (e) {
     return e instanceof Error ? e.message : String(e);
@@ -90,7 +92,7 @@ export async function initBackend(opts: BackendOptions = {}): Promise<BackendCho
   for (const name of order) {
     const why = await load(name, threads);
     if (why === null) {
-      chosen = Object.freeze({ name, threads: name === 'wasm' ? wasmThreads() : null, skipped });
+      chosen = Object.freeze({ name, threads: name === 'wasm' ? await wasmThreads() : null, skipped });
       const log = opts.log === undefined ? (l: string) => process.stderr.write(l + '\n') : opts.log;
       log?.(describeChoice(chosen));
       return chosen;
@@ -101,10 +103,9 @@ export async function initBackend(opts: BackendOptions = {}): Promise<BackendCho
   throw new BackendError(`no TensorFlow.js backend could be started (${reasons})`);
 }
 
-function wasmThreads(): number {
-  // The wasm backend exposes its thread count on the backend object once initialised.
-  const b = tf.backend() as unknown as { getThreadsCount?: () => number };
-  return typeof b.getThreadsCount === 'function' ? b.getThreadsCount() : 1;
+async function wasmThreads(): Promise<number> {
+  const { wasmStatus } = await import('./wasm.js');
+  return wasmStatus()?.threads ?? 1;
 }
 
 export function describeChoice(c: BackendChoice): string {

@@ -2,6 +2,7 @@
 import type { CommandModule } from 'yargs';
 import { SD15_FILES, downloadItem, type DownloadItem } from '../../weights/download.js';
 import { UsageError } from '../errors.js';
+import { ProgressBar } from '../progress.js';
 
 interface Args {
   to: string;
@@ -29,11 +30,16 @@ export const downloadCommand: CommandModule<object, Args> = {
       .option('mirror', { type: 'string', describe: 'fetch every file from MIRROR/<name> instead' })
       .option('only', { type: 'string', array: true, describe: 'only these file names' }) as never,
   handler: async (args) => {
-    const { ProgressBar } = await import('../progress.js');
     for (const item of planDownloads(args.mirror, args.only)) {
-      const bar = new ProgressBar(item.name, { unit: 'MB', scale: 1e-6 });
-      const path = await downloadItem(item, args.to, { onProgress: (p) => bar.update(p.done, p.total) });
-      bar.done(`${path} (sha256 ok)`);
+      // The bar counts megabytes.
+      const bar = new ProgressBar(`${item.name} (MB)`, Math.ceil(item.bytes / 1e6));
+      try {
+        const path = await downloadItem(item, args.to, { onProgress: (p) => bar.update(Math.floor(p.done / 1e6)) });
+        bar.finish();
+        process.stdout.write(`${path}: sha256 ok\n`);
+      } finally {
+        bar.finish();
+      }
     }
   },
 };

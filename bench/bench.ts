@@ -1,0 +1,175 @@
+/**
+ * `npm run bench -- [--backend tensorflow|wasm|cpu] [--json] [--runs N] [--cache DIR] [--full]`
+ *
+ * Full-size SD 1.5 on random weights (generated once by `sd random-weights`, cached in DIR): load time of each file
+ * format, text encoding, one UNet CFG step (batch 2, 64x64 latent), one VAE decode (64x64 latent -> 512x512), and a
+ * whole 512x512 txt2img at 20 steps (projected from the parts unless --full), peak RSS, and the wasm heap.
+ * Prints a table, or one JSON object with --json. Progress goes to stderr.
+ */
+import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { join } from 'node:path';
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import * as tf from '../src/tensor/tf.js';
+import { BACKENDS, initBackend, type BackendName } from '../src/tensor/backend.js';
+import { wasmHeapBytes } from '../src/tensor/heap.js';
+import { ClipTextEncoder, SD15_CLIP } from '../src/clip/index.js';
+import { SD15_UNET, UNet } from '../src/unet/index.js';
+import { SD15_VAE, Vae } from '../src/vae/index.js';
+import { sd15Shapes } from '../src/pipeline/shapes.js';
+import { SafetensorsFile } from '../src/weights/safetensors.js';
+import { writeRandomCheckpoint } from '../src/weights/random.js';
+
+/** Useful FLOPs (multiply-adds x 2) of the measured work, SD 1.5 at 512x512: see the issue's ceiling figures. */
+const UNET_CFG_STEP_FLOP = 1.61e12;
+const VAE_DECODE_FLOP = 2.52e12;
+
+const args = await yargs(hideBin(process.argv))
+  .option('backend', { choices: BACKENDS })
+  .option('json', { type: 'boolean', default: false })
+  .option('runs', { type: 'number', default: 2, describe: 'timed runs of each part after one warm-up' })
+  .option('cache', { type: 'string', default: '.cache/bench' })
+  .option('full', { type: 'boolean', default: false, describe: 'run the whole 20-step txt2img instead of projecting it' })
+  .strict()
+  .parseAsync();
+
+const say = (s: string) => process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
+
+let peakHeap = 0;
+const sampleHeap = () => {
+  peakHeap = Math.max(peakHeap, wasmHeapBytes() ?? 0);
+};
+
+function peakRssMb(): number {
+  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'));
+  return m !== null ? Number(m[1]) / 1024 : process.memoryUsage().rss / 2 ** 20;
+}
+
+function ensureWeights(half: boolean): string {
+  mkdirSync(args.cache, { recursive: true });
+  const path = join(args.cache, `sd15-random-${half ? 'fp16' : 'fp32'}.safetensors`);
+  if (!existsSync(path)) {
+    say(`writing ${path} (once; cached for later runs)`);
+    writeRandomCheckpoint(path, sd15Shapes(), {
+      half,
+      onTensor: (d, n) => {
+        if (d % 200 === 0 || d === n) say(`  ${d}/${n} tensors`);
+      },
+    });
+  }
+  return path;
+}
+
+/** Median seconds of `runs` timed calls after one warm-up; `fn` must await its result's data. */
+async function time(label: string, runs: number, fn: () => Promise<void>): Promise<number> {
+  say(`${label}: warm-up`);
+  await fn();
+  sampleHeap();
+  const times: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const t0 = performance.now();
+    await fn();
+    times.push((performance.now() - t0) / 1000);
+    sampleHeap();
+    say(`${label}: run ${i + 1}/${runs} ${times.at(-1)?.toFixed(2)} s`);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}
+
+/** Reading every tensor of a file as float32 (what loading costs before the model's own layout work). */
+function readAll(path: string): { seconds: number; mbPerS: number } {
+  const t0 = performance.now();
+  const f = SafetensorsFile.open(path);
+  for (const k of f.keys()) if (f.info(k).dtype !== 'I64') f.float32(k);
+  f.close();
+  const seconds = (performance.now() - t0) / 1000;
+  return { seconds, mbPerS: statSync(path).size / 1e6 / seconds };
+}
+
+const choice = await initBackend({ backend: args.backend as BackendName | undefined });
+const fp32 = ensureWeights(false);
+const fp16 = ensureWeights(true);
+
+say('load: reading every tensor of each file');
+const readFp32 = readAll(fp32);
+const readFp16 = readAll(fp16);
+
+const src = SafetensorsFile.open(fp16);
+const ids = tf.tensor2d([...Array(2)].flatMap(() => [49406, 320, 1125, 49407, ...Array(73).fill(49407)]), [2, 77], 'int32');
+
+say('text encoder');
+let t0 = performance.now();
+const clip = ClipTextEncoder.load(src, SD15_CLIP);
+const clipLoad = (performance.now() - t0) / 1000;
+const context = clip.forward(ids);
+const textEncode = await time('text encode (batch 2)', args.runs, async () => {
+  const y = clip.forward(ids);
+  await y.data();
+  y.dispose();
+});
+clip.dispose();
+
+say('UNet');
+t0 = performance.now();
+const unet = UNet.load(src, SD15_UNET);
+const unetLoad = (performance.now() - t0) / 1000;
+const x = tf.randomNormal([2, 64, 64, 4]) as tf.Tensor4D;
+const unetStep = await time('UNet CFG step (batch 2, 64x64)', args.runs, async () => {
+  const y = unet.forward(x, [500, 500], context);
+  await y.data();
+  y.dispose();
+});
+unet.dispose();
+
+say('VAE');
+t0 = performance.now();
+const vae = Vae.load(src, SD15_VAE);
+const vaeLoad = (performance.now() - t0) / 1000;
+const z = tf.randomNormal([1, 64, 64, 4]) as tf.Tensor4D;
+const vaeDecode = await time('VAE decode (64x64 latent)', args.runs, async () => {
+  const y = vae.decode(z);
+  await y.data();
+  y.dispose();
+});
+vae.dispose();
+src.close();
+tf.dispose([ids, context, x, z]);
+
+const cpu = cpus()[0]?.model ?? 'unknown';
+const result = {
+  backend: choice.name,
+  threads: choice.threads ?? cpus().length,
+  cpu,
+  text_encode_s: textEncode,
+  unet_cfg_step_s: unetStep,
+  unet_gflops: UNET_CFG_STEP_FLOP / unetStep / 1e9,
+  vae_decode_s: vaeDecode,
+  vae_gflops: VAE_DECODE_FLOP / vaeDecode / 1e9,
+  txt2img_512_20_steps_s: textEncode + 20 * unetStep + vaeDecode,
+  txt2img_projected: !args.full,
+  model_load_s: { clip: clipLoad, unet: unetLoad, vae: vaeLoad },
+  load_mb_per_s: readFp32.mbPerS,
+  load_fp16_mb_per_s: readFp16.mbPerS,
+  peak_rss_mb: peakRssMb(),
+  peak_wasm_heap_mb: choice.name === 'wasm' ? peakHeap / 2 ** 20 : null,
+};
+
+if (args.json) {
+  process.stdout.write(JSON.stringify(result) + '\n');
+} else {
+  const rows: [string, string][] = [
+    ['backend', `${result.backend} (${result.threads} threads) on ${cpu}`],
+    ['text encode (batch 2)', `${textEncode.toFixed(2)} s`],
+    ['UNet CFG step (batch 2, 64x64)', `${unetStep.toFixed(2)} s (${result.unet_gflops.toFixed(0)} GFLOP/s)`],
+    ['VAE decode (64x64 latent)', `${vaeDecode.toFixed(2)} s (${result.vae_gflops.toFixed(0)} GFLOP/s)`],
+    [`txt2img 512x512, 20 steps${args.full ? '' : ' (projected)'}`, `${result.txt2img_512_20_steps_s.toFixed(1)} s`],
+    ['read fp32 / fp16 file', `${readFp32.mbPerS.toFixed(0)} / ${readFp16.mbPerS.toFixed(0)} MB/s`],
+    ['model load clip / unet / vae (fp16 file)', `${clipLoad.toFixed(1)} / ${unetLoad.toFixed(1)} / ${vaeLoad.toFixed(1)} s`],
+    ['peak RSS', `${result.peak_rss_mb.toFixed(0)} MB`],
+  ];
+  if (result.peak_wasm_heap_mb !== null) rows.push(['peak wasm heap', `${result.peak_wasm_heap_mb.toFixed(0)} MB`]);
+  const w = Math.max(...rows.map(([k]) => k.length));
+  for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);
+}
