@@ -1,0 +1,6 @@
+/** CLIP byte-level BPE tokenizer (SD 1.x): the public surface. */
+export { ClipTokenizer, preTokenize } from './tokenizer.js';
+export { TokenizerError } from './errors.js';
+export { findTokenizer, locateTokenizer, BPE_GZ_NAME, type TokenizerFiles } from './locate.js';
+export { cleanText } from './clean.js';
+export { START_OF_TEXT, END_OF_TEXT } from './vocab.js';
