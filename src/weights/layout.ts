@@ -1,0 +1,224 @@
+/**
+ * Key names of the two SD 1.x checkpoint layouts and the map between them.
+ *
+ * - original (CompVis single file): `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE),
+ *   `cond_stage_model.transformer.text_model.*` (CLIP text encoder).
+ * - diffusers (a folder): `unet/`, `vae/`, `text_encoder/`, each with its own names.
+ *
+ * The map is the one diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py applies, with the
+ * block counts read from the keys instead of hard-coded, so small test models map too. Diffusers' VAE mid
+ * attention uses linear q/k/v/out weights [out, in]; the original uses 1x1 convs [out, in, 1, 1].
+ */
+import { WeightsError } from './types.js';
+
+export const UNET_PREFIX = 'model.diffusion_model.';
+export const VAE_PREFIX = 'first_stage_model.';
+export const TEXT_PREFIX = 'cond_stage_model.transformer.';
+
+export type Component = 'unet' | 'vae' | 'text_encoder';
+
+/** Where one original-layout tensor lives in a diffusers folder. */
+export interface DiffusersName {
+  readonly component: Component;
+  readonly key: string;
+  /** The diffusers tensor is [out, in]; the original is [out, in, 1, 1] (VAE mid attention q/k/v/proj_out). */
+  readonly linearAsConv: boolean;
+}
+
+/** How a block's inner names change: original first segments <-> diffusers ones. */
+type Inner = 'none' | 'unet-resnet' | 'vae-resnet' | 'vae-attention';
+
+interface PrefixPair {
+  readonly original: string;
+  readonly diffusers: string;
+  readonly inner: Inner;
+}
+
+/** [original, diffusers, diffusers alternatives (older diffusers)] */
+const INNER: Readonly<Record<Inner, ReadonlyArray<readonly [string, string, ...string[]]>>> = {
+  none: [],
+  'unet-resnet': [
+    ['in_layers.0', 'norm1'], ['in_layers.2', 'conv1'], ['out_layers.0', 'norm2'], ['out_layers.3', 'conv2'],
+    ['emb_layers.1', 'time_emb_proj'], ['skip_connection', 'conv_shortcut'],
+  ],
+  'vae-resnet': [['nin_shortcut', 'conv_shortcut']],
+  'vae-attention': [['norm', 'group_norm'], ['q', 'to_q', 'query'], ['k', 'to_k', 'key'], ['v', 'to_v', 'value'], ['proj_out', 'to_out.0', 'proj_attn']],
+};
+const VAE_LINEAR_AS_CONV = new Set(['q', 'k', 'v', 'proj_out']);
+
+/** Block counts of a UNet or VAE: levels (resolutions), resnets per down level, which levels have attention. */
+export interface Structure {
+  readonly levels: number;
+  readonly resBlocks: number;
+  readonly downAttention: readonly boolean[];
+  /** Up levels in diffusers order: 0 is the lowest resolution. */
+  readonly upAttention: readonly boolean[];
+}
+
+function unetPairs(s: Structure): PrefixPair[] {
+  const p = (original: string, diffusers: string, inner: Inner = 'none'): PrefixPair => ({ original, diffusers, inner });
+  const r1 = s.resBlocks + 1;
+  const pairs = [
+    p('time_embed.0.', 'time_embedding.linear_1.'), p('time_embed.2.', 'time_embedding.linear_2.'),
+    p('input_blocks.0.0.', 'conv_in.'), p('out.0.', 'conv_norm_out.'), p('out.2.', 'conv_out.'),
+    p('middle_block.0.', 'mid_block.resnets.0.', 'unet-resnet'), p('middle_block.1.', 'mid_block.attentions.0.'),
+    p('middle_block.2.', 'mid_block.resnets.1.', 'unet-resnet'),
+  ];
+  for (let i = 0; i < s.levels; i++) {
+    for (let j = 0; j < s.resBlocks; j++) {
+      const n = 1 + i * r1 + j;
+      pairs.push(p(`input_blocks.${n}.0.`, `down_blocks.${i}.resnets.${j}.`, 'unet-resnet'));
+      if (s.downAttention[i]) pairs.push(p(`input_blocks.${n}.1.`, `down_blocks.${i}.attentions.${j}.`));
+    }
+    if (i < s.levels - 1) pairs.push(p(`input_blocks.${(i + 1) * r1}.0.op.`, `down_blocks.${i}.downsamplers.0.conv.`));
+  }
+  for (let u = 0; u < s.levels; u++) {
+    for (let j = 0; j <= s.resBlocks; j++) {
+      const n = u * r1 + j;
+      pairs.push(p(`output_blocks.${n}.0.`, `up_blocks.${u}.resnets.${j}.`, 'unet-resnet'));
+      if (s.upAttention[u]) pairs.push(p(`output_blocks.${n}.1.`, `up_blocks.${u}.attentions.${j}.`));
+    }
+    const last = u * r1 + s.resBlocks;
+    if (u < s.levels - 1) pairs.push(p(`output_blocks.${last}.${s.upAttention[u] ? 2 : 1}.`, `up_blocks.${u}.upsamplers.0.`));
+  }
+  return pairs;
+}
+
+function vaePairs(s: Structure): PrefixPair[] {
+  const p = (original: string, diffusers: string, inner: Inner = 'none'): PrefixPair => ({ original, diffusers, inner });
+  const pairs = [p('quant_conv.', 'quant_conv.'), p('post_quant_conv.', 'post_quant_conv.')];
+  for (const side of ['encoder', 'decoder']) {
+    pairs.push(
+      p(`${side}.conv_in.`, `${side}.conv_in.`), p(`${side}.conv_out.`, `${side}.conv_out.`),
+      p(`${side}.norm_out.`, `${side}.conv_norm_out.`),
+      p(`${side}.mid.block_1.`, `${side}.mid_block.resnets.0.`, 'vae-resnet'),
+      p(`${side}.mid.block_2.`, `${side}.mid_block.resnets.1.`, 'vae-resnet'),
+      p(`${side}.mid.attn_1.`, `${side}.mid_block.attentions.0.`, 'vae-attention'),
+    );
+  }
+  for (let i = 0; i < s.levels; i++) {
+    for (let j = 0; j < s.resBlocks; j++) pairs.push(p(`encoder.down.${i}.block.${j}.`, `encoder.down_blocks.${i}.resnets.${j}.`, 'vae-resnet'));
+    if (i < s.levels - 1) pairs.push(p(`encoder.down.${i}.downsample.`, `encoder.down_blocks.${i}.downsamplers.0.`));
+  }
+  for (let u = 0; u < s.levels; u++) {
+    // the decoder's up levels are numbered from the lowest resolution in diffusers, from the highest in the original
+    const o = s.levels - 1 - u;
+    for (let j = 0; j <= s.resBlocks; j++) pairs.push(p(`decoder.up.${o}.block.${j}.`, `decoder.up_blocks.${u}.resnets.${j}.`, 'vae-resnet'));
+    if (u < s.levels - 1) pairs.push(p(`decoder.up.${o}.upsample.`, `decoder.up_blocks.${u}.upsamplers.0.`));
+  }
+  return pairs;
+}
+
+/** 1 + the largest integer that follows `prefix` in any key (0 when none does). */
+function countAfter(keys: readonly string[], prefix: string): number {
+  let n = 0;
+  for (const k of keys) {
+    if (!k.startsWith(prefix)) continue;
+    const m = /^(\d+)\./.exec(k.slice(prefix.length));
+    if (m !== null) n = Math.max(n, Number(m[1]) + 1);
+  }
+  return n;
+}
+
+const hasPrefix = (keys: readonly string[], prefix: string) => keys.some((k) => k.startsWith(prefix));
+const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+
+function diffusersUnetStructure(keys: readonly string[]): Structure {
+  const levels = countAfter(keys, 'down_blocks.');
+  return {
+    levels,
+    resBlocks: countAfter(keys, 'down_blocks.0.resnets.'),
+    downAttention: range(levels).map((i) => hasPrefix(keys, `down_blocks.${i}.attentions.`)),
+    upAttention: range(levels).map((u) => hasPrefix(keys, `up_blocks.${u}.attentions.`)),
+  };
+}
+
+/** Original UNet keys (without the model prefix): the first downsampler sits at input block resBlocks + 1. */
+function originalUnetStructure(keys: readonly string[]): Structure {
+  const inputs = countAfter(keys, 'input_blocks.');
+  const firstOp = range(inputs).find((n) => n > 0 && hasPrefix(keys, `input_blocks.${n}.0.op.`));
+  const resBlocks = firstOp === undefined ? inputs - 1 : firstOp - 1;
+  const levels = Math.max(1, Math.round(inputs / (resBlocks + 1)));
+  const r1 = resBlocks + 1;
+  return {
+    levels,
+    resBlocks,
+    downAttention: range(levels).map((i) => hasPrefix(keys, `input_blocks.${1 + i * r1}.1.`)),
+    upAttention: range(levels).map((u) => hasPrefix(keys, `output_blocks.${u * r1}.1.`)),
+  };
+}
+
+function diffusersVaeStructure(keys: readonly string[]): Structure {
+  const levels = countAfter(keys, 'encoder.down_blocks.');
+  return { levels, resBlocks: countAfter(keys, 'encoder.down_blocks.0.resnets.'), downAttention: [], upAttention: [] };
+}
+
+function originalVaeStructure(keys: readonly string[]): Structure {
+  const levels = countAfter(keys, 'encoder.down.');
+  return { levels, resBlocks: countAfter(keys, 'encoder.down.0.block.'), downAttention: [], upAttention: [] };
+}
+
+/** Rename a key by the first pair whose `from` side prefixes it, then rename the block's inner first segment. */
+function rename(key: string, pairs: readonly PrefixPair[], from: 'original' | 'diffusers'): { key: string; inner: string } | null {
+  const to = from === 'original' ? 'diffusers' : 'original';
+  for (const pair of pairs) {
+    if (!key.startsWith(pair[from])) continue;
+    const rest = key.slice(pair[from].length);
+    for (const [original, ...diffusers] of INNER[pair.inner]) {
+      const names = from === 'original' ? [original] : diffusers;
+      const hit = names.find((n) => rest.startsWith(`${n}.`));
+      if (hit === undefined) continue;
+      const target = from === 'original' ? diffusers[0] : original;
+      return { key: pair[to] + target + rest.slice(hit.length), inner: pair.inner === 'vae-attention' ? original : '' };
+    }
+    return { key: pair[to] + rest, inner: '' };
+  }
+  return null;
+}
+
+/**
+ * The original names of one diffusers component's keys: original name -> diffusers key. Throws for a key
+ * with no SD 1.x original name (the folder holds another architecture).
+ */
+export function diffusersToOriginal(component: Component, keys: readonly string[], where: string): Map<string, DiffusersName> {
+  const out = new Map<string, DiffusersName>();
+  const pairs = component === 'unet' ? unetPairs(diffusersUnetStructure(keys)) : vaePairs(diffusersVaeStructure(keys));
+  for (const key of keys) {
+    let name: string;
+    let linearAsConv = false;
+    if (component === 'text_encoder') {
+      name = TEXT_PREFIX + key;
+    } else {
+      const r = rename(key, pairs, 'diffusers');
+      if (r === null) throw new WeightsError(`${where}: ${component} key ${key} has no SD 1.x original name: not an SD 1.x ${component}`);
+      name = (component === 'unet' ? UNET_PREFIX : VAE_PREFIX) + r.key;
+      linearAsConv = VAE_LINEAR_AS_CONV.has(r.inner) && key.endsWith('.weight');
+    }
+    if (out.has(name)) throw new WeightsError(`${where}: ${component} keys ${out.get(name)?.key} and ${key} both map to ${name}`);
+    out.set(name, { component, key, linearAsConv });
+  }
+  return out;
+}
+
+/**
+ * The forward map (original single-file names -> diffusers folder names), the inverse of diffusersToOriginal.
+ * Keys of neither network (alphas_cumprod, model_ema.*) map to nothing. Used to check the map by round trip.
+ */
+export function originalToDiffusers(keys: readonly string[]): Map<string, DiffusersName> {
+  const strip = (prefix: string) => keys.filter((k) => k.startsWith(prefix)).map((k) => k.slice(prefix.length));
+  const unet = unetPairs(originalUnetStructure(strip(UNET_PREFIX)));
+  const vae = vaePairs(originalVaeStructure(strip(VAE_PREFIX)));
+  const out = new Map<string, DiffusersName>();
+  for (const key of keys) {
+    if (key.startsWith(TEXT_PREFIX)) {
+      out.set(key, { component: 'text_encoder', key: key.slice(TEXT_PREFIX.length), linearAsConv: false });
+      continue;
+    }
+    const [component, prefix, pairs] = key.startsWith(UNET_PREFIX) ? (['unet', UNET_PREFIX, unet] as const) : (['vae', VAE_PREFIX, vae] as const);
+    if (!key.startsWith(prefix)) continue;
+    const r = rename(key.slice(prefix.length), pairs, 'original');
+    if (r === null) continue;
+    out.set(key, { component, key: r.key, linearAsConv: VAE_LINEAR_AS_CONV.has(r.inner) && key.endsWith('.weight') });
+  }
+  return out;
+}
