@@ -4,6 +4,8 @@ import * as tf from '../src/tensor/tf.js';
 import { initBackend } from '../src/tensor/backend.js';
 import { Params, ShapeError } from '../src/tensor/params.js';
 import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/tensor/nn.js';
+import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
+import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../src/weights/types.js';
 
 /** An in-memory TensorSource of float32 tensors. */
@@ -207,5 +209,36 @@ describe('Params', () => {
     conv.dispose();
     norm.dispose();
     expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
+describe('ResnetBlock', () => {
+  it('with a time embedding and a 1x1 shortcut (UNet names, eps 1e-5) is the composition of its layers', () => {
+    // A UNet resblock of the unet fixture: input_blocks.3.0, 32 -> 64 channels, time embedding width 128.
+    const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
+    const p = Params.root(src, 'model.diffusion_model.input_blocks.3.0');
+    const [cin, cout, temb] = [32, 64, 128];
+    const block = ResnetBlock.load(p, cin, cout, { names: OPENAI_RESNET, eps: 1e-5, timeChannels: temb });
+    expect(ResnetBlock.shapes(cin, cout, { names: OPENAI_RESNET, timeChannels: temb }).map(([k]) => p.key(k)).sort())
+      .toEqual(src.keys().filter((k) => k.startsWith(`${p.prefix}.`)).sort());
+    const norm1 = GroupNorm.load(p.child('in_layers.0'), cin, { eps: 1e-5 });
+    const conv1 = Conv2d.load(p.child('in_layers.2'), cin, cout, 3);
+    const proj = Linear.load(p.child('emb_layers.1'), temb, cout);
+    const norm2 = GroupNorm.load(p.child('out_layers.0'), cout, { eps: 1e-5 });
+    const conv2 = Conv2d.load(p.child('out_layers.3'), cout, cout, 3);
+    const skip = Conv2d.load(p.child('skip_connection'), cin, cout, 1);
+    src.close();
+    const x = tf.tensor4d(rand(2 * 4 * 4 * cin), [2, 4, 4, cin]);
+    const t = tf.tensor2d(rand(2 * temb), [2, temb]);
+    const got = block.apply(x, t);
+    const want = tf.tidy(() => {
+      let h = conv1.apply(silu(norm1.apply(x)));
+      h = tf.add(h, tf.reshape(proj.apply(t), [2, 1, 1, cout]));
+      return tf.add(skip.apply(x), conv2.apply(silu(norm2.apply(h))));
+    });
+    expect(maxDiff(got.dataSync(), want.dataSync())).toBeLessThan(1e-5);
+    expect(() => block.apply(x)).toThrow(/time embedding/);
+    tf.dispose([x, t, got, want]);
+    for (const m of [block, norm1, conv1, proj, norm2, conv2, skip]) m.dispose();
   });
 });

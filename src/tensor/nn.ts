@@ -127,13 +127,21 @@ export class GroupNorm {
     return new GroupNorm(gamma, beta, groups, eps);
   }
 
+  /**
+   * Folds the statistics and the affine into one scale and shift per (batch, channel) first, so no more than
+   * two full-size tensors are alive at once besides x (at 512x512 with 128 channels each is 128 MiB).
+   */
   apply<T extends tf.Tensor>(x: T): T {
     return tf.tidy(() => {
       const c = x.shape[x.rank - 1];
-      const grouped = tf.reshape(x, [x.shape[0], -1, this.groups, c / this.groups]); // [B, positions, G, C/G]
-      const { mean, variance } = tf.moments(grouped, [1, 3], true);
-      const normed = tf.mul(tf.sub(grouped, mean), tf.rsqrt(tf.add(variance, this.eps)));
-      return tf.add(tf.mul(tf.reshape(normed, x.shape), this.gamma), this.beta) as T;
+      const g = this.groups;
+      const grouped = tf.reshape(x, [x.shape[0], -1, g, c / g]); // [B, positions, G, C/G]
+      const { scale, shift } = tf.tidy(() => {
+        const { mean, variance } = tf.moments(grouped, [1, 3], true); // [B, 1, G, 1]
+        const s = tf.mul(tf.rsqrt(tf.add(variance, this.eps)), tf.reshape(this.gamma, [1, 1, g, c / g]));
+        return { scale: s, shift: tf.sub(tf.reshape(this.beta, [1, 1, g, c / g]), tf.mul(mean, s)) }; // [B, 1, G, C/G]
+      });
+      return tf.reshape(tf.add(tf.mul(grouped, scale), shift), x.shape) as T;
     });
   }
 

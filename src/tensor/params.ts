@@ -11,9 +11,14 @@
 import * as tf from './tf.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 
-/** A weight's shape differs from what the config says it must be. */
+/** A weight's shape differs from what the config says it must be, or the checkpoint lacks or adds tensors. */
 export class ShapeError extends Error {
   override name = 'ShapeError';
+}
+
+/** A model config (ours or a foreign format being translated) is malformed: the message names the field. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
 }
 
 export class Params {
@@ -71,4 +76,38 @@ export class Params {
       .filter((k) => k.startsWith(under) && !this.used.has(k) && !(ignore?.test(k) ?? false))
       .sort();
   }
+}
+
+/**
+ * Checks a checkpoint against a model's expected keys and shapes before anything is loaded, so a mismatch fails
+ * with every problem listed (up to `maxListed`) and no half-built model is left holding tensors.
+ * Keys under `prefix` that the model does not read are refused unless they match `ignore`.
+ */
+export function checkCheckpoint(
+  src: TensorSource,
+  expected: ReadonlyMap<string, readonly number[]>,
+  prefix: string,
+  { ignore, maxListed = 8 }: { ignore?: RegExp; maxListed?: number } = {},
+): void {
+  const problems: string[] = [];
+  for (const [key, shape] of expected) {
+    if (!src.has(key)) {
+      problems.push(`missing ${key} [${shape.join(', ')}]`);
+      continue;
+    }
+    const got = src.info(key).shape;
+    if (got.length !== shape.length || got.some((d, i) => d !== shape[i])) {
+      problems.push(`${key}: expected [${shape.join(', ')}], got [${got.join(', ')}]`);
+    }
+  }
+  const under = prefix === '' ? '' : `${prefix}.`;
+  for (const key of src.keys()) {
+    if (key.startsWith(under) && !expected.has(key) && !(ignore?.test(key) ?? false)) problems.push(`unexpected ${key}`);
+  }
+  if (problems.length === 0) return;
+  const listed = problems.slice(0, maxListed).join('; ');
+  const more = problems.length > maxListed ? `; and ${problems.length - maxListed} more` : '';
+  throw new ShapeError(
+    `${src.path}: the tensors under '${prefix}' do not match the model config (${listed}${more}); check that the config fits this checkpoint`,
+  );
 }

@@ -1,0 +1,80 @@
+/**
+ * VAE Decoder (CompVis model.py Decoder): z NHWC [B, h, w, zChannels] -> image [B, h*f, w*f, out], f = 2^(levels-1).
+ *
+ *   h = mid(conv_in(z))                                                  [B, h, w, ch * chMult[last]]
+ *   for level i from the last down to 0 (the checkpoint's `up.{i}` is resolution level i, stored in that order):
+ *       numResBlocks + 1 resnets (-> ch * chMult[i]), each followed by attention at attnResolutions,
+ *       then an Upsample except after level 0
+ *   out = conv_out(SiLU(norm_out(h)))                                    roughly [-1, 1]
+ * Weights: `decoder.{conv_in, mid, up.{i}.block.{j}, up.{i}.attn.{j}, up.{i}.upsample.conv, norm_out, conv_out}.*`.
+ */
+import type * as tf from '../tensor/tf.js';
+import { Conv2d, GroupNorm } from '../tensor/nn.js';
+import type { Params } from '../tensor/params.js';
+import { normSiluConv, type ResnetBlock } from '../tensor/resnet.js';
+import { AttnBlock, MidBlock, Upsample, loadResnet, replace } from './blocks.js';
+import { VAE_GN_EPS, levelResolution, type VaeConfig } from './config.js';
+
+interface UpLevel {
+  readonly blocks: readonly ResnetBlock[];
+  readonly attns: readonly AttnBlock[]; // one after each block at attnResolutions, else none
+  readonly upsample: Upsample | null;
+}
+
+export class Decoder {
+  private constructor(
+    private readonly convIn: Conv2d,
+    private readonly mid: MidBlock,
+    private readonly levels: readonly UpLevel[], // in the order they run: lowest resolution first
+    private readonly normOut: GroupNorm,
+    private readonly convOut: Conv2d,
+  ) {}
+
+  static load(p: Params, cfg: VaeConfig): Decoder {
+    const top = cfg.ch * cfg.chMult[cfg.chMult.length - 1];
+    let cin = top;
+    const levels: UpLevel[] = [];
+    for (let i = cfg.chMult.length - 1; i >= 0; i--) {
+      const cout = cfg.ch * cfg.chMult[i];
+      const lp = p.child('up').child(i);
+      const withAttn = cfg.attnResolutions.includes(levelResolution(cfg, i));
+      const blocks: ResnetBlock[] = [];
+      const attns: AttnBlock[] = [];
+      for (let j = 0; j <= cfg.numResBlocks; j++) {
+        blocks.push(loadResnet(lp.child('block').child(j), cin, cout));
+        if (withAttn) attns.push(AttnBlock.load(lp.child('attn').child(j), cout));
+        cin = cout;
+      }
+      levels.push({ blocks, attns, upsample: i === 0 ? null : Upsample.load(lp.child('upsample'), cout) });
+    }
+    return new Decoder(
+      Conv2d.load(p.child('conv_in'), cfg.zChannels, top, 3),
+      MidBlock.load(p.child('mid'), top),
+      levels,
+      GroupNorm.load(p.child('norm_out'), cin, { eps: VAE_GN_EPS }),
+      Conv2d.load(p.child('conv_out'), cin, cfg.outChannels, 3),
+    );
+  }
+
+  apply(z: tf.Tensor4D): tf.Tensor4D {
+    let h = replace(this.convIn.apply(z), (t) => this.mid.apply(t));
+    for (const level of this.levels) {
+      level.blocks.forEach((block, j) => {
+        h = replace(h, (t) => block.apply(t));
+        const attn = level.attns[j];
+        if (attn !== undefined) h = replace(h, (t) => attn.apply(t));
+      });
+      const up = level.upsample;
+      if (up !== null) h = replace(h, (t) => up.apply(t));
+    }
+    return replace(h, (t) => normSiluConv(this.normOut, this.convOut, t));
+  }
+
+  dispose(): void {
+    this.convIn.dispose();
+    this.mid.dispose();
+    for (const level of this.levels) for (const m of [...level.blocks, ...level.attns, level.upsample]) m?.dispose();
+    this.normOut.dispose();
+    this.convOut.dispose();
+  }
+}
