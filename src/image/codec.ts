@@ -2,7 +2,7 @@
  * Images in and out, through sharp (libvips):
  *   encodePng   RGB uint8 [H, W, 3] row-major -> PNG bytes with the A1111 `parameters` chunk after IHDR
  *   decodeImage PNG/JPEG/WebP bytes -> RGB uint8 [H, W, 3] stretched to width x height (the web UI's
- *               "just resize"); transparent pixels are composited onto white
+ *               "just resize") after EXIF orientation; transparent pixels are composited onto white
  * The same pixels and text always give the same bytes: sharp writes no timestamps and the chunk is ours.
  */
 import sharp from 'sharp';
@@ -47,6 +47,7 @@ export function readPngParameters(png: Uint8Array): string | null {
 export async function decodeImage(bytes: Uint8Array, width: number, height: number, name = 'image'): Promise<RgbImage> {
   try {
     const rgb = await sharp(bytes, { failOn: 'error' })
+      .rotate() // EXIF orientation, as a photo viewer shows it
       .flatten({ background: '#ffffff' })
       .toColourspace('srgb')
       .resize(width, height, { fit: 'fill' })

@@ -1,0 +1,195 @@
+/**
+ * `sd generate --prompt TEXT [...]`: txt2img (or img2img with --init-image) to PNG files carrying the
+ * A1111 `parameters` text. Writes into --out (a folder, default outputs/, named <seed>.png; or a .png path),
+ * never over an existing file (name-1.png, name-2.png, ...). Prints each path and seed on stdout; progress on
+ * stderr. Ctrl-C cancels between steps.
+ */
+import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, extname, join } from 'node:path';
+import type { CommandModule } from 'yargs';
+import { BACKENDS, initBackend, type BackendName } from '../../tensor/backend.js';
+import { SAMPLERS, type GenerateParams, type SamplerName } from '../../pipeline/api.js';
+import { limitsFor, readPipelineConfig, SD15_PIPELINE, StableDiffusion, type PipelineConfig } from '../../pipeline/pipeline.js';
+import { resolveParams } from '../../pipeline/params.js';
+import { TokenizerError } from '../../tokenizer/index.js';
+import { UsageError } from '../errors.js';
+import { ProgressBar } from '../progress.js';
+
+export const DEFAULT_WEIGHTS = 'weights/v1-5-pruned-emaonly.safetensors';
+
+interface Args {
+  weights: string;
+  config?: string;
+  tokenizer?: string;
+  prompt: string;
+  'negative-prompt'?: string;
+  seed?: number;
+  steps?: number;
+  /** A number (the guidance scale), or false from --no-cfg. */
+  cfg?: unknown;
+  sampler?: SamplerName;
+  karras?: boolean;
+  width?: number;
+  height?: number;
+  'clip-skip'?: number;
+  'init-image'?: string;
+  strength?: number;
+  batch?: number;
+  out: string;
+  backend?: BackendName;
+  threads?: number;
+}
+
+const GET_WEIGHTS =
+  'put an SD 1.x checkpoint (.safetensors, .ckpt or a diffusers folder) there or pass --weights; `sd download` fetches SD 1.5 and its tokenizer into weights/';
+
+/** --cfg 7 -> scale 7; --no-cfg -> guidance off. */
+function guidance(v: unknown): Pick<GenerateParams, 'cfg' | 'cfgScale'> {
+  if (v === undefined) return {};
+  if (v === false) return { cfg: false };
+  if (typeof v === 'number' && Number.isFinite(v)) return { cfgScale: v };
+  throw new UsageError(`--cfg needs a number (the guidance scale, e.g. 7.5), got ${JSON.stringify(v)}; --no-cfg turns guidance off`);
+}
+
+function readInitImage(path: string | undefined): Uint8Array | undefined {
+  if (path === undefined) return undefined;
+  if (!existsSync(path)) throw new UsageError(`--init-image ${path}: no such file`);
+  return readFileSync(path);
+}
+
+export function toParams(args: Args): GenerateParams {
+  if (args.strength !== undefined && args['init-image'] === undefined) throw new UsageError('--strength applies to img2img only: add --init-image FILE');
+  return {
+    prompt: args.prompt,
+    negativePrompt: args['negative-prompt'],
+    seed: args.seed,
+    steps: args.steps,
+    ...guidance(args.cfg),
+    sampler: args.sampler,
+    karras: args.karras,
+    width: args.width,
+    height: args.height,
+    clipSkip: args['clip-skip'],
+    initImage: readInitImage(args['init-image']),
+    strength: args.strength,
+    batch: args.batch,
+  };
+}
+
+function checkWeights(path: string): void {
+  if (!existsSync(path)) throw new UsageError(`weights not found: ${path}; ${GET_WEIGHTS}`);
+}
+
+/**
+ * Writes bytes to `path`, or to path-1, path-2, ... if that exists: never overwrites (the 'wx' flag makes the
+ * check and the creation one step). Returns the path written.
+ */
+export function writeNew(path: string, bytes: Uint8Array): string {
+  const ext = extname(path);
+  const stem = path.slice(0, path.length - ext.length);
+  for (let n = 0; ; n++) {
+    const candidate = n === 0 ? path : `${stem}-${n}${ext}`;
+    try {
+      writeFileSync(candidate, bytes, { flag: 'wx' });
+      return candidate;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+  }
+}
+
+/** --out: a .png path, or a folder (made if missing) where each image is named after its seed. */
+export function outputPath(out: string, seed: number): string {
+  const isFile = extname(out).toLowerCase() === '.png' && !(existsSync(out) && statSync(out).isDirectory());
+  const path = isFile ? out : join(out, `${seed}.png`);
+  mkdirSync(dirname(path), { recursive: true });
+  return path;
+}
+
+async function loadModel(args: Args, config: PipelineConfig): Promise<StableDiffusion> {
+  try {
+    return await StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer });
+  } catch (e) {
+    if (e instanceof TokenizerError && args.tokenizer === undefined) {
+      throw new TokenizerError(`${e.message}; \`sd download --only bpe_simple_vocab_16e6.txt.gz\` fetches it into weights/`);
+    }
+    throw e;
+  }
+}
+
+/** A progress bar made at the first step, when the total is known. */
+function lazyBar(label: string): { update: (step: number, total: number) => void; finish: () => void } {
+  let bar: ProgressBar | null = null;
+  return {
+    update: (step, total) => (bar ??= new ProgressBar(label, total)).update(step),
+    finish: () => bar?.finish(),
+  };
+}
+
+/** Cancels the generation on Ctrl-C (between steps); a second Ctrl-C exits at once. */
+function abortOnSigint(): { signal: AbortSignal; release: () => void } {
+  const controller = new AbortController();
+  const onSigint = () => {
+    if (controller.signal.aborted) process.exit(130);
+    process.stderr.write('\ncancelling after this step (Ctrl-C again to quit now)\n');
+    controller.abort();
+  };
+  process.on('SIGINT', onSigint);
+  return { signal: controller.signal, release: () => process.off('SIGINT', onSigint) };
+}
+
+export const generateCommand: CommandModule<object, Args> = {
+  command: 'generate',
+  describe: 'generate images from a prompt (txt2img, or img2img with --init-image) into PNG files',
+  builder: (y) =>
+    y
+      .option('prompt', { alias: 'p', type: 'string', demandOption: true, describe: 'what to draw' })
+      .option('negative-prompt', { alias: 'n', type: 'string', describe: 'what to steer away from (the CFG uncond)' })
+      .option('weights', { type: 'string', default: DEFAULT_WEIGHTS, describe: '.safetensors / .ckpt file or diffusers folder' })
+      .option('config', { type: 'string', describe: 'pipeline config JSON (LDM names, as tests/fixtures/pipeline/fixture.json); default: SD 1.5' })
+      .option('tokenizer', { type: 'string', describe: 'tokenizer file or folder; default: next to the weights, then ./weights' })
+      .option('seed', { type: 'number', describe: '0..2^32-1; default random (printed). Image i of a batch uses seed + i' })
+      .option('steps', { type: 'number', describe: 'denoising steps (default 20)' })
+      .option('cfg', { coerce: (v: unknown) => v, describe: 'classifier-free guidance scale (default 7.5); --no-cfg: off' })
+      .option('sampler', { choices: SAMPLERS, describe: 'sampler (default euler_a)' })
+      .option('karras', { type: 'boolean', describe: 'Karras sigmas (sigma samplers)' })
+      .option('width', { alias: 'W', type: 'number', describe: 'pixels, a multiple of 8 (default: the model\'s, 512)' })
+      .option('height', { alias: 'H', type: 'number', describe: 'pixels, a multiple of 8 (default: the model\'s, 512)' })
+      .option('clip-skip', { type: 'number', describe: '1 = last text-encoder layer (default), 2 = penultimate' })
+      .option('init-image', { type: 'string', describe: 'img2img: a PNG or JPEG, resized to width x height' })
+      .option('strength', { type: 'number', describe: 'img2img: how much to change the image, (0, 1] (default 0.75)' })
+      .option('batch', { type: 'number', describe: 'images to make, 1..8 (default 1)' })
+      .option('out', { alias: 'o', type: 'string', default: 'outputs', describe: 'a folder (images named <seed>.png) or a .png path' })
+      .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
+      .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' }) as never,
+  handler: async (args) => {
+    const config = args.config !== undefined ? readPipelineConfig(args.config) : SD15_PIPELINE;
+    // Validate every parameter before the slow part; the resolved seed is the one generated with.
+    const params = toParams(args);
+    const { seed } = resolveParams(params, limitsFor(config));
+    checkWeights(args.weights);
+    await initBackend({ backend: args.backend, threads: args.threads });
+    const sd = await loadModel(args, config);
+    const { signal, release } = abortOnSigint();
+    const bar = lazyBar('sampling');
+    try {
+      const result = await sd.generate({ ...params, seed }, { signal, onProgress: bar.update });
+      bar.finish();
+      for (const img of result.images) {
+        const path = writeNew(outputPath(args.out, img.seed), img.png);
+        process.stdout.write(`${path} (seed ${img.seed})\n`);
+      }
+    } catch (e) {
+      bar.finish();
+      if (e instanceof Error && e.name === 'AbortError') {
+        process.stderr.write('sd: cancelled\n');
+        process.exitCode = 130;
+        return;
+      }
+      throw e;
+    } finally {
+      release();
+      sd.dispose();
+    }
+  },
+};

@@ -1,0 +1,127 @@
+/**
+ * Validation of a generation request: every field of GenerateParams checked for type and range, defaults
+ * filled in, and the result frozen as ResolvedParams (what was run, enough to run it again). A bad field is a
+ * ParamError naming the field and its allowed range; the CLI prints it, the server answers 400 with it.
+ */
+import { ParamError, SAMPLERS, type GenerateParams, type ResolvedParams, type SamplerName } from './api.js';
+
+export const MAX_PROMPT_CHARS = 4000;
+export const MAX_SEED = 2 ** 32 - 1;
+export const MAX_STEPS = 200;
+export const MAX_CFG_SCALE = 30;
+export const MAX_SIZE = 2048;
+export const MAX_BATCH = 8;
+
+/** What the loaded model decides: its native size, how many text-encoder layers clip skip may drop. */
+export interface ParamLimits {
+  readonly width: number;
+  readonly height: number;
+  /** Smallest width/height in pixels: 64 for SD 1.x; a tiny test model's own size when smaller. */
+  readonly minSize: number;
+  /** Text-encoder layers: clip skip is 1 .. layers-1. */
+  readonly clipLayers: number;
+}
+
+export const SD15_LIMITS: ParamLimits = Object.freeze({ width: 512, height: 512, minSize: 64, clipLayers: 12 });
+
+/** Defaults as AUTOMATIC1111's web UI users know them. */
+export const DEFAULTS = Object.freeze({
+  negativePrompt: '',
+  steps: 20,
+  cfgScale: 7.5,
+  cfg: true,
+  sampler: 'euler_a' as SamplerName,
+  karras: false,
+  clipSkip: 1,
+  /** img2img: the web UI's default denoising strength. */
+  strength: 0.75,
+  batch: 1,
+});
+
+function string(field: string, v: unknown, fallback: string): string {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'string') throw new ParamError(field, `must be a string, got ${typeof v}`);
+  if (v.length > MAX_PROMPT_CHARS) throw new ParamError(field, `must be at most ${MAX_PROMPT_CHARS} characters, got ${v.length}`);
+  return v;
+}
+
+function boolean(field: string, v: unknown, fallback: boolean): boolean {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'boolean') throw new ParamError(field, `must be true or false, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+function integer(field: string, v: unknown, fallback: number, min: number, max: number): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw new ParamError(field, `must be an integer in ${min}..${max}, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function number(field: string, v: unknown, fallback: number, min: number, max: number): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max) {
+    throw new ParamError(field, `must be a number in ${min}..${max}, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function size(field: string, v: unknown, fallback: number, limits: ParamLimits): number {
+  if (v === undefined) return fallback;
+  const ok = typeof v === 'number' && Number.isInteger(v) && v % 8 === 0 && v >= limits.minSize && v <= MAX_SIZE;
+  if (!ok) throw new ParamError(field, `must be a multiple of 8 in ${limits.minSize}..${MAX_SIZE}, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+function sampler(v: unknown): SamplerName {
+  if (v === undefined) return DEFAULTS.sampler;
+  if (typeof v !== 'string' || !(SAMPLERS as readonly string[]).includes(v)) {
+    throw new ParamError('sampler', `must be one of ${SAMPLERS.join(', ')}, got ${JSON.stringify(v)}`);
+  }
+  return v as SamplerName;
+}
+
+/** A seed drawn uniformly from 0 .. 2^32-1, used when the caller gives none (and reported back). */
+export function randomSeed(): number {
+  return Math.floor(Math.random() * (MAX_SEED + 1));
+}
+
+/** img2img only: (0, 1]; the sampler runs the last int(steps * strength) steps, at least one. */
+function strength(p: GenerateParams): number | null {
+  if (p.initImage === undefined) {
+    if (p.strength !== undefined) throw new ParamError('strength', 'only applies to img2img: give an init image too');
+    return null;
+  }
+  if (!(p.initImage instanceof Uint8Array) || p.initImage.length === 0) {
+    throw new ParamError('initImage', 'must be the bytes of a PNG or JPEG file');
+  }
+  const s = p.strength ?? DEFAULTS.strength;
+  if (typeof s !== 'number' || !Number.isFinite(s) || s <= 0 || s > 1) {
+    throw new ParamError('strength', `must be a number in (0, 1], got ${JSON.stringify(s)}`);
+  }
+  return s;
+}
+
+export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMITS): ResolvedParams {
+  if (typeof p !== 'object' || p === null) throw new ParamError('params', 'must be an object with at least a prompt');
+  if (p.prompt === undefined) throw new ParamError('prompt', 'is required (a string, may be empty)');
+  return Object.freeze({
+    prompt: string('prompt', p.prompt, ''),
+    negativePrompt: string('negativePrompt', p.negativePrompt, DEFAULTS.negativePrompt),
+    seed: integer('seed', p.seed, randomSeed(), 0, MAX_SEED),
+    steps: integer('steps', p.steps, DEFAULTS.steps, 1, MAX_STEPS),
+    cfgScale: number('cfgScale', p.cfgScale, DEFAULTS.cfgScale, 0, MAX_CFG_SCALE),
+    cfg: boolean('cfg', p.cfg, DEFAULTS.cfg),
+    sampler: sampler(p.sampler),
+    karras: boolean('karras', p.karras, DEFAULTS.karras),
+    width: size('width', p.width, limits.width, limits),
+    height: size('height', p.height, limits.height, limits),
+    clipSkip: integer('clipSkip', p.clipSkip, DEFAULTS.clipSkip, 1, limits.clipLayers - 1),
+    strength: strength(p),
+    batch: integer('batch', p.batch, DEFAULTS.batch, 1, MAX_BATCH),
+  });
+}
+
+/** Whether classifier-free guidance runs: a scale of 1 gives eps_cond exactly, so the uncond pass is skipped. */
+export const usesGuidance = (r: ResolvedParams): boolean => r.cfg && r.cfgScale !== 1;

@@ -1,0 +1,249 @@
+/**
+ * Stable Diffusion 1.x, txt2img and img2img (Rombach et al. 2022):
+ *
+ *   prompt, negative prompt --tokenizer--> ids [2, 77] --CLIP--> context [2, 77, C]
+ *   seed --TorchGenerator--> noise [1, h, w, 4] --sampler + UNet with CFG (denoise.ts)--> latent [1, h, w, 4]
+ *   latent / scale_factor --VAE decoder--> [1, H, W, 3] in [-1, 1] --> clamp(x / 2 + 0.5, 0, 1) --> RGB uint8 + PNG
+ *
+ * img2img starts instead from the init image: [-1, 1] --VAE encoder--> moments; mean + std * posterior noise,
+ * times scale_factor, is the init latent, which the sampler noises to its first step.
+ *
+ * Random numbers: image i of a batch uses its own TorchGenerator(seed + i), drawing the start noise, then each
+ * step's noise (euler_a, ddpm), as the fixtures do, so a seed gives the same noise as CompVis/diffusers with a
+ * CPU generator. The VAE posterior sample of img2img has a generator of its own, seeded with the bitwise
+ * complement of the image seed, so the sampler's draws stay those of the seed.
+ *
+ * Latents are NHWC [B, H/8, W/8, 4]; h, w below are latent sizes.
+ */
+import { basename, dirname, extname, resolve } from 'node:path';
+import { existsSync, statSync } from 'node:fs';
+import * as tf from '../tensor/tf.js';
+import { ClipTextEncoder } from '../clip/index.js';
+import { UNet } from '../unet/index.js';
+import { Vae, downsampleFactor } from '../vae/index.js';
+import { ClipTokenizer, findTokenizer } from '../tokenizer/index.js';
+import { createSampler, TorchGenerator, torchNoise, type NoiseFn, type Sampler } from '../scheduler/index.js';
+import { openWeights } from '../weights/open.js';
+import type { TensorSource } from '../weights/types.js';
+import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
+import type { GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
+import { checkCheckpointFits, ConfigError, SD15_PIPELINE, type PipelineConfig } from './config.js';
+import { denoise, guidedEps, throwIfAborted } from './denoise.js';
+import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
+
+export { AbortError } from './denoise.js';
+export { SD15_PIPELINE, pipelineConfigFromLdm, readPipelineConfig, type PipelineConfig } from './config.js';
+
+export interface LoadOptions {
+  /** A .safetensors or .ckpt file, or a diffusers folder. */
+  readonly weights: string;
+  /** Default: SD 1.5's. */
+  readonly config?: PipelineConfig;
+  /** A tokenizer file or folder; default: looked for next to the weights, then in ./weights. */
+  readonly tokenizer?: string;
+}
+
+/** Where a tokenizer is looked for when none is given: next to the weights (and in a diffusers folder), then ./weights. */
+export function tokenizerCandidates(weights: string): string[] {
+  const isDir = existsSync(weights) && statSync(weights).isDirectory();
+  const next = isDir ? weights : dirname(weights);
+  return [...new Set([next, resolve('weights')])];
+}
+
+/** What a model of this config allows: its native size as default, clip skip up to its text-encoder depth. */
+export function limitsFor(cfg: PipelineConfig): ParamLimits {
+  return { width: cfg.width, height: cfg.height, minSize: Math.min(64, cfg.width, cfg.height), clipLayers: cfg.clip.layers };
+}
+
+/** A tf.Tensor4D NHWC [1, H, W, 3] in [-1, 1] from RGB bytes. */
+function rgbToTensor(img: RgbImage): tf.Tensor4D {
+  return tf.tidy(() => tf.sub(tf.div(tf.tensor4d(Float32Array.from(img.rgb), [1, img.height, img.width, 3]), 127.5), 1));
+}
+
+/** [1, H, W, 3] in [0, 1] -> RGB bytes, round(255 x). */
+async function tensorToRgb(image: tf.Tensor4D): Promise<Uint8Array> {
+  const values = await image.data();
+  const rgb = new Uint8Array(values.length);
+  for (let i = 0; i < values.length; i++) rgb[i] = Math.round(values[i] * 255);
+  return rgb;
+}
+
+export class StableDiffusion {
+  private disposed = false;
+
+  private constructor(
+    readonly config: PipelineConfig,
+    /** The weights file's name without extension, written into the PNG parameters. */
+    readonly modelName: string,
+    private readonly tokenizer: ClipTokenizer,
+    private readonly clip: ClipTextEncoder,
+    private readonly unet: UNet,
+    private readonly vae: Vae,
+  ) {}
+
+  static async load(o: LoadOptions): Promise<StableDiffusion> {
+    const config = o.config ?? SD15_PIPELINE;
+    const tokenizer = ClipTokenizer.fromFile(o.tokenizer ?? findTokenizer(tokenizerCandidates(o.weights)));
+    const src = openWeights(o.weights);
+    try {
+      checkCheckpointFits(src, config);
+      const name = basename(o.weights, extname(o.weights));
+      return StableDiffusion.loadModels(src, config, (clip, unet, vae) => new StableDiffusion(config, name, tokenizer, clip, unet, vae));
+    } finally {
+      src.close();
+    }
+  }
+
+  /** Loads the three networks; frees those already loaded when a later one fails. */
+  private static loadModels<T>(src: TensorSource, cfg: PipelineConfig, make: (c: ClipTextEncoder, u: UNet, v: Vae) => T): T {
+    const loaded: { dispose(): void }[] = [];
+    try {
+      const clip = ClipTextEncoder.load(src, cfg.clip);
+      loaded.push(clip);
+      const unet = UNet.load(src, cfg.unet);
+      loaded.push(unet);
+      const vae = Vae.load(src, cfg.vae);
+      return make(clip, unet, vae);
+    } catch (e) {
+      for (const m of loaded) m.dispose();
+      if (e instanceof Error && e.name === 'ShapeError') throw new ConfigError(e.message);
+      throw e;
+    }
+  }
+
+  get limits(): ParamLimits {
+    return limitsFor(this.config);
+  }
+
+  /** ids of `texts` -> context [texts.length, 77, C]. */
+  encodeText(texts: readonly string[], clipSkip: number): tf.Tensor3D {
+    const ids = texts.map((t) => this.tokenizer.encode(t));
+    return tf.tidy(() => this.clip.forward(tf.tensor2d(ids, [texts.length, ids[0].length], 'int32'), clipSkip));
+  }
+
+  /** CFG context [2, 77, C] (negative prompt, then prompt), or [1, 77, C] (prompt) without guidance. */
+  encodePrompts(r: ResolvedParams): tf.Tensor3D {
+    return this.encodeText(usesGuidance(r) ? [r.negativePrompt, r.prompt] : [r.prompt], r.clipSkip);
+  }
+
+  /** image NHWC [1, H, W, 3] in [-1, 1] -> init latent [1, h, w, 4] = (mean + std * noise) * scale_factor. */
+  encodeImage(image: tf.Tensor4D, posteriorNoise: NoiseFn): tf.Tensor4D {
+    return tf.tidy(() => {
+      const { mean, logvar } = this.vae.encode(image);
+      const std = tf.exp(tf.mul(tf.clipByValue(logvar, -30, 20), 0.5));
+      return tf.mul(tf.add(mean, tf.mul(std, posteriorNoise(mean.shape))), this.config.scaleFactor);
+    });
+  }
+
+  /** latent [1, h, w, 4] -> image NHWC [1, H, W, 3] in [0, 1]. */
+  decodeLatent(latent: tf.Tensor4D): tf.Tensor4D {
+    return tf.tidy(() => {
+      const decoded = this.vae.decode(tf.div<tf.Tensor4D>(latent, this.config.scaleFactor));
+      return tf.clipByValue(tf.add<tf.Tensor4D>(tf.mul(decoded, 0.5), 0.5), 0, 1);
+    });
+  }
+
+  /**
+   * One latent: start from `noise` (and the init latent for img2img), run every sampler step with guidance.
+   * Disposes nothing it was given; returns a new tensor.
+   */
+  async sampleLatent(o: {
+    readonly sampler: Sampler;
+    readonly context: tf.Tensor3D;
+    readonly guidanceScale: number | null;
+    readonly noise: NoiseFn;
+    readonly latentShape: readonly [number, number, number, number];
+    readonly initLatent?: tf.Tensor4D;
+    readonly signal?: AbortSignal;
+    readonly onStep?: (step: number, total: number) => void;
+  }): Promise<tf.Tensor4D> {
+    const start = tf.tidy(() => o.sampler.start(tf.reshape(o.noise(o.latentShape), [...o.latentShape]), o.initLatent));
+    const eps = guidedEps(this.unet, o.context, o.guidanceScale);
+    let latent = start;
+    try {
+      for await (const s of denoise(start, o.sampler, eps, o.noise, o.signal)) {
+        latent = s.latent;
+        o.onStep?.(s.step, s.total);
+      }
+    } catch (e) {
+      latent.dispose();
+      throw e;
+    }
+    return latent;
+  }
+
+  async generate(p: GenerateParams, o: GenerateOptions = {}): Promise<GenerateResult> {
+    if (this.disposed) throw new Error('StableDiffusion.generate: the model has been disposed');
+    const r = resolveParams(p, this.limits);
+    const init = p.initImage === undefined ? null : await decodeImage(p.initImage, r.width, r.height, 'init image');
+    throwIfAborted(o.signal);
+    const probe = createSampler(this.samplerConfig(r));
+    const perImage = probe.totalSteps;
+    probe.dispose();
+    const total = perImage * r.batch;
+    const context = this.encodePrompts(r);
+    const initImage = init === null ? null : rgbToTensor(init);
+    const images: GeneratedImage[] = [];
+    try {
+      for (let i = 0; i < r.batch; i++) {
+        const done = i * perImage;
+        const onStep = (step: number) => o.onProgress?.(done + step, total);
+        images.push(await this.generateOne(r, (r.seed + i) >>> 0, context, initImage, o.signal, onStep));
+      }
+    } finally {
+      context.dispose();
+      initImage?.dispose();
+    }
+    return { images, params: r };
+  }
+
+  private samplerConfig(r: ResolvedParams) {
+    return { name: r.sampler, steps: r.steps, karras: r.karras, strength: r.strength ?? undefined };
+  }
+
+  private async generateOne(
+    r: ResolvedParams,
+    seed: number,
+    context: tf.Tensor3D,
+    initImage: tf.Tensor4D | null,
+    signal: AbortSignal | undefined,
+    onStep: (step: number) => void,
+  ): Promise<GeneratedImage> {
+    const f = downsampleFactor(this.config.vae);
+    const latentShape = [1, r.height / f, r.width / f, this.config.unet.inChannels] as const;
+    const initLatent = initImage === null ? undefined : this.encodeImage(initImage, torchNoise(new TorchGenerator(~seed >>> 0)));
+    let latent: tf.Tensor4D;
+    try {
+      latent = await this.sampleLatent({
+        sampler: createSampler(this.samplerConfig(r)),
+        context,
+        guidanceScale: usesGuidance(r) ? r.cfgScale : null,
+        noise: torchNoise(new TorchGenerator(seed)),
+        latentShape,
+        initLatent,
+        signal,
+        onStep,
+      });
+    } finally {
+      initLatent?.dispose();
+    }
+    const image = this.decodeLatent(latent);
+    latent.dispose();
+    let rgb: Uint8Array;
+    try {
+      rgb = await tensorToRgb(image);
+    } finally {
+      image.dispose();
+    }
+    const png = await encodePng({ rgb, width: r.width, height: r.height }, { ...r, seed, model: this.modelName });
+    return { png, rgb, seed };
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.clip.dispose();
+    this.unet.dispose();
+    this.vae.dispose();
+  }
+}

@@ -1,0 +1,89 @@
+import { describe, expect, it } from 'vitest';
+import { ParamError, type GenerateParams } from '../src/pipeline/api.js';
+import { DEFAULTS, MAX_SEED, resolveParams, SD15_LIMITS, usesGuidance } from '../src/pipeline/params.js';
+
+const TINY = { width: 32, height: 32, minSize: 32, clipLayers: 3 };
+
+/** The ParamError a call throws (fails the test if it throws nothing or something else). */
+function paramError(p: GenerateParams, limits = SD15_LIMITS): ParamError {
+  try {
+    resolveParams(p, limits);
+  } catch (e) {
+    expect(e).toBeInstanceOf(ParamError);
+    return e as ParamError;
+  }
+  throw new Error(`resolveParams accepted ${JSON.stringify(p)}`);
+}
+
+describe('resolveParams', () => {
+  it('fills the A1111 defaults and the model size', () => {
+    const r = resolveParams({ prompt: 'a fern', seed: 7 });
+    expect(r).toEqual({
+      prompt: 'a fern',
+      negativePrompt: '',
+      seed: 7,
+      steps: 20,
+      cfgScale: 7.5,
+      cfg: true,
+      sampler: 'euler_a',
+      karras: false,
+      width: 512,
+      height: 512,
+      clipSkip: 1,
+      strength: null,
+      batch: 1,
+    });
+    expect(Object.isFrozen(r)).toBe(true);
+    expect(resolveParams({ prompt: '' }, TINY).width).toBe(32);
+  });
+
+  it('draws a random seed in range when none is given', () => {
+    const seeds = new Set(Array.from({ length: 20 }, () => resolveParams({ prompt: 'x' }).seed));
+    expect(seeds.size).toBeGreaterThan(1);
+    for (const s of seeds) expect(Number.isInteger(s) && s >= 0 && s <= MAX_SEED).toBe(true);
+  });
+
+  it('names the field and its range for every bad value', () => {
+    const cases: [GenerateParams, string, RegExp][] = [
+      [{ prompt: 3 as unknown as string }, 'prompt', /string/],
+      [{ prompt: 'x'.repeat(5000) }, 'prompt', /at most 4000/],
+      [{ prompt: 'a', seed: -1 }, 'seed', /0\.\.4294967295/],
+      [{ prompt: 'a', seed: 2 ** 32 }, 'seed', /0\.\.4294967295/],
+      [{ prompt: 'a', seed: 1.5 }, 'seed', /integer/],
+      [{ prompt: 'a', steps: 0 }, 'steps', /1\.\.200/],
+      [{ prompt: 'a', steps: 201 }, 'steps', /1\.\.200/],
+      [{ prompt: 'a', cfgScale: 31 }, 'cfgScale', /0\.\.30/],
+      [{ prompt: 'a', cfgScale: NaN }, 'cfgScale', /0\.\.30/],
+      [{ prompt: 'a', sampler: 'plms' as never }, 'sampler', /ddpm, ddim, euler, euler_a, heun, lms, dpmpp_2m/],
+      [{ prompt: 'a', width: 500 }, 'width', /multiple of 8 in 64\.\.2048/],
+      [{ prompt: 'a', height: 4096 }, 'height', /multiple of 8 in 64\.\.2048/],
+      [{ prompt: 'a', width: 32 }, 'width', /64\.\.2048/],
+      [{ prompt: 'a', clipSkip: 12 }, 'clipSkip', /1\.\.11/],
+      [{ prompt: 'a', batch: 9 }, 'batch', /1\.\.8/],
+      [{ prompt: 'a', karras: 'yes' as never }, 'karras', /true or false/],
+      [{ prompt: 'a', strength: 0.5 }, 'strength', /init image/],
+      [{ prompt: 'a', initImage: new Uint8Array([1]), strength: 0 }, 'strength', /\(0, 1\]/],
+      [{ prompt: 'a', initImage: new Uint8Array([1]), strength: 1.5 }, 'strength', /\(0, 1\]/],
+      [{ prompt: 'a', initImage: new Uint8Array() }, 'initImage', /PNG or JPEG/],
+    ];
+    for (const [p, field, message] of cases) {
+      const e = paramError(p);
+      expect(e.field, JSON.stringify(p).slice(0, 80)).toBe(field);
+      expect(e.message).toMatch(message);
+      expect(e.message.startsWith(`${field}: `)).toBe(true);
+    }
+    expect(paramError({ prompt: 'a', clipSkip: 3 }, TINY).message).toMatch(/1\.\.2/);
+  });
+
+  it('defaults img2img strength to 0.75 and accepts the edges of every range', () => {
+    expect(resolveParams({ prompt: 'a', initImage: new Uint8Array([1]) }).strength).toBe(DEFAULTS.strength);
+    const r = resolveParams({ prompt: 'a', seed: MAX_SEED, steps: 200, cfgScale: 0, width: 2048, height: 64, clipSkip: 11, batch: 8 });
+    expect([r.seed, r.steps, r.cfgScale, r.width, r.height, r.clipSkip, r.batch]).toEqual([MAX_SEED, 200, 0, 2048, 64, 11, 8]);
+  });
+
+  it('runs guidance unless it is off or the scale is 1', () => {
+    expect(usesGuidance(resolveParams({ prompt: 'a' }))).toBe(true);
+    expect(usesGuidance(resolveParams({ prompt: 'a', cfg: false }))).toBe(false);
+    expect(usesGuidance(resolveParams({ prompt: 'a', cfgScale: 1 }))).toBe(false);
+  });
+});
