@@ -5,12 +5,24 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { isUserError } from './errors.js';
+import { convertCommand } from './commands/convert.js';
+import { downloadCommand } from './commands/download.js';
+import { generateCommand } from './commands/generate.js';
+import { inspectCommand } from './commands/inspect.js';
 import { parityCommand } from './commands/parity.js';
+import { randomWeightsCommand } from './commands/random-weights.js';
+import { serveCommand } from './commands/serve.js';
 
 export async function main(argv: string[] = hideBin(process.argv)): Promise<void> {
   try {
     await yargs(argv)
       .scriptName('sd')
+      .command(generateCommand)
+      .command(serveCommand)
+      .command(inspectCommand)
+      .command(convertCommand)
+      .command(downloadCommand)
+      .command(randomWeightsCommand)
       .command(parityCommand)
       .demandCommand(1, 'name a command; `sd --help` lists them')
       .strict()

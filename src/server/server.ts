@@ -1,0 +1,251 @@
+/**
+ * The HTTP server of `sd serve` (fastify): one model in memory, generations from a bounded FIFO queue.
+ *
+ *   POST   /inference   generate and wait: {message: 'success', uid, image (base64 PNG), seed, parameters}
+ *   POST   /jobs        the same body, queued: 202 {id}; then
+ *   GET    /jobs/:id    {status: queued | running (step, total) | succeeded (result) | failed (error) | cancelled}
+ *   DELETE /jobs/:id    cancel (a running job stops between two steps)
+ *   GET    /health      {status: loading | ok | failed | stopping, ...}; 200 only when ok
+ *
+ * Life cycle: `SdServer.start` listens at once and loads the model in the background (503 on /health
+ * and on the work routes until it is in memory). `shutdown()` (SIGTERM/SIGINT) refuses new work with 503,
+ * cancels the queued jobs, lets the running one finish for `graceS` seconds then aborts it, closes.
+ * Routes, schemas and auth are in ./routes.ts; the queue in ./jobs.ts; files in ./outputs.ts.
+ */
+import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import type { GenerateParams } from '../pipeline/api.js';
+import { resolveParams } from '../pipeline/params.js';
+import { decodeImage } from '../image/codec.js';
+import { toAnsweredParameters, toGenerateParams, type AnsweredParameters, type InferenceBody } from './body.js';
+import type { Engine } from './engine.js';
+import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './errors.js';
+import { JobQueue, QueueFullError, isFinished, type Job, type JobContext } from './jobs.js';
+import { OutputStore } from './outputs.js';
+import { registerRoutes } from './routes.js';
+
+export interface ServerOptions {
+  /** Loads the model; called once, right after the server starts listening. */
+  readonly loadEngine: () => Promise<Engine>;
+  /** Folder for `<uid>.png` + `<uid>.json`; created if missing. */
+  readonly outputs: string;
+  /** Require `Authorization: Bearer <apiKey>` on every route but /health; null/undefined: no auth. */
+  readonly apiKey?: string | null;
+  /** Jobs that may wait (the running ones not counted); default 8. */
+  readonly maxQueue?: number;
+  /** Generations run at the same time; default 1. */
+  readonly concurrency?: number;
+  /** Seconds a finished job stays readable at GET /jobs/:id; default 3600. */
+  readonly jobTtlS?: number;
+  /** Seconds shutdown waits for running jobs before cancelling them; default 20 (under Kubernetes' 30). */
+  readonly graceS?: number;
+  /** Largest request body in bytes; default 20 MiB (an init image in base64). */
+  readonly bodyLimit?: number;
+  /** fastify's logger option: false in tests, pino options or true otherwise. */
+  readonly logger?: FastifyServerOptions['logger'];
+  /** The backend name /health reports (known once the model loaded). */
+  readonly backend?: () => string | null;
+}
+
+export interface ListenOptions {
+  readonly port: number;
+  readonly host: string;
+}
+
+export type ServerState = 'loading' | 'ok' | 'failed' | 'stopping' | 'stopped';
+
+/** What a job runs: the request, resolved enough that a retry gives the same image. */
+export interface WorkItem {
+  readonly uid: string;
+  readonly params: GenerateParams;
+}
+
+/** The answer of POST /inference, and `result` of a succeeded job. */
+export interface InferenceResult {
+  readonly message: 'success';
+  readonly uid: string;
+  /** base64 PNG, with the A1111 `parameters` text chunk. */
+  readonly image: string;
+  readonly seed: number;
+  readonly parameters: AnsweredParameters;
+}
+
+export type ServerJob = Job<WorkItem, InferenceResult>;
+
+export const DEFAULT_SERVER = Object.freeze({ maxQueue: 8, concurrency: 1, jobTtlS: 3600, graceS: 20, bodyLimit: 20 * 2 ** 20 });
+
+export class SdServer {
+  private state_: ServerState = 'loading';
+  private engine: Engine | null = null;
+  private loadError: string | null = null;
+  private loading: Promise<void> = Promise.resolve();
+  private closing: Promise<void> | null = null;
+  readonly queue: JobQueue<WorkItem, InferenceResult>;
+
+  private constructor(
+    readonly app: FastifyInstance,
+    readonly outputs: OutputStore,
+    private readonly o: ServerOptions,
+  ) {
+    this.queue = new JobQueue<WorkItem, InferenceResult>({
+      run: (item, ctx) => this.run(item, ctx),
+      describeError: (e) => {
+        const h = toHttpError(e);
+        if (h.statusCode >= 500) app.log.error({ err: e }, `generation failed: ${h.message}`);
+        return { statusCode: h.statusCode, message: h.message };
+      },
+      maxQueue: o.maxQueue ?? DEFAULT_SERVER.maxQueue,
+      concurrency: o.concurrency ?? DEFAULT_SERVER.concurrency,
+      ttlMs: (o.jobTtlS ?? DEFAULT_SERVER.jobTtlS) * 1000,
+      onChange: (job) => this.onJobChange(job),
+    });
+  }
+
+  /** Listen, then load the model in the background; `ready()` says when (and whether) it loaded. */
+  static async start(o: ServerOptions, listen: ListenOptions): Promise<SdServer> {
+    const outputs = await OutputStore.open(o.outputs);
+    const bodyLimit = o.bodyLimit ?? DEFAULT_SERVER.bodyLimit;
+    const app = Fastify({
+      logger: o.logger ?? false,
+      bodyLimit,
+      // Strict JSON schema: wrong types are errors (not coerced), unknown fields are errors (not dropped).
+      ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
+      schemaErrorFormatter,
+    });
+    app.setErrorHandler(errorHandler(bodyLimit));
+    const server = new SdServer(app, outputs, o);
+    registerRoutes(app, server, { apiKey: o.apiKey ?? null });
+    await app.listen({ port: listen.port, host: listen.host });
+    server.loading = server.load();
+    return server;
+  }
+
+  get state(): ServerState {
+    return this.state_;
+  }
+
+  /** http://host:port the server listens on. */
+  get url(): string {
+    const a = this.app.server.address() as AddressInfo;
+    return `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`;
+  }
+
+  /** Resolves once the model is loaded; rejects with the load error if it failed. */
+  async ready(): Promise<void> {
+    await this.loading;
+    if (this.loadError !== null) throw new Error(`model failed to load: ${this.loadError}`);
+  }
+
+  health(): { statusCode: number; body: Record<string, unknown> } {
+    const body = {
+      status: this.state_ === 'stopped' ? 'stopping' : this.state_,
+      model_loaded: this.engine !== null,
+      backend: this.o.backend?.() ?? null,
+      queue_depth: this.queue.depth,
+      max_queue: this.o.maxQueue ?? DEFAULT_SERVER.maxQueue,
+      running: this.queue.runningCount,
+      concurrency: this.o.concurrency ?? DEFAULT_SERVER.concurrency,
+      ...(this.loadError !== null ? { error: this.loadError } : {}),
+    };
+    return { statusCode: this.state_ === 'ok' ? 200 : 503, body };
+  }
+
+  /** 503 unless the server takes new work now. */
+  assertAccepting(): Engine {
+    if (this.state_ === 'loading') throw new HttpError(503, 'the model is still loading: retry shortly', undefined, { 'retry-after': '5' });
+    if (this.state_ === 'failed') throw new HttpError(503, `the model failed to load: ${this.loadError ?? ''}`);
+    if (this.state_ !== 'ok' || this.engine === null) throw new HttpError(503, 'the server is shutting down and takes no new work');
+    return this.engine;
+  }
+
+  /**
+   * Validate a request fully (schema already passed; here the model's ranges and the init image),
+   * reserve its uid, queue it. Bad input throws 400, a taken uid 409, a full queue 429.
+   */
+  async admit(body: InferenceBody): Promise<ServerJob> {
+    const engine = this.assertAccepting();
+    const params = toGenerateParams(body);
+    const resolved = resolveParams(params, engine.limits);
+    if (params.initImage !== undefined) await decodeImage(params.initImage, 8, 8, 'init_image');
+    this.assertAccepting(); // shutdown may have begun while the image was decoded
+    const uid = body.uid ?? randomUUID();
+    this.outputs.reserve(uid);
+    try {
+      return this.queue.submit({ uid, params: { ...params, seed: resolved.seed } });
+    } catch (e) {
+      this.outputs.release(uid);
+      if (e instanceof QueueFullError) throw new HttpError(429, e.message, undefined, { 'retry-after': String(e.retryAfterS) });
+      throw e;
+    }
+  }
+
+  /**
+   * Stop: new work 503, queued jobs cancelled, running jobs given `graceS` seconds then aborted, then
+   * the listener closed and the model freed. A second call (a second signal) aborts at once.
+   */
+  shutdown(opts: { graceS?: number } = {}): Promise<void> {
+    const graceS = opts.graceS ?? this.o.graceS ?? DEFAULT_SERVER.graceS;
+    if (this.closing !== null) {
+      if (graceS <= 0) this.queue.abortRunning('shutdown');
+      return this.closing;
+    }
+    this.closing = this.stop(graceS);
+    return this.closing;
+  }
+
+  private async stop(graceS: number): Promise<void> {
+    this.state_ = 'stopping';
+    this.app.log.info({ graceS, queued: this.queue.depth, running: this.queue.runningCount }, 'shutting down');
+    this.queue.drain('shutdown');
+    const idle = this.queue.idle();
+    if (graceS <= 0) this.queue.abortRunning('shutdown');
+    const timer = setTimeout(() => this.queue.abortRunning('shutdown'), graceS * 1000);
+    await idle;
+    clearTimeout(timer);
+    await this.app.close();
+    this.queue.dispose();
+    this.engine?.dispose();
+    this.engine = null;
+    this.state_ = 'stopped';
+    this.app.log.info('stopped');
+  }
+
+  private async load(): Promise<void> {
+    const started = Date.now();
+    try {
+      const engine = await this.o.loadEngine();
+      if (this.state_ !== 'loading') return engine.dispose(); // shut down while loading
+      this.engine = engine;
+      this.state_ = 'ok';
+      this.app.log.info({ ms: Date.now() - started, backend: this.o.backend?.() ?? null }, 'model loaded');
+    } catch (e) {
+      this.loadError = e instanceof Error ? e.message : String(e);
+      if (this.state_ === 'loading') this.state_ = 'failed';
+      this.app.log.error({ err: e }, 'model failed to load');
+    }
+  }
+
+  private async run(item: WorkItem, ctx: JobContext): Promise<InferenceResult> {
+    if (this.engine === null) throw new HttpError(503, 'the model is not loaded');
+    const r = await this.engine.generate(item.params, { signal: ctx.signal, onProgress: ctx.onProgress });
+    const image = r.images[0];
+    if (image === undefined) throw new Error('the pipeline returned no image');
+    const parameters = toAnsweredParameters(r.params);
+    const createdAt = new Date().toISOString();
+    await this.outputs.save(item.uid, image.png, { uid: item.uid, seed: image.seed, created_at: createdAt, parameters });
+    return { message: 'success', uid: item.uid, image: image.png.toString('base64'), seed: image.seed, parameters };
+  }
+
+  private onJobChange(job: ServerJob): void {
+    const { id, status } = job;
+    if (!isFinished(status)) {
+      this.app.log.info({ job: id, uid: job.input.uid, status }, `job ${status}`);
+      return;
+    }
+    this.outputs.release(job.input.uid);
+    const ms = job.startedAt !== null && job.finishedAt !== null ? job.finishedAt.getTime() - job.startedAt.getTime() : 0;
+    const extra = status === 'failed' ? { error: job.error?.message } : status === 'cancelled' ? { reason: job.cancelReason } : {};
+    this.app.log.info({ job: id, uid: job.input.uid, status, ms, ...extra }, `job ${status}`);
+  }
+}
