@@ -8,10 +8,12 @@ import { isUserError } from './errors.js';
 import { convertCommand } from './commands/convert.js';
 import { downloadCommand } from './commands/download.js';
 import { generateCommand } from './commands/generate.js';
+import { infoCommand } from './commands/info.js';
 import { inspectCommand } from './commands/inspect.js';
 import { parityCommand } from './commands/parity.js';
 import { randomWeightsCommand } from './commands/random-weights.js';
 import { serveCommand } from './commands/serve.js';
+import { setupNativeCommand } from './commands/setup-native.js';
 
 export async function main(argv: string[] = hideBin(process.argv)): Promise<void> {
   try {
@@ -22,6 +24,8 @@ export async function main(argv: string[] = hideBin(process.argv)): Promise<void
       .command(inspectCommand)
       .command(convertCommand)
       .command(downloadCommand)
+      .command(infoCommand)
+      .command(setupNativeCommand)
       .command(randomWeightsCommand)
       .command(parityCommand)
       .demandCommand(1, 'name a command; `sd --help` lists them')

@@ -97,12 +97,13 @@ export async function readElf(file: string): Promise<ElfInfo> {
   }
 }
 
-/** Throws SetupError naming the missing functions unless the library exports all of `required`. */
-export async function checkExports(file: string, required: readonly string[], what: string): Promise<void> {
-  const { exports } = await readElf(file);
-  const missing = required.filter((f) => !exports.has(f));
+/** Throws SetupError naming the missing functions unless `files` together export all of `required`. */
+export async function checkExports(files: readonly string[], required: readonly string[], what: string): Promise<void> {
+  const exported = new Set<string>();
+  for (const f of files) for (const name of (await readElf(f)).exports) exported.add(name);
+  const missing = required.filter((f) => !exported.has(f));
   if (missing.length > 0) {
     const shown = missing.slice(0, 5).join(', ') + (missing.length > 5 ? `, ... (${missing.length} in all)` : '');
-    throw new SetupError(`${file} does not export ${what} (missing ${shown}); it is not a libtensorflow this binding can use`);
+    throw new SetupError(`${files.join(' + ')} do not export ${what} (missing ${shown}): not a libtensorflow this binding can use`);
   }
 }

@@ -5,7 +5,7 @@
  */
 import { createReadStream, createWriteStream } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
-import { Readable, Transform, type TransformCallback } from 'node:stream';
+import { Readable, Transform, Writable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createInflateRaw, crc32 } from 'node:zlib';
 import { SetupError } from './errors.js';
@@ -139,7 +139,7 @@ export class ZipFile {
   /** Small members (headers) into memory. */
   async read(name: string): Promise<Buffer> {
     const chunks: Buffer[] = [];
-    const sink = new Transform({ transform: (c: Buffer, _e, done) => (chunks.push(c), done()) });
+    const sink = new Writable({ write: (c: Buffer, _e, done) => (chunks.push(c), done()) });
     await this.pipeTo(name, sink);
     return Buffer.concat(chunks);
   }

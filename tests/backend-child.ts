@@ -1,0 +1,35 @@
+/**
+ * Child process for tests/backend-*.test.ts: starts one backend (argv[2], threads argv[3]) and runs a small
+ * conv2d -> matMul -> softmax chain on fixed inputs, printing one JSON line: backend, threads, output as base64
+ * float32 bytes. It never calls process.exit: the parent checks that it ends by itself.
+ */
+import { initBackend, isBackendName } from '../src/tensor/backend.js';
+import * as tf from '../src/tensor/tf.js';
+
+/** Deterministic values in [-1, 1) that do not depend on any backend's random generator. */
+function fixed(shape: number[], seed: number): tf.Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const v = new Float32Array(n);
+  for (let i = 0; i < n; i++) v[i] = Math.sin(seed * 12.9898 + i * 78.233) % 1;
+  return tf.tensor(v, shape);
+}
+
+// [1,32,32,32] conv 3x3 32->64 -> [1024, 64] x [64, 64] -> softmax over the last axis
+function chain(): tf.Tensor2D {
+  return tf.tidy(() => {
+    const x = fixed([1, 32, 32, 32], 1) as tf.Tensor4D;
+    const w = fixed([3, 3, 32, 64], 2) as tf.Tensor4D;
+    const y = tf.conv2d(x, w, 1, 'same');
+    const m = tf.matMul(tf.reshape(y, [1024, 64]), fixed([64, 64], 3) as tf.Tensor2D);
+    return tf.softmax(tf.mul(m, 0.05)) as tf.Tensor2D;
+  });
+}
+
+const name = process.argv[2] ?? 'wasm';
+if (!isBackendName(name)) throw new Error(`unknown backend ${name}`);
+const threads = process.argv[3] !== undefined ? Number(process.argv[3]) : undefined;
+const choice = await initBackend({ backend: name, threads, log: null });
+const out = chain();
+const bytes = Buffer.from((await out.data()).buffer);
+out.dispose();
+process.stdout.write(JSON.stringify({ backend: tf.getBackend(), threads: choice.threads, output: bytes.toString('base64') }) + '\n');

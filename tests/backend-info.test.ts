@@ -1,0 +1,34 @@
+/**
+ * `sd info`: the report names the backend in use, and for every better backend not in use why and the command
+ * that enables it (sd setup-native for tensorflow).
+ */
+import { describe, expect, it } from 'vitest';
+import { gatherInfo, infoLines, type InfoFacts } from '../src/cli/commands/info.js';
+
+const base: Omit<InfoFacts, 'choice' | 'notUsed'> = {
+  tfjsVersion: '4.22.0', native: null, wasm: { threads: 2, simd: true, limitedBy: null }, simd: true, cpu: 'Test CPU', cores: 2, node: '20.0.0',
+};
+
+describe('sd info', () => {
+  it('gives the reason and the fix for a skipped better backend', () => {
+    const why = 'libtensorflow not found; run `sd setup-native` (@tensorflow/tfjs-node is not installed)';
+    const lines = infoLines({
+      ...base,
+      choice: { name: 'wasm', threads: 2, skipped: { tensorflow: why } },
+      notUsed: [{ name: 'tensorflow', why, fix: 'sd setup-native' }],
+    });
+    expect(lines[0]).toMatch(/^backend\s+wasm/);
+    expect(lines.find((l) => l.startsWith('threads'))).toMatch(/2 of 2 logical cores/);
+    expect(lines.find((l) => l.startsWith('not tensorflow'))).toContain(why);
+    expect(lines.find((l) => l.includes('enable with'))).toContain('sd setup-native');
+  });
+
+  it('on the forced cpu backend lists tensorflow and wasm as better, wasm as available', async () => {
+    const facts = await gatherInfo({ backend: 'cpu' });
+    expect(facts.choice.name).toBe('cpu');
+    expect(facts.notUsed.map((n) => n.name)).toEqual(['tensorflow', 'wasm']);
+    expect(facts.notUsed[1].why).toMatch(/available/);
+    const tensorflow = facts.notUsed[0];
+    expect(tensorflow.fix).toMatch(/sd setup-native|--backend tensorflow/);
+  });
+});
