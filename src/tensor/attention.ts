@@ -59,20 +59,21 @@ export function attention(
   const plan = slicePlan(b * heads, nq, nk, opts.maxScoreBytes ?? DEFAULT_MAX_SCORE_BYTES, perHead);
 
   // [B*H, Nq, D] (scaled), [B*H, D, Nk], [B*H, Nk, D]
-  const [qh, kt, vh] = tf.tidy(() => [
+  const [qh, kt, vh] = tf.tidy((): tf.Tensor3D[] => [
     splitHeads(tf.mul(q, 1 / Math.sqrt(d)), heads),
     tf.reshape(tf.transpose(tf.reshape(k, [b, nk, heads, d]), [0, 2, 3, 1]), [b * heads, d, nk]),
     splitHeads(v, heads),
   ]);
-  const groups: tf.Tensor3D[] = [];
-  for (let g0 = 0; g0 < b * heads; g0 += plan.group) {
-    const g = Math.min(plan.group, b * heads - g0);
-    groups.push(attendGroup(qh, kt, vh, g0, g, plan.rows, opts.causal === true));
+  const groups: tf.Tensor3D[] = []; // each [g, Nq, D]
+  try {
+    for (let g0 = 0; g0 < b * heads; g0 += plan.group) {
+      const g = Math.min(plan.group, b * heads - g0);
+      groups.push(attendGroup(qh, kt, vh, g0, g, plan.rows, opts.causal === true));
+    }
+    return tf.tidy(() => mergeHeads(groups.length === 1 ? groups[0] : tf.concat(groups, 0), b, heads));
+  } finally {
+    tf.dispose([qh, kt, vh, ...groups]);
   }
-  tf.dispose([qh, kt, vh]);
-  const out = tf.tidy(() => mergeHeads(groups.length === 1 ? groups[0] : tf.concat(groups, 0), b, heads));
-  tf.dispose(groups);
-  return out;
 }
 
 function checkShapes(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads: number, causal: boolean): void {
@@ -114,7 +115,7 @@ function attendGroup(qh: tf.Tensor3D, kt: tf.Tensor3D, vh: tf.Tensor3D, g0: numb
         const qs = whole && r === nq ? qh : tf.slice(qh, [g0, r0, 0], [g, r, d]);
         let scores: tf.Tensor3D = tf.matMul(qs, kg); // [g, r, Nk]
         if (causal) scores = tf.add(scores, causalBias(r0, r, nk));
-        return tf.matMul(tf.softmax(scores), vg); // [g, r, D]
+        return tf.matMul(softmax(scores), vg); // [g, r, D]
       }),
     );
   }
@@ -130,4 +131,25 @@ function causalBias(r0: number, r: number, nk: number): tf.Tensor2D {
   const bias = new Float32Array(r * nk);
   for (let i = 0; i < r; i++) bias.fill(MASKED, i * nk + r0 + i + 1, (i + 1) * nk);
   return tf.tensor2d(bias, [r, nk]);
+}
+
+/**
+ * Softmax over the last axis. The cpu backend composes its Softmax of broadcasting kernels that index every
+ * element through generic loops (~20 s for one 4800x4800 score matrix), so there it is a plain loop over the
+ * rows; other backends have a native kernel.
+ */
+function softmax(x: tf.Tensor3D): tf.Tensor3D {
+  if (tf.getBackend() !== 'cpu') return tf.softmax(x);
+  const n = x.shape[2];
+  const src = x.dataSync() as Float32Array; // the cpu backend's own array: read only
+  const out = new Float32Array(src.length);
+  for (let row = 0; row < src.length; row += n) {
+    let max = -Infinity;
+    for (let j = row; j < row + n; j++) if (src[j] > max) max = src[j];
+    let sum = 0;
+    for (let j = row; j < row + n; j++) sum += out[j] = Math.exp(src[j] - max);
+    const inv = 1 / sum;
+    for (let j = row; j < row + n; j++) out[j] *= inv;
+  }
+  return tf.tensor3d(out, x.shape);
 }

@@ -1,0 +1,229 @@
+/**
+ * The SD 1.x denoising UNet (CompVis `UNetModel`, use_spatial_transformer, legacy=False):
+ * latent x NHWC [B, h, w, 4], timesteps [B], text context [B, 77, 768] -> predicted noise [B, h, w, 4].
+ *
+ *   emb    = Linear(SiLU(Linear(timestepEmbedding(t))))           time_embed.0 / .2
+ *   down   = conv_in, then per level: ResBlock (+ SpatialTransformer) x numResBlocks, Downsample  input_blocks.N
+ *   middle = ResBlock, SpatialTransformer, ResBlock                 middle_block.{0,1,2}
+ *   up     = per level, deepest first: [h, skip] -> ResBlock (+ SpatialTransformer), x numResBlocks + 1,
+ *            Upsample at the end of every level but the top          output_blocks.N
+ *   out    = Conv3x3(SiLU(GroupNorm(h)))                            out.0 / out.2
+ *
+ * Any latent size works: where a side is odd on the way down (60x80 -> 30x40 -> 15x20 -> 8x10), the Upsample
+ * resizes to the size of the skip it is concatenated with (diffusers' `upsample_size`); for sides divisible
+ * by 2^(levels-1) that is exactly CompVis' nearest 2x.
+ * Memory: each block runs in its own tf.tidy and skips are disposed as soon as they are concatenated.
+ */
+import * as tf from '../tensor/tf.js';
+import { Params } from '../tensor/params.js';
+import { Conv2d, GroupNorm, Linear, silu, upsampleNearestTo } from '../tensor/nn.js';
+import { WeightsError, type TensorSource } from '../weights/types.js';
+import { SD15_UNET, UNetError, unetLayout, validateConfig, type UNetConfig } from './config.js';
+import { OPENAI_RESNET, ResnetBlock } from '../tensor/resnet.js';
+import { SpatialTransformer } from './transformer.js';
+import { timestepEmbedding } from './timestep.js';
+import { prefixed, type Shapes } from './shapes.js';
+
+interface Disposable {
+  dispose(): void;
+}
+
+/** openaimodel.py ResBlock: GroupNorm32 (eps 1e-5), the time embedding added between the two convs. */
+const RES_EPS = 1e-5;
+const loadRes = (p: Params, cin: number, cout: number, emb: number): ResnetBlock =>
+  ResnetBlock.load(p, cin, cout, { names: OPENAI_RESNET, eps: RES_EPS, timeChannels: emb });
+const resShapes = (cin: number, cout: number, emb: number): Shapes =>
+  ResnetBlock.shapes(cin, cout, { names: OPENAI_RESNET, timeChannels: emb });
+
+/** A ResBlock, optionally followed by a SpatialTransformer and (on the way up) a nearest Upsample + conv. */
+class ResStage {
+  constructor(
+    readonly res: ResnetBlock,
+    readonly attn: SpatialTransformer | null,
+    readonly upsample: Conv2d | null,
+  ) {}
+
+  /**
+   * h [B, H, W, c] (on the way up: concatenated with skip [B, H, W, c'] first) -> [B, H, W, cout],
+   * or [B, upsampleTo..., cout] when this stage upsamples (2x when upsampleTo is not given).
+   */
+  apply(h: tf.Tensor4D, embAct: tf.Tensor2D, context: tf.Tensor3D, skip?: tf.Tensor4D, upsampleTo?: readonly [number, number]): tf.Tensor4D {
+    return tf.tidy(() => {
+      let y = this.res.apply(skip === undefined ? h : tf.concat([h, skip], 3), embAct);
+      if (this.attn !== null) y = this.attn.apply(y, context);
+      if (this.upsample !== null) {
+        const [uh, uw] = upsampleTo ?? [y.shape[1] * 2, y.shape[2] * 2];
+        y = this.upsample.apply(upsampleNearestTo(y, uh, uw));
+      }
+      return y;
+    });
+  }
+
+  dispose(): void {
+    this.res.dispose();
+    this.attn?.dispose();
+    this.upsample?.dispose();
+  }
+}
+
+/** input_blocks.N: the stem conv or a Downsample (3x3 stride 2, padding 1), or a ResStage. */
+type InputBlock = Conv2d | ResStage;
+
+export class UNet {
+  private constructor(
+    readonly config: UNetConfig,
+    private readonly timeEmbed: readonly [Linear, Linear],
+    private readonly input: readonly InputBlock[],
+    private readonly middle: readonly [ResnetBlock, SpatialTransformer, ResnetBlock],
+    private readonly output: readonly ResStage[],
+    private readonly out: readonly [GroupNorm, Conv2d],
+  ) {}
+
+  /** Loads every `${prefix}.*` weight, checking each shape against cfg; a key left unread fails the load. */
+  static load(src: TensorSource, cfg: UNetConfig = SD15_UNET, prefix = 'model.diffusion_model'): UNet {
+    const config = validateConfig(cfg);
+    const layout = unetLayout(config);
+    const { numHeads: heads, transformerDepth: depth, contextDim } = config;
+    const p = Params.root(src, prefix);
+    const loaded: Disposable[] = [];
+    const keep = <T extends Disposable>(m: T): T => (loaded.push(m), m);
+    try {
+      const emb = layout.timeEmbedDim;
+      const timeEmbed = [
+        keep(Linear.load(p.child('time_embed.0'), config.modelChannels, emb)),
+        keep(Linear.load(p.child('time_embed.2'), emb, emb)),
+      ] as const;
+      const transformer = (q: Params, ch: number) => keep(SpatialTransformer.load(q, ch, heads, depth, contextDim));
+      const input = layout.input.map((spec, n): InputBlock => {
+        const q = p.child('input_blocks').child(n).child(0);
+        if (spec.kind === 'conv_in') return keep(Conv2d.load(q, config.inChannels, spec.cout, 3));
+        if (spec.kind === 'down') return keep(Conv2d.load(q.child('op'), spec.ch, spec.ch, 3, { stride: 2, padding: 1 }));
+        const attn = spec.attention ? transformer(p.child('input_blocks').child(n).child(1), spec.cout) : null;
+        return new ResStage(keep(loadRes(q, spec.cin, spec.cout, emb)), attn, null);
+      });
+      const mid = layout.middleChannels;
+      const m = p.child('middle_block');
+      const middle = [
+        keep(loadRes(m.child(0), mid, mid, emb)),
+        transformer(m.child(1), mid),
+        keep(loadRes(m.child(2), mid, mid, emb)),
+      ] as const;
+      const output = layout.output.map((spec, n) => {
+        const q = p.child('output_blocks').child(n);
+        const res = keep(loadRes(q.child(0), spec.cin, spec.cout, emb));
+        const attn = spec.attention ? transformer(q.child(1), spec.cout) : null;
+        const up = spec.upsample ? keep(Conv2d.load(q.child(attn ? 2 : 1).child('conv'), spec.cout, spec.cout, 3)) : null;
+        return new ResStage(res, attn, up);
+      });
+      const out = [
+        keep(GroupNorm.load(p.child('out.0'), config.modelChannels, { eps: 1e-5 })),
+        keep(Conv2d.load(p.child('out.2'), config.modelChannels, config.outChannels, 3)),
+      ] as const;
+      const unused = p.unused();
+      if (unused.length > 0) {
+        throw new WeightsError(
+          `${src.path}: ${unused.length} UNet weights were not used (e.g. ${unused.slice(0, 3).join(', ')}); the UNet config does not match this checkpoint`,
+        );
+      }
+      return new UNet(config, timeEmbed, input, middle, output, out);
+    } catch (e) {
+      for (const m of loaded) m.dispose();
+      throw e;
+    }
+  }
+
+  /**
+   * x NHWC [B, h, w, inChannels]; t one timestep per batch item (or one for all; fractional allowed);
+   * context [B, N, contextDim] -> predicted noise NHWC [B, h, w, outChannels].
+   */
+  forward(x: tf.Tensor4D, t: readonly number[] | number, context: tf.Tensor3D): tf.Tensor4D {
+    const timesteps = this.checkInputs(x, t, context);
+    return tf.tidy(() => {
+      const embAct = tf.tidy(() => {
+        const [l1, l2] = this.timeEmbed;
+        // SiLU(emb): the first op of every ResBlock's emb_layers, done once here
+        return silu(l2.apply(silu(l1.apply(timestepEmbedding(timesteps, this.config.modelChannels)))));
+      });
+      const skips: tf.Tensor4D[] = [];
+      let h = x;
+      for (const block of this.input) {
+        h = block instanceof ResStage ? block.apply(h, embAct, context) : block.apply(h);
+        skips.push(h);
+      }
+      h = this.middleApply(h, embAct, context);
+      for (const stage of this.output) {
+        const skip = skips.pop() as tf.Tensor4D;
+        const next = skips.at(-1); // what the upsample must match for the next concat
+        const y = stage.apply(h, embAct, context, skip, next && [next.shape[1], next.shape[2]]);
+        tf.dispose([h, skip]);
+        h = y;
+      }
+      const [norm, conv] = this.out;
+      return tf.tidy(() => conv.apply(silu(norm.apply(h))));
+    });
+  }
+
+  private middleApply(h: tf.Tensor4D, embAct: tf.Tensor2D, context: tf.Tensor3D): tf.Tensor4D {
+    const [res1, attn, res2] = this.middle;
+    return tf.tidy(() => res2.apply(attn.apply(res1.apply(h, embAct), context), embAct));
+  }
+
+  /** Validates shapes (before any work) and returns one timestep per batch item. */
+  private checkInputs(x: tf.Tensor4D, t: readonly number[] | number, context: tf.Tensor3D): number[] {
+    const cfg = this.config;
+    const [b, , , c] = x.shape;
+    if (x.rank !== 4 || c !== cfg.inChannels) {
+      throw new UNetError(`UNet input: expected latents NHWC [B, h, w, ${cfg.inChannels}], got [${x.shape}]`);
+    }
+    if (context.rank !== 3 || context.shape[0] !== b || context.shape[2] !== cfg.contextDim) {
+      throw new UNetError(`UNet context: expected [${b}, tokens, ${cfg.contextDim}] (one text encoding per latent), got [${context.shape}]`);
+    }
+    const ts = typeof t === 'number' ? new Array<number>(b).fill(t) : [...t];
+    if (ts.length !== b || ts.some((v) => !Number.isFinite(v))) {
+      throw new UNetError(`UNet timesteps: expected ${b} finite numbers (one per latent), got [${ts.join(', ')}]`);
+    }
+    return ts;
+  }
+
+  dispose(): void {
+    const parts: Disposable[] = [...this.timeEmbed, ...this.input, ...this.middle, ...this.output, ...this.out];
+    for (const m of parts) m.dispose();
+  }
+}
+
+/** Every checkpoint key UNet.load reads for cfg, with its PyTorch shape. */
+export function expectedShapes(cfg: UNetConfig = SD15_UNET, prefix = 'model.diffusion_model'): Map<string, number[]> {
+  const config = validateConfig(cfg);
+  const layout = unetLayout(config);
+  const emb = layout.timeEmbedDim;
+  const { transformerDepth: depth, contextDim } = config;
+  const conv = (cin: number, cout: number, k: number): Shapes => [['weight', [cout, cin, k, k]], ['bias', [cout]]];
+  const linear = (cin: number, cout: number): Shapes => [['weight', [cout, cin]], ['bias', [cout]]];
+  const s: Shapes = [...prefixed('time_embed.0', linear(config.modelChannels, emb)), ...prefixed('time_embed.2', linear(emb, emb))];
+  layout.input.forEach((spec, n) => {
+    const at = `input_blocks.${n}`;
+    if (spec.kind === 'conv_in') s.push(...prefixed(`${at}.0`, conv(config.inChannels, spec.cout, 3)));
+    else if (spec.kind === 'down') s.push(...prefixed(`${at}.0.op`, conv(spec.ch, spec.ch, 3)));
+    else {
+      s.push(...prefixed(`${at}.0`, resShapes(spec.cin, spec.cout, emb)));
+      if (spec.attention) s.push(...prefixed(`${at}.1`, SpatialTransformer.shapes(spec.cout, depth, contextDim)));
+    }
+  });
+  const mid = layout.middleChannels;
+  s.push(
+    ...prefixed('middle_block.0', resShapes(mid, mid, emb)),
+    ...prefixed('middle_block.1', SpatialTransformer.shapes(mid, depth, contextDim)),
+    ...prefixed('middle_block.2', resShapes(mid, mid, emb)),
+  );
+  layout.output.forEach((spec, n) => {
+    const at = `output_blocks.${n}`;
+    s.push(...prefixed(`${at}.0`, resShapes(spec.cin, spec.cout, emb)));
+    if (spec.attention) s.push(...prefixed(`${at}.1`, SpatialTransformer.shapes(spec.cout, depth, contextDim)));
+    if (spec.upsample) s.push(...prefixed(`${at}.${spec.attention ? 2 : 1}.conv`, conv(spec.cout, spec.cout, 3)));
+  });
+  s.push(
+    ...prefixed('out.0', [['weight', [config.modelChannels]], ['bias', [config.modelChannels]]]),
+    ...prefixed('out.2', conv(config.modelChannels, config.outChannels, 3)),
+  );
+  return new Map(prefixed(prefix, s));
+}
