@@ -100,7 +100,9 @@ describe('server under load and at shutdown (fixture model)', () => {
 
   it('shutdown lets the running job finish, cancels the queued one, refuses new work with 503', async () => {
     const s = await start({ graceS: 600 });
-    const job = await call(s, 'POST', '/jobs', { prompt: 'in flight', uid: 'in-flight', steps: 3, do_scale: false });
+    // Enough steps that the job is still running when the second request queues, however busy the machine.
+    const job = await call(s, 'POST', '/jobs', { prompt: 'in flight', uid: 'in-flight', steps: 12, do_scale: false });
+    await until('the job running', () => s.queue.runningCount === 1);
     const queued = call(s, 'POST', '/inference', { prompt: 'waiting', uid: 'waiting', steps: 1, do_scale: false });
     await until('one running, one queued', () => s.queue.runningCount === 1 && s.queue.depth === 1);
     const stopped = s.shutdown();
