@@ -24,7 +24,7 @@ describe('wasm heap guard', () => {
     // Untouched pages cost no RAM: the first 3.9 GB fits the heap, the second cannot.
     const first = wasm()._malloc(3.9e9);
     expect(first).not.toBe(0);
-    let second: unknown = null;
+    let second: unknown;
     try {
       second = wasm()._malloc(3.9e9);
     } catch (e) {
