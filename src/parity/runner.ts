@@ -6,29 +6,25 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { CaseResult, KindRunner, ParityOptions } from './types.js';
 
-/** Fixture folder name -> module in this folder exporting `run: KindRunner`. */
-const RUNNERS: Readonly<Record<string, string>> = {
-  tokenizer: './tokenizer.js',
-  'bad-weights': './bad-weights.js',
-  rng: './rng.js',
-  samplers: './samplers.js',
-  clip: './clip.js',
-  vae: './vae.js',
-  unet: './unet.js',
-  pipeline: './pipeline.js',
+/** Fixture folder name -> its runner, imported only when that kind runs. */
+const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
+  tokenizer: () => import('./tokenizer.js'),
+  'bad-weights': () => import('./bad-weights.js'),
+  rng: () => import('./rng.js'),
+  samplers: () => import('./samplers.js'),
+  clip: () => import('./clip.js'),
+  vae: () => import('./vae.js'),
+  unet: () => import('./unet.js'),
+  pipeline: () => import('./pipeline.js'),
 };
 
 export const KNOWN_KINDS = Object.keys(RUNNERS);
 
+/** The runner of a kind, or why there is none (a folder of an unknown kind fails, it is never skipped). */
 async function runnerFor(kind: string): Promise<KindRunner | string> {
-  const mod = RUNNERS[kind];
-  if (mod === undefined) return `unknown fixture kind "${kind}"`;
-  try {
-    const m = (await import(mod)) as { run?: KindRunner };
-    return m.run ?? `${mod} exports no run()`;
-  } catch (e) {
-    return `not implemented (${e instanceof Error ? e.message.split('\n')[0] : String(e)})`;
-  }
+  const load = RUNNERS[kind];
+  if (load === undefined) return `no runner for fixture kind "${kind}" (known: ${KNOWN_KINDS.join(', ')})`;
+  return (await load()).run;
 }
 
 /** The fixture kinds present in dir: its sub-folders, or dir itself when it is one fixture folder. */
