@@ -11,8 +11,8 @@ export function maxRelError(actual: Numbers, expected: Numbers): number {
   let maxRef = 0;
   for (let i = 0; i < expected.length; i++) {
     const d = Math.abs(actual[i] - expected[i]);
-    // NaN must fail, so compare with !(d <= maxDiff) rather than d > maxDiff.
-    if (!(d <= maxDiff)) maxDiff = d;
+    if (Number.isNaN(d)) return NaN; // fails every tolerance
+    if (d > maxDiff) maxDiff = d;
     const r = Math.abs(expected[i]);
     if (r > maxRef) maxRef = r;
   }
