@@ -7,54 +7,19 @@
 import { mkdtempSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { crc32, deflateRawSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
 import { checkExports, readElf } from '../src/setup/elf.js';
 import { SetupError } from '../src/setup/errors.js';
 import { setupNative } from '../src/setup/native.js';
-import { ZipFile } from '../src/setup/zip.js';
+import { WheelSource } from '../src/setup/source.js';
+import { buildZip } from '../src/weights/zip.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'sd-setup-test-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-/** A minimal zip writer: each member stored (method 0) or deflated (8), with its CRC-32. */
+/** A wheel in memory: each member deflated (method 8) or stored (0), with its CRC-32. */
 function makeZip(members: Record<string, Buffer>, deflate = true): Buffer {
-  const locals: Buffer[] = [];
-  const centrals: Buffer[] = [];
-  let offset = 0;
-  for (const [name, data] of Object.entries(members)) {
-    const body = deflate ? deflateRawSync(data) : data;
-    const nameBuf = Buffer.from(name);
-    const head = Buffer.alloc(30);
-    head.writeUInt32LE(0x04034b50, 0);
-    head.writeUInt16LE(20, 4);
-    head.writeUInt16LE(deflate ? 8 : 0, 8);
-    head.writeUInt32LE(crc32(data), 14);
-    head.writeUInt32LE(body.length, 18);
-    head.writeUInt32LE(data.length, 22);
-    head.writeUInt16LE(nameBuf.length, 26);
-    const cen = Buffer.alloc(46);
-    cen.writeUInt32LE(0x02014b50, 0);
-    cen.writeUInt16LE(20, 4);
-    cen.writeUInt16LE(20, 6);
-    cen.writeUInt16LE(deflate ? 8 : 0, 10);
-    cen.writeUInt32LE(crc32(data), 16);
-    cen.writeUInt32LE(body.length, 20);
-    cen.writeUInt32LE(data.length, 24);
-    cen.writeUInt16LE(nameBuf.length, 28);
-    cen.writeUInt32LE(offset, 42);
-    locals.push(head, nameBuf, body);
-    centrals.push(cen, nameBuf);
-    offset += 30 + nameBuf.length + body.length;
-  }
-  const cd = Buffer.concat(centrals);
-  const end = Buffer.alloc(22);
-  end.writeUInt32LE(0x06054b50, 0);
-  end.writeUInt16LE(Object.keys(members).length, 8);
-  end.writeUInt16LE(Object.keys(members).length, 10);
-  end.writeUInt32LE(cd.length, 12);
-  end.writeUInt32LE(offset, 16);
-  return Buffer.concat([...locals, cd, end]);
+  return Buffer.from(buildZip(Object.entries(members).map(([name, data]) => ({ name, data, deflate }))));
 }
 
 /** A shared library this Node process has loaded (libc, libm, ...): a real ELF for this machine. */
@@ -75,12 +40,13 @@ describe('wheel (zip) reader', () => {
     for (const deflate of [true, false]) {
       const file = join(dir, `ok-${deflate}.whl`);
       writeFileSync(file, makeZip({ 'tensorflow/a.h': text, 'tensorflow/b.bin': bin, 'empty': Buffer.alloc(0) }, deflate));
-      const zip = await ZipFile.open(file);
+      const zip = await WheelSource.open(file, '');
       expect(zip.names().sort()).toEqual(['empty', 'tensorflow/a.h', 'tensorflow/b.bin']);
       expect((await zip.read('tensorflow/a.h')).equals(text)).toBe(true);
-      await zip.extract('tensorflow/b.bin', join(dir, 'b.bin'));
+      await zip.copyTo('tensorflow/b.bin', join(dir, 'b.bin'));
       expect(readFileSync(join(dir, 'b.bin')).equals(bin)).toBe(true);
       expect((await zip.read('empty')).length).toBe(0);
+      zip.close();
     }
   });
 
@@ -89,11 +55,25 @@ describe('wheel (zip) reader', () => {
     const corrupt = Buffer.from(good);
     corrupt[30 + 'tensorflow/b.bin'.length + 100] ^= 0xff;
     writeFileSync(join(dir, 'corrupt.whl'), corrupt);
-    await expect((await ZipFile.open(join(dir, 'corrupt.whl'))).read('tensorflow/b.bin')).rejects.toThrow(/corrupt \(CRC\/size mismatch\)/);
+    const corruptZip = await WheelSource.open(join(dir, 'corrupt.whl'), '');
+    await expect(corruptZip.read('tensorflow/b.bin')).rejects.toThrow(/corrupt \(CRC\/size mismatch\)/);
+    await expect(corruptZip.copyTo('tensorflow/b.bin', join(dir, 'corrupt.bin'))).rejects.toThrow(/corrupt \(CRC\/size mismatch\)/);
+    corruptZip.close();
     writeFileSync(join(dir, 'truncated.whl'), good.subarray(0, good.length - 30));
-    await expect(ZipFile.open(join(dir, 'truncated.whl'))).rejects.toThrow(SetupError);
+    await expect(WheelSource.open(join(dir, 'truncated.whl'))).rejects.toThrow(SetupError);
     writeFileSync(join(dir, 'text.whl'), 'not a zip at all');
-    await expect(ZipFile.open(join(dir, 'text.whl'))).rejects.toThrow(/not a zip\/wheel file/);
+    await expect(WheelSource.open(join(dir, 'text.whl'))).rejects.toThrow(/not a zip\/wheel file/);
+  });
+
+  it('stops a deflated member that inflates past its declared size (a zip bomb) in memory and when streaming', async () => {
+    const bomb = makeZip({ 'tensorflow/bomb': Buffer.alloc(4 << 20) });
+    bomb.writeUInt32LE(1000, bomb.indexOf(Buffer.from([0x50, 0x4b, 0x01, 0x02])) + 24); // central directory: size 1000
+    writeFileSync(join(dir, 'bomb.whl'), bomb);
+    const zip = await WheelSource.open(join(dir, 'bomb.whl'), '');
+    await expect(zip.read('tensorflow/bomb')).rejects.toThrow(/corrupt \(CRC\/size mismatch\)/);
+    await expect(zip.copyTo('tensorflow/bomb', join(dir, 'bomb.bin'))).rejects.toThrow(/corrupt \(CRC\/size mismatch\)/);
+    expect(statSync(join(dir, 'bomb.bin')).size).toBeLessThan(4 << 20);
+    zip.close();
   });
 });
 

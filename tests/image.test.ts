@@ -1,7 +1,8 @@
+import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import sharp from 'sharp';
 import { decodeImage, encodePng, ImageError, readPngParameters } from '../src/image/codec.js';
-import { crc32, readChunks } from '../src/image/png-chunks.js';
+import { readChunks } from '../src/image/png-chunks.js';
 import { formatParameters, parseParameters, type ImageParameters } from '../src/image/parameters.js';
 
 const PARAMS: ImageParameters = {
@@ -33,7 +34,7 @@ function gradient(width = 16, height = 8): Uint8Array {
   return rgb;
 }
 
-describe('crc32', () => {
+describe('crc32 (node:zlib, what PNG chunks and zip entries are checked with)', () => {
   it('matches the standard check value', () => {
     expect(crc32(Buffer.from('123456789', 'latin1'))).toBe(0xcbf43926);
     expect(crc32(Buffer.from('IEND', 'latin1'))).toBe(0xae426082);

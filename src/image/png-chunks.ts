@@ -1,28 +1,12 @@
 /**
  * PNG text chunks, read and written byte by byte (PNG spec, ISO/IEC 15948 §11.3.4): a chunk is
- * length (u32 BE) | type (4 ASCII) | data | CRC-32 of type+data. sharp writes the pixels; this file adds the
- * generation parameters as a `tEXt` chunk right after IHDR (or `iTXt` when the text is not Latin-1, as PIL and
+ * length (u32 BE) | type (4 ASCII) | data | CRC-32 of type+data (ISO 3309, node:zlib's crc32).
+ * sharp writes the pixels; this file adds the generation parameters as a `tEXt` chunk right after IHDR (or `iTXt` when the text is not Latin-1, as PIL and
  * so A1111 do), and finds them again.
  */
+import { crc32 } from 'node:zlib';
 
 const SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
-
-/** CRC-32 (ISO 3309, polynomial 0xEDB88320 reflected), the checksum PNG chunks carry. */
-const CRC_TABLE: Uint32Array = (() => {
-  const table = new Uint32Array(256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    table[n] = c >>> 0;
-  }
-  return table;
-})();
-
-export function crc32(bytes: Uint8Array): number {
-  let c = 0xffffffff;
-  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
 
 export interface PngChunk {
   readonly type: string;

@@ -99,11 +99,15 @@ export async function setupNative(o: SetupOptions = {}): Promise<SetupResult> {
     }
   }
   const source = await findSource(o, log);
-  log(`libtensorflow from ${source.description}`);
-  await ensurePackage(root, pkg, log);
-  const check = await withLock(dirname(dir), () => stageAndSwap(root, pkg, source, log));
-  log(`${pkg} works: backend 'tensorflow', TensorFlow ${check.tfVersion}${check.gpu ? ', GPU' : ''}`);
-  return done(check, source.description);
+  try {
+    log(`libtensorflow from ${source.description}`);
+    await ensurePackage(root, pkg, log);
+    const check = await withLock(dirname(dir), () => stageAndSwap(root, pkg, source, log));
+    log(`${pkg} works: backend 'tensorflow', TensorFlow ${check.tfVersion}${check.gpu ? ', GPU' : ''}`);
+    return await done(check, source.description);
+  } finally {
+    source.close();
+  }
 }
 
 async function findSource(o: SetupOptions, log: (l: string) => void): Promise<LibSource> {

@@ -8,8 +8,9 @@ import { execFile } from 'node:child_process';
 import { copyFile, mkdir, readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { WeightsError } from '../weights/types.js';
+import { ZipArchive } from '../weights/zip.js';
 import { SetupError } from './errors.js';
-import { ZipFile } from './zip.js';
 
 const run = promisify(execFile);
 
@@ -37,22 +38,59 @@ export interface LibSource {
   has(member: string): Promise<boolean>;
   read(member: string): Promise<Buffer>;
   copyTo(member: string, dest: string): Promise<void>;
+  /** Frees what the source holds open; it must not be used afterwards. */
+  close(): void;
 }
 
-class WheelSource implements LibSource {
-  constructor(private readonly zip: ZipFile) {}
+/**
+ * A wheel's members under `prefix` ("tensorflow/" in a TensorFlow wheel), read with the zip reader the weights
+ * share (src/weights/zip.ts): deflated members inflated, the big libraries streamed to disk, every member
+ * CRC- and size-checked. Its WeightsErrors become SetupErrors.
+ */
+export class WheelSource implements LibSource {
+  private constructor(
+    private readonly zip: ZipArchive,
+    private readonly prefix: string,
+  ) {}
+
+  static async open(path: string, prefix = 'tensorflow/'): Promise<WheelSource> {
+    try {
+      return new WheelSource(ZipArchive.open(path), prefix);
+    } catch (e) {
+      rethrowAsSetupError(e, ': it is not a zip/wheel file that can be read; delete it (a cached download is fetched again) or pass another with --from');
+    }
+  }
+
   get description(): string {
     return `wheel ${this.zip.path}`;
   }
+  /** Members under the prefix, named without it. */
+  names(): string[] {
+    return this.zip.names().filter((n) => n.startsWith(this.prefix)).map((n) => n.slice(this.prefix.length));
+  }
   async has(member: string): Promise<boolean> {
-    return this.zip.entry(`tensorflow/${member}`) !== undefined;
+    return this.zip.entries.has(this.prefix + member);
   }
-  read(member: string): Promise<Buffer> {
-    return this.zip.read(`tensorflow/${member}`);
+  async read(member: string): Promise<Buffer> {
+    try {
+      const bytes = this.zip.readEntry(this.prefix + member);
+      return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    } catch (e) {
+      rethrowAsSetupError(e, '');
+    }
   }
-  copyTo(member: string, dest: string): Promise<void> {
-    return this.zip.extract(`tensorflow/${member}`, dest);
+  async copyTo(member: string, dest: string): Promise<void> {
+    await this.zip.extract(this.prefix + member, dest).catch((e: unknown) => rethrowAsSetupError(e, ''));
   }
+  close(): void {
+    this.zip.close();
+  }
+}
+
+/** Throws the zip reader's WeightsError as the SetupError setup-native reports, `advice` appended; other errors as they are. */
+function rethrowAsSetupError(e: unknown, advice: string): never {
+  if (e instanceof WeightsError) throw new SetupError(e.message + advice, { cause: e });
+  throw e;
 }
 
 class FolderSource implements LibSource {
@@ -69,6 +107,7 @@ class FolderSource implements LibSource {
   copyTo(member: string, dest: string): Promise<void> {
     return copyFile(join(this.root, member), dest);
   }
+  close(): void {}
 }
 
 async function isFile(p: string): Promise<boolean> {
@@ -103,11 +142,12 @@ export async function sourceFromPath(path: string): Promise<LibSource> {
     return src;
   }
   if (!(await isFile(path))) throw new SetupError(`--from ${path}: no such file or folder`);
-  const zip = await ZipFile.open(path);
-  if (zip.entry(`tensorflow/${LIB_CC}`) === undefined) {
+  const wheel = await WheelSource.open(path);
+  if (!(await wheel.has(LIB_CC))) {
+    wheel.close();
     throw new SetupError(`--from ${path}: this zip has no tensorflow/${LIB_CC}; pass a TensorFlow 2.x wheel for Linux (tensorflow or tensorflow-cpu)`);
   }
-  return new WheelSource(zip);
+  return wheel;
 }
 
 /** site-packages folders of python3, asked without importing TensorFlow (that takes seconds). */

@@ -3,9 +3,10 @@
  * name, and returns a TensorSource: safetensors, a PyTorch zip checkpoint (.ckpt/.pt/.bin), or a diffusers
  * folder presented under the original single-file key names.
  */
-import { closeSync, openSync, readSync, statSync } from 'node:fs';
+import { closeSync, readSync, statSync } from 'node:fs';
 import { CkptFile } from './ckpt.js';
 import { DiffusersFolder, isDiffusersFolder } from './diffusers.js';
+import { cannotOpen, openForReading } from './files.js';
 import { TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX } from './layout.js';
 import { SafetensorsFile } from './safetensors.js';
 import { WeightsError, type TensorSource } from './types.js';
@@ -18,7 +19,7 @@ export function openWeights(path: string): TensorSource {
   try {
     isDir = statSync(path).isDirectory();
   } catch (e) {
-    throw new WeightsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+    throw cannotOpen(path, e);
   }
   if (!isDir) return openWeightFile(path);
   if (!isDiffusersFolder(path)) {
@@ -47,12 +48,7 @@ export function openWeightFile(path: string): TensorSource {
 }
 
 function firstBytes(path: string, n: number): Uint8Array {
-  let fd: number;
-  try {
-    fd = openSync(path, 'r');
-  } catch (e) {
-    throw new WeightsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
-  }
+  const fd = openForReading(path);
   try {
     const buf = new Uint8Array(n);
     return buf.subarray(0, readSync(fd, buf, 0, n, 0));

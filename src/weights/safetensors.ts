@@ -6,8 +6,9 @@
  * The reader validates everything before trusting it (lengths, JSON, dtypes, shape vs byte count, offsets in
  * range and not overlapping) and reads each tensor by offset, so multi-GB files never become one Buffer.
  */
-import { closeSync, fstatSync, openSync, readSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { DTYPE_BYTES, decodeToFloat32, isDType, isFloatDType, type DType } from './dtypes.js';
+import { openOwned, readFully } from './files.js';
 import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
 
 /** Headers of real checkpoints are a few hundred KB; anything past this is not a weight file. */
@@ -32,19 +33,10 @@ export class SafetensorsFile implements TensorSource {
   }
 
   static open(path: string): SafetensorsFile {
-    let fd: number;
-    try {
-      fd = openSync(path, 'r');
-    } catch (e) {
-      throw new WeightsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
-    }
-    try {
+    return openOwned(path, (fd) => {
       const { entries, dataStart, metadata } = parseHeader(path, fd);
       return new SafetensorsFile(path, fd, entries, dataStart, metadata);
-    } catch (e) {
-      closeSync(fd);
-      throw e;
-    }
+    });
   }
 
   keys(): string[] {
@@ -64,7 +56,7 @@ export class SafetensorsFile implements TensorSource {
     const e = this.entry(key);
     if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     const out = new Uint8Array(e.end - e.begin);
-    readFully(this.fd, out, this.dataStart + e.begin, this.path);
+    readAt(this.fd, out, this.dataStart + e.begin, this.path);
     return out;
   }
 
@@ -86,20 +78,17 @@ export class SafetensorsFile implements TensorSource {
   }
 }
 
-function readFully(fd: number, into: Uint8Array, position: number, path: string): void {
-  let done = 0;
-  while (done < into.byteLength) {
-    const n = readSync(fd, into, done, into.byteLength - done, position + done);
-    if (n === 0) throw new WeightsError(`${path}: file ended early (wanted ${into.byteLength} bytes at ${position})`);
-    done += n;
-  }
+function readAt(fd: number, into: Uint8Array, position: number, path: string): void {
+  readFully(fd, into, position, () => {
+    throw new WeightsError(`${path}: file ended early (wanted ${into.byteLength} bytes at ${position})`);
+  });
 }
 
 function parseHeader(path: string, fd: number) {
   const size = fstatSync(fd).size;
   if (size < 8) throw new WeightsError(`${path}: ${size}-byte file is too short to be safetensors (needs an 8-byte header length)`);
   const lenBuf = new Uint8Array(8);
-  readFully(fd, lenBuf, 0, path);
+  readAt(fd, lenBuf, 0, path);
   const headerLen = new DataView(lenBuf.buffer).getBigUint64(0, true);
   if (headerLen > BigInt(size - 8)) {
     throw new WeightsError(`${path}: header length ${headerLen} is larger than the file (${size} bytes): not safetensors, or truncated`);
@@ -107,7 +96,7 @@ function parseHeader(path: string, fd: number) {
   if (headerLen > BigInt(MAX_HEADER_BYTES)) throw new WeightsError(`${path}: header of ${headerLen} bytes is implausibly large`);
   const n = Number(headerLen);
   const headerBytes = new Uint8Array(n);
-  readFully(fd, headerBytes, 8, path);
+  readAt(fd, headerBytes, 8, path);
   let header: unknown;
   try {
     header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(headerBytes));

@@ -1,13 +1,22 @@
 /**
- * A read-only zip archive reader for PyTorch checkpoints: the End Of Central Directory record (zip64 too, since
- * real checkpoints are 4+ GB), the central directory, then each entry read by offset with fs.readSync, so the
- * archive never becomes one Buffer. Only stored (method 0) entries can be read: torch.save writes no other kind.
+ * A read-only zip archive reader, shared by the PyTorch checkpoint reader (ckpt.ts) and `sd setup-native`
+ * (src/setup/source.ts, reading a TensorFlow wheel): the End Of Central Directory record (zip64 too, since real
+ * checkpoints and libtensorflow are 4+ GB or near it), the central directory, then entries read by offset with
+ * fs.readSync, so the archive never becomes one Buffer. Every offset and size is checked against the file size
+ * before it is used, and every whole entry read is checked against its CRC-32 and size.
+ *
+ *   read(name, offset?, length?)  bytes of a stored (method 0) entry by offset: what torch.save writes, and what
+ *                                 tensor reads need
+ *   readEntry(name)               a whole stored or deflated (method 8) entry in memory, its size capped
+ *   extract(name, dest)           a whole stored or deflated entry streamed to a file, memory bounded
  *
  * Layout (APPNOTE.TXT 4.3): [local header + data]* central directory [zip64 EOCD record, zip64 locator] EOCD.
- * Every offset and size is checked against the file size before it is used.
  */
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
-import * as zlib from 'node:zlib';
+import { closeSync, createReadStream, createWriteStream, fstatSync } from 'node:fs';
+import { Readable, Transform, type TransformCallback } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { crc32, createInflateRaw, deflateRawSync, inflateRawSync } from 'node:zlib';
+import { openOwned, readFully } from './files.js';
 import { WeightsError } from './types.js';
 
 const SIG_LOCAL = 0x04034b50;
@@ -24,34 +33,18 @@ const MAX_COMMENT = 0xffff;
 /** Field values meaning "the real value is in the zip64 record / extra field". */
 const U16_MAX = 0xffff;
 const U32_MAX = 0xffffffff;
-
-/** CRC-32 (IEEE) of the bytes: zlib's native one where this Node has it (20.15+), a table otherwise. */
-export function crc32(data: Uint8Array): number {
-  if (typeof zlib.crc32 === 'function') return zlib.crc32(data);
-  const table = crcTable();
-  let c = 0xffffffff;
-  for (let i = 0; i < data.length; i++) c = table[(c ^ data[i]) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-
-let crcTableCache: Uint32Array | null = null;
-function crcTable(): Uint32Array {
-  if (crcTableCache !== null) return crcTableCache;
-  const t = new Uint32Array(256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    t[n] = c >>> 0;
-  }
-  crcTableCache = t;
-  return t;
-}
+const METHOD_STORED = 0;
+const METHOD_DEFLATE = 8;
+/** readEntry's default cap on an entry's size: larger ones are streamed with extract() instead. */
+const MAX_ENTRY_BYTES = 256 * 1024 * 1024;
 
 export interface ZipEntry {
   readonly name: string;
-  /** 0 = stored; anything else is refused when the entry is read. */
+  /** 0 = stored, 8 = deflate; read() takes only stored entries, readEntry() and extract() both. */
   readonly method: number;
+  /** Uncompressed size. */
   readonly size: number;
+  readonly compressedSize: number;
   readonly crc32: number;
   /** Where the entry's bytes start in the file (after its local header). */
   readonly dataOffset: number;
@@ -69,18 +62,11 @@ export class ZipArchive {
   }
 
   static open(path: string): ZipArchive {
-    let fd: number;
-    try {
-      fd = openSync(path, 'r');
-    } catch (e) {
-      throw new WeightsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
-    }
-    try {
-      return new ZipArchive(path, fd, readDirectory(new Reader(path, fd)));
-    } catch (e) {
-      closeSync(fd);
-      throw e;
-    }
+    return openOwned(path, (fd) => new ZipArchive(path, fd, readDirectory(new Reader(path, fd))));
+  }
+
+  names(): string[] {
+    return [...this.entries.keys()];
   }
 
   entry(name: string): ZipEntry {
@@ -90,12 +76,12 @@ export class ZipArchive {
   }
 
   /**
-   * `length` bytes of an entry from `offset` within it. When the whole entry is read its CRC-32 is checked,
-   * so a corrupted archive is refused instead of yielding wrong numbers.
+   * `length` bytes of a stored entry from `offset` within it. When the whole entry is read its CRC-32 is
+   * checked, so a corrupted archive is refused instead of yielding wrong numbers.
    */
   read(name: string, offset = 0, length?: number): Uint8Array {
     const e = this.entry(name);
-    if (e.method !== 0) {
+    if (e.method !== METHOD_STORED) {
       throw new WeightsError(
         `${this.path}: zip entry ${name} is compressed (method ${e.method}); only stored entries are supported, as torch.save writes them: re-save the checkpoint with torch.save or convert it to safetensors`,
       );
@@ -104,18 +90,96 @@ export class ZipArchive {
     if (offset < 0 || n < 0 || offset + n > e.size) {
       throw new WeightsError(`${this.path}: bytes [${offset}, ${offset + n}) are outside zip entry ${name} (${e.size} bytes)`);
     }
-    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     const out = new Uint8Array(n);
-    new Reader(this.path, this.fd).readInto(out, e.dataOffset + offset);
-    if (offset === 0 && n === e.size && crc32(out) !== e.crc32) {
-      throw new WeightsError(`${this.path}: zip entry ${name} fails its CRC-32 check: the file is corrupted, download or copy it again`);
-    }
+    this.reader().readInto(out, e.dataOffset + offset);
+    if (offset === 0 && n === e.size) this.verify(e, crc32(out), n);
     return out;
+  }
+
+  /** A whole stored or deflated entry, CRC- and size-checked; refused past `maxBytes` (a zip bomb cannot get past it). */
+  readEntry(name: string, maxBytes = MAX_ENTRY_BYTES): Uint8Array {
+    const e = this.decodable(name);
+    if (e.method === METHOD_STORED) return this.read(name);
+    if (e.size > maxBytes) {
+      throw new WeightsError(`${this.path}: zip entry ${name} is ${e.size} bytes, more than the ${maxBytes} read into memory: extract it to a file instead`);
+    }
+    const packed = new Uint8Array(e.compressedSize);
+    this.reader().readInto(packed, e.dataOffset);
+    let out: Uint8Array;
+    try {
+      out = inflateRawSync(packed, { maxOutputLength: e.size + 1 }); // one byte past the size: a lie shows as a mismatch
+    } catch (err) {
+      throw this.corrupt(e, `cannot be inflated: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    this.verify(e, crc32(out), out.byteLength);
+    return out;
+  }
+
+  /** Streams a whole stored or deflated entry to `dest`, checking CRC-32 and size; never holds more than a chunk. */
+  async extract(name: string, dest: string): Promise<void> {
+    const e = this.decodable(name);
+    const check = new Checksum(() => this.corrupt(e, `gives more than its ${e.size} bytes`), e.size);
+    const chunks = (): Readable =>
+      e.compressedSize === 0
+        ? Readable.from([])
+        : createReadStream(this.path, { start: e.dataOffset, end: e.dataOffset + e.compressedSize - 1, highWaterMark: 1 << 20 });
+    try {
+      if (e.method === METHOD_DEFLATE) await pipeline(chunks(), createInflateRaw(), check, createWriteStream(dest));
+      else await pipeline(chunks(), check, createWriteStream(dest));
+    } catch (err) {
+      if (err instanceof WeightsError) throw err;
+      throw new WeightsError(`${this.path}: cannot extract zip entry ${name} to ${dest}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    this.verify(e, check.crc, check.bytes);
   }
 
   close(): void {
     if (this.fd !== null) closeSync(this.fd);
     this.fd = null;
+  }
+
+  private reader(): Reader {
+    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
+    return new Reader(this.path, this.fd);
+  }
+
+  /** The entry, when its method is one readEntry and extract can decode. */
+  private decodable(name: string): ZipEntry {
+    const e = this.entry(name);
+    if (e.method !== METHOD_STORED && e.method !== METHOD_DEFLATE) {
+      throw new WeightsError(`${this.path}: zip entry ${name} uses compression method ${e.method}; only stored (0) and deflate (8) are supported`);
+    }
+    return e;
+  }
+
+  private verify(e: ZipEntry, crc: number, bytes: number): void {
+    if (bytes !== e.size || crc >>> 0 !== e.crc32) throw this.corrupt(e, `gives ${bytes} bytes with CRC-32 ${hex(crc)}, the directory says ${e.size} with ${hex(e.crc32)}`);
+  }
+
+  private corrupt(e: ZipEntry, detail: string): WeightsError {
+    return new WeightsError(`${this.path}: zip entry ${e.name} is corrupt (CRC/size mismatch): it ${detail}; the file is damaged, download or copy it again`);
+  }
+}
+
+const hex = (x: number): string => `0x${(x >>> 0).toString(16).padStart(8, '0')}`;
+
+/** Passes bytes through while computing their CRC-32 and count; fails as soon as they exceed `limit`. */
+class Checksum extends Transform {
+  crc = 0;
+  bytes = 0;
+
+  constructor(
+    private readonly tooLong: () => WeightsError,
+    private readonly limit: number,
+  ) {
+    super();
+  }
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
+    this.bytes += chunk.byteLength;
+    if (this.bytes > this.limit) return done(this.tooLong());
+    this.crc = crc32(chunk, this.crc);
+    done(null, chunk);
   }
 }
 
@@ -131,13 +195,9 @@ class Reader {
   }
 
   readInto(into: Uint8Array, position: number): void {
-    if (position < 0 || position + into.byteLength > this.size) this.truncated(`${into.byteLength} bytes at offset ${position}`);
-    let done = 0;
-    while (done < into.byteLength) {
-      const n = readSync(this.fd, into, done, into.byteLength - done, position + done);
-      if (n === 0) this.truncated(`${into.byteLength} bytes at offset ${position}`);
-      done += n;
-    }
+    const ended = (): never => this.truncated(`${into.byteLength} bytes at offset ${position}`);
+    if (position < 0 || position + into.byteLength > this.size) ended();
+    readFully(this.fd, into, position, ended);
   }
 
   view(position: number, length: number): DataView {
@@ -242,12 +302,12 @@ function readCentralEntry(r: Reader, cd: DataView, pos: number): { entry: ZipEnt
   const extra = new DataView(cd.buffer, pos + CENTRAL_BYTES + nameLength, extraLength);
   const { compressed, size, localOffset } = applyZip64Extra(r, name, extra, wide);
   const method = cd.getUint16(pos + 10, true);
-  if (method === 0 && compressed !== size) {
+  if (method === METHOD_STORED && compressed !== size) {
     throw new WeightsError(`${r.path}: stored zip entry ${name} has compressed size ${compressed} != size ${size}: the archive is corrupted`);
   }
   const dataOffset = localDataOffset(r, name, nameBytes, localOffset);
   if (dataOffset + compressed > r.size) r.truncated(`${compressed} bytes of entry ${name} at offset ${dataOffset}`);
-  return { entry: { name, method, size, crc32: cd.getUint32(pos + 16, true), dataOffset }, next };
+  return { entry: { name, method, size, compressedSize: compressed, crc32: cd.getUint32(pos + 16, true), dataOffset }, next };
 }
 
 function decodeName(r: Reader, bytes: Uint8Array): string {
@@ -309,11 +369,14 @@ function localDataOffset(r: Reader, name: string, nameBytes: Uint8Array, localOf
 export interface ZipInput {
   readonly name: string;
   readonly data: Uint8Array;
+  /** Deflate (method 8) this entry instead of storing it. */
+  readonly deflate?: boolean;
 }
 
 /**
- * A stored-only zip archive in memory, for tests (building archives by hand, zip64 included). `zip64: true`
- * writes every size and offset through zip64 extra fields and the zip64 end records, as writers do past 4 GB.
+ * A zip archive in memory, for tests (building archives by hand, zip64 included): entries stored, or deflated
+ * where asked. `zip64: true` writes every size and offset through zip64 extra fields and the zip64 end records,
+ * as writers do past 4 GB.
  */
 export function buildZip(files: readonly ZipInput[], opts: { zip64?: boolean; comment?: string } = {}): Uint8Array {
   const zip64 = opts.zip64 ?? false;
@@ -327,24 +390,28 @@ export function buildZip(files: readonly ZipInput[], opts: { zip64?: boolean; co
   for (const f of files) {
     const name = new TextEncoder().encode(f.name);
     const crc = crc32(f.data);
+    const method = f.deflate === true ? METHOD_DEFLATE : METHOD_STORED;
+    const body = f.deflate === true ? deflateRawSync(f.data) : f.data;
     const local = new DataView(new ArrayBuffer(LOCAL_BYTES));
     local.setUint32(0, SIG_LOCAL, true);
     local.setUint16(4, zip64 ? 45 : 20, true);
+    local.setUint16(8, method, true);
     local.setUint32(14, crc, true);
-    local.setUint32(18, f.data.byteLength, true);
+    local.setUint32(18, body.byteLength, true);
     local.setUint32(22, f.data.byteLength, true);
     local.setUint16(26, name.byteLength, true);
     const localOffset = offset;
     push(new Uint8Array(local.buffer));
     push(name);
-    push(f.data);
-    const extra = zip64 ? zip64Extra([f.data.byteLength, f.data.byteLength, localOffset]) : new Uint8Array(0);
+    push(body);
+    const extra = zip64 ? zip64Extra([f.data.byteLength, body.byteLength, localOffset]) : new Uint8Array(0);
     const c = new DataView(new ArrayBuffer(CENTRAL_BYTES));
     c.setUint32(0, SIG_CENTRAL, true);
     c.setUint16(4, zip64 ? 45 : 20, true);
     c.setUint16(6, zip64 ? 45 : 20, true);
+    c.setUint16(10, method, true);
     c.setUint32(16, crc, true);
-    c.setUint32(20, zip64 ? U32_MAX : f.data.byteLength, true);
+    c.setUint32(20, zip64 ? U32_MAX : body.byteLength, true);
     c.setUint32(24, zip64 ? U32_MAX : f.data.byteLength, true);
     c.setUint16(28, name.byteLength, true);
     c.setUint16(30, extra.byteLength, true);
