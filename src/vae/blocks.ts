@@ -7,6 +7,8 @@
  *   MidBlock    block_1 (resnet) -> attn_1 -> block_2 (resnet)             [B, H, W, C] -> same
  *   Downsample  zero-pad right and bottom by 1, 3x3 conv stride 2         [B, H, W, C] -> [B, H/2, W/2, C]
  *   Upsample    nearest 2x, then 3x3 conv                                  [B, H, W, C] -> [B, 2H, 2W, C]
+ *   Level       resnets, each followed by attention where the level has it, then a Down/Upsample:
+ *               one resolution level of the encoder or the decoder         [B, H, W, cin] -> [B, H', W', cout]
  */
 import * as tf from '../tensor/tf.js';
 import { attention } from '../tensor/attention.js';
@@ -108,5 +110,59 @@ export class Upsample {
 
   dispose(): void {
     this.conv.dispose();
+  }
+}
+
+/** What ends a level: Downsample in the encoder, Upsample in the decoder. */
+export interface Resample {
+  apply(x: tf.Tensor4D): tf.Tensor4D;
+  dispose(): void;
+}
+
+export interface LevelShape {
+  readonly cin: number;
+  readonly cout: number;
+  /** Resnets in the level: numResBlocks in the encoder, numResBlocks + 1 in the decoder. */
+  readonly blocks: number;
+  /** Whether the level's resolution is one of attnResolutions: then an AttnBlock follows each resnet. */
+  readonly attention: boolean;
+}
+
+/**
+ * One resolution level of the encoder or decoder: resnets (cin -> cout, then cout -> cout), each followed by an
+ * AttnBlock where the level has attention, then the resample `loadResample` gives (none after the last level run).
+ * [B, H, W, cin] -> [B, H', W', cout]. Weights under the level: `block.{j}.*`, `attn.{j}.*`, and the resample's.
+ */
+export class Level {
+  private constructor(
+    private readonly blocks: readonly ResnetBlock[],
+    private readonly attns: readonly AttnBlock[], // one after each block when the level has attention, else none
+    private readonly resample: Resample | null,
+  ) {}
+
+  static load(p: Params, shape: LevelShape, loadResample: (() => Resample) | null): Level {
+    const blocks: ResnetBlock[] = [];
+    const attns: AttnBlock[] = [];
+    for (let j = 0; j < shape.blocks; j++) {
+      blocks.push(loadResnet(p.child('block').child(j), j === 0 ? shape.cin : shape.cout, shape.cout));
+      if (shape.attention) attns.push(AttnBlock.load(p.child('attn').child(j), shape.cout));
+    }
+    return new Level(blocks, attns, loadResample === null ? null : loadResample());
+  }
+
+  /** Runs the level on x and frees x. */
+  apply(x: tf.Tensor4D): tf.Tensor4D {
+    let h = x;
+    this.blocks.forEach((block, j) => {
+      h = replace(h, (t) => block.apply(t));
+      const attn = this.attns[j];
+      if (attn !== undefined) h = replace(h, (t) => attn.apply(t));
+    });
+    const resample = this.resample;
+    return resample === null ? h : replace(h, (t) => resample.apply(t));
+  }
+
+  dispose(): void {
+    for (const m of [...this.blocks, ...this.attns, this.resample]) m?.dispose();
   }
 }

@@ -11,21 +11,15 @@
 import type * as tf from '../tensor/tf.js';
 import { Conv2d, GroupNorm } from '../tensor/nn.js';
 import type { Params } from '../tensor/params.js';
-import { normSiluConv, type ResnetBlock } from '../tensor/resnet.js';
-import { AttnBlock, MidBlock, Upsample, loadResnet, replace } from './blocks.js';
+import { normSiluConv } from '../tensor/resnet.js';
+import { Level, MidBlock, Upsample, replace } from './blocks.js';
 import { VAE_GN_EPS, levelResolution, type VaeConfig } from './config.js';
-
-interface UpLevel {
-  readonly blocks: readonly ResnetBlock[];
-  readonly attns: readonly AttnBlock[]; // one after each block at attnResolutions, else none
-  readonly upsample: Upsample | null;
-}
 
 export class Decoder {
   private constructor(
     private readonly convIn: Conv2d,
     private readonly mid: MidBlock,
-    private readonly levels: readonly UpLevel[], // in the order they run: lowest resolution first
+    private readonly levels: readonly Level[], // in the order they run: lowest resolution first
     private readonly normOut: GroupNorm,
     private readonly convOut: Conv2d,
   ) {}
@@ -33,19 +27,13 @@ export class Decoder {
   static load(p: Params, cfg: VaeConfig): Decoder {
     const top = cfg.ch * cfg.chMult[cfg.chMult.length - 1];
     let cin = top;
-    const levels: UpLevel[] = [];
+    const levels: Level[] = [];
     for (let i = cfg.chMult.length - 1; i >= 0; i--) {
       const cout = cfg.ch * cfg.chMult[i];
       const lp = p.child('up').child(i);
-      const withAttn = cfg.attnResolutions.includes(levelResolution(cfg, i));
-      const blocks: ResnetBlock[] = [];
-      const attns: AttnBlock[] = [];
-      for (let j = 0; j <= cfg.numResBlocks; j++) {
-        blocks.push(loadResnet(lp.child('block').child(j), cin, cout));
-        if (withAttn) attns.push(AttnBlock.load(lp.child('attn').child(j), cout));
-        cin = cout;
-      }
-      levels.push({ blocks, attns, upsample: i === 0 ? null : Upsample.load(lp.child('upsample'), cout) });
+      const attention = cfg.attnResolutions.includes(levelResolution(cfg, i));
+      levels.push(Level.load(lp, { cin, cout, blocks: cfg.numResBlocks + 1, attention }, i === 0 ? null : () => Upsample.load(lp.child('upsample'), cout)));
+      cin = cout;
     }
     return new Decoder(
       Conv2d.load(p.child('conv_in'), cfg.zChannels, top, 3),
@@ -58,22 +46,14 @@ export class Decoder {
 
   apply(z: tf.Tensor4D): tf.Tensor4D {
     let h = replace(this.convIn.apply(z), (t) => this.mid.apply(t));
-    for (const level of this.levels) {
-      level.blocks.forEach((block, j) => {
-        h = replace(h, (t) => block.apply(t));
-        const attn = level.attns[j];
-        if (attn !== undefined) h = replace(h, (t) => attn.apply(t));
-      });
-      const up = level.upsample;
-      if (up !== null) h = replace(h, (t) => up.apply(t));
-    }
+    for (const level of this.levels) h = level.apply(h);
     return replace(h, (t) => normSiluConv(this.normOut, this.convOut, t));
   }
 
   dispose(): void {
     this.convIn.dispose();
     this.mid.dispose();
-    for (const level of this.levels) for (const m of [...level.blocks, ...level.attns, level.upsample]) m?.dispose();
+    for (const level of this.levels) level.dispose();
     this.normOut.dispose();
     this.convOut.dispose();
   }
