@@ -57,15 +57,21 @@ class CrossAttention {
   }
 }
 
-/** GEGLU feed-forward: proj to [x, gate] (2 x 4C), x * GELU(gate), back to C. [B, N, C] -> [B, N, C] */
+/**
+ * GEGLU feed-forward: value * GELU(gate), back to C. [B, N, C] -> [B, N, C]
+ * The checkpoint's ff.net.0.proj [8C, C] projects to [value, gate] at once; it is cut at load into two Linears
+ * of 4C (rows [0, 4C) and [4C, 8C)), so no split of the 8C-wide activation runs per call (SplitV copies it).
+ */
 class FeedForward {
   private constructor(
-    private readonly proj: Linear,
+    private readonly value: HalfLinear,
+    private readonly gate: HalfLinear,
     private readonly out: Linear,
   ) {}
 
   static load(p: Params, dim: number): FeedForward {
-    return new FeedForward(Linear.load(p.child('net.0.proj'), dim, dim * 8), Linear.load(p.child('net.2'), dim * 4, dim));
+    const [value, gate] = loadHalves(p.child('net.0.proj'), dim, dim * 4);
+    return new FeedForward(value, gate, Linear.load(p.child('net.2'), dim * 4, dim));
   }
 
   static shapes(dim: number): Shapes {
@@ -75,13 +81,12 @@ class FeedForward {
     ];
   }
 
-  /** Frees each 4C-wide intermediate as soon as it is used (at 64x64, batch 2: 42-84 MB each). */
+  /** Frees each 4C-wide intermediate as soon as it is used (at 64x64, batch 2: 84 MB each). */
   apply(x: tf.Tensor3D): tf.Tensor3D {
-    const both = this.proj.apply(x);
-    const [value, gate] = tf.split(both, 2, -1);
-    both.dispose();
+    const gate = linear(x, this.gate);
     const act = gelu(gate);
     gate.dispose();
+    const value = linear(x, this.value);
     const gated = tf.mul(value, act) as tf.Tensor3D;
     tf.dispose([value, act]);
     const out = this.out.apply(gated);
@@ -90,9 +95,37 @@ class FeedForward {
   }
 
   dispose(): void {
-    this.proj.dispose();
+    tf.dispose([this.value.weight, this.value.bias, this.gate.weight, this.gate.bias]);
     this.out.dispose();
   }
+}
+
+/** Half of a Linear's outputs: weight [in, out/2] (laid out for x W), bias [out/2]. */
+interface HalfLinear {
+  readonly weight: tf.Tensor2D;
+  readonly bias: tf.Tensor1D;
+}
+
+/** Reads a Linear [2 * half, in] and returns its first and second halves of outputs, each laid out [in, half]. */
+function loadHalves(p: Params, inFeatures: number, half: number): [HalfLinear, HalfLinear] {
+  const w = tf.tidy(() => tf.transpose(p.tensor('weight', [2 * half, inFeatures])) as tf.Tensor2D); // [in, 2 * half]
+  const b = p.tensor('bias', [2 * half]) as tf.Tensor1D;
+  const part = (i: number): HalfLinear => ({
+    weight: tf.keep(tf.slice(w, [0, i * half], [inFeatures, half])),
+    bias: tf.keep(tf.slice(b, [i * half], [half])),
+  });
+  const halves: [HalfLinear, HalfLinear] = [part(0), part(1)];
+  tf.dispose([w, b]);
+  return halves;
+}
+
+/** x [B, N, in] -> x W + b [B, N, out]. */
+function linear(x: tf.Tensor3D, l: HalfLinear): tf.Tensor3D {
+  return tf.tidy(() => {
+    const [b, n, c] = x.shape;
+    const y = tf.fused.matMul({ a: tf.reshape(x, [b * n, c]) as tf.Tensor2D, b: l.weight, bias: l.bias });
+    return tf.reshape(y, [b, n, l.weight.shape[1]]) as tf.Tensor3D;
+  });
 }
 
 /** Pre-LayerNorm transformer block: self-attention, cross-attention, GEGLU, each residual. [B, N, C] */

@@ -13,9 +13,11 @@
  * resizes to the size of the skip it is concatenated with (diffusers' `upsample_size`); for sides divisible
  * by 2^(levels-1) that is exactly CompVis' nearest 2x.
  * Memory: each block runs in its own tf.tidy and skips are disposed as soon as they are concatenated.
+ * Weights: each block is a Held (src/tensor/residency.ts): resident tensors, or on wasm streamed from a host copy
+ * of the checkpoint (its 3.4 GB in fp32 do not fit the 4 GiB heap) and laid out just before the block runs.
  */
 import * as tf from '../tensor/tf.js';
-import { Params } from '../tensor/params.js';
+import { Params, checkCheckpoint } from '../tensor/params.js';
 import { Conv2d, GroupNorm, Linear, silu, upsampleNearestTo } from '../tensor/nn.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 import { SD15_UNET, UNetError, unetLayout, validateConfig, type UNetConfig } from './config.js';
@@ -23,6 +25,7 @@ import { OPENAI_RESNET, ResnetBlock } from '../tensor/resnet.js';
 import { SpatialTransformer } from './transformer.js';
 import { timestepEmbedding } from './timestep.js';
 import { prefixed, type Shapes } from './shapes.js';
+import { Held, HostTensors, defaultResidency, type ResidencyPolicy } from '../tensor/residency.js';
 
 interface Disposable {
   dispose(): void;
@@ -42,6 +45,13 @@ class ResStage {
     readonly attn: SpatialTransformer | null,
     readonly upsample: Conv2d | null,
   ) {}
+
+  /** Builds the optional parts after the ResBlock, disposing what was built if one of them fails. */
+  static load(res: ResnetBlock, attn: () => SpatialTransformer | null, upsample: () => Conv2d | null): ResStage {
+    const a = disposeOnThrow([res], attn);
+    const parts = a === null ? [res] : [res, a];
+    return new ResStage(res, a, disposeOnThrow(parts, upsample));
+  }
 
   /**
    * h [B, H, W, c] (on the way up: concatenated with skip [B, H, W, c'] first) -> [B, H, W, cout],
@@ -69,67 +79,161 @@ class ResStage {
 /** input_blocks.N: the stem conv or a Downsample (3x3 stride 2, padding 1), or a ResStage. */
 type InputBlock = Conv2d | ResStage;
 
+/** time_embed: sinusoidal embedding -> Linear -> SiLU -> Linear, then the SiLU every ResBlock's emb_layers starts with. */
+class TimeEmbed {
+  constructor(readonly l1: Linear, readonly l2: Linear) {}
+
+  /** t [B] -> SiLU(emb) [B, timeEmbedDim] */
+  apply(timesteps: readonly number[], modelChannels: number): tf.Tensor2D {
+    return tf.tidy(() => silu(this.l2.apply(silu(this.l1.apply(timestepEmbedding(timesteps, modelChannels))))));
+  }
+
+  dispose(): void {
+    this.l1.dispose();
+    this.l2.dispose();
+  }
+}
+
+/** middle_block: ResBlock, SpatialTransformer, ResBlock. */
+class Middle {
+  constructor(readonly res1: ResnetBlock, readonly attn: SpatialTransformer, readonly res2: ResnetBlock) {}
+
+  apply(h: tf.Tensor4D, embAct: tf.Tensor2D, context: tf.Tensor3D): tf.Tensor4D {
+    return tf.tidy(() => this.res2.apply(this.attn.apply(this.res1.apply(h, embAct), context), embAct));
+  }
+
+  dispose(): void {
+    for (const m of [this.res1, this.attn, this.res2]) m.dispose();
+  }
+}
+
+/** out: Conv3x3(SiLU(GroupNorm(h))). */
+class OutHead {
+  constructor(readonly norm: GroupNorm, readonly conv: Conv2d) {}
+
+  apply(h: tf.Tensor4D): tf.Tensor4D {
+    return tf.tidy(() => this.conv.apply(silu(this.norm.apply(h))));
+  }
+
+  dispose(): void {
+    this.norm.dispose();
+    this.conv.dispose();
+  }
+}
+
+export interface UNetLoadOptions {
+  /**
+   * Where the weights live between steps (src/tensor/residency.ts): 'resident' tensors, or 'streamed' from a host
+   * copy of the checkpoint's bytes, one block at a time. Default: 'streamed' on wasm, else 'resident'.
+   */
+  readonly residency?: ResidencyPolicy;
+}
+
+/**
+ * Builds every block of the UNet; each is a Held under `policy`, so a streamed block runs this code again at
+ * every use. Blocks already built are disposed when a later one fails.
+ */
+function loadBlocks(p: Params, config: UNetConfig, policy: ResidencyPolicy) {
+  const layout = unetLayout(config);
+  const { numHeads: heads, transformerDepth: depth, contextDim } = config;
+  const emb = layout.timeEmbedDim;
+  const held: Held<Disposable>[] = [];
+  const hold = <M extends Disposable>(make: () => M): Held<M> => {
+    const h = Held.load(policy, make);
+    held.push(h);
+    return h;
+  };
+  const transformer = (q: Params, ch: number) => SpatialTransformer.load(q, ch, heads, depth, contextDim);
+  try {
+    const timeEmbed = hold(() => new TimeEmbed(
+      Linear.load(p.child('time_embed.0'), config.modelChannels, emb),
+      Linear.load(p.child('time_embed.2'), emb, emb),
+    ));
+    const input = layout.input.map((spec, n) => hold((): InputBlock => {
+      const q = p.child('input_blocks').child(n).child(0);
+      if (spec.kind === 'conv_in') return Conv2d.load(q, config.inChannels, spec.cout, 3);
+      if (spec.kind === 'down') return Conv2d.load(q.child('op'), spec.ch, spec.ch, 3, { stride: 2, padding: 1 });
+      const attn = () => (spec.attention ? transformer(p.child('input_blocks').child(n).child(1), spec.cout) : null);
+      return ResStage.load(loadRes(q, spec.cin, spec.cout, emb), attn, () => null);
+    }));
+    const mid = layout.middleChannels;
+    const m = p.child('middle_block');
+    const middle = hold(() => {
+      const res1 = loadRes(m.child(0), mid, mid, emb);
+      return disposeOnThrow([res1], () => new Middle(res1, transformer(m.child(1), mid), loadRes(m.child(2), mid, mid, emb)));
+    });
+    const output = layout.output.map((spec, n) => hold(() => {
+      const q = p.child('output_blocks').child(n);
+      return ResStage.load(
+        loadRes(q.child(0), spec.cin, spec.cout, emb),
+        () => spec.attention ? transformer(q.child(1), spec.cout) : null,
+        () => spec.upsample ? Conv2d.load(q.child(spec.attention ? 2 : 1).child('conv'), spec.cout, spec.cout, 3) : null,
+      );
+    }));
+    const out = hold(() => new OutHead(
+      GroupNorm.load(p.child('out.0'), config.modelChannels, { eps: 1e-5 }),
+      Conv2d.load(p.child('out.2'), config.modelChannels, config.outChannels, 3),
+    ));
+    return { timeEmbed, input, middle, output, out };
+  } catch (e) {
+    for (const h of held) h.dispose();
+    throw e;
+  }
+}
+
+/** Runs make(); if it throws, disposes `parts` (already built) first. */
+function disposeOnThrow<T>(parts: readonly Disposable[], make: () => T): T {
+  try {
+    return make();
+  } catch (e) {
+    for (const m of parts) m.dispose();
+    throw e;
+  }
+}
+
 export class UNet {
   private constructor(
     readonly config: UNetConfig,
-    private readonly timeEmbed: readonly [Linear, Linear],
-    private readonly input: readonly InputBlock[],
-    private readonly middle: readonly [ResnetBlock, SpatialTransformer, ResnetBlock],
-    private readonly output: readonly ResStage[],
-    private readonly out: readonly [GroupNorm, Conv2d],
+    readonly residency: ResidencyPolicy,
+    private readonly timeEmbed: Held<TimeEmbed>,
+    private readonly input: readonly Held<InputBlock>[],
+    private readonly middle: Held<Middle>,
+    private readonly output: readonly Held<ResStage>[],
+    private readonly out: Held<OutHead>,
+    /** The streamed weights, in the checkpoint's dtype, outside the backend; null when resident. */
+    private readonly host: HostTensors | null,
   ) {}
 
-  /** Loads every `${prefix}.*` weight, checking each shape against cfg; a key left unread fails the load. */
-  static load(src: TensorSource, cfg: UNetConfig = SD15_UNET, prefix = 'model.diffusion_model'): UNet {
+  /**
+   * Loads every `${prefix}.*` weight, checking each shape against cfg; a key left unread fails the load.
+   * Streamed (the default on wasm), the weights are checked, copied to host memory and laid out per block at
+   * every forward pass; `src` may be closed after load either way.
+   */
+  static load(src: TensorSource, cfg: UNetConfig = SD15_UNET, prefix = 'model.diffusion_model', opts: UNetLoadOptions = {}): UNet {
     const config = validateConfig(cfg);
-    const layout = unetLayout(config);
-    const { numHeads: heads, transformerDepth: depth, contextDim } = config;
-    const p = Params.root(src, prefix);
-    const loaded: Disposable[] = [];
-    const keep = <T extends Disposable>(m: T): T => (loaded.push(m), m);
-    try {
-      const emb = layout.timeEmbedDim;
-      const timeEmbed = [
-        keep(Linear.load(p.child('time_embed.0'), config.modelChannels, emb)),
-        keep(Linear.load(p.child('time_embed.2'), emb, emb)),
-      ] as const;
-      const transformer = (q: Params, ch: number) => keep(SpatialTransformer.load(q, ch, heads, depth, contextDim));
-      const input = layout.input.map((spec, n): InputBlock => {
-        const q = p.child('input_blocks').child(n).child(0);
-        if (spec.kind === 'conv_in') return keep(Conv2d.load(q, config.inChannels, spec.cout, 3));
-        if (spec.kind === 'down') return keep(Conv2d.load(q.child('op'), spec.ch, spec.ch, 3, { stride: 2, padding: 1 }));
-        const attn = spec.attention ? transformer(p.child('input_blocks').child(n).child(1), spec.cout) : null;
-        return new ResStage(keep(loadRes(q, spec.cin, spec.cout, emb)), attn, null);
-      });
-      const mid = layout.middleChannels;
-      const m = p.child('middle_block');
-      const middle = [
-        keep(loadRes(m.child(0), mid, mid, emb)),
-        transformer(m.child(1), mid),
-        keep(loadRes(m.child(2), mid, mid, emb)),
-      ] as const;
-      const output = layout.output.map((spec, n) => {
-        const q = p.child('output_blocks').child(n);
-        const res = keep(loadRes(q.child(0), spec.cin, spec.cout, emb));
-        const attn = spec.attention ? transformer(q.child(1), spec.cout) : null;
-        const up = spec.upsample ? keep(Conv2d.load(q.child(attn ? 2 : 1).child('conv'), spec.cout, spec.cout, 3)) : null;
-        return new ResStage(res, attn, up);
-      });
-      const out = [
-        keep(GroupNorm.load(p.child('out.0'), config.modelChannels, { eps: 1e-5 })),
-        keep(Conv2d.load(p.child('out.2'), config.modelChannels, config.outChannels, 3)),
-      ] as const;
-      const unused = p.unused();
-      if (unused.length > 0) {
-        throw new WeightsError(
-          `${src.path}: ${unused.length} UNet weights were not used (e.g. ${unused.slice(0, 3).join(', ')}); the UNet config does not match this checkpoint`,
-        );
-      }
-      return new UNet(config, timeEmbed, input, middle, output, out);
-    } catch (e) {
-      for (const m of loaded) m.dispose();
-      throw e;
+    const policy = opts.residency ?? defaultResidency();
+    if (policy === 'streamed') {
+      const expected = expectedShapes(config, prefix);
+      checkCheckpoint(src, expected, prefix);
+      const host = HostTensors.copy(src, expected.keys());
+      const b = loadBlocks(Params.root(host, prefix), config, policy);
+      return new UNet(config, policy, b.timeEmbed, b.input, b.middle, b.output, b.out, host);
     }
+    const p = Params.root(src, prefix);
+    const b = loadBlocks(p, config, policy);
+    const unused = p.unused();
+    if (unused.length > 0) {
+      for (const h of [b.timeEmbed, ...b.input, b.middle, ...b.output, b.out]) h.dispose();
+      throw new WeightsError(
+        `${src.path}: ${unused.length} UNet weights were not used (e.g. ${unused.slice(0, 3).join(', ')}); the UNet config does not match this checkpoint`,
+      );
+    }
+    return new UNet(config, policy, b.timeEmbed, b.input, b.middle, b.output, b.out, null);
+  }
+
+  /** Bytes of weights held in host memory outside the backend (streamed), else 0. */
+  get hostBytes(): number {
+    return this.host?.byteLength ?? 0;
   }
 
   /**
@@ -139,33 +243,23 @@ export class UNet {
   forward(x: tf.Tensor4D, t: readonly number[] | number, context: tf.Tensor3D): tf.Tensor4D {
     const timesteps = this.checkInputs(x, t, context);
     return tf.tidy(() => {
-      const embAct = tf.tidy(() => {
-        const [l1, l2] = this.timeEmbed;
-        // SiLU(emb): the first op of every ResBlock's emb_layers, done once here
-        return silu(l2.apply(silu(l1.apply(timestepEmbedding(timesteps, this.config.modelChannels)))));
-      });
+      const embAct = this.timeEmbed.use((m) => m.apply(timesteps, this.config.modelChannels));
       const skips: tf.Tensor4D[] = [];
       let h = x;
       for (const block of this.input) {
-        h = block instanceof ResStage ? block.apply(h, embAct, context) : block.apply(h);
+        h = block.use((m) => (m instanceof ResStage ? m.apply(h, embAct, context) : m.apply(h)));
         skips.push(h);
       }
-      h = this.middleApply(h, embAct, context);
+      h = this.middle.use((m) => m.apply(h, embAct, context));
       for (const stage of this.output) {
         const skip = skips.pop() as tf.Tensor4D;
         const next = skips.at(-1); // what the upsample must match for the next concat
-        const y = stage.apply(h, embAct, context, skip, next && [next.shape[1], next.shape[2]]);
+        const y = stage.use((m) => m.apply(h, embAct, context, skip, next && [next.shape[1], next.shape[2]]));
         tf.dispose([h, skip]);
         h = y;
       }
-      const [norm, conv] = this.out;
-      return tf.tidy(() => conv.apply(silu(norm.apply(h))));
+      return this.out.use((m) => m.apply(h));
     });
-  }
-
-  private middleApply(h: tf.Tensor4D, embAct: tf.Tensor2D, context: tf.Tensor3D): tf.Tensor4D {
-    const [res1, attn, res2] = this.middle;
-    return tf.tidy(() => res2.apply(attn.apply(res1.apply(h, embAct), context), embAct));
   }
 
   /** Validates shapes (before any work) and returns one timestep per batch item. */
@@ -186,8 +280,8 @@ export class UNet {
   }
 
   dispose(): void {
-    const parts: Disposable[] = [...this.timeEmbed, ...this.input, ...this.middle, ...this.output, ...this.out];
-    for (const m of parts) m.dispose();
+    for (const h of [this.timeEmbed, ...this.input, this.middle, ...this.output, this.out]) h.dispose();
+    this.host?.close();
   }
 }
 

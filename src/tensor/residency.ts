@@ -1,0 +1,129 @@
+/**
+ * Where a model's weights live between forward passes, chosen by a residency policy:
+ *
+ *   'resident'  each block's weights are backend tensors for the model's whole life. On tensorflow and cpu the
+ *               backend's memory is host memory: nothing is gained by anything else.
+ *   'streamed'  each block's weights stay OUTSIDE the backend, as the checkpoint's bytes in host memory
+ *               (HostTensors: fp16 bytes stay fp16), and become tensors just before the block runs, in the
+ *               layout its layers use, and are freed right after. This is how SD 1.5's 3.4 GB fp32 UNet runs in
+ *               the wasm backend's 4 GiB heap (about 3 GiB usable): at most one block (<= 0.4 GB) is on the heap.
+ *
+ * A model wraps each block in a `Held<M>` and runs it with `held.use((m) => m.apply(x))`; the policy decides
+ * whether `use` finds the block loaded or loads it, and that is the only place the two differ.
+ * Streaming costs a load of every weight per forward pass (decode fp16 + transpose): seconds per UNet step,
+ * against a minute of compute on wasm.
+ */
+import * as tf from './tf.js';
+import { decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
+import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
+
+export type ResidencyPolicy = 'resident' | 'streamed';
+
+export const RESIDENCY_POLICIES: readonly ResidencyPolicy[] = Object.freeze(['resident', 'streamed']);
+
+/** 'streamed' on wasm (its heap cannot hold the UNet), 'resident' elsewhere. */
+export function defaultResidency(): ResidencyPolicy {
+  return tf.getBackend() === 'wasm' ? 'streamed' : 'resident';
+}
+
+interface Disposable {
+  dispose(): void;
+}
+
+/** One block of a model under a residency policy: loaded once ('resident') or at every use ('streamed'). */
+export class Held<M extends Disposable> {
+  private constructor(
+    private readonly make: () => M,
+    private readonly resident: M | null,
+  ) {}
+
+  /** `make` builds the block (its layers read and lay out their weights); called now, or at every use. */
+  static load<M extends Disposable>(policy: ResidencyPolicy, make: () => M): Held<M> {
+    return policy === 'resident' ? new Held(make, make()) : new Held(make, null);
+  }
+
+  get streamed(): boolean {
+    return this.resident === null;
+  }
+
+  /** Runs `fn` on the block; a streamed block's weights exist only during the call. `fn`'s result must not be a weight. */
+  use<R>(fn: (m: M) => R): R {
+    if (this.resident !== null) return fn(this.resident);
+    const m = this.make();
+    try {
+      return fn(m);
+    } finally {
+      m.dispose();
+    }
+  }
+
+  dispose(): void {
+    this.resident?.dispose();
+  }
+}
+
+interface HostTensor extends TensorInfo {
+  readonly bytes: Uint8Array;
+}
+
+/**
+ * Some tensors of a TensorSource copied into host memory, in the file's dtype (fp16 stays 2 bytes a weight),
+ * so that blocks can be re-materialised after the file is closed. It is itself a TensorSource.
+ */
+export class HostTensors implements TensorSource {
+  private constructor(
+    readonly path: string,
+    private readonly tensors: Map<string, HostTensor>,
+  ) {}
+
+  /** Copies `keys` (all must exist) out of `src`. */
+  static copy(src: TensorSource, keys: Iterable<string>): HostTensors {
+    const tensors = new Map<string, HostTensor>();
+    for (const key of keys) {
+      if (!src.has(key)) throw new WeightsError(`${src.path}: missing tensor ${key}`);
+      const { dtype, shape } = src.info(key);
+      tensors.set(key, { dtype, shape, bytes: src.bytes(key) });
+    }
+    return new HostTensors(src.path, tensors);
+  }
+
+  /** Bytes held, for memory reports. */
+  get byteLength(): number {
+    let n = 0;
+    for (const t of this.tensors.values()) n += t.bytes.byteLength;
+    return n;
+  }
+
+  keys(): string[] {
+    return [...this.tensors.keys()];
+  }
+
+  has(key: string): boolean {
+    return this.tensors.has(key);
+  }
+
+  info(key: string): TensorInfo {
+    const { dtype, shape } = this.entry(key);
+    return { dtype, shape };
+  }
+
+  bytes(key: string): Uint8Array {
+    return this.entry(key).bytes;
+  }
+
+  float32(key: string): Float32Array {
+    const t = this.entry(key);
+    if (!isFloatDType(t.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${t.dtype}, not floating point`);
+    return decodeToFloat32(t.bytes, t.dtype);
+  }
+
+  close(): void {
+    this.tensors.clear();
+  }
+
+  private entry(key: string): HostTensor {
+    const t = this.tensors.get(key);
+    if (t === undefined) throw new WeightsError(`${this.path}: tensor ${key} is not in the host copy (closed, or not copied)`);
+    return t;
+  }
+}
