@@ -63,6 +63,13 @@ export class SafetensorsFile implements TensorSource {
   float32(key: string): Float32Array {
     const e = this.entry(key);
     if (!isFloatDType(e.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${e.dtype}, not floating point`);
+    if (e.dtype === 'F32') {
+      // Read straight into the result: no intermediate copy, so loading runs at the speed of the reads.
+      if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
+      const out = new Float32Array((e.end - e.begin) / 4);
+      readAt(this.fd, new Uint8Array(out.buffer), this.dataStart + e.begin, this.path);
+      return out;
+    }
     return decodeToFloat32(this.bytes(key), e.dtype);
   }
 
