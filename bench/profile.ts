@@ -11,6 +11,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import * as tf from '../src/tensor/tf.js';
 import { BACKENDS, initBackend, type BackendName } from '../src/tensor/backend.js';
+import { setKernelTimer } from '../src/tensor/kernels.js';
 import { SD15_UNET, UNet } from '../src/unet/index.js';
 import { SD15_VAE, Vae } from '../src/vae/index.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
@@ -32,6 +33,17 @@ interface OpStat {
 const stats = new Map<string, OpStat>();
 let timing = false;
 
+function record(name: string, shape: string, ms: number): void {
+  const s = stats.get(name) ?? { calls: 0, ms: 0, byShape: new Map() };
+  s.calls++;
+  s.ms += ms;
+  const e = s.byShape.get(shape) ?? { calls: 0, ms: 0 };
+  e.calls++;
+  e.ms += ms;
+  s.byShape.set(shape, e);
+  stats.set(name, s);
+}
+
 /** Re-registers every kernel of `backend` behind a timer that adds to `stats` while `timing` is on. */
 function instrumentKernels(backend: string): void {
   for (const k of tf.getKernelsForBackend(backend)) {
@@ -43,16 +55,8 @@ function instrumentKernels(backend: string): void {
         if (!timing) return inner(a);
         const t0 = performance.now();
         const out = inner(a);
-        const ms = performance.now() - t0;
-        const s = stats.get(k.kernelName) ?? { calls: 0, ms: 0, byShape: new Map() };
-        s.calls++;
-        s.ms += ms;
         const shape = Object.values(a.inputs).filter((t) => t !== undefined).map((t) => `[${(t as tf.TensorInfo).shape.join(",")}]`).join(' ');
-        const e = s.byShape.get(shape) ?? { calls: 0, ms: 0 };
-        e.calls++;
-        e.ms += ms;
-        s.byShape.set(shape, e);
-        stats.set(k.kernelName, s);
+        record(k.kernelName, shape, performance.now() - t0);
         return out;
       },
     });
@@ -61,6 +65,8 @@ function instrumentKernels(backend: string): void {
 
 const choice = await initBackend({ backend: args.backend });
 instrumentKernels(choice.name);
+// The native kernels (src/tensor/kernels.ts) run outside tfjs's registry: listed with a "native " prefix.
+setKernelTimer((name, shape, ms) => timing && record(`native ${name}`, `[${shape.join(',')}]`, ms));
 const src = SafetensorsFile.open(join(args.cache, 'sd15-random-fp16.safetensors'));
 
 let run: () => Promise<void>;

@@ -79,7 +79,7 @@ export async function copyPackage(from: string, to: string): Promise<void> {
   await cp(from, to, { recursive: true, verbatimSymlinks: true, filter: (src) => !skip.has(src) });
 }
 
-function nodeHeadersDir(): string | null {
+export function nodeHeadersDir(): string | null {
   // Node installed with its headers (distribution packages, nvm, official tarballs): <prefix>/include/node
   const prefix = dirname(dirname(process.execPath));
   return existsSync(join(prefix, 'include', 'node', 'node_api.h')) ? prefix : null;

@@ -11,7 +11,11 @@
  * elsewhere when a head's scores are large: on tensorflow, SD's 64x64 self-attention (16 heads of 4096x4096)
  * runs ~2x faster as one 2-D matMul per head than as batched matMuls over all heads (~1.8 s vs ~3.7 s a call,
  * measured side by side on a busy 2-core EPYC).
+ * With the native kernels (src/tensor/kernels.ts) non-causal attention is one flash-style call instead: tiles of
+ * scores in cache, an online softmax, nothing [Nq, Nk] ever allocated.
  */
+import * as kernels from './kernels.js';
+import { useKernels } from './kernels.js';
 import * as tf from './tf.js';
 
 export interface AttentionOptions {
@@ -64,6 +68,7 @@ export function attention(
   const [b, nq, c] = q.shape;
   const nk = k.shape[1];
   checkShapes(q, k, v, heads, opts.causal === true);
+  if (opts.causal !== true && useKernels()) return kernels.attention(q, k, v, heads);
   const d = c / heads;
   const perHead = opts.perHead ?? (tf.getBackend() === 'wasm' || nq * nk >= PER_HEAD_MIN_SCORES);
   const plan = slicePlan(b * heads, nq, nk, opts.maxScoreBytes ?? DEFAULT_MAX_SCORE_BYTES, perHead);

@@ -10,6 +10,8 @@
  * Each apply runs in its own tf.tidy, so calling one outside a tidy leaks nothing but its result.
  */
 import * as tf from './tf.js';
+import * as kernels from './kernels.js';
+import { packWeight, useKernels, type ConvGeometry, type PackedWeight } from './kernels.js';
 import type { Params } from './params.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
@@ -20,36 +22,40 @@ function own<T extends tf.Tensor>(make: () => T): T {
 /** y = x W + b, PyTorch nn.Linear. */
 export class Linear {
   private constructor(
-    readonly weight: tf.Tensor2D, // [in, out]
-    readonly bias: tf.Tensor1D | null,
+    readonly inFeatures: number,
+    readonly outFeatures: number,
+    /** TensorFlow ops: weight [in, out] and bias; or the native kernels: the weight packed with its bias. */
+    private readonly run: { weight: tf.Tensor2D; bias: tf.Tensor1D | null } | PackedWeight,
   ) {}
 
   static load(p: Params, inFeatures: number, outFeatures: number, { bias = true }: { bias?: boolean } = {}): Linear {
-    const w = own(() => tf.transpose(p.tensor('weight', [outFeatures, inFeatures])) as tf.Tensor2D);
-    const b = bias ? own(() => p.tensor('bias', [outFeatures]) as tf.Tensor1D) : null;
-    return new Linear(w, b);
+    const w = p.array('weight', [outFeatures, inFeatures]);
+    return Linear.fromArrays(w, bias ? p.array('bias', [outFeatures]) : null, inFeatures, outFeatures);
   }
 
-  get inFeatures(): number {
-    return this.weight.shape[0];
-  }
-
-  get outFeatures(): number {
-    return this.weight.shape[1];
+  /** From a checkpoint weight [out, in] (row-major) and bias [out]. */
+  static fromArrays(weight: Float32Array, bias: Float32Array | null, inFeatures: number, outFeatures: number): Linear {
+    if (useKernels()) return new Linear(inFeatures, outFeatures, packWeight(weight, outFeatures, { kind: 'linear' }, bias));
+    const w = own(() => tf.transpose(tf.tensor2d(weight, [outFeatures, inFeatures])) as tf.Tensor2D);
+    const b = bias === null ? null : own(() => tf.tensor1d(bias));
+    return new Linear(inFeatures, outFeatures, { weight: w, bias: b });
   }
 
   apply<T extends tf.Tensor>(x: T): T {
+    const run = this.run;
+    if ('panels' in run) return kernels.linear(x, run);
     return tf.tidy(() => {
       const lead = x.shape.slice(0, -1);
       const flat = tf.reshape(x, [-1, this.inFeatures]) as tf.Tensor2D;
-      const y = tf.fused.matMul({ a: flat, b: this.weight, bias: this.bias ?? undefined });
+      const y = tf.fused.matMul({ a: flat, b: run.weight, bias: run.bias ?? undefined });
       return tf.reshape(y, [...lead, this.outFeatures]) as T;
     });
   }
 
   dispose(): void {
-    this.weight.dispose();
-    this.bias?.dispose();
+    if ('panels' in this.run) return;
+    this.run.weight.dispose();
+    this.run.bias?.dispose();
   }
 }
 
@@ -61,11 +67,16 @@ export class Linear {
 export type ConvPadding = 'same-as-torch' | number | readonly [number, number, number, number];
 
 type TfPad = 'same' | 'valid' | [[number, number], [number, number], [number, number], [number, number]];
+type Pad4 = readonly [number, number, number, number];
+
+/** [top, bottom, left, right] */
+function padSides(padding: ConvPadding, kernel: number): Pad4 {
+  if (typeof padding === 'string') return [kernel >> 1, kernel >> 1, kernel >> 1, kernel >> 1];
+  return typeof padding === 'number' ? [padding, padding, padding, padding] : padding;
+}
 
 /** The tfjs padding that computes the same output as PyTorch's: 'same'/'valid' where they agree, else explicit. */
-function tfPadding(padding: ConvPadding, kernel: number, stride: number): TfPad {
-  const [t, b, l, r] = typeof padding === 'string' ? [kernel >> 1, kernel >> 1, kernel >> 1, kernel >> 1]
-    : typeof padding === 'number' ? [padding, padding, padding, padding] : padding;
+function tfPadding([t, b, l, r]: Pad4, kernel: number, stride: number): TfPad {
   if (t === 0 && b === 0 && l === 0 && r === 0) return 'valid';
   // Stride 1 with an odd kernel padded k//2 on each side is exactly TensorFlow's 'same'.
   if (stride === 1 && kernel % 2 === 1 && [t, b, l, r].every((v) => v === kernel >> 1)) return 'same';
@@ -75,10 +86,12 @@ function tfPadding(padding: ConvPadding, kernel: number, stride: number): TfPad 
 /** PyTorch nn.Conv2d (square kernel, with bias) on NHWC tensors. */
 export class Conv2d {
   private constructor(
-    readonly filter: tf.Tensor4D, // HWIO [k, k, in, out]
-    readonly bias: tf.Tensor1D,
-    readonly stride: number,
-    private readonly pad: TfPad,
+    readonly outChannels: number,
+    /** TensorFlow ops: filter HWIO [k, k, in, out] and bias; or the native kernels: the packed weight and geometry. */
+    private readonly run: { filter: tf.Tensor4D; bias: tf.Tensor1D; stride: number; pad: TfPad } | {
+      packed: PackedWeight;
+      geometry: ConvGeometry;
+    },
   ) {}
 
   static load(
@@ -88,24 +101,28 @@ export class Conv2d {
     kernel: number,
     { stride = 1, padding = 'same-as-torch' }: { stride?: number; padding?: ConvPadding } = {},
   ): Conv2d {
-    const filter = own(() => tf.transpose(p.tensor('weight', [cout, cin, kernel, kernel]), [2, 3, 1, 0]) as tf.Tensor4D);
-    const bias = own(() => p.tensor('bias', [cout]) as tf.Tensor1D);
-    return new Conv2d(filter, bias, stride, tfPadding(padding, kernel, stride));
-  }
-
-  get outChannels(): number {
-    return this.filter.shape[3];
+    const weight = p.array('weight', [cout, cin, kernel, kernel]);
+    const bias = p.array('bias', [cout]);
+    const pad = padSides(padding, kernel);
+    if (useKernels()) {
+      return new Conv2d(cout, { packed: packWeight(weight, cout, { kind: 'conv', kernel }, bias), geometry: { kernel, stride, pad } });
+    }
+    const filter = own(() => tf.transpose(tf.tensor4d(weight, [cout, cin, kernel, kernel]), [2, 3, 1, 0]) as tf.Tensor4D);
+    return new Conv2d(cout, { filter, bias: own(() => tf.tensor1d(bias)), stride, pad: tfPadding(pad, kernel, stride) });
   }
 
   apply(x: tf.Tensor4D): tf.Tensor4D {
+    const run = this.run;
+    if ('packed' in run) return kernels.conv2d(x, run.packed, run.geometry);
     return tf.tidy(() =>
-      tf.fused.conv2d({ x, filter: this.filter, strides: this.stride, pad: this.pad, bias: this.bias, dataFormat: 'NHWC' }),
+      tf.fused.conv2d({ x, filter: run.filter, strides: run.stride, pad: run.pad, bias: run.bias, dataFormat: 'NHWC' }),
     );
   }
 
   dispose(): void {
-    this.filter.dispose();
-    this.bias.dispose();
+    if ('packed' in this.run) return;
+    this.run.filter.dispose();
+    this.run.bias.dispose();
   }
 }
 
@@ -122,15 +139,28 @@ export class GroupNorm {
     readonly beta: tf.Tensor1D,
     readonly groups: number,
     readonly eps: number,
+    /** gamma and beta on the host when the native kernels normalise (loaded while they were in use). */
+    private readonly host: { gamma: Float32Array; beta: Float32Array } | null,
   ) {}
 
   static load(p: Params, channels: number, { groups = 32, eps }: { groups?: number; eps: number }): GroupNorm {
     if (channels % groups !== 0) {
       throw new RangeError(`${p.prefix}: GroupNorm over ${channels} channels cannot make ${groups} equal groups`);
     }
-    const gamma = own(() => p.tensor('weight', [channels]) as tf.Tensor1D);
-    const beta = own(() => p.tensor('bias', [channels]) as tf.Tensor1D);
-    return new GroupNorm(gamma, beta, groups, eps);
+    const gamma = p.array('weight', [channels]);
+    const beta = p.array('bias', [channels]);
+    return new GroupNorm(
+      own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), groups, eps, useKernels() ? { gamma, beta } : null,
+    );
+  }
+
+  /** SiLU(GroupNorm(x)): one pass of the native kernels, or the two in turn. */
+  applySilu<T extends tf.Tensor>(x: T): T {
+    if (this.host !== null) return kernels.groupNorm(x, this.groups, this.eps, this.host.gamma, this.host.beta, true);
+    const normed = this.apply(x);
+    const act = silu(normed);
+    normed.dispose();
+    return act;
   }
 
   /**
@@ -140,6 +170,7 @@ export class GroupNorm {
    * so only two full-size tensors are made: at 512x512 with 128 channels each is 128 MiB.
    */
   apply<T extends tf.Tensor>(x: T): T {
+    if (this.host !== null) return kernels.groupNorm(x, this.groups, this.eps, this.host.gamma, this.host.beta, false);
     return tf.tidy(() => {
       const c = x.shape[x.rank - 1];
       const b = x.shape[0];

@@ -52,6 +52,11 @@ export class Params {
 
   /** Reads `${prefix}.${name}` as float32 in checkpoint layout; its shape must equal `shape` exactly. */
   tensor(name: string, shape: readonly number[]): tf.Tensor {
+    return tf.tensor(this.array(name, shape), [...shape], 'float32');
+  }
+
+  /** The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`. */
+  array(name: string, shape: readonly number[]): Float32Array {
     const key = this.key(name);
     if (!this.src.has(key)) {
       throw new WeightsError(
@@ -65,7 +70,7 @@ export class Params {
       );
     }
     this.used.add(key);
-    return tf.tensor(this.src.float32(key), [...shape], 'float32');
+    return this.src.float32(key);
   }
 
   /** Keys under the root prefix that nothing read, except those matching `ignore` (buffers such as position_ids). */

@@ -11,7 +11,7 @@
  *   openaimodel.py ResBlock (UNet):        in_layers.0, in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection
  */
 import * as tf from './tf.js';
-import { Conv2d, GroupNorm, Linear, silu } from './nn.js';
+import { Conv2d, GroupNorm, Linear } from './nn.js';
 import type { Params } from './params.js';
 
 export interface ResnetNames {
@@ -104,9 +104,7 @@ export class ResnetBlock {
 
 /** conv(SiLU(norm(x))), freeing each intermediate feature map as soon as the next exists. x is kept. */
 export function normSiluConv(norm: GroupNorm, conv: Conv2d, x: tf.Tensor4D): tf.Tensor4D {
-  const normed = norm.apply(x);
-  const act = silu(normed);
-  normed.dispose();
+  const act = norm.applySilu(x);
   const out = conv.apply(act);
   act.dispose();
   return out;

@@ -64,8 +64,8 @@ class CrossAttention {
  */
 class FeedForward {
   private constructor(
-    private readonly value: HalfLinear,
-    private readonly gate: HalfLinear,
+    private readonly value: Linear,
+    private readonly gate: Linear,
     private readonly out: Linear,
   ) {}
 
@@ -83,10 +83,10 @@ class FeedForward {
 
   /** Frees each 4C-wide intermediate as soon as it is used (at 64x64, batch 2: 84 MB each). */
   apply(x: tf.Tensor3D): tf.Tensor3D {
-    const gate = linear(x, this.gate);
+    const gate = this.gate.apply(x);
     const act = gelu(gate);
     gate.dispose();
-    const value = linear(x, this.value);
+    const value = this.value.apply(x);
     const gated = tf.mul(value, act) as tf.Tensor3D;
     tf.dispose([value, act]);
     const out = this.out.apply(gated);
@@ -95,37 +95,17 @@ class FeedForward {
   }
 
   dispose(): void {
-    tf.dispose([this.value.weight, this.value.bias, this.gate.weight, this.gate.bias]);
-    this.out.dispose();
+    for (const m of [this.value, this.gate, this.out]) m.dispose();
   }
 }
 
-/** Half of a Linear's outputs: weight [in, out/2] (laid out for x W), bias [out/2]. */
-interface HalfLinear {
-  readonly weight: tf.Tensor2D;
-  readonly bias: tf.Tensor1D;
-}
-
-/** Reads a Linear [2 * half, in] and returns its first and second halves of outputs, each laid out [in, half]. */
-function loadHalves(p: Params, inFeatures: number, half: number): [HalfLinear, HalfLinear] {
-  const w = tf.tidy(() => tf.transpose(p.tensor('weight', [2 * half, inFeatures])) as tf.Tensor2D); // [in, 2 * half]
-  const b = p.tensor('bias', [2 * half]) as tf.Tensor1D;
-  const part = (i: number): HalfLinear => ({
-    weight: tf.keep(tf.slice(w, [0, i * half], [inFeatures, half])),
-    bias: tf.keep(tf.slice(b, [i * half], [half])),
-  });
-  const halves: [HalfLinear, HalfLinear] = [part(0), part(1)];
-  tf.dispose([w, b]);
-  return halves;
-}
-
-/** x [B, N, in] -> x W + b [B, N, out]. */
-function linear(x: tf.Tensor3D, l: HalfLinear): tf.Tensor3D {
-  return tf.tidy(() => {
-    const [b, n, c] = x.shape;
-    const y = tf.fused.matMul({ a: tf.reshape(x, [b * n, c]) as tf.Tensor2D, b: l.weight, bias: l.bias });
-    return tf.reshape(y, [b, n, l.weight.shape[1]]) as tf.Tensor3D;
-  });
+/** Reads a Linear [2 * half, in] and returns the Linears of its first and second halves of outputs. */
+function loadHalves(p: Params, inFeatures: number, half: number): [Linear, Linear] {
+  const w = p.array('weight', [2 * half, inFeatures]); // rows are outputs: each half is a contiguous block
+  const b = p.array('bias', [2 * half]);
+  const part = (i: number) =>
+    Linear.fromArrays(w.slice(i * half * inFeatures, (i + 1) * half * inFeatures), b.slice(i * half, (i + 1) * half), inFeatures, half);
+  return [part(0), part(1)];
 }
 
 /** Pre-LayerNorm transformer block: self-attention, cross-attention, GEGLU, each residual. [B, N, C] */

@@ -112,7 +112,7 @@ class OutHead {
   constructor(readonly norm: GroupNorm, readonly conv: Conv2d) {}
 
   apply(h: tf.Tensor4D): tf.Tensor4D {
-    return tf.tidy(() => this.conv.apply(silu(this.norm.apply(h))));
+    return tf.tidy(() => this.conv.apply(this.norm.applySilu(h)));
   }
 
   dispose(): void {

@@ -1,5 +1,9 @@
-/** `sd setup-native [--from PATH] [--gpu] [--force]`: the native `tensorflow` backend from a TensorFlow wheel. */
+/**
+ * `sd setup-native [--from PATH] [--gpu] [--force]`: the native `tensorflow` backend from a TensorFlow wheel, and the
+ * native kernels that speed it up (src/setup/kernels.ts).
+ */
 import type { CommandModule } from 'yargs';
+import { buildKernels } from '../../setup/kernels.js';
 import { defaultRoot, setupNative } from '../../setup/native.js';
 
 interface Args {
@@ -24,5 +28,7 @@ export const setupNativeCommand: CommandModule<object, Args> = {
     const r = await setupNative({ from: args.from, gpu: args.gpu, force: args.force, root: defaultRoot(), log });
     const what = r.source === null ? 'nothing to do' : `set up from ${r.source}`;
     log(`${r.package}: ${what}; ${r.seconds.toFixed(1)} s, ${(r.bytes / MB).toFixed(0)} MB in ${r.dir}/{deps,lib}`);
+    const k = await buildKernels(defaultRoot());
+    log(`native kernels built in ${k.seconds.toFixed(1)} s: ${k.path}${k.usable ? '' : ' (this CPU lacks AVX2/FMA: they stay unused)'}`);
   },
 };

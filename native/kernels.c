@@ -1,0 +1,840 @@
+/*
+ * sd_kernels: the few CPU kernels that decide Stable Diffusion's speed, for x86-64 with AVX2 and FMA.
+ *
+ *   linear     y[M, N] = x[M, K] w[K, N] + b                      (every nn.Linear)
+ *   conv2d     NHWC x [B, H, W, Cin] * HWIO w -> [B, H', W', Cout]  (every nn.Conv2d: 3x3 and 1x1, stride 1 or 2)
+ *   attention  softmax(q k^T * scale) v per head, never holding more than a [96, 256] tile of scores
+ *   groupNorm  GroupNorm with an optional SiLU after it, in three passes over the input
+ *
+ * All four are one matrix product in disguise, computed by a single register-blocked micro-kernel: a 6x16 tile of
+ * the output lives in 12 AVX registers while the shared dimension streams through (BLIS, Goto & van de Geijn 2008).
+ * The right-hand matrix is packed once into panels of 16 columns ("packWeights", done at model load for weights;
+ * per call for attention's K and V). The left-hand rows are not packed at all: the kernel reads each of its 6 rows
+ * through its own pointer, so a convolution reads its input in place, one kernel tap at a time, and a padded tap
+ * points at a row of zeros (indirect convolution, Dukhan 2019): no im2col buffer.
+ *
+ * Work is split over rows of the output between `threads` POSIX threads made per call (a call lasts milliseconds).
+ * Every entry point checks that each array holds what the shapes claim before touching memory, and throws a
+ * RangeError naming the argument when not. Built by `sd setup-native` (src/setup/kernels.ts) with plain
+ * `cc -O3 -shared`; the AVX2 code is compiled per function (target attribute), and `available()` says whether this
+ * CPU can run it, so the same file builds everywhere and JavaScript falls back to TensorFlow ops where it cannot.
+ */
+#define NAPI_VERSION 8
+#include <node_api.h>
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+#include <string.h>
+
+#define MR 6          /* rows of the micro-tile */
+#define NR 16         /* columns of the micro-tile: two AVX registers */
+#define KC 256        /* shared-dimension block: a 256x16 panel of B (16 KiB) stays in L1 */
+#define MAX_THREADS 64
+#define QB 96         /* attention: queries per work unit */
+#define KB 256        /* attention: keys per block of the online softmax */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+static float *zeros = NULL; /* a row of zeros for padded taps and missing rows, at least as long as any kc */
+static size_t zeros_len = 0;
+
+static const float *zero_row(size_t len) {
+  if (len > zeros_len) {
+    /* Only grows, only on the calling (main) thread, before workers start. */
+    free(zeros);
+    zeros = calloc(len, sizeof(float));
+    zeros_len = zeros ? len : 0;
+  }
+  return zeros;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* The micro-kernel                                                                                                  */
+
+/* tile[6][16] = sum_k a[i][k] * b[k][0..16) for kc steps; a: 6 row pointers, b: a packed panel (16 floats per k). */
+AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, float *tile) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int k = 0; k < kc; k++) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    b += NR;
+    __m256 x = _mm256_broadcast_ss(a0 + k);
+    c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a1 + k);
+    c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a2 + k);
+    c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a3 + k);
+    c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a4 + k);
+    c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a5 + k);
+    c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  _mm256_storeu_ps(tile + 0, c00); _mm256_storeu_ps(tile + 8, c01);
+  _mm256_storeu_ps(tile + 16, c10); _mm256_storeu_ps(tile + 24, c11);
+  _mm256_storeu_ps(tile + 32, c20); _mm256_storeu_ps(tile + 40, c21);
+  _mm256_storeu_ps(tile + 48, c30); _mm256_storeu_ps(tile + 56, c31);
+  _mm256_storeu_ps(tile + 64, c40); _mm256_storeu_ps(tile + 72, c41);
+  _mm256_storeu_ps(tile + 80, c50); _mm256_storeu_ps(tile + 88, c51);
+}
+
+/*
+ * What is added to the product once, with the first shared block: a bias row (shared by all rows, or one per image:
+ * row r uses bias row r / bias_rows) and a residual of the output's layout.
+ */
+typedef struct {
+  const float *bias;
+  size_t bias_rows; /* 0: one bias row for all */
+  size_t ldb;
+  const float *res;
+  size_t ldr;
+} epi_t;
+
+/* c[rows][cols] (row stride ldc; its top-left is (row0, col0) of C) = tile + epilogue, or += tile when accumulating. */
+AVX2 static void write_tile(const float *tile, float *c, size_t ldc, int rows, int cols, size_t row0, size_t col0,
+                            const epi_t *e, int accumulate) {
+  for (int i = 0; i < rows; i++) {
+    const float *t = tile + i * NR;
+    float *o = c + i * ldc;
+    const float *bias = NULL, *res = NULL;
+    if (!accumulate && e) {
+      if (e->bias) bias = e->bias + (e->bias_rows ? (row0 + i) / e->bias_rows * e->ldb : 0) + col0;
+      if (e->res) res = e->res + (row0 + i) * e->ldr + col0;
+    }
+    if (cols == NR) {
+      __m256 v0 = _mm256_loadu_ps(t), v1 = _mm256_loadu_ps(t + 8);
+      if (accumulate) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+      }
+      if (bias) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(bias + 8));
+      }
+      if (res) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(res));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(res + 8));
+      }
+      _mm256_storeu_ps(o, v0);
+      _mm256_storeu_ps(o + 8, v1);
+    } else {
+      for (int j = 0; j < cols; j++) o[j] = (accumulate ? o[j] : 0.0f) + t[j] + (bias ? bias[j] : 0.0f) + (res ? res[j] : 0.0f);
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Vector exp (Cephes' polynomial, relative error ~2e-7 on [-87, 88])                                                */
+
+AVX2 static inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Threads                                                                                                           */
+
+typedef void (*task_fn)(void *ctx, int thread, int threads);
+typedef struct { task_fn fn; void *ctx; int thread, threads; } task_t;
+
+static void *run_task(void *p) {
+  task_t *t = p;
+  t->fn(t->ctx, t->thread, t->threads);
+  return NULL;
+}
+
+/* Runs fn(ctx, t, n) for t in [0, n): n-1 new threads and the caller. */
+static void parallel(task_fn fn, void *ctx, int n) {
+  if (n < 1) n = 1;
+  if (n > MAX_THREADS) n = MAX_THREADS;
+  pthread_t ids[MAX_THREADS];
+  task_t tasks[MAX_THREADS];
+  int started = 0;
+  for (int t = 1; t < n; t++) {
+    tasks[t] = (task_t){ fn, ctx, t, n };
+    if (pthread_create(&ids[t], NULL, run_task, &tasks[t]) != 0) break;
+    started = t;
+  }
+  /* Threads that could not start are covered by the caller: it runs every slice from `started`+1 on. */
+  for (int t = started + 1; t < n; t++) fn(ctx, t, n);
+  fn(ctx, 0, n);
+  for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* The blocked product: C[M, N] = A[M, K] B[K, N] (+ bias), B packed, rows of A given block by block                */
+
+/* A row provider: where row m's values for shared indices [k0, k0 + kc) start (kc contiguous floats). */
+typedef const float *(*row_fn)(const void *ctx, size_t m, size_t k0);
+
+typedef struct {
+  size_t M, N, K;
+  row_fn row;
+  const void *row_ctx;
+  /* The shared dimension in blocks that a row provider can serve contiguously (convolution: within one tap). */
+  const size_t *kstart;
+  size_t kblocks;
+  const float *packed; /* ceil(N/16) panels of [K][16] */
+  epi_t epi;           /* bias and residual */
+  float *c;
+  size_t ldc;
+} gemm_t;
+
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
+
+/* One block of rows [ic, ic + mc) times the panels [jp0, jp1) of B, over the shared blocks [kb0, kb1). */
+AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, size_t jp1, size_t kb0, size_t kb1) {
+  const float *rows[16 * MR];
+  float tile[MR * NR];
+  for (size_t kb = kb0; kb < kb1; kb++) {
+    const size_t k0 = g->kstart[kb], kc = g->kstart[kb + 1] - k0;
+    for (size_t i = 0; i < mc; i++) rows[i] = g->row(g->row_ctx, ic + i, k0);
+    for (size_t i = mc; i % MR; i++) rows[i] = zeros; /* missing rows of the last micro-tile read zeros */
+    for (size_t jp = jp0; jp < jp1; jp++) {
+      const float *b = g->packed + (jp * g->K + k0) * NR;
+      const int cols = (int)min_sz(NR, g->N - jp * NR);
+      for (size_t ir = 0; ir < mc; ir += MR) {
+        kernel_6x16((int)kc, rows + ir, b, tile);
+        write_tile(tile, g->c + (ic + ir) * g->ldc + jp * NR, g->ldc, (int)min_sz(MR, mc - ir), cols, ic + ir, jp * NR,
+                   &g->epi, kb > 0);
+      }
+    }
+  }
+}
+
+/*
+ * Rows [m0, m1) of C, in blocks of 96 rows by 512 columns: the block of C (192 KiB) stays in L2 while every shared
+ * block passes through it, so C is written once; the rows' inputs for one shared block (96 x 256) are reused by all
+ * 32 panels, and B, re-read once per block of rows, comes from L3 when it fits there.
+ */
+static void gemm_rows(const gemm_t *g, size_t m0, size_t m1) {
+  const size_t panels = (g->N + NR - 1) / NR, mc = 16 * MR, jn = 32;
+  for (size_t ic = m0; ic < m1; ic += mc)
+    for (size_t jp = 0; jp < panels; jp += jn) gemm_block(g, ic, min_sz(mc, m1 - ic), jp, min_sz(panels, jp + jn), 0, g->kblocks);
+}
+
+static void gemm_task(void *ctx, int t, int n) {
+  const gemm_t *g = ctx;
+  /* Even split of rows, in whole micro-tiles. */
+  const size_t tiles = (g->M + MR - 1) / MR;
+  const size_t m0 = min_sz(g->M, tiles * t / n * MR), m1 = min_sz(g->M, tiles * (t + 1) / n * MR);
+  if (m1 > m0) gemm_rows(g, m0, m1);
+}
+
+/* Shared-dimension blocks of at most KC that never cross a multiple of `segment`; returns the count. */
+static size_t k_blocks(size_t K, size_t segment, size_t *kstart) {
+  size_t n = 0;
+  for (size_t s = 0; s < K; s += segment)
+    for (size_t k = s; k < s + segment; k += KC) kstart[n++] = k;
+  kstart[n] = K;
+  return n;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* N-API plumbing                                                                                                    */
+
+typedef struct { napi_env env; napi_value *argv; size_t argc; int failed; } args_t;
+
+static void fail(args_t *a, const char *msg) {
+  if (!a->failed) napi_throw_range_error(a->env, NULL, msg);
+  a->failed = 1;
+}
+
+static double num(args_t *a, size_t i, const char *name) {
+  double v = 0;
+  if (i >= a->argc || napi_get_value_double(a->env, a->argv[i], &v) != napi_ok) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "sd_kernels: %s must be a number", name);
+    fail(a, msg);
+  }
+  return v;
+}
+
+static size_t dim(args_t *a, size_t i, const char *name) {
+  const double v = num(a, i, name);
+  if (!a->failed && (v < 0 || v > 1e12 || v != (double)(size_t)v)) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "sd_kernels: %s must be a non-negative integer, got %g", name, v);
+    fail(a, msg);
+    return 0;
+  }
+  return (size_t)v;
+}
+
+/* A Float32Array argument of at least `need` elements, or NULL (allowed only when `optional`). */
+static float *f32(args_t *a, size_t i, const char *name, size_t need, int optional) {
+  if (a->failed) return NULL;
+  napi_valuetype type;
+  if (i < a->argc && napi_typeof(a->env, a->argv[i], &type) == napi_ok && (type == napi_null || type == napi_undefined)) {
+    if (!optional) {
+      char msg[128];
+      snprintf(msg, sizeof msg, "sd_kernels: %s is required", name);
+      fail(a, msg);
+    }
+    return NULL;
+  }
+  if (i >= a->argc && optional) return NULL;
+  bool is = false;
+  if (i < a->argc) napi_is_typedarray(a->env, a->argv[i], &is);
+  napi_typedarray_type tt;
+  size_t len = 0;
+  void *data = NULL;
+  if (!is || napi_get_typedarray_info(a->env, a->argv[i], &tt, &len, &data, NULL, NULL) != napi_ok || tt != napi_float32_array) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "sd_kernels: %s must be a Float32Array", name);
+    fail(a, msg);
+    return NULL;
+  }
+  if (len < need) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "sd_kernels: %s holds %zu floats, the shapes need %zu", name, len, need);
+    fail(a, msg);
+    return NULL;
+  }
+  return data;
+}
+
+static int get_args(napi_env env, napi_callback_info info, napi_value *argv, size_t max, args_t *a) {
+  a->env = env;
+  a->argv = argv;
+  a->argc = max;
+  a->failed = 0;
+  return napi_get_cb_info(env, info, &a->argc, argv, NULL, NULL) == napi_ok;
+}
+
+static int threads_arg(args_t *a, size_t i) {
+  const size_t t = dim(a, i, "threads");
+  return t < 1 ? 1 : t > MAX_THREADS ? MAX_THREADS : (int)t;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* packWeights(w, K, N, layout, taps) -> Float32Array, ceil(N/16) panels of [K][16] holding B[k][n], where w is    */
+/*   layout 0: B itself, [K, N] row-major;  1: [N, K] (nn.Linear's [out, in]);                                    */
+/*   layout 2: OIHW [N, Cin, kh, kw] with taps = kh*kw and Cin = K / taps, read as k = (ky*kw + kx)*Cin + ci.      */
+
+static size_t packed_len(size_t K, size_t N) { return (N + NR - 1) / NR * K * NR; }
+
+static napi_value pack_weights(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  args_t a;
+  if (!get_args(env, info, argv, 5, &a)) return NULL;
+  const size_t K = dim(&a, 1, "K"), N = dim(&a, 2, "N"), layout = dim(&a, 3, "layout");
+  const size_t taps = layout == 2 ? dim(&a, 4, "taps") : 1;
+  if (!a.failed && (layout > 2 || taps == 0 || K % taps != 0)) fail(&a, "sd_kernels: packWeights: layout must be 0, 1 or 2 and taps must divide K");
+  const float *w = f32(&a, 0, "w", K * N, 0);
+  if (a.failed) return NULL;
+  napi_value buf, out;
+  void *data;
+  const size_t len = packed_len(K, N), cin = K / taps;
+  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
+  float *p = data;
+  for (size_t jp = 0; jp * NR < N; jp++) {
+    const size_t cols = min_sz(NR, N - jp * NR);
+    for (size_t k = 0; k < K; k++) {
+      float *dst = p + (jp * K + k) * NR;
+      for (size_t j = 0; j < NR; j++) {
+        const size_t n = jp * NR + j;
+        dst[j] = j >= cols ? 0.0f
+          : layout == 0 ? w[k * N + n]
+          : layout == 1 ? w[n * K + k]
+          : w[(n * cin + k % cin) * taps + k / cin];
+      }
+    }
+  }
+  napi_create_typedarray(env, napi_float32_array, len, buf, 0, &out);
+  return out;
+}
+
+/* tuneAllocator(): glibc serves every block from its heap and keeps freed memory for reuse (see src/tensor/kernels.ts) */
+
+static napi_value tune_allocator(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value r;
+#ifdef __GLIBC__
+  const int ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
+#else
+  const int ok = 0;
+#endif
+  napi_get_boolean(env, ok, &r);
+  return r;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* linear(x [M, K], M, K, packed, N, bias | null, out [M, N], threads, residual [M, N] | null)                       */
+
+typedef struct { const float *x; size_t K; } dense_rows_t;
+
+static const float *dense_row(const void *ctx, size_t m, size_t k0) {
+  const dense_rows_t *d = ctx;
+  return d->x + m * d->K + k0;
+}
+
+static napi_value linear(napi_env env, napi_callback_info info) {
+  napi_value argv[9];
+  args_t a;
+  if (!get_args(env, info, argv, 9, &a)) return NULL;
+  const size_t M = dim(&a, 1, "M"), K = dim(&a, 2, "K"), N = dim(&a, 4, "N");
+  const int threads = threads_arg(&a, 7);
+  const float *x = f32(&a, 0, "x", M * K, 0);
+  const float *packed = f32(&a, 3, "packed", packed_len(K, N), 0);
+  const float *bias = f32(&a, 5, "bias", N, 1);
+  float *out = f32(&a, 6, "out", M * N, 0);
+  const float *res = f32(&a, 8, "residual", M * N, 1);
+  if (a.failed || M == 0 || N == 0) return NULL;
+  if (K == 0) {
+    for (size_t m = 0; m < M; m++)
+      for (size_t n = 0; n < N; n++) out[m * N + n] = (bias ? bias[n] : 0.0f) + (res ? res[m * N + n] : 0.0f);
+    return NULL;
+  }
+  size_t *kstart = malloc(sizeof(size_t) * (K / KC + 2));
+  if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  dense_rows_t rows = { x, K };
+  gemm_t g = { M, N, K, dense_row, &rows, kstart, k_blocks(K, K, kstart), packed, { bias, 0, N, res, N }, out, N };
+  parallel(gemm_task, &g, threads);
+  free(kstart);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* conv2d(x, B, H, W, Cin, packed, Cout, kernel, stride, padTop, padLeft, Hout, Wout, bias | null, out, threads,      */
+/*        residual [B, Hout, Wout, Cout] | null, biasPerImage): bias is [Cout], or [B, Cout] when biasPerImage.       */
+/* The shared index is (ky, kx, ci) with ci fastest, matching an HWIO filter read as [k*k*Cin, Cout].                */
+
+typedef struct {
+  const float *x;
+  size_t H, W, Cin, kernel, stride, Hout, Wout;
+  long padTop, padLeft;
+} conv_rows_t;
+
+static const float *conv_row(const void *ctx, size_t m, size_t k0) {
+  const conv_rows_t *c = ctx;
+  const size_t tap = k0 / c->Cin, ci = k0 % c->Cin;
+  const size_t ox = m % c->Wout, oy = (m / c->Wout) % c->Hout, b = m / (c->Wout * c->Hout);
+  const long iy = (long)(oy * c->stride + tap / c->kernel) - c->padTop;
+  const long ix = (long)(ox * c->stride + tap % c->kernel) - c->padLeft;
+  if (iy < 0 || ix < 0 || iy >= (long)c->H || ix >= (long)c->W) return zeros;
+  return c->x + ((b * c->H + (size_t)iy) * c->W + (size_t)ix) * c->Cin + ci;
+}
+
+static napi_value conv2d(napi_env env, napi_callback_info info) {
+  napi_value argv[18];
+  args_t a;
+  if (!get_args(env, info, argv, 18, &a)) return NULL;
+  const size_t B = dim(&a, 1, "B"), H = dim(&a, 2, "H"), W = dim(&a, 3, "W"), Cin = dim(&a, 4, "Cin");
+  const size_t Cout = dim(&a, 6, "Cout"), kernel = dim(&a, 7, "kernel"), stride = dim(&a, 8, "stride");
+  const size_t padTop = dim(&a, 9, "padTop"), padLeft = dim(&a, 10, "padLeft");
+  const size_t Hout = dim(&a, 11, "Hout"), Wout = dim(&a, 12, "Wout");
+  const int threads = threads_arg(&a, 15);
+  if (!a.failed && (kernel == 0 || stride == 0 || Cin == 0)) fail(&a, "sd_kernels: kernel, stride and Cin must be positive");
+  const size_t K = kernel * kernel * Cin;
+  const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
+  const float *packed = f32(&a, 5, "packed", packed_len(K, Cout), 0);
+  bool per_image = false;
+  if (!a.failed && a.argc > 17) napi_get_value_bool(env, argv[17], &per_image);
+  const float *bias = f32(&a, 13, "bias", per_image ? B * Cout : Cout, 1);
+  float *out = f32(&a, 14, "out", B * Hout * Wout * Cout, 0);
+  const float *res = f32(&a, 16, "residual", B * Hout * Wout * Cout, 1);
+  if (a.failed || B * Hout * Wout == 0 || Cout == 0) return NULL;
+  size_t *kstart = malloc(sizeof(size_t) * (kernel * kernel * (Cin / KC + 2) + 2));
+  if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  conv_rows_t rows = { x, H, W, Cin, kernel, stride, Hout, Wout, (long)padTop, (long)padLeft };
+  const epi_t epi = { bias, per_image ? Hout * Wout : 0, Cout, res, Cout };
+  gemm_t g = { B * Hout * Wout, Cout, K, conv_row, &rows, kstart, k_blocks(K, Cin, kstart), packed, epi, out, Cout };
+  parallel(gemm_task, &g, threads);
+  free(kstart);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* attention(q [B, Nq, H*D], k [B, Nk, H*D], v [B, Nk, H*D], B, Nq, Nk, heads, scale, out [B, Nq, H*D], threads)     */
+/* Flash-style: per (item, block of QB queries), keys in blocks of KB with a running max and sum per query row.      */
+
+typedef struct {
+  const float *q, *k, *v;
+  float *out;
+  size_t B, Nq, Nk, heads, D, C;
+  float scale;
+  float *kp, *vp; /* per item: K^T as ceil(Nk/16) panels of [D][16]; V as ceil(D/16) panels of [Nk][16] */
+  size_t kp_item, vp_item;
+  size_t units_per_item;
+} attn_t;
+
+static void pack_kv_task(void *ctx, int t, int n) {
+  attn_t *s = ctx;
+  const size_t items = s->B * s->heads;
+  for (size_t it = (size_t)t; it < items; it += (size_t)n) {
+    const size_t b = it / s->heads, h = it % s->heads;
+    const float *k = s->k + b * s->Nk * s->C + h * s->D, *v = s->v + b * s->Nk * s->C + h * s->D;
+    float *kp = s->kp + it * s->kp_item, *vp = s->vp + it * s->vp_item;
+    memset(kp, 0, s->kp_item * sizeof(float));
+    memset(vp, 0, s->vp_item * sizeof(float));
+    for (size_t j = 0; j < s->Nk; j++) {
+      const float *kj = k + j * s->C, *vj = v + j * s->C;
+      float *kpanel = kp + (j / NR) * s->D * NR + j % NR;
+      for (size_t d = 0; d < s->D; d++) kpanel[d * NR] = kj[d];
+      for (size_t d = 0; d < s->D; d++) vp[((d / NR) * s->Nk + j) * NR + d % NR] = vj[d];
+    }
+  }
+}
+
+AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float *acc, float *mx, float *sum) {
+  const size_t it = unit / s->units_per_item, q0 = (unit % s->units_per_item) * QB;
+  const size_t b = it / s->heads, h = it % s->heads, D = s->D;
+  const size_t qn = min_sz(QB, s->Nq - q0), dpanels = (D + NR - 1) / NR, dpad = dpanels * NR;
+  const float *kp = s->kp + it * s->kp_item, *vp = s->vp + it * s->vp_item;
+  const float *rows[QB + MR];
+  float tile[MR * NR];
+  for (size_t i = 0; i < qn; i++) rows[i] = s->q + (b * s->Nq + q0 + i) * s->C + h * D;
+  for (size_t i = qn; i % MR; i++) rows[i] = zeros;
+  for (size_t i = 0; i < qn; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
+  memset(acc, 0, QB * dpad * sizeof(float));
+  const __m256 scale = _mm256_set1_ps(s->scale);
+
+  for (size_t k0 = 0; k0 < s->Nk; k0 += KB) {
+    const size_t kn = min_sz(KB, s->Nk - k0), kpanels = (kn + NR - 1) / NR, ldS = KB;
+    /* scores [qn, kn] = q k^T (the padded columns of the last panel are never read) */
+    for (size_t jp = 0; jp < kpanels; jp++) {
+      const float *bpanel = kp + (k0 / NR + jp) * D * NR;
+      for (size_t ir = 0; ir < qn; ir += MR) {
+        kernel_6x16((int)D, rows + ir, bpanel, tile);
+        write_tile(tile, scores + ir * ldS + jp * NR, ldS, (int)min_sz(MR, qn - ir), NR, 0, 0, NULL, 0);
+      }
+    }
+    /* online softmax: p = exp(scale * s - m_new); acc and sum are rescaled by exp(m_old - m_new) */
+    for (size_t i = 0; i < qn; i++) {
+      float *r = scores + i * ldS;
+      float m = -INFINITY;
+      for (size_t j = 0; j < kn; j++) m = r[j] > m ? r[j] : m;
+      m *= s->scale;
+      const float m_new = m > mx[i] ? m : mx[i];
+      const float alpha = mx[i] == -INFINITY ? 0.0f : expf(mx[i] - m_new);
+      mx[i] = m_new;
+      const __m256 mv = _mm256_set1_ps(m_new);
+      __m256 sv = _mm256_setzero_ps();
+      size_t j = 0;
+      for (; j + 8 <= kn; j += 8) {
+        const __m256 p = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(r + j), scale, mv));
+        _mm256_storeu_ps(r + j, p);
+        sv = _mm256_add_ps(sv, p);
+      }
+      float lanes[8], tail = 0.0f;
+      _mm256_storeu_ps(lanes, sv);
+      for (; j < kn; j++) { r[j] = expf(r[j] * s->scale - m_new); tail += r[j]; }
+      sum[i] = sum[i] * alpha + lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7] + tail;
+      if (alpha != 1.0f) for (size_t d = 0; d < dpad; d++) acc[i * dpad + d] *= alpha;
+    }
+    /* acc [qn, D] += p [qn, kn] v[k0 : k0 + kn] */
+    const float *prow[QB + MR];
+    for (size_t i = 0; i < qn; i++) prow[i] = scores + i * ldS;
+    for (size_t i = qn; i % MR; i++) prow[i] = zeros;
+    for (size_t dp = 0; dp < dpanels; dp++) {
+      const float *bpanel = vp + (dp * s->Nk + k0) * NR;
+      for (size_t ir = 0; ir < qn; ir += MR) {
+        kernel_6x16((int)kn, prow + ir, bpanel, tile);
+        write_tile(tile, acc + ir * dpad + dp * NR, dpad, (int)min_sz(MR, qn - ir), NR, 0, 0, NULL, 1);
+      }
+    }
+  }
+  for (size_t i = 0; i < qn; i++) {
+    float *o = s->out + (b * s->Nq + q0 + i) * s->C + h * D;
+    const float inv = 1.0f / sum[i];
+    for (size_t d = 0; d < D; d++) o[d] = acc[i * dpad + d] * inv;
+  }
+}
+
+static void attend_task(void *ctx, int t, int n) {
+  const attn_t *s = ctx;
+  const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
+  float *scores = malloc(sizeof(float) * QB * KB), *acc = malloc(sizeof(float) * QB * dpad);
+  float mx[QB], sum[QB];
+  if (scores && acc) {
+    const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
+    for (size_t u = u0; u < u1; u++) attend_unit(s, u, scores, acc, mx, sum);
+  } else {
+    /* Leave NaN so a failed allocation can never pass for a result. */
+    for (size_t u = units * (size_t)t / (size_t)n; u < units * (size_t)(t + 1) / (size_t)n; u++) {
+      const size_t it = u / s->units_per_item, q0 = (u % s->units_per_item) * QB;
+      for (size_t i = q0; i < min_sz(q0 + QB, s->Nq); i++)
+        for (size_t d = 0; d < s->D; d++) s->out[((it / s->heads) * s->Nq + i) * s->C + (it % s->heads) * s->D + d] = NAN;
+    }
+  }
+  free(scores);
+  free(acc);
+}
+
+static napi_value attention(napi_env env, napi_callback_info info) {
+  napi_value argv[11];
+  args_t a;
+  if (!get_args(env, info, argv, 11, &a)) return NULL;
+  const size_t B = dim(&a, 3, "B"), Nq = dim(&a, 4, "Nq"), Nk = dim(&a, 5, "Nk"), heads = dim(&a, 6, "heads");
+  const size_t D = dim(&a, 7, "D");
+  const float scale = (float)num(&a, 8, "scale");
+  const int threads = threads_arg(&a, 10);
+  if (!a.failed && (heads == 0 || D == 0 || Nk == 0)) fail(&a, "sd_kernels: heads, D and Nk must be positive");
+  const size_t C = heads * D;
+  const float *q = f32(&a, 0, "q", B * Nq * C, 0), *k = f32(&a, 1, "k", B * Nk * C, 0), *v = f32(&a, 2, "v", B * Nk * C, 0);
+  float *out = f32(&a, 9, "out", B * Nq * C, 0);
+  if (a.failed || B * Nq == 0) return NULL;
+  attn_t s = { q, k, v, out, B, Nq, Nk, heads, D, C, scale, NULL, NULL, 0, 0, (Nq + QB - 1) / QB };
+  s.kp_item = (Nk + NR - 1) / NR * NR * D;
+  s.vp_item = (D + NR - 1) / NR * NR * Nk;
+  s.kp = malloc(sizeof(float) * s.kp_item * B * heads);
+  s.vp = malloc(sizeof(float) * s.vp_item * B * heads);
+  if (!s.kp || !s.vp || !zero_row(D > KB ? D : KB)) {
+    free(s.kp);
+    free(s.vp);
+    fail(&a, "sd_kernels: out of memory for attention's packed keys and values");
+    return NULL;
+  }
+  parallel(pack_kv_task, &s, threads);
+  parallel(attend_task, &s, threads);
+  free(s.kp);
+  free(s.vp);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* groupNorm(x [B, P, C], B, P, C, groups, eps, gamma, beta, silu, out, threads)                                     */
+/* Pass 1: per-channel sums (float over 64 positions, then double); pass 2: the same for (x - mean_group)^2;         */
+/* pass 3: y = x * scale[c] + shift[c], then y * sigmoid(y) when silu.                                               */
+
+typedef struct {
+  const float *x;
+  float *out;
+  size_t B, P, C;
+  double *partial;      /* [threads][B][C] */
+  const float *center;  /* [B][C]: the group mean per channel, for pass 2 */
+  const float *scale, *shift; /* [B][C], for pass 3 */
+  int pass, silu;
+} gn_t;
+
+AVX2 static void gn_task(void *ctx, int t, int n) {
+  gn_t *g = ctx;
+  const size_t C = g->C, P = g->P;
+  const size_t p0 = P * (size_t)t / (size_t)n, p1 = P * (size_t)(t + 1) / (size_t)n;
+  for (size_t b = 0; b < g->B; b++) {
+    const float *x = g->x + b * P * C;
+    if (g->pass < 3) {
+      double *tot = g->partial + ((size_t)t * g->B + b) * C;
+      const float *ctr = g->pass == 2 ? g->center + b * C : NULL;
+      float *blk = calloc(C, sizeof(float));
+      if (!blk) { for (size_t c = 0; c < C; c++) tot[c] = NAN; continue; }
+      for (size_t p = p0; p < p1; p++) {
+        const float *r = x + p * C;
+        if (ctr) for (size_t c = 0; c < C; c++) { const float d = r[c] - ctr[c]; blk[c] += d * d; }
+        else for (size_t c = 0; c < C; c++) blk[c] += r[c];
+        if ((p - p0) % 64 == 63 || p + 1 == p1) {
+          for (size_t c = 0; c < C; c++) { tot[c] += blk[c]; blk[c] = 0.0f; }
+        }
+      }
+      free(blk);
+    } else {
+      const float *sc = g->scale + b * C, *sh = g->shift + b * C;
+      float *o = g->out + b * P * C;
+      for (size_t p = p0; p < p1; p++) {
+        const float *r = x + p * C;
+        float *w = o + p * C;
+        size_t c = 0;
+        for (; c + 8 <= C; c += 8) {
+          __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(r + c), _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c));
+          if (g->silu) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), y));
+            y = _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+          }
+          _mm256_storeu_ps(w + c, y);
+        }
+        for (; c < C; c++) {
+          const float y = r[c] * sc[c] + sh[c];
+          w[c] = g->silu ? y / (1.0f + expf(-y)) : y;
+        }
+      }
+    }
+  }
+}
+
+static napi_value group_norm(napi_env env, napi_callback_info info) {
+  napi_value argv[11];
+  args_t a;
+  if (!get_args(env, info, argv, 11, &a)) return NULL;
+  const size_t B = dim(&a, 1, "B"), P = dim(&a, 2, "P"), C = dim(&a, 3, "C"), G = dim(&a, 4, "groups");
+  const double eps = num(&a, 5, "eps");
+  bool silu = false;
+  if (!a.failed && (a.argc <= 8 || napi_get_value_bool(env, argv[8], &silu) != napi_ok)) fail(&a, "sd_kernels: silu must be a boolean");
+  const int threads = threads_arg(&a, 10);
+  if (!a.failed && (G == 0 || C % G != 0 || P == 0)) fail(&a, "sd_kernels: groups must divide C, and P must be positive");
+  const float *x = f32(&a, 0, "x", B * P * C, 0), *gamma = f32(&a, 6, "gamma", C, 0), *beta = f32(&a, 7, "beta", C, 0);
+  float *out = f32(&a, 9, "out", B * P * C, 0);
+  if (a.failed || B == 0) return NULL;
+  const int n = threads;
+  double *partial = malloc(sizeof(double) * (size_t)n * B * C);
+  float *center = malloc(sizeof(float) * B * C), *scale = malloc(sizeof(float) * B * C), *shift = malloc(sizeof(float) * B * C);
+  if (!partial || !center || !scale || !shift) {
+    free(partial); free(center); free(scale); free(shift);
+    fail(&a, "sd_kernels: out of memory for groupNorm's statistics");
+    return NULL;
+  }
+  gn_t g = { x, out, B, P, C, partial, center, scale, shift, 1, silu };
+  const size_t cg = C / G;
+  const double count = (double)P * (double)cg;
+  double *mean = malloc(sizeof(double) * B * G);
+  for (int pass = 1; pass <= 2 && mean; pass++) {
+    memset(partial, 0, sizeof(double) * (size_t)n * B * C);
+    g.pass = pass;
+    parallel((task_fn)gn_task, &g, n);
+    for (size_t b = 0; b < B; b++)
+      for (size_t gi = 0; gi < G; gi++) {
+        double s = 0;
+        for (int t = 0; t < n; t++) for (size_t c = gi * cg; c < (gi + 1) * cg; c++) s += partial[((size_t)t * B + b) * C + c];
+        if (pass == 1) {
+          mean[b * G + gi] = s / count;
+          for (size_t c = gi * cg; c < (gi + 1) * cg; c++) center[b * C + c] = (float)mean[b * G + gi];
+        } else {
+          const double inv = 1.0 / sqrt(s / count + eps);
+          for (size_t c = gi * cg; c < (gi + 1) * cg; c++) {
+            scale[b * C + c] = (float)(inv * gamma[c]);
+            shift[b * C + c] = (float)(beta[c] - mean[b * G + gi] * inv * gamma[c]);
+          }
+        }
+      }
+  }
+  if (mean) {
+    g.pass = 3;
+    parallel((task_fn)gn_task, &g, n);
+  } else {
+    fail(&a, "sd_kernels: out of memory for groupNorm's statistics");
+  }
+  free(mean); free(partial); free(center); free(scale); free(shift);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* layerNorm(x [M, C], M, C, eps, gamma, beta, out, threads): per row, biased variance, centred, in double.          */
+
+typedef struct { const float *x, *gamma, *beta; float *out; size_t M, C; double eps; } ln_t;
+
+AVX2 static void ln_task(void *ctx, int t, int n) {
+  const ln_t *l = ctx;
+  const size_t m0 = l->M * (size_t)t / (size_t)n, m1 = l->M * (size_t)(t + 1) / (size_t)n, C = l->C;
+  for (size_t m = m0; m < m1; m++) {
+    const float *r = l->x + m * C;
+    float *o = l->out + m * C;
+    double s = 0, v = 0;
+    for (size_t c = 0; c < C; c++) s += r[c];
+    const double mean = s / (double)C;
+    for (size_t c = 0; c < C; c++) v += (r[c] - mean) * (r[c] - mean);
+    const float inv = (float)(1.0 / sqrt(v / (double)C + l->eps)), mf = (float)mean;
+    for (size_t c = 0; c < C; c++) o[c] = (r[c] - mf) * inv * l->gamma[c] + l->beta[c];
+  }
+}
+
+static napi_value layer_norm(napi_env env, napi_callback_info info) {
+  napi_value argv[8];
+  args_t a;
+  if (!get_args(env, info, argv, 8, &a)) return NULL;
+  const size_t M = dim(&a, 1, "M"), C = dim(&a, 2, "C");
+  const double eps = num(&a, 3, "eps");
+  const int threads = threads_arg(&a, 7);
+  const float *x = f32(&a, 0, "x", M * C, 0), *gamma = f32(&a, 4, "gamma", C, 0), *beta = f32(&a, 5, "beta", C, 0);
+  float *out = f32(&a, 6, "out", M * C, 0);
+  if (a.failed || M == 0 || C == 0) return NULL;
+  ln_t l = { x, gamma, beta, out, M, C, eps };
+  parallel(ln_task, &l, threads);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* geglu(value, gate, out, n, threads): out = value * GELU(gate), GELU(x) = x/2 (1 + erf(x / sqrt 2)) as in torch.     */
+/* erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) on |x|, sign restored.                              */
+
+AVX2 static inline __m256 erf256(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(ax, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
+  const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
+  return _mm256_or_ps(y, sign);
+}
+
+typedef struct { const float *value, *gate; float *out; size_t n; } geglu_t;
+
+AVX2 static void geglu_task(void *ctx, int t, int n) {
+  const geglu_t *g = ctx;
+  const size_t i0 = g->n * (size_t)t / (size_t)n / 8 * 8, i1 = t + 1 == n ? g->n : g->n * (size_t)(t + 1) / (size_t)n / 8 * 8;
+  size_t i = i0;
+  const __m256 half = _mm256_set1_ps(0.5f), rs2 = _mm256_set1_ps(0.70710678118654752f);
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g->gate + i);
+    const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(_mm256_set1_ps(1.0f), erf256(_mm256_mul_ps(x, rs2))));
+    _mm256_storeu_ps(g->out + i, _mm256_mul_ps(_mm256_loadu_ps(g->value + i), gelu));
+  }
+  for (; i < i1; i++) {
+    const float x = g->gate[i];
+    g->out[i] = g->value[i] * 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  }
+}
+
+static napi_value geglu(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  args_t a;
+  if (!get_args(env, info, argv, 5, &a)) return NULL;
+  const size_t n = dim(&a, 3, "n");
+  const int threads = threads_arg(&a, 4);
+  const float *value = f32(&a, 0, "value", n, 0), *gate = f32(&a, 1, "gate", n, 0);
+  float *out = f32(&a, 2, "out", n, 0);
+  if (a.failed || n == 0) return NULL;
+  geglu_t g = { value, gate, out, n };
+  parallel(geglu_task, &g, threads);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+
+static napi_value available(napi_env env, napi_callback_info info) {
+  (void)info;
+  __builtin_cpu_init();
+  napi_value r;
+  napi_get_boolean(env, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &r);
+  return r;
+}
+
+NAPI_MODULE_INIT() {
+  const napi_property_descriptor fns[] = {
+    { "available", NULL, available, NULL, NULL, NULL, napi_default, NULL },
+    { "tuneAllocator", NULL, tune_allocator, NULL, NULL, NULL, napi_default, NULL },
+    { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
+    { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },
+    { "conv2d", NULL, conv2d, NULL, NULL, NULL, napi_default, NULL },
+    { "attention", NULL, attention, NULL, NULL, NULL, napi_default, NULL },
+    { "groupNorm", NULL, group_norm, NULL, NULL, NULL, napi_default, NULL },
+    { "layerNorm", NULL, layer_norm, NULL, NULL, NULL, napi_default, NULL },
+    { "geglu", NULL, geglu, NULL, NULL, NULL, napi_default, NULL },
+  };
+  napi_define_properties(env, exports, sizeof fns / sizeof fns[0], fns);
+  return exports;
+}

@@ -1,0 +1,282 @@
+/**
+ * The native CPU kernels (native/kernels.c, built by `sd setup-native`) behind the layers whose speed decides a
+ * generation: Linear, Conv2d, attention and GroupNorm(+SiLU). On the `tensorflow` backend they replace TensorFlow's
+ * eager ops, which run these shapes at 60-125 GFLOP/s and attention at ~40 (BACKENDS.md): one register-blocked
+ * matrix kernel does them all, attention never materialises its score matrix, and GroupNorm+SiLU is one pass
+ * instead of eight ops. Tensors cross by copy (dataSync out, tf.tensor in: ~0.3 ms per MB), which is small beside
+ * the work of any op routed here.
+ *
+ * Used only where it pays and is safe: the kernels are loaded, this CPU has AVX2 and FMA, the backend is
+ * `tensorflow` (wasm and cpu keep their own kernels: wasm runs where no compiler does, and the cpu backend is the
+ * plain-JavaScript reference), and SD_KERNELS is not '0'. Layers decide once, at load: a layer loaded for the kernels holds its weights packed in
+ * host memory instead of as tensors.
+ *
+ * Loading the kernels also tunes glibc's allocator (mallopt): by default every block over 32 MiB, and most over
+ * 128 KiB once the threshold adapts, is a fresh mmap whose pages fault in zeroed on first touch. SD's feature
+ * maps are 10-130 MiB and made and freed thousands of times a step; served from the heap instead, an elementwise
+ * add on a 42 MB tensor went from 30 to 7 ms and a UNet step from ~23.9 to ~21.9 s before any kernel was swapped.
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as tf from './tf.js';
+
+/** The addon's functions (native/kernels.c documents each). Arrays are float32, row-major, channels last. */
+interface Addon {
+  available(): boolean;
+  tuneAllocator(): boolean;
+  packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
+  linear(
+    x: Float32Array, m: number, k: number, packed: Float32Array, n: number, bias: Float32Array | null, out: Float32Array,
+    threads: number, residual: Float32Array | null,
+  ): void;
+  conv2d(
+    x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array, cout: number, kernel: number,
+    stride: number, padTop: number, padLeft: number, hOut: number, wOut: number, bias: Float32Array | null,
+    out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
+  ): void;
+  attention(
+    q: Float32Array, k: Float32Array, v: Float32Array, b: number, nq: number, nk: number, heads: number, d: number,
+    scale: number, out: Float32Array, threads: number,
+  ): void;
+  groupNorm(
+    x: Float32Array, b: number, p: number, c: number, groups: number, eps: number, gamma: Float32Array,
+    beta: Float32Array, silu: boolean, out: Float32Array, threads: number,
+  ): void;
+  layerNorm(x: Float32Array, m: number, c: number, eps: number, gamma: Float32Array, beta: Float32Array, out: Float32Array, threads: number): void;
+  geglu(value: Float32Array, gate: Float32Array, out: Float32Array, n: number, threads: number): void;
+}
+
+/** src/tensor (or dist/tensor) -> the checkout's native/build/sd_kernels.node. */
+export function kernelsPath(): string {
+  return join(dirname(dirname(dirname(fileURLToPath(import.meta.url)))), 'native', 'build', 'sd_kernels.node');
+}
+
+let addon: Addon | null | undefined;
+let loadProblem = '';
+
+/** The addon if it is built, loads, and this CPU can run it; null otherwise (why: kernelsProblem()). */
+function load(): Addon | null {
+  if (addon !== undefined) return addon;
+  addon = null;
+  const path = kernelsPath();
+  if (!existsSync(path)) {
+    loadProblem = `${path} is not built (\`sd setup-native\` builds it)`;
+    return null;
+  }
+  try {
+    const a = createRequire(import.meta.url)(path) as Addon;
+    if (!a.available()) {
+      loadProblem = 'this CPU lacks AVX2 or FMA';
+      return null;
+    }
+    a.tuneAllocator();
+    addon = a;
+  } catch (e) {
+    loadProblem = `${path} does not load: ${(e as Error).message}`;
+  }
+  return addon;
+}
+
+/**
+ * Why the native kernels are not in use, or null when they are. SD_KERNELS=0 turns them off; SD_KERNELS=1 uses
+ * them on any backend (the tests run them on cpu this way).
+ */
+export function kernelsProblem(): string | null {
+  if (process.env.SD_KERNELS === '0') return 'turned off by SD_KERNELS=0';
+  if (load() === null) return loadProblem;
+  if (process.env.SD_KERNELS !== '1' && tf.getBackend() !== 'tensorflow') {
+    return `they serve the tensorflow backend (this is ${tf.getBackend()}; SD_KERNELS=1 uses them anyway)`;
+  }
+  return null;
+}
+
+/** Whether layers loaded now should use the native kernels. */
+export function useKernels(): boolean {
+  return kernelsProblem() === null;
+}
+
+function kernels(): Addon {
+  const a = load();
+  if (a === null) throw new Error(`native kernels unavailable: ${loadProblem}`);
+  return a;
+}
+
+const threads = (): number => Number(process.env.SD_THREADS) || availableParallelism();
+
+/** How a weight is laid out in its checkpoint, for packing. */
+export type WeightLayout = { kind: 'linear' } | { kind: 'conv'; kernel: number };
+
+/** A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. */
+export interface PackedWeight {
+  readonly k: number;
+  readonly n: number;
+  readonly panels: Float32Array;
+  readonly bias: Float32Array | null;
+}
+
+/** Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight. */
+export function packWeight(w: Float32Array, out: number, layout: WeightLayout, bias: Float32Array | null): PackedWeight {
+  const taps = layout.kind === 'conv' ? layout.kernel * layout.kernel : 1;
+  const k = w.length / out;
+  return { k, n: out, panels: kernels().packWeights(w, k, out, layout.kind === 'conv' ? 2 : 1, taps), bias };
+}
+
+/** Called after each native kernel with its name, input shape and milliseconds (bench/profile.ts listens). */
+export type KernelTimer = (name: string, shape: readonly number[], ms: number) => void;
+let timer: KernelTimer | null = null;
+
+export function setKernelTimer(t: KernelTimer | null): void {
+  timer = t;
+}
+
+function timed<R>(name: string, shape: readonly number[], f: () => R): R {
+  if (timer === null) return f();
+  const t0 = performance.now();
+  const r = f();
+  timer(name, shape, performance.now() - t0);
+  return r;
+}
+
+export interface ConvGeometry {
+  readonly kernel: number;
+  readonly stride: number;
+  /** Zero padding [top, bottom, left, right]. */
+  readonly pad: readonly [number, number, number, number];
+}
+
+/**
+ * A float32 array and its shape on the host: what flows from one native kernel to the next without becoming a
+ * tensor. Blocks made of several native layers (a ResnetBlock, a transformer) read their input once with toHost and
+ * make one tensor of their result, instead of crossing between TensorFlow and the host at every layer.
+ */
+export interface Host {
+  readonly data: Float32Array;
+  readonly shape: readonly number[];
+}
+
+export function toHost(x: tf.Tensor): Host {
+  return { data: x.dataSync() as Float32Array, shape: x.shape };
+}
+
+export function toTensor<T extends tf.Tensor>(h: Host): T {
+  return tf.tensor(h.data, [...h.shape], 'float32') as T;
+}
+
+/** The same values under another shape of the same size (free). */
+export function reshapeHost(h: Host, shape: readonly number[]): Host {
+  if (shape.reduce((a, b) => a * b, 1) !== h.data.length) throw new RangeError(`cannot view [${h.shape}] as [${shape}]`);
+  return { data: h.data, shape };
+}
+
+function checkResidual(res: Host | undefined, shape: readonly number[]): Float32Array | null {
+  if (res === undefined) return null;
+  if (res.shape.length !== shape.length || res.shape.some((d, i) => d !== shape[i])) {
+    throw new RangeError(`residual [${res.shape}] does not match the output [${shape}]`);
+  }
+  return res.data;
+}
+
+/** x [..., K] W + b (+ residual) -> [..., N]. */
+export function linearHost(x: Host, w: PackedWeight, residual?: Host): Host {
+  return timed('linear', x.shape, () => {
+    const m = x.data.length / w.k;
+    const shape = [...x.shape.slice(0, -1), w.n];
+    const out = new Float32Array(m * w.n);
+    kernels().linear(x.data, m, w.k, w.panels, w.n, w.bias, out, threads(), checkResidual(residual, shape));
+    return { data: out, shape };
+  });
+}
+
+export interface ConvExtras {
+  /** Added to the output (the same shape). */
+  readonly residual?: Host;
+  /** [B, Cout], added to image b's output channels besides the conv's bias (a ResnetBlock's time embedding). */
+  readonly imageBias?: Float32Array;
+}
+
+/** NHWC conv2d: [B, H, W, Cin] -> [B, H', W', Cout]. */
+export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: ConvExtras = {}): Host {
+  const [b, h, wd, cin] = x.shape;
+  const [t, bottom, l, r] = g.pad;
+  const hOut = Math.floor((h + t + bottom - g.kernel) / g.stride) + 1;
+  const wOut = Math.floor((wd + l + r - g.kernel) / g.stride) + 1;
+  const shape = [b, hOut, wOut, w.n];
+  let bias = w.bias;
+  if (extras.imageBias !== undefined) {
+    if (extras.imageBias.length !== b * w.n) throw new RangeError(`imageBias has ${extras.imageBias.length} values, not [${b}, ${w.n}]`);
+    bias = extras.imageBias.map((v, i) => v + (w.bias?.[i % w.n] ?? 0));
+  }
+  return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}`, x.shape, () => {
+    const out = new Float32Array(b * hOut * wOut * w.n);
+    kernels().conv2d(
+      x.data, b, h, wd, cin, w.panels, w.n, g.kernel, g.stride, t, l, hOut, wOut, bias, out, threads(),
+      checkResidual(extras.residual, shape), extras.imageBias !== undefined,
+    );
+    return { data: out, shape };
+  });
+}
+
+/** softmax(q k^T / sqrt(D)) v per head: q [B, Nq, H*D], k, v [B, Nk, H*D] -> [B, Nq, H*D]. */
+export function attentionHost(q: Host, k: Host, v: Host, heads: number): Host {
+  const [b, nq, c] = q.shape;
+  const d = c / heads;
+  return timed('attention', [...q.shape, k.shape[1]], () => {
+    const out = new Float32Array(b * nq * c);
+    kernels().attention(q.data, k.data, v.data, b, nq, k.shape[1], heads, d, 1 / Math.sqrt(d), out, threads());
+    return { data: out, shape: q.shape };
+  });
+}
+
+/** GroupNorm over channels-last x [B, ..., C] (biased variance per group), then SiLU when `silu`. */
+export function groupNormHost(x: Host, groups: number, eps: number, gamma: Float32Array, beta: Float32Array, silu: boolean): Host {
+  const b = x.shape[0];
+  const c = x.shape[x.shape.length - 1];
+  return timed(silu ? 'groupNorm+silu' : 'groupNorm', x.shape, () => {
+    const out = new Float32Array(x.data.length);
+    kernels().groupNorm(x.data, b, x.data.length / (b * c), c, groups, eps, gamma, beta, silu, out, threads());
+    return { data: out, shape: x.shape };
+  });
+}
+
+/** LayerNorm over the last axis. */
+export function layerNormHost(x: Host, eps: number, gamma: Float32Array, beta: Float32Array): Host {
+  const c = x.shape[x.shape.length - 1];
+  return timed('layerNorm', x.shape, () => {
+    const out = new Float32Array(x.data.length);
+    kernels().layerNorm(x.data, x.data.length / c, c, eps, gamma, beta, out, threads());
+    return { data: out, shape: x.shape };
+  });
+}
+
+/** value * GELU(gate) (erf GELU), elementwise. */
+export function gegluHost(value: Host, gate: Host): Host {
+  if (value.data.length !== gate.data.length) throw new RangeError(`geglu: value [${value.shape}] and gate [${gate.shape}] differ`);
+  return timed('geglu', value.shape, () => {
+    const out = new Float32Array(value.data.length);
+    kernels().geglu(value.data, gate.data, out, out.length, threads());
+    return { data: out, shape: value.shape };
+  });
+}
+
+/** x [..., K] W + b -> [..., N]. */
+export function linear<T extends tf.Tensor>(x: T, w: PackedWeight): T {
+  return toTensor(linearHost(toHost(x), w));
+}
+
+/** NHWC conv2d with the weight packed from OIHW: [B, H, W, Cin] -> [B, H', W', Cout]. */
+export function conv2d(x: tf.Tensor4D, w: PackedWeight, g: ConvGeometry): tf.Tensor4D {
+  return toTensor(conv2dHost(toHost(x), w, g));
+}
+
+/** softmax(q k^T / sqrt(D)) v per head: q [B, Nq, H*D], k, v [B, Nk, H*D] -> [B, Nq, H*D]. */
+export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads: number): tf.Tensor3D {
+  return toTensor(attentionHost(toHost(q), toHost(k), toHost(v), heads));
+}
+
+/** GroupNorm over channels-last x [B, ..., C], then SiLU when `silu`. */
+export function groupNorm<T extends tf.Tensor>(x: T, groups: number, eps: number, gamma: Float32Array, beta: Float32Array, silu: boolean): T {
+  return toTensor(groupNormHost(toHost(x), groups, eps, gamma, beta, silu));
+}

@@ -1,0 +1,149 @@
+/**
+ * The native kernels (native/kernels.c through src/tensor/kernels.ts), where `sd setup-native` has built them
+ * (skipped otherwise, with the reason). Each layer is loaded twice from the same weights, once for TensorFlow.js ops
+ * (SD_KERNELS=0) and once for the kernels (SD_KERNELS=1, which uses them on the cpu backend these tests run on),
+ * and the two must agree; then the model fixtures must pass their parity checks with every layer on the kernels.
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { maxRelError } from '../src/parity/compare.js';
+import { runParity, summary } from '../src/parity/runner.js';
+import { attention } from '../src/tensor/attention.js';
+import { initBackend } from '../src/tensor/backend.js';
+import { kernelsPath, kernelsProblem } from '../src/tensor/kernels.js';
+import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/tensor/nn.js';
+import { Params } from '../src/tensor/params.js';
+import * as tf from '../src/tensor/tf.js';
+import { rand, source } from './helpers.js';
+
+const built = existsSync(kernelsPath());
+if (!built) console.warn(`skipping the native kernel tests: ${kernelsPath()} is not built; run \`sd setup-native\``);
+
+/** Runs `make` with the kernels off and on; returns both results as arrays. */
+function bothWays(make: () => tf.Tensor): { tfjs: Float32Array; native: Float32Array } {
+  const run = (flag: string) => {
+    process.env.SD_KERNELS = flag;
+    const t = make();
+    const values = t.dataSync() as Float32Array;
+    t.dispose();
+    return values;
+  };
+  return { tfjs: run('0'), native: run('1') };
+}
+
+describe.runIf(built)('native kernels', () => {
+  const saved = process.env.SD_KERNELS;
+  beforeAll(async () => {
+    await initBackend({ backend: 'cpu', log: () => undefined });
+    process.env.SD_KERNELS = '1';
+    expect(kernelsProblem()).toBeNull(); // built here, so it must load: a CPU without AVX2 would fail this loudly
+  });
+  afterAll(() => {
+    if (saved === undefined) delete process.env.SD_KERNELS;
+    else process.env.SD_KERNELS = saved;
+  });
+
+  const convCases: [string, number, number, number, number, ConvPadding, number, number][] = [
+    // name, cin, cout, kernel, stride, padding, h, w
+    ['3x3 same', 21, 19, 3, 1, 'same-as-torch', 9, 7],
+    ['3x3 stride 2, pad 1 (UNet Downsample)', 16, 8, 3, 2, 1, 11, 10],
+    ['3x3 stride 2, pad (0,1,0,1) (VAE Downsample)', 8, 24, 3, 2, [0, 1, 0, 1], 10, 12],
+    ['1x1 with more than 256 input channels', 300, 33, 1, 1, 0, 5, 6],
+    ['3x3 from 4 channels (conv_in)', 4, 32, 3, 1, 'same-as-torch', 8, 8],
+  ];
+  it.each(convCases)('Conv2d %s matches the tfjs conv', (_name, cin, cout, k, stride, padding, h, w) => {
+    const p = Params.root(source({ 'c.weight': [cout, cin, k, k], 'c.bias': [cout] }), '');
+    const x = tf.tensor4d(rand(2 * h * w * cin), [2, h, w, cin]);
+    const { tfjs, native } = bothWays(() => {
+      const conv = Conv2d.load(p.child('c'), cin, cout, k, { stride, padding });
+      const y = conv.apply(x);
+      conv.dispose();
+      return y;
+    });
+    expect(native.length).toBe(tfjs.length);
+    expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
+    x.dispose();
+  });
+
+  const linearCases: [string, number[], number, boolean][] = [
+    ['[2, 77, 768] -> 320 without bias (cross-attention keys)', [2, 77, 768], 320, false],
+    ['[3, 50] -> 1283 with bias (columns not a multiple of 16)', [3, 50], 1283, true],
+    ['[1, 600, 320] -> 1280 with bias (shared dimension over two blocks)', [1, 600, 320], 1280, true],
+  ];
+  it.each(linearCases)('Linear %s matches the tfjs matMul', (_name, shape, out, bias) => {
+    const inF = shape[shape.length - 1];
+    const p = Params.root(source({ 'l.weight': [out, inF], 'l.bias': [out] }), '');
+    const x = tf.tensor(rand(shape.reduce((a, b) => a * b, 1)), shape);
+    const { tfjs, native } = bothWays(() => {
+      const l = Linear.load(p.child('l'), inF, out, { bias });
+      const y = l.apply(x);
+      l.dispose();
+      return y;
+    });
+    expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
+    x.dispose();
+  });
+
+  it.each([false, true])('GroupNorm (then SiLU: %s) matches the tfjs ops', (withSilu) => {
+    const p = Params.root(source({ 'n.weight': [64], 'n.bias': [64] }), '');
+    const x = tf.tidy(() => tf.add(tf.mul(tf.tensor4d(rand(2 * 9 * 11 * 64), [2, 9, 11, 64]), 6), 2) as tf.Tensor4D);
+    const { tfjs, native } = bothWays(() => {
+      const n = GroupNorm.load(p.child('n'), 64, { eps: 1e-6 });
+      const y = withSilu ? n.applySilu(x) : n.apply(x);
+      n.dispose();
+      return y;
+    });
+    expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
+    x.dispose();
+  });
+
+  it.each([
+    ['self-attention, 8 heads of 40, 300 tokens (blocks of queries and keys not full)', 2, 300, 300, 8, 40],
+    ['cross-attention over 77 context tokens', 2, 130, 77, 8, 40],
+    ['one head of 512 (the VAE mid-block)', 1, 257, 257, 1, 512],
+    ['heads of 160 over 600 keys (three key blocks)', 1, 64, 600, 2, 160],
+  ])('attention: %s', (_name, b, nq, nk, heads, d) => {
+    const q = tf.tensor3d(rand(b * nq * heads * d), [b, nq, heads * d]);
+    const k = tf.tensor3d(rand(b * nk * heads * d).map((v) => v * 4), [b, nk, heads * d]);
+    const v = tf.tensor3d(rand(b * nk * heads * d), [b, nk, heads * d]);
+    const { tfjs, native } = bothWays(() => attention(q, k, v, heads));
+    expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
+    tf.dispose([q, k, v]);
+  });
+
+  it('layers on the kernels leave no tensors behind', () => {
+    const p = Params.root(source({ 'c.weight': [8, 8, 3, 3], 'c.bias': [8], 'n.weight': [8], 'n.bias': [8] }), '');
+    const conv = Conv2d.load(p.child('c'), 8, 8, 3);
+    const norm = GroupNorm.load(p.child('n'), 8, { eps: 1e-5, groups: 4 });
+    const x = tf.tensor4d(rand(2 * 6 * 6 * 8), [2, 6, 6, 8]);
+    const before = tf.memory().numTensors;
+    for (let i = 0; i < 3; i++) tf.dispose([conv.apply(x), norm.applySilu(x)]);
+    expect(tf.memory().numTensors).toBe(before);
+    x.dispose();
+    conv.dispose();
+    norm.dispose();
+  });
+
+  it('refuses arrays shorter than the shapes say, naming the argument', () => {
+    const addon = createRequire(import.meta.url)(kernelsPath()) as {
+      linear(...a: unknown[]): void;
+      attention(...a: unknown[]): void;
+    };
+    const packed = new Float32Array(16 * 4);
+    expect(() => addon.linear(new Float32Array(7), 2, 4, packed, 3, null, new Float32Array(6), 2)).toThrow(/x holds 7 floats, the shapes need 8/);
+    expect(() => addon.linear(new Float32Array(8), 2, 4, packed, 3, null, new Float32Array(5), 2)).toThrow(/out holds 5 floats/);
+    expect(() => addon.linear(new Float64Array(8), 2, 4, packed, 3, null, new Float32Array(6), 2)).toThrow(/x must be a Float32Array/);
+    const f = (n: number) => new Float32Array(n);
+    expect(() => addon.attention(f(80), f(80), f(79), 1, 2, 2, 1, 40, 0.1, f(80), 2)).toThrow(/v holds 79 floats/);
+    expect(() => addon.attention(f(80), f(80), f(80), 1, 2, 2, 1.5, 40, 0.1, f(80), 2)).toThrow(/heads must be a non-negative integer/);
+  });
+
+  it('the model fixtures pass their parity checks with every layer on the kernels', async () => {
+    process.env.SD_KERNELS = '1';
+    const results = await runParity('tests/fixtures', { backend: 'cpu', kinds: ['clip', 'unet', 'vae', 'pipeline'] });
+    const failed = results.filter((r) => !r.passed);
+    expect(failed, summary(results)).toEqual([]);
+    expect(results.length).toBeGreaterThan(20);
+  }, 600_000);
+});
