@@ -241,11 +241,16 @@ static void gemm_task(void *ctx, int t, int n) {
   if (m1 > m0) gemm_rows(g, m0, m1);
 }
 
-/* Shared-dimension blocks of at most KC that never cross a multiple of `segment`; returns the count. */
+/*
+ * Shared-dimension blocks of at most KC that never cross a multiple of `segment`, each segment cut into equal
+ * blocks (320 -> 160 + 160, not 256 + 64: every kernel call then streams long enough to hide its fixed cost).
+ */
 static size_t k_blocks(size_t K, size_t segment, size_t *kstart) {
   size_t n = 0;
-  for (size_t s = 0; s < K; s += segment)
-    for (size_t k = s; k < s + segment; k += KC) kstart[n++] = k;
+  for (size_t s = 0; s < K; s += segment) {
+    const size_t len = min_sz(segment, K - s), parts = (len + KC - 1) / KC;
+    for (size_t p = 0; p < parts; p++) kstart[n++] = s + len * p / parts;
+  }
   kstart[n] = K;
   return n;
 }

@@ -14,6 +14,8 @@ import { initBackend } from '../src/tensor/backend.js';
 import { kernelsPath, kernelsProblem } from '../src/tensor/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/tensor/nn.js';
 import { Params } from '../src/tensor/params.js';
+import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
+import { SafetensorsFile } from '../src/weights/safetensors.js';
 import * as tf from '../src/tensor/tf.js';
 import { rand, source } from './helpers.js';
 
@@ -112,17 +114,42 @@ describe.runIf(built)('native kernels', () => {
     tf.dispose([q, k, v]);
   });
 
+  it.each([
+    ['with a time embedding and a 1x1 shortcut (UNet input_blocks.3.0, 32 -> 64)', 'input_blocks.3.0', 32, 64],
+    ['without a shortcut (UNet input_blocks.1.0, 32 -> 32)', 'input_blocks.1.0', 32, 32],
+  ])('ResnetBlock on the host end to end %s matches the tfjs ops', (_name, prefix, cin, cout) => {
+    const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
+    const p = Params.root(src, `model.diffusion_model.${prefix}`);
+    const x = tf.tensor4d(rand(2 * 5 * 6 * cin), [2, 5, 6, cin]);
+    const t = tf.tensor2d(rand(2 * 128), [2, 128]);
+    const { tfjs, native } = bothWays(() => {
+      const block = ResnetBlock.load(p, cin, cout, { names: OPENAI_RESNET, eps: 1e-5, timeChannels: 128 });
+      const y = block.apply(x, t);
+      block.dispose();
+      return y;
+    });
+    src.close();
+    expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
+    tf.dispose([x, t]);
+  });
+
   it('layers on the kernels leave no tensors behind', () => {
     const p = Params.root(source({ 'c.weight': [8, 8, 3, 3], 'c.bias': [8], 'n.weight': [8], 'n.bias': [8] }), '');
     const conv = Conv2d.load(p.child('c'), 8, 8, 3);
     const norm = GroupNorm.load(p.child('n'), 8, { eps: 1e-5, groups: 4 });
     const x = tf.tensor4d(rand(2 * 6 * 6 * 8), [2, 6, 6, 8]);
+    const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
+    const block = ResnetBlock.load(Params.root(src, 'model.diffusion_model.input_blocks.3.0'), 32, 64, {
+      names: OPENAI_RESNET, eps: 1e-5, timeChannels: 128,
+    });
+    src.close();
+    const x32 = tf.tensor4d(rand(2 * 4 * 4 * 32), [2, 4, 4, 32]);
+    const t = tf.tensor2d(rand(2 * 128), [2, 128]);
     const before = tf.memory().numTensors;
-    for (let i = 0; i < 3; i++) tf.dispose([conv.apply(x), norm.applySilu(x)]);
+    for (let i = 0; i < 3; i++) tf.dispose([conv.apply(x), norm.applySilu(x), block.apply(x32, t)]);
     expect(tf.memory().numTensors).toBe(before);
-    x.dispose();
-    conv.dispose();
-    norm.dispose();
+    tf.dispose([x, x32, t]);
+    for (const m of [conv, norm, block]) m.dispose();
   });
 
   it('refuses arrays shorter than the shapes say, naming the argument', () => {

@@ -41,6 +41,17 @@ export class Linear {
     return new Linear(inFeatures, outFeatures, { weight: w, bias: b });
   }
 
+  /** Whether this layer was loaded for the native kernels (then applyHost works too). */
+  get native(): boolean {
+    return 'panels' in this.run;
+  }
+
+  /** x W + b (+ residual) on the host: [..., in] -> [..., out]. Only for a layer loaded for the native kernels. */
+  applyHost(x: kernels.Host, residual?: kernels.Host): kernels.Host {
+    if (!('panels' in this.run)) throw new Error('Linear.applyHost: this layer was loaded for TensorFlow ops');
+    return kernels.linearHost(x, this.run, residual);
+  }
+
   apply<T extends tf.Tensor>(x: T): T {
     const run = this.run;
     if ('panels' in run) return kernels.linear(x, run);
@@ -111,6 +122,17 @@ export class Conv2d {
     return new Conv2d(cout, { filter, bias: own(() => tf.tensor1d(bias)), stride, pad: tfPadding(pad, kernel, stride) });
   }
 
+  /** Whether this layer was loaded for the native kernels (then applyHost works too). */
+  get native(): boolean {
+    return 'packed' in this.run;
+  }
+
+  /** The convolution on the host, with an optional residual or per-image bias added. Native layers only. */
+  applyHost(x: kernels.Host, extras?: kernels.ConvExtras): kernels.Host {
+    if (!('packed' in this.run)) throw new Error('Conv2d.applyHost: this layer was loaded for TensorFlow ops');
+    return kernels.conv2dHost(x, this.run.packed, this.run.geometry, extras);
+  }
+
   apply(x: tf.Tensor4D): tf.Tensor4D {
     const run = this.run;
     if ('packed' in run) return kernels.conv2d(x, run.packed, run.geometry);
@@ -152,6 +174,12 @@ export class GroupNorm {
     return new GroupNorm(
       own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), groups, eps, useKernels() ? { gamma, beta } : null,
     );
+  }
+
+  /** GroupNorm (then SiLU when `silu`) on the host. Native layers only. */
+  applyHost(x: kernels.Host, silu: boolean): kernels.Host {
+    if (this.host === null) throw new Error('GroupNorm.applyHost: this layer was loaded for TensorFlow ops');
+    return kernels.groupNormHost(x, this.groups, this.eps, this.host.gamma, this.host.beta, silu);
   }
 
   /** SiLU(GroupNorm(x)): one pass of the native kernels, or the two in turn. */
@@ -203,12 +231,20 @@ export class LayerNorm {
     readonly gamma: tf.Tensor1D,
     readonly beta: tf.Tensor1D,
     readonly eps: number,
+    /** gamma and beta on the host when loaded for the native kernels. */
+    private readonly host: { gamma: Float32Array; beta: Float32Array } | null,
   ) {}
 
   static load(p: Params, dim: number, { eps = 1e-5 }: { eps?: number } = {}): LayerNorm {
-    const gamma = own(() => p.tensor('weight', [dim]) as tf.Tensor1D);
-    const beta = own(() => p.tensor('bias', [dim]) as tf.Tensor1D);
-    return new LayerNorm(gamma, beta, eps);
+    const gamma = p.array('weight', [dim]);
+    const beta = p.array('bias', [dim]);
+    return new LayerNorm(own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), eps, useKernels() ? { gamma, beta } : null);
+  }
+
+  /** LayerNorm on the host. Native layers only. */
+  applyHost(x: kernels.Host): kernels.Host {
+    if (this.host === null) throw new Error('LayerNorm.applyHost: this layer was loaded for TensorFlow ops');
+    return kernels.layerNormHost(x, this.eps, this.host.gamma, this.host.beta);
   }
 
   apply<T extends tf.Tensor>(x: T): T {

@@ -11,6 +11,7 @@
  *   openaimodel.py ResBlock (UNet):        in_layers.0, in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection
  */
 import * as tf from './tf.js';
+import * as kernels from './kernels.js';
 import { Conv2d, GroupNorm, Linear } from './nn.js';
 import type { Params } from './params.js';
 
@@ -83,6 +84,7 @@ export class ResnetBlock {
     if ((this.timeProj === null) !== (tembAct === undefined)) {
       throw new RangeError(`ResnetBlock: a time embedding must be given exactly when the block has one (${this.timeProj !== null})`);
     }
+    if (this.conv1.native) return this.applyNative(x, tembAct);
     let h = normSiluConv(this.norm1, this.conv1, x);
     const proj = this.timeProj;
     if (proj !== null && tembAct !== undefined) {
@@ -95,6 +97,23 @@ export class ResnetBlock {
     const out = tf.tidy(() => tf.add(this.shortcut === null ? x : this.shortcut.apply(x), h2) as tf.Tensor4D);
     h2.dispose();
     return out;
+  }
+
+  /**
+   * The same block on the native kernels, on the host from end to end: x is read once and only the result becomes a
+   * tensor; the time embedding rides in conv1's bias (one row per image) and the residual in conv2's.
+   */
+  private applyNative(x: tf.Tensor4D, tembAct?: tf.Tensor2D): tf.Tensor4D {
+    const xh = kernels.toHost(x);
+    let imageBias: Float32Array | undefined;
+    if (this.timeProj !== null && tembAct !== undefined) {
+      const t = this.timeProj.apply(tembAct); // [B, cout]
+      imageBias = kernels.toHost(t).data;
+      t.dispose();
+    }
+    const h = this.conv1.applyHost(this.norm1.applyHost(xh, true), { imageBias });
+    const skip = this.shortcut === null ? xh : this.shortcut.applyHost(xh);
+    return kernels.toTensor(this.conv2.applyHost(this.norm2.applyHost(h, true), { residual: skip }));
   }
 
   dispose(): void {

@@ -10,6 +10,7 @@
  * Attention: to_q/to_k/to_v without bias, to_out.0 with bias; heads of C / numHeads channels.
  * Weights: `input_blocks.N.1.*`, `middle_block.1.*`, `output_blocks.N.1.*`.
  */
+import * as kernels from '../tensor/kernels.js';
 import * as tf from '../tensor/tf.js';
 import type { Params } from '../tensor/params.js';
 import { Conv2d, GroupNorm, LayerNorm, Linear, gelu } from '../tensor/nn.js';
@@ -41,6 +42,12 @@ class CrossAttention {
       ['to_q.weight', [dim, dim]], ['to_k.weight', [dim, contextDim]], ['to_v.weight', [dim, contextDim]],
       ['to_out.0.weight', [dim, dim]], ['to_out.0.bias', [dim]],
     ];
+  }
+
+  /** residual + attention on the host (native layers): x [B, N, C], context [B, M, contextDim]. */
+  applyHost(x: kernels.Host, context: kernels.Host, residual: kernels.Host): kernels.Host {
+    const o = kernels.attentionHost(this.toQ.applyHost(x), this.toK.applyHost(context), this.toV.applyHost(context), this.heads);
+    return this.toOut.applyHost(o, residual);
   }
 
   apply(x: tf.Tensor3D, context: tf.Tensor3D = x): tf.Tensor3D {
@@ -79,6 +86,11 @@ class FeedForward {
       ['net.0.proj.weight', [dim * 8, dim]], ['net.0.proj.bias', [dim * 8]],
       ['net.2.weight', [dim, dim * 4]], ['net.2.bias', [dim]],
     ];
+  }
+
+  /** residual + feed-forward on the host (native layers). */
+  applyHost(x: kernels.Host, residual: kernels.Host): kernels.Host {
+    return this.out.applyHost(kernels.gegluHost(this.value.applyHost(x), this.gate.applyHost(x)), residual);
   }
 
   /** Frees each 4C-wide intermediate as soon as it is used (at 64x64, batch 2: 84 MB each). */
@@ -139,6 +151,14 @@ class BasicTransformerBlock {
     ];
   }
 
+  /** The block on the host (native layers): each residual is added by the layer that ends its branch. */
+  applyHost(x: kernels.Host, context: kernels.Host): kernels.Host {
+    const n1 = this.norm1.applyHost(x);
+    let h = this.attn1.applyHost(n1, n1, x);
+    h = this.attn2.applyHost(this.norm2.applyHost(h), context, h);
+    return this.ff.applyHost(this.norm3.applyHost(h), h);
+  }
+
   apply(x: tf.Tensor3D, context: tf.Tensor3D): tf.Tensor3D {
     return tf.tidy(() => {
       let h: tf.Tensor3D = tf.add(x, this.attn1.apply(this.norm1.apply(x)));
@@ -187,6 +207,7 @@ export class SpatialTransformer {
 
   /** x [B, H, W, C], context [B, N, contextDim] -> [B, H, W, C] */
   apply(x: tf.Tensor4D, context: tf.Tensor3D): tf.Tensor4D {
+    if (this.projIn.native) return this.applyNative(x, context);
     return tf.tidy(() => {
       const [b, h, w, c] = x.shape;
       // [B, H, W, C] -> [B, H*W, C]
@@ -194,6 +215,16 @@ export class SpatialTransformer {
       for (const block of this.blocks) tokens = block.apply(tokens, context);
       return tf.add(x, this.projOut.apply(tf.reshape(tokens, [b, h, w, c])));
     });
+  }
+
+  /** The same on the native kernels, on the host from end to end: x and the context are read once, one tensor made. */
+  private applyNative(x: tf.Tensor4D, context: tf.Tensor3D): tf.Tensor4D {
+    const [b, h, w, c] = x.shape;
+    const xh = kernels.toHost(x);
+    const ctx = kernels.toHost(context);
+    let tokens = kernels.reshapeHost(this.projIn.applyHost(this.norm.applyHost(xh, false)), [b, h * w, c]);
+    for (const block of this.blocks) tokens = block.applyHost(tokens, ctx);
+    return kernels.toTensor(this.projOut.applyHost(kernels.reshapeHost(tokens, [b, h, w, c]), { residual: xh }));
   }
 
   dispose(): void {
