@@ -35,6 +35,12 @@
 #define MR 6          /* rows of the micro-tile */
 #define NR 16         /* columns of the micro-tile: two AVX registers */
 #define KC 256        /* shared-dimension block: a 256x16 panel of B (16 KiB) stays in L1 */
+#ifndef MC
+#define MC 96         /* rows of the output per block: 96 x 512 floats of C (192 KiB) stay in L2 */
+#endif
+#ifndef JN
+#define JN 32         /* panels of B (x16 columns) per block */
+#endif
 #define MAX_THREADS 64
 #define QB 96         /* attention: queries per work unit */
 #define KB 256        /* attention: keys per block of the online softmax */
@@ -56,13 +62,16 @@ static const float *zero_row(size_t len) {
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* The micro-kernel                                                                                                  */
 
-/* tile[6][16] = sum_k a[i][k] * b[k][0..16) for kc steps; a: 6 row pointers, b: a packed panel (16 floats per k). */
-AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, float *tile) {
+/*
+ * c[i][0..16) = (or += when accumulate) sum_k a[i][k] * b[k][0..16), i < 6, for kc steps; a: 6 row pointers, b: a
+ * packed panel (16 floats per k), c: rows ldc apart (a 6x16 tile, or 6 full rows of a larger output).
+ */
+AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, float *c, size_t ldc, int accumulate) {
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int k = 0; k < kc; k++) {
+  _Pragma("GCC unroll 4") for (int k = 0; k < kc; k++) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     b += NR;
     __m256 x = _mm256_broadcast_ss(a0 + k);
@@ -78,12 +87,17 @@ AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, floa
     x = _mm256_broadcast_ss(a5 + k);
     c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
   }
-  _mm256_storeu_ps(tile + 0, c00); _mm256_storeu_ps(tile + 8, c01);
-  _mm256_storeu_ps(tile + 16, c10); _mm256_storeu_ps(tile + 24, c11);
-  _mm256_storeu_ps(tile + 32, c20); _mm256_storeu_ps(tile + 40, c21);
-  _mm256_storeu_ps(tile + 48, c30); _mm256_storeu_ps(tile + 56, c31);
-  _mm256_storeu_ps(tile + 64, c40); _mm256_storeu_ps(tile + 72, c41);
-  _mm256_storeu_ps(tile + 80, c50); _mm256_storeu_ps(tile + 88, c51);
+  const __m256 acc[12] = { c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51 };
+  for (int i = 0; i < MR; i++) {
+    float *o = c + i * ldc;
+    __m256 v0 = acc[2 * i], v1 = acc[2 * i + 1];
+    if (accumulate) {
+      v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+      v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+    }
+    _mm256_storeu_ps(o, v0);
+    _mm256_storeu_ps(o + 8, v1);
+  }
 }
 
 /*
@@ -204,7 +218,7 @@ static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 /* One block of rows [ic, ic + mc) times the panels [jp0, jp1) of B, over the shared blocks [kb0, kb1). */
 AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, size_t jp1, size_t kb0, size_t kb1) {
-  const float *rows[16 * MR];
+  const float *rows[MC];
   float tile[MR * NR];
   for (size_t kb = kb0; kb < kb1; kb++) {
     const size_t k0 = g->kstart[kb], kc = g->kstart[kb + 1] - k0;
@@ -214,7 +228,7 @@ AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, s
       const float *b = g->packed + (jp * g->K + k0) * NR;
       const int cols = (int)min_sz(NR, g->N - jp * NR);
       for (size_t ir = 0; ir < mc; ir += MR) {
-        kernel_6x16((int)kc, rows + ir, b, tile);
+        kernel_6x16((int)kc, rows + ir, b, tile, NR, 0);
         write_tile(tile, g->c + (ic + ir) * g->ldc + jp * NR, g->ldc, (int)min_sz(MR, mc - ir), cols, ic + ir, jp * NR,
                    &g->epi, kb > 0);
       }
@@ -228,7 +242,7 @@ AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, s
  * 32 panels, and B, re-read once per block of rows, comes from L3 when it fits there.
  */
 static void gemm_rows(const gemm_t *g, size_t m0, size_t m1) {
-  const size_t panels = (g->N + NR - 1) / NR, mc = 16 * MR, jn = 32;
+  const size_t panels = (g->N + NR - 1) / NR, mc = MC, jn = JN;
   for (size_t ic = m0; ic < m1; ic += mc)
     for (size_t jp = 0; jp < panels; jp += jn) gemm_block(g, ic, min_sz(mc, m1 - ic), jp, min_sz(panels, jp + jn), 0, g->kblocks);
 }
@@ -508,7 +522,6 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
   const size_t qn = min_sz(QB, s->Nq - q0), dpanels = (D + NR - 1) / NR, dpad = dpanels * NR;
   const float *kp = s->kp + it * s->kp_item, *vp = s->vp + it * s->vp_item;
   const float *rows[QB + MR];
-  float tile[MR * NR];
   for (size_t i = 0; i < qn; i++) rows[i] = s->q + (b * s->Nq + q0 + i) * s->C + h * D;
   for (size_t i = qn; i % MR; i++) rows[i] = zeros;
   for (size_t i = 0; i < qn; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
@@ -521,15 +534,21 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
     for (size_t jp = 0; jp < kpanels; jp++) {
       const float *bpanel = kp + (k0 / NR + jp) * D * NR;
       for (size_t ir = 0; ir < qn; ir += MR) {
-        kernel_6x16((int)D, rows + ir, bpanel, tile);
-        write_tile(tile, scores + ir * ldS + jp * NR, ldS, (int)min_sz(MR, qn - ir), NR, 0, 0, NULL, 0);
+        kernel_6x16((int)D, rows + ir, bpanel, scores + ir * ldS + jp * NR, ldS, 0); /* rows past qn: zeros */
       }
     }
     /* online softmax: p = exp(scale * s - m_new); acc and sum are rescaled by exp(m_old - m_new) */
     for (size_t i = 0; i < qn; i++) {
       float *r = scores + i * ldS;
+      /* row max, eight lanes at a time (a scalar max is one long dependency chain: ~2 cycles a score) */
+      __m256 mv8 = _mm256_set1_ps(-INFINITY);
+      size_t j0 = 0;
+      for (; j0 + 8 <= kn; j0 += 8) mv8 = _mm256_max_ps(mv8, _mm256_loadu_ps(r + j0));
+      float lanes8[8];
+      _mm256_storeu_ps(lanes8, mv8);
       float m = -INFINITY;
-      for (size_t j = 0; j < kn; j++) m = r[j] > m ? r[j] : m;
+      for (int l = 0; l < 8; l++) m = lanes8[l] > m ? lanes8[l] : m;
+      for (; j0 < kn; j0++) m = r[j0] > m ? r[j0] : m;
       m *= s->scale;
       const float m_new = m > mx[i] ? m : mx[i];
       const float alpha = mx[i] == -INFINITY ? 0.0f : expf(mx[i] - m_new);
@@ -555,8 +574,7 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
     for (size_t dp = 0; dp < dpanels; dp++) {
       const float *bpanel = vp + (dp * s->Nk + k0) * NR;
       for (size_t ir = 0; ir < qn; ir += MR) {
-        kernel_6x16((int)kn, prow + ir, bpanel, tile);
-        write_tile(tile, acc + ir * dpad + dp * NR, dpad, (int)min_sz(MR, qn - ir), NR, 0, 0, NULL, 1);
+        kernel_6x16((int)kn, prow + ir, bpanel, acc + ir * dpad + dp * NR, dpad, 1);
       }
     }
   }
