@@ -1,9 +1,12 @@
 /**
- * `npm run bench -- [--backend tensorflow|wasm|cpu] [--json] [--runs N] [--cache DIR] [--full]`
+ * `npm run bench -- [--backend tensorflow|wasm|cpu] [--json] [--runs N] [--cache DIR] [--full [--generations N] [--steps S]]`
  *
  * Full-size SD 1.5 on random weights (generated once by `sd random-weights`, cached in DIR): load time of each file
  * format, text encoding, one UNet CFG step (batch 2, 64x64 latent), one VAE decode (64x64 latent -> 512x512), and a
  * whole 512x512 txt2img at 20 steps (projected from the parts unless --full), peak RSS, and the wasm heap.
+ * --full then loads the whole pipeline (StableDiffusion, the fp16 file) and runs N generations of S steps
+ * (default 3 of 20) one after another, recording each one's time, RSS and live tensor count afterwards: the
+ * measured txt2img time is the median, and the three series show whether memory grows from one to the next.
  * Prints a table, or one JSON object with --json. Progress goes to stderr.
  */
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
@@ -20,6 +23,8 @@ import { SD15_VAE, Vae } from '../src/vae/index.js';
 import { sd15Shapes } from '../src/pipeline/shapes.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
+import { StableDiffusion } from '../src/pipeline/pipeline.js';
+import { kernelsProblem } from '../src/tensor/kernels.js';
 
 /** Useful FLOPs (multiply-adds x 2) of the measured work, SD 1.5 at 512x512: see the issue's ceiling figures. */
 const UNET_CFG_STEP_FLOP = 1.61e12;
@@ -30,7 +35,9 @@ const args = await yargs(hideBin(process.argv))
   .option('json', { type: 'boolean', default: false })
   .option('runs', { type: 'number', default: 2, describe: 'timed runs of each part after one warm-up' })
   .option('cache', { type: 'string', default: '.cache/bench' })
-  .option('full', { type: 'boolean', default: false, describe: 'run the whole 20-step txt2img instead of projecting it' })
+  .option('full', { type: 'boolean', default: false, describe: 'also run whole 512x512 txt2img generations through the pipeline' })
+  .option('generations', { type: 'number', default: 3, describe: 'with --full: generations in a row' })
+  .option('steps', { type: 'number', default: 20, describe: 'with --full: steps per generation' })
   .strict()
   .parseAsync();
 
@@ -153,6 +160,38 @@ vae.dispose();
 src.close();
 tf.dispose([ids, context, x, z]);
 
+/** One generation after another on the whole pipeline: time, then RSS and live tensors once it is done. */
+interface Generation {
+  readonly seconds: number;
+  readonly rss_mb: number;
+  readonly tensors: number;
+  readonly tensor_mb: number;
+}
+
+async function fullGenerations(): Promise<Generation[]> {
+  say(`full: loading the pipeline from ${fp16}`);
+  const sd = await StableDiffusion.load({ weights: fp16, tokenizer: 'tests/fixtures/tokenizer' });
+  const out: Generation[] = [];
+  try {
+    for (let g = 0; g < args.generations; g++) {
+      const t = performance.now();
+      await sd.generate(
+        { prompt: 'a lighthouse on a cliff at dawn', negativePrompt: 'blurry', seed: 1 + g, steps: args.steps, width: 512, height: 512 },
+        { onProgress: (i, n) => i % 5 === 0 && say(`full: generation ${g + 1}/${args.generations} step ${i}/${n}`) },
+      );
+      const m = tf.memory();
+      out.push({ seconds: (performance.now() - t) / 1000, rss_mb: process.memoryUsage.rss() / 2 ** 20, tensors: m.numTensors, tensor_mb: m.numBytes / 2 ** 20 });
+      say(`full: generation ${g + 1} ${out.at(-1)?.seconds.toFixed(1)} s, RSS ${out.at(-1)?.rss_mb.toFixed(0)} MB, ${m.numTensors} tensors`);
+    }
+  } finally {
+    sd.dispose();
+  }
+  return out;
+}
+
+const generations = args.full ? await fullGenerations() : [];
+const measured = generations.length > 0 ? [...generations.map((g) => g.seconds)].sort((a, b) => a - b)[generations.length >> 1] : null;
+
 const cpu = cpus()[0]?.model ?? 'unknown';
 const result = {
   backend: choice.name,
@@ -163,8 +202,10 @@ const result = {
   unet_gflops: UNET_CFG_STEP_FLOP / unetStep / 1e9,
   vae_decode_s: vaeDecode,
   vae_gflops: VAE_DECODE_FLOP / vaeDecode / 1e9,
-  txt2img_512_20_steps_s: textEncode + 20 * unetStep + vaeDecode,
-  txt2img_projected: !args.full,
+  native_kernels: kernelsProblem() ?? 'in use',
+  txt2img_512_20_steps_s: measured !== null && args.steps === 20 ? measured : textEncode + 20 * unetStep + vaeDecode,
+  txt2img_projected: measured === null || args.steps !== 20,
+  generations,
   model_load_s: { clip: clipLoad, unet: unetLoad, vae: vaeLoad },
   load_mb_per_s: readFp32.mbPerS,
   load_fp32_s: readFp32.seconds,
@@ -185,7 +226,12 @@ if (args.json) {
     ['text encode (batch 2)', `${textEncode.toFixed(2)} s`],
     ['UNet CFG step (batch 2, 64x64)', `${unetStep.toFixed(2)} s (${result.unet_gflops.toFixed(0)} GFLOP/s)`],
     ['VAE decode (64x64 latent)', `${vaeDecode.toFixed(2)} s (${result.vae_gflops.toFixed(0)} GFLOP/s)`],
-    [`txt2img 512x512, 20 steps${args.full ? '' : ' (projected)'}`, `${result.txt2img_512_20_steps_s.toFixed(1)} s`],
+    ['native kernels', result.native_kernels],
+    [`txt2img 512x512, 20 steps${result.txt2img_projected ? ' (projected)' : ' (measured, median)'}`, `${result.txt2img_512_20_steps_s.toFixed(1)} s`],
+    ...generations.map((g, i): [string, string] => [
+      `  generation ${i + 1} (${args.steps} steps)`,
+      `${g.seconds.toFixed(1)} s; after it: RSS ${g.rss_mb.toFixed(0)} MB, ${g.tensors} tensors (${g.tensor_mb.toFixed(0)} MB)`,
+    ]),
     ['read fp32 file (every tensor to float32)', `${readFp32.seconds.toFixed(1)} s, ${readFp32.mbPerS.toFixed(0)} MB/s`],
     ['read fp16 file (every tensor to float32)', `${readFp16.seconds.toFixed(1)} s, ${readFp16.mbPerS.toFixed(0)} MB/s`],
     ['UNet weights', result.unet_residency === 'streamed' ? `streamed per block from ${(unetHostBytes / 1e9).toFixed(2)} GB host copy` : 'resident'],

@@ -7,6 +7,7 @@ import { gatherInfo, infoLines, type InfoFacts } from '../src/cli/commands/info.
 
 const base: Omit<InfoFacts, 'choice' | 'notUsed'> = {
   tfjsVersion: '4.22.0', native: null, wasm: { threads: 2, simd: true, limitedBy: null }, simd: true, cpu: 'Test CPU', cores: 2, node: '20.0.0',
+  kernels: null,
 };
 
 describe('sd info', () => {
@@ -21,6 +22,9 @@ describe('sd info', () => {
     expect(lines.find((l) => l.startsWith('threads'))).toMatch(/2 of 2 logical cores/);
     expect(lines.find((l) => l.startsWith('not tensorflow'))).toContain(why);
     expect(lines.find((l) => l.includes('enable with'))).toContain('sd setup-native');
+    expect(lines.find((l) => l.startsWith('native kernels'))).toMatch(/in use/);
+    const off = infoLines({ ...base, kernels: 'turned off by SD_KERNELS=0', choice: { name: 'wasm', threads: 2, skipped: {} }, notUsed: [] });
+    expect(off.find((l) => l.startsWith('native kernels'))).toMatch(/not in use: turned off by SD_KERNELS=0/);
   });
 
   it('on the forced cpu backend lists tensorflow and wasm as better, wasm as available', async () => {
@@ -30,5 +34,6 @@ describe('sd info', () => {
     expect(facts.notUsed[1].why).toMatch(/available/);
     const tensorflow = facts.notUsed[0];
     expect(tensorflow.fix).toMatch(/sd setup-native|--backend tensorflow/);
+    expect(facts.kernels).toMatch(/not built|tensorflow backend|SD_KERNELS/); // never in use on cpu unless forced
   });
 });

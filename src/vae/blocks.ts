@@ -10,6 +10,7 @@
  *   Level       resnets, each followed by attention where the level has it, then a Down/Upsample:
  *               one resolution level of the encoder or the decoder         [B, H, W, cin] -> [B, H', W', cout]
  */
+import * as kernels from '../tensor/kernels.js';
 import * as tf from '../tensor/tf.js';
 import { attention } from '../tensor/attention.js';
 import { Conv2d, GroupNorm, upsampleNearest2x } from '../tensor/nn.js';
@@ -43,6 +44,7 @@ export class AttnBlock {
   }
 
   apply(x: tf.Tensor4D): tf.Tensor4D {
+    if (this.q.native) return this.applyNative(x);
     return tf.tidy(() => {
       const [b, h, w, c] = x.shape;
       const normed = this.norm.apply(x);
@@ -50,6 +52,16 @@ export class AttnBlock {
       const attended = attention(tokens(this.q), tokens(this.k), tokens(this.v), 1);
       return tf.add(x, this.projOut.apply(tf.reshape(attended, [b, h, w, c]))) as tf.Tensor4D;
     });
+  }
+
+  /** The same on the native kernels, on the host end to end (one read, one tensor; the residual in proj_out). */
+  private applyNative(x: tf.Tensor4D): tf.Tensor4D {
+    const [b, h, w, c] = x.shape;
+    const xh = kernels.toHost(x);
+    const normed = this.norm.applyHost(xh, false);
+    const tokens = (conv: Conv2d) => kernels.reshapeHost(conv.applyHost(normed), [b, h * w, c]); // [B, H*W, C]
+    const attended = kernels.attentionHost(tokens(this.q), tokens(this.k), tokens(this.v), 1);
+    return kernels.toTensor(this.projOut.applyHost(kernels.reshapeHost(attended, [b, h, w, c]), { residual: xh }));
   }
 
   dispose(): void {

@@ -7,6 +7,7 @@ import { availableParallelism } from 'node:os';
 import type { CommandModule } from 'yargs';
 import { UsageError } from '../errors.js';
 import { BACKENDS, initBackend, type BackendChoice, type BackendName } from '../../tensor/backend.js';
+import { kernelsProblem } from '../../tensor/kernels.js';
 import { NATIVE_PACKAGES, nativeStatus, packageProblem, type NativeStatus } from '../../tensor/native.js';
 import * as tf from '../../tensor/tf.js';
 import { wasmSimdSupported, wasmStatus, type WasmStatus } from '../../tensor/wasm.js';
@@ -29,6 +30,8 @@ export interface InfoFacts {
   readonly node: string;
   /** Each backend better than the one in use: why it is not used, and what enables it. */
   readonly notUsed: readonly NotUsed[];
+  /** Why the native kernels (src/tensor/kernels.ts) are not in use, or null when they are. */
+  readonly kernels: string | null;
 }
 
 export interface NotUsed {
@@ -80,6 +83,7 @@ export function infoLines(f: InfoFacts): string[] {
     ['tfjs', `${f.tfjsVersion} (@tensorflow/tfjs-core)`],
     ['threads', threadsLine(f)],
     ['wasm SIMD', f.simd ? 'yes' : 'no (the wasm backend falls back to its slower scalar build)'],
+    ['native kernels', f.kernels === null ? 'in use (native/kernels.c: matrix products, convolutions, attention, norms)' : `not in use: ${f.kernels}`],
     ['machine', `${f.cpu}, ${f.cores} logical cores, Node ${f.node}`],
   ];
   for (const n of f.notUsed) lines.push([`not ${n.name}`, n.why], ['  enable with', n.fix]);
@@ -120,6 +124,7 @@ export async function gatherInfo(args: { backend?: BackendName; threads?: number
     cores: availableParallelism(),
     node: process.versions.node,
     notUsed: notUsed(choice),
+    kernels: kernelsProblem(),
   });
 }
 
