@@ -11,7 +11,7 @@
  * plain-JavaScript reference), and SD_KERNELS is not '0'. Layers decide once, at load: a layer loaded for the kernels holds its weights packed in
  * host memory instead of as tensors.
  *
- * Loading the kernels also tunes glibc's allocator (mallopt): by default every block over 32 MiB, and most over
+ * Using the kernels also tunes glibc's allocator (mallopt, once): by default every block over 32 MiB, and most over
  * 128 KiB once the threshold adapts, is a fresh mmap whose pages fault in zeroed on first touch. SD's feature
  * maps are 10-130 MiB and made and freed thousands of times a step; served from the heap instead, an elementwise
  * add on a 42 MB tensor went from 30 to 7 ms and a UNet step from ~23.9 to ~21.9 s before any kernel was swapped.
@@ -72,7 +72,6 @@ function load(): Addon | null {
       loadProblem = 'this CPU lacks AVX2 or FMA';
       return null;
     }
-    a.tuneAllocator();
     addon = a;
   } catch (e) {
     loadProblem = `${path} does not load: ${(e as Error).message}`;
@@ -90,8 +89,14 @@ export function kernelsProblem(): string | null {
   if (process.env.SD_KERNELS !== '1' && tf.getBackend() !== 'tensorflow') {
     return `they serve the tensorflow backend (this is ${tf.getBackend()}; SD_KERNELS=1 uses them anyway)`;
   }
+  if (!allocatorTuned) {
+    kernels().tuneAllocator();
+    allocatorTuned = true;
+  }
   return null;
 }
+
+let allocatorTuned = false;
 
 /** Whether layers loaded now should use the native kernels. */
 export function useKernels(): boolean {
