@@ -838,6 +838,18 @@ static napi_value geglu(napi_env env, napi_callback_info info) {
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 
+/* The sha256 of this file when it was built (src/setup/kernels.ts passes it), so a stale build is never used. */
+#ifndef SD_KERNELS_SOURCE
+#define SD_KERNELS_SOURCE "unknown"
+#endif
+
+static napi_value source_hash(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value r;
+  napi_create_string_utf8(env, SD_KERNELS_SOURCE, NAPI_AUTO_LENGTH, &r);
+  return r;
+}
+
 static napi_value available(napi_env env, napi_callback_info info) {
   (void)info;
   __builtin_cpu_init();
@@ -849,6 +861,7 @@ static napi_value available(napi_env env, napi_callback_info info) {
 NAPI_MODULE_INIT() {
   const napi_property_descriptor fns[] = {
     { "available", NULL, available, NULL, NULL, NULL, napi_default, NULL },
+    { "source", NULL, source_hash, NULL, NULL, NULL, napi_default, NULL },
     { "tuneAllocator", NULL, tune_allocator, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
     { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },

@@ -11,7 +11,7 @@ import { maxRelError } from '../src/parity/compare.js';
 import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/tensor/attention.js';
 import { initBackend } from '../src/tensor/backend.js';
-import { kernelsPath, kernelsProblem } from '../src/tensor/kernels.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash } from '../src/tensor/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/tensor/nn.js';
 import { Params } from '../src/tensor/params.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
@@ -19,8 +19,16 @@ import { SafetensorsFile } from '../src/weights/safetensors.js';
 import * as tf from '../src/tensor/tf.js';
 import { rand, source } from './helpers.js';
 
-const built = existsSync(kernelsPath());
-if (!built) console.warn(`skipping the native kernel tests: ${kernelsPath()} is not built; run \`sd setup-native\``);
+/** Built, and from this native/kernels.c (a stale build is refused by the loader, so there is nothing to test). */
+function buildProblem(): string | null {
+  if (!existsSync(kernelsPath())) return `${kernelsPath()} is not built`;
+  const addon = createRequire(import.meta.url)(kernelsPath()) as { source?: () => string };
+  if (addon.source?.() !== kernelsSourceHash()) return `${kernelsPath()} was built from another native/kernels.c`;
+  return null;
+}
+const problem = buildProblem();
+const built = problem === null;
+if (!built) console.warn(`skipping the native kernel tests: ${problem}; run \`sd setup-native\``);
 
 /** Runs `make` with the kernels off and on; returns both results as arrays. */
 function bothWays(make: () => tf.Tensor): { tfjs: Float32Array; native: Float32Array } {

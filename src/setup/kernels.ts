@@ -3,13 +3,16 @@
  * by the system C compiler against Node's own headers (node_api.h), linked to nothing but libc, libm and pthreads.
  * `sd setup-native` runs it, since the kernels only serve the `tensorflow` backend; it takes ~2 s.
  * The result is written beside its final name, loaded in a child process (it must load and report this CPU able to
- * run it), and only then renamed into place, so a failed build never leaves a broken addon behind.
+ * run it), and only then renamed into place, so a failed build never leaves a broken addon behind. It carries the
+ * sha256 of the source it was built from: after an update that changes kernels.c, the old build is not used (the
+ * loader says to rerun `sd setup-native`) instead of being called with arguments it does not know.
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { kernelsSourceHash } from '../tensor/kernels.js';
 import { SetupError } from './errors.js';
 import { nodeHeadersDir } from './package.js';
 
@@ -37,7 +40,9 @@ export async function buildKernels(root: string): Promise<KernelsBuild> {
   const cc = process.env.CC || 'cc';
   await mkdir(outDir, { recursive: true });
   try {
-    await run(cc, ['-O3', '-fPIC', '-shared', '-Wall', '-I', join(headers, 'include', 'node'), source, '-o', staged, '-lpthread', '-lm'], {
+    const hash = kernelsSourceHash(source);
+    const args = ['-O3', '-fPIC', '-shared', '-Wall', `-DSD_KERNELS_SOURCE="${hash}"`, '-I', join(headers, 'include', 'node'), source, '-o', staged, '-lpthread', '-lm'];
+    await run(cc, args, {
       timeout: 300_000, maxBuffer: 16 << 20,
     });
   } catch (e) {

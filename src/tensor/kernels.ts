@@ -16,7 +16,8 @@
  * maps are 10-130 MiB and made and freed thousands of times a step; served from the heap instead, an elementwise
  * add on a 42 MB tensor went from 30 to 7 ms and a UNet step from ~23.9 to ~21.9 s before any kernel was swapped.
  */
-import { existsSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -26,6 +27,8 @@ import * as tf from './tf.js';
 /** The addon's functions (native/kernels.c documents each). Arrays are float32, row-major, channels last. */
 interface Addon {
   available(): boolean;
+  /** sha256 (hex) of the native/kernels.c it was built from. */
+  source(): string;
   tuneAllocator(): boolean;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
   linear(
@@ -49,9 +52,17 @@ interface Addon {
   geglu(value: Float32Array, gate: Float32Array, out: Float32Array, n: number, threads: number): void;
 }
 
-/** src/tensor (or dist/tensor) -> the checkout's native/build/sd_kernels.node. */
+/** src/tensor (or dist/tensor) -> the checkout's native/ folder. */
+const NATIVE_DIR = join(dirname(dirname(dirname(fileURLToPath(import.meta.url)))), 'native');
+
+/** Where `sd setup-native` puts the built kernels. */
 export function kernelsPath(): string {
-  return join(dirname(dirname(dirname(fileURLToPath(import.meta.url)))), 'native', 'build', 'sd_kernels.node');
+  return join(NATIVE_DIR, 'build', 'sd_kernels.node');
+}
+
+/** sha256 (hex) of a kernels source file: what a build records and the loader compares. */
+export function kernelsSourceHash(path = join(NATIVE_DIR, 'kernels.c')): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
 }
 
 let addon: Addon | null | undefined;
@@ -68,6 +79,10 @@ function load(): Addon | null {
   }
   try {
     const a = createRequire(import.meta.url)(path) as Addon;
+    if (typeof a.source !== 'function' || a.source() !== kernelsSourceHash()) {
+      loadProblem = `${path} was built from another version of native/kernels.c; run \`sd setup-native\` to rebuild it`;
+      return null;
+    }
     if (!a.available()) {
       loadProblem = 'this CPU lacks AVX2 or FMA';
       return null;
