@@ -190,7 +190,7 @@ async function fullGenerations(): Promise<Generation[]> {
 }
 
 const generations = args.full ? await fullGenerations() : [];
-const measured = generations.length > 0 ? [...generations.map((g) => g.seconds)].sort((a, b) => a - b)[generations.length >> 1] : null;
+const measured = generations.length > 0 ? generations.map((g) => g.seconds).sort((a, b) => a - b)[generations.length >> 1] : null;
 
 const cpu = cpus()[0]?.model ?? 'unknown';
 const result = {

@@ -723,7 +723,7 @@ static napi_value group_norm(napi_env env, napi_callback_info info) {
   for (int pass = 1; pass <= 2 && mean; pass++) {
     memset(partial, 0, sizeof(double) * (size_t)n * B * C);
     g.pass = pass;
-    parallel((task_fn)gn_task, &g, n);
+    parallel(gn_task, &g, n);
     for (size_t b = 0; b < B; b++)
       for (size_t gi = 0; gi < G; gi++) {
         double s = 0;
@@ -742,7 +742,7 @@ static napi_value group_norm(napi_env env, napi_callback_info info) {
   }
   if (mean) {
     g.pass = 3;
-    parallel((task_fn)gn_task, &g, n);
+    parallel(gn_task, &g, n);
   } else {
     fail(&a, "sd_kernels: out of memory for groupNorm's statistics");
   }

@@ -15,7 +15,6 @@
  * scores in cache, an online softmax, nothing [Nq, Nk] ever allocated.
  */
 import * as kernels from './kernels.js';
-import { useKernels } from './kernels.js';
 import * as tf from './tf.js';
 
 export interface AttentionOptions {
@@ -68,7 +67,7 @@ export function attention(
   const [b, nq, c] = q.shape;
   const nk = k.shape[1];
   checkShapes(q, k, v, heads, opts.causal === true);
-  if (opts.causal !== true && useKernels()) return kernels.attention(q, k, v, heads);
+  if (opts.causal !== true && kernels.useKernels()) return kernels.attention(q, k, v, heads);
   const d = c / heads;
   const perHead = opts.perHead ?? (tf.getBackend() === 'wasm' || nq * nk >= PER_HEAD_MIN_SCORES);
   const plan = slicePlan(b * heads, nq, nk, opts.maxScoreBytes ?? DEFAULT_MAX_SCORE_BYTES, perHead);

@@ -8,8 +8,8 @@
  *
  * Used only where it pays and is safe: the kernels are loaded, this CPU has AVX2 and FMA, the backend is
  * `tensorflow` (wasm and cpu keep their own kernels: wasm runs where no compiler does, and the cpu backend is the
- * plain-JavaScript reference), and SD_KERNELS is not '0'. Layers decide once, at load: a layer loaded for the kernels holds its weights packed in
- * host memory instead of as tensors.
+ * plain-JavaScript reference), and SD_KERNELS is not '0'. Layers decide once, at load: a layer loaded for the
+ * kernels holds its weights packed in host memory instead of as tensors.
  *
  * Using the kernels also tunes glibc's allocator (mallopt, once): by default every block over 32 MiB, and most over
  * 128 KiB once the threshold adapts, is a fresh mmap whose pages fault in zeroed on first touch. SD's feature
@@ -94,6 +94,8 @@ function load(): Addon | null {
   return addon;
 }
 
+let allocatorTuned = false;
+
 /**
  * Why the native kernels are not in use, or null when they are. SD_KERNELS=0 turns them off; SD_KERNELS=1 uses
  * them on any backend (the tests run them on cpu this way).
@@ -110,8 +112,6 @@ export function kernelsProblem(): string | null {
   }
   return null;
 }
-
-let allocatorTuned = false;
 
 /** Whether layers loaded now should use the native kernels. */
 export function useKernels(): boolean {

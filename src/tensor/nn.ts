@@ -11,7 +11,6 @@
  */
 import * as tf from './tf.js';
 import * as kernels from './kernels.js';
-import { packWeight, useKernels, type ConvGeometry, type PackedWeight } from './kernels.js';
 import type { Params } from './params.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
@@ -25,7 +24,7 @@ export class Linear {
     readonly inFeatures: number,
     readonly outFeatures: number,
     /** TensorFlow ops: weight [in, out] and bias; or the native kernels: the weight packed with its bias. */
-    private readonly run: { weight: tf.Tensor2D; bias: tf.Tensor1D | null } | PackedWeight,
+    private readonly run: { weight: tf.Tensor2D; bias: tf.Tensor1D | null } | kernels.PackedWeight,
   ) {}
 
   static load(p: Params, inFeatures: number, outFeatures: number, { bias = true }: { bias?: boolean } = {}): Linear {
@@ -35,7 +34,9 @@ export class Linear {
 
   /** From a checkpoint weight [out, in] (row-major) and bias [out]. */
   static fromArrays(weight: Float32Array, bias: Float32Array | null, inFeatures: number, outFeatures: number): Linear {
-    if (useKernels()) return new Linear(inFeatures, outFeatures, packWeight(weight, outFeatures, { kind: 'linear' }, bias));
+    if (kernels.useKernels()) {
+      return new Linear(inFeatures, outFeatures, kernels.packWeight(weight, outFeatures, { kind: 'linear' }, bias));
+    }
     const w = own(() => tf.transpose(tf.tensor2d(weight, [outFeatures, inFeatures])) as tf.Tensor2D);
     const b = bias === null ? null : own(() => tf.tensor1d(bias));
     return new Linear(inFeatures, outFeatures, { weight: w, bias: b });
@@ -78,7 +79,7 @@ export class Linear {
 export type ConvPadding = 'same-as-torch' | number | readonly [number, number, number, number];
 
 type TfPad = 'same' | 'valid' | [[number, number], [number, number], [number, number], [number, number]];
-type Pad4 = readonly [number, number, number, number];
+type Pad4 = kernels.ConvGeometry['pad'];
 
 /** [top, bottom, left, right] */
 function padSides(padding: ConvPadding, kernel: number): Pad4 {
@@ -100,8 +101,8 @@ export class Conv2d {
     readonly outChannels: number,
     /** TensorFlow ops: filter HWIO [k, k, in, out] and bias; or the native kernels: the packed weight and geometry. */
     private readonly run: { filter: tf.Tensor4D; bias: tf.Tensor1D; stride: number; pad: TfPad } | {
-      packed: PackedWeight;
-      geometry: ConvGeometry;
+      packed: kernels.PackedWeight;
+      geometry: kernels.ConvGeometry;
     },
   ) {}
 
@@ -115,8 +116,9 @@ export class Conv2d {
     const weight = p.array('weight', [cout, cin, kernel, kernel]);
     const bias = p.array('bias', [cout]);
     const pad = padSides(padding, kernel);
-    if (useKernels()) {
-      return new Conv2d(cout, { packed: packWeight(weight, cout, { kind: 'conv', kernel }, bias), geometry: { kernel, stride, pad } });
+    if (kernels.useKernels()) {
+      const packed = kernels.packWeight(weight, cout, { kind: 'conv', kernel }, bias);
+      return new Conv2d(cout, { packed, geometry: { kernel, stride, pad } });
     }
     const filter = own(() => tf.transpose(tf.tensor4d(weight, [cout, cin, kernel, kernel]), [2, 3, 1, 0]) as tf.Tensor4D);
     return new Conv2d(cout, { filter, bias: own(() => tf.tensor1d(bias)), stride, pad: tfPadding(pad, kernel, stride) });
@@ -172,7 +174,7 @@ export class GroupNorm {
     const gamma = p.array('weight', [channels]);
     const beta = p.array('bias', [channels]);
     return new GroupNorm(
-      own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), groups, eps, useKernels() ? { gamma, beta } : null,
+      own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), groups, eps, kernels.useKernels() ? { gamma, beta } : null,
     );
   }
 
@@ -238,7 +240,7 @@ export class LayerNorm {
   static load(p: Params, dim: number, { eps = 1e-5 }: { eps?: number } = {}): LayerNorm {
     const gamma = p.array('weight', [dim]);
     const beta = p.array('bias', [dim]);
-    return new LayerNorm(own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), eps, useKernels() ? { gamma, beta } : null);
+    return new LayerNorm(own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), eps, kernels.useKernels() ? { gamma, beta } : null);
   }
 
   /** LayerNorm on the host. Native layers only. */

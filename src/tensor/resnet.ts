@@ -105,12 +105,9 @@ export class ResnetBlock {
    */
   private applyNative(x: tf.Tensor4D, tembAct?: tf.Tensor2D): tf.Tensor4D {
     const xh = kernels.toHost(x);
-    let imageBias: Float32Array | undefined;
-    if (this.timeProj !== null && tembAct !== undefined) {
-      const t = this.timeProj.apply(tembAct); // [B, cout]
-      imageBias = kernels.toHost(t).data;
-      t.dispose();
-    }
+    const imageBias = this.timeProj !== null && tembAct !== undefined
+      ? this.timeProj.applyHost(kernels.toHost(tembAct)).data // [B, cout]
+      : undefined;
     const h = this.conv1.applyHost(this.norm1.applyHost(xh, true), { imageBias });
     const skip = this.shortcut === null ? xh : this.shortcut.applyHost(xh);
     return kernels.toTensor(this.conv2.applyHost(this.norm2.applyHost(h, true), { residual: skip }));
