@@ -25,11 +25,34 @@ function chain(): tf.Tensor2D {
   });
 }
 
+/**
+ * Slices of every kind (contiguous, strided, inner-axis, empty, rank 1-5, int32) flattened one after another:
+ * wasm replaces tfjs's Slice kernel (src/tensor/wasm-kernels.ts), and its output must equal the cpu backend's.
+ */
+function slices(): tf.Tensor1D {
+  return tf.tidy(() => {
+    const x4 = fixed([3, 5, 7, 4], 4);
+    const parts = [
+      tf.slice(x4, [1, 0, 0, 0], [1, 5, 7, 4]),
+      tf.slice(x4, [0, 2, 0, 0], [3, 2, 7, 4]),
+      tf.slice(x4, [1, 1, 3, 1], [2, 3, 4, 2]),
+      tf.slice(x4, [2, 4, 6, 3], [1, 1, 1, 1]),
+      tf.slice(x4, [0, 0, 0, 0], [3, 0, 7, 4]),
+      tf.slice(fixed([17], 5), 3, 9),
+      tf.slice(fixed([2, 3, 2, 3, 2], 6), [1, 0, 1, 1, 0], [1, 3, 1, 2, 2]),
+      tf.cast(tf.slice(tf.reshape(tf.range(0, 60, 1, 'int32'), [3, 4, 5]), [0, 1, 2], [3, 2, 3]), 'float32'),
+    ];
+    return tf.concat(parts.map((t) => tf.reshape(t, [-1])), 0) as tf.Tensor1D;
+  });
+}
+
 const name = process.argv[2] ?? 'wasm';
 if (!isBackendName(name)) throw new Error(`unknown backend ${name}`);
 const threads = process.argv[3] !== undefined ? Number(process.argv[3]) : undefined;
 const choice = await initBackend({ backend: name, threads, log: null });
 const out = chain();
-const bytes = Buffer.from((await out.data()).buffer);
-out.dispose();
-process.stdout.write(JSON.stringify({ backend: tf.getBackend(), threads: choice.threads, output: bytes.toString('base64') }) + '\n');
+const sliced = slices();
+const base64 = async (t: tf.Tensor) => Buffer.from((await t.data()).buffer).toString('base64');
+const result = { backend: tf.getBackend(), threads: choice.threads, output: await base64(out), slices: await base64(sliced) };
+tf.dispose([out, sliced]);
+process.stdout.write(JSON.stringify(result) + '\n');

@@ -1,6 +1,7 @@
 /**
  * The wasm backend on several threads: a conv2d -> matMul -> softmax chain gives bit-identical outputs with
- * 2 threads and with 1 thread, agrees with the pure-JS cpu backend, and each child process exits by itself
+ * 2 threads and with 1 thread, agrees with the pure-JS cpu backend, its Slice kernel (ours) copies exactly what
+ * the cpu backend's does, and each child process exits by itself
  * (pthread workers must not keep Node alive). Each run is its own child process: one backend per process.
  */
 import { execFile } from 'node:child_process';
@@ -14,6 +15,7 @@ interface ChildResult {
   backend: string;
   threads: number | null;
   output: string;
+  slices: string;
 }
 
 function runChild(backend: string, threads?: number): Promise<ChildResult> {
@@ -48,5 +50,11 @@ describe('wasm backend threads', () => {
     expect(firstDiff, `first differing element ${firstDiff}: ${a[firstDiff]} vs ${b[firstDiff]}`).toBe(-1);
     expect(e.some((v) => v !== 0)).toBe(true);
     expect(maxRelError(a, e)).toBeLessThan(1e-4); // the fixtures' rule: max|a - e| / max|e|
+
+    // Slices are copies: wasm's own Slice kernel must give exactly the cpu backend's values.
+    const [s1, s2, sc] = [floats(one.slices), floats(two.slices), floats(cpu.slices)];
+    expect(sc.length).toBe(140 + 168 + 48 + 1 + 0 + 9 + 12 + 18);
+    expect(Array.from(s1)).toEqual(Array.from(sc));
+    expect(Array.from(s2)).toEqual(Array.from(sc));
   });
 });

@@ -55,6 +55,8 @@ describe('streamed UNet', () => {
     const got = forward(streamed);
     expect(tf.memory().numTensors).toBe(before);
     expect(withinTolerance(got, io.float32('out'), fixture.tolerance).passed).toBe(true);
+    // The first pass rearranged the host copy into each layer's layout; the second reads it as rearranged.
+    expect(Array.from(forward(streamed))).toEqual(Array.from(got));
 
     const resident = UNet.load(weights, cfg, undefined, { residency: 'resident' });
     expect(tf.memory().numTensors).toBeGreaterThan(before);

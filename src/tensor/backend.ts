@@ -70,7 +70,11 @@ async function load(name: BackendName, threads: number | undefined): Promise<str
     const ok = await tf.setBackend(name);
     if (!ok) return `${name} failed to initialise`;
     await tf.ready();
-    if (name === 'wasm') guardWasmHeap();
+    if (name === 'wasm') {
+      guardWasmHeap();
+      const { registerWasmKernels } = await import('./wasm-kernels.js');
+      registerWasmKernels();
+    }
     return null;
   } catch (e) {
     return e instanceof Error ? e.message : String(e);

@@ -11,6 +11,7 @@
  */
 import * as tf from './tf.js';
 import * as kernels from './kernels.js';
+import type { Layout } from './layout.js';
 import type { Params } from './params.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
@@ -27,19 +28,24 @@ export class Linear {
     private readonly run: { weight: tf.Tensor2D; bias: tf.Tensor1D | null } | kernels.PackedWeight,
   ) {}
 
-  static load(p: Params, inFeatures: number, outFeatures: number, { bias = true }: { bias?: boolean } = {}): Linear {
-    const w = p.array('weight', [outFeatures, inFeatures]);
-    return Linear.fromArrays(w, bias ? p.array('bias', [outFeatures]) : null, inFeatures, outFeatures);
-  }
-
-  /** From a checkpoint weight [out, in] (row-major) and bias [out]. */
-  static fromArrays(weight: Float32Array, bias: Float32Array | null, inFeatures: number, outFeatures: number): Linear {
+  /**
+   * From a checkpoint weight [out, in] and bias [out]; with `part` [i, n], this layer is the i-th of n equal blocks
+   * of the checkpoint's outputs (GEGLU's projection holds two Linears), and `outFeatures` is the block's.
+   */
+  static load(
+    p: Params,
+    inFeatures: number,
+    outFeatures: number,
+    { bias = true, part }: { bias?: boolean; part?: Layout['part'] } = {},
+  ): Linear {
+    const rows = outFeatures * (part?.[1] ?? 1);
     if (kernels.useKernels()) {
-      return new Linear(inFeatures, outFeatures, kernels.packWeight(weight, outFeatures, { kind: 'linear' }, bias));
+      const b = bias ? p.array('bias', [rows], part) : null;
+      return new Linear(inFeatures, outFeatures, kernels.packWeight(p.array('weight', [rows, inFeatures], part), outFeatures, { kind: 'linear' }, b));
     }
-    const w = own(() => tf.transpose(tf.tensor2d(weight, [outFeatures, inFeatures])) as tf.Tensor2D);
-    const b = bias === null ? null : own(() => tf.tensor1d(bias));
-    return new Linear(inFeatures, outFeatures, { weight: w, bias: b });
+    const weight = own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], part }) as tf.Tensor2D);
+    const b = bias ? own(() => p.tensor('bias', [rows], { part }) as tf.Tensor1D) : null;
+    return new Linear(inFeatures, outFeatures, { weight, bias: b });
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */
@@ -113,15 +119,14 @@ export class Conv2d {
     kernel: number,
     { stride = 1, padding = 'same-as-torch' }: { stride?: number; padding?: ConvPadding } = {},
   ): Conv2d {
-    const weight = p.array('weight', [cout, cin, kernel, kernel]);
-    const bias = p.array('bias', [cout]);
     const pad = padSides(padding, kernel);
     if (kernels.useKernels()) {
-      const packed = kernels.packWeight(weight, cout, { kind: 'conv', kernel }, bias);
+      const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, { kind: 'conv', kernel }, p.array('bias', [cout]));
       return new Conv2d(cout, { packed, geometry: { kernel, stride, pad } });
     }
-    const filter = own(() => tf.transpose(tf.tensor4d(weight, [cout, cin, kernel, kernel]), [2, 3, 1, 0]) as tf.Tensor4D);
-    return new Conv2d(cout, { filter, bias: own(() => tf.tensor1d(bias)), stride, pad: tfPadding(pad, kernel, stride) });
+    const filter = own(() => p.tensor('weight', [cout, cin, kernel, kernel], { perm: [2, 3, 1, 0] }) as tf.Tensor4D);
+    const bias = own(() => p.tensor('bias', [cout]) as tf.Tensor1D);
+    return new Conv2d(cout, { filter, bias, stride, pad: tfPadding(pad, kernel, stride) });
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */

@@ -6,9 +6,13 @@
  * (a config that does not fit the checkpoint fails at load, naming the key) and is recorded, so a loader can
  * ask which keys under its root nobody read (`unused()`) and refuse a checkpoint it only half understood.
  *
- * Tensors come back in the checkpoint's (PyTorch) layout as float32; the nn modules transpose them once.
+ * Arrays come back in the checkpoint's (PyTorch) layout as float32; tensors in the layout their layer asks for
+ * (layout.ts): from a host copy (residency.ts) laid out that way already, else transposed once on the backend.
  */
 import * as tf from './tf.js';
+import { filledTensor } from './heap.js';
+import { laidOutShape, type Layout } from './layout.js';
+import { HostTensors } from './residency.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 
 /** A weight's shape differs from what the config says it must be, or the checkpoint lacks or adds tensors. */
@@ -50,13 +54,40 @@ export class Params {
     return this.src.has(this.key(name));
   }
 
-  /** Reads `${prefix}.${name}` as float32 in checkpoint layout; its shape must equal `shape` exactly. */
-  tensor(name: string, shape: readonly number[]): tf.Tensor {
-    return tf.tensor(this.array(name, shape), [...shape], 'float32');
+  /**
+   * `${prefix}.${name}` as a float32 tensor in `layout` (transposed, or one block of it): its checkpoint shape
+   * must equal `shape`.
+   */
+  tensor(name: string, shape: readonly number[], layout: Layout = {}): tf.Tensor {
+    const key = this.checked(name, shape);
+    const outShape = laidOutShape(shape, layout);
+    const src = this.src;
+    if (src instanceof HostTensors) return filledTensor(outShape, (out) => src.decodeInto(key, layout, out));
+    return tf.tidy(() => {
+      let t = tf.tensor(src.float32(key), [...shape], 'float32');
+      if (layout.part !== undefined) {
+        const rows = shape[0] / layout.part[1];
+        t = tf.slice(t, layout.part[0] * rows, rows);
+      }
+      return layout.perm === undefined ? t : tf.transpose(t, [...layout.perm]);
+    });
   }
 
-  /** The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`. */
-  array(name: string, shape: readonly number[]): Float32Array {
+  /**
+   * The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`.
+   * With `part` [i, n], only the i-th of n equal blocks along axis 0.
+   */
+  array(name: string, shape: readonly number[], part?: Layout['part']): Float32Array {
+    const key = this.checked(name, shape);
+    laidOutShape(shape, { part });
+    const all = this.src.float32(key);
+    if (part === undefined) return all;
+    const size = all.length / part[1];
+    return all.slice(part[0] * size, (part[0] + 1) * size);
+  }
+
+  /** The full key of `name`, after checking that it exists with exactly `shape`; records it as read. */
+  private checked(name: string, shape: readonly number[]): string {
     const key = this.key(name);
     if (!this.src.has(key)) {
       throw new WeightsError(
@@ -70,7 +101,7 @@ export class Params {
       );
     }
     this.used.add(key);
-    return this.src.float32(key);
+    return key;
   }
 
   /** Keys under the root prefix that nothing read, except those matching `ignore` (buffers such as position_ids). */

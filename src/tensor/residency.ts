@@ -10,11 +10,12 @@
  *
  * A model wraps each block in a `Held<M>` and runs it with `held.use((m) => m.apply(x))`; the policy decides
  * whether `use` finds the block loaded or loads it, and that is the only place the two differ.
- * Streaming costs a load of every weight per forward pass (decode fp16 + transpose): seconds per UNet step,
- * against a minute of compute on wasm.
+ * Streaming costs a load of every weight per forward pass: the host copy is kept in the layout its layer reads
+ * (HostTensors.decodeInto), so a load is one decode (fp16) or copy (fp32) straight into the backend's memory.
  */
 import * as tf from './tf.js';
-import { decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
+import { DTYPE_BYTES, decodeInto, decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
+import { arrange, laidOutShape, type Layout } from './layout.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 
 export type ResidencyPolicy = 'resident' | 'streamed';
@@ -63,12 +64,18 @@ export class Held<M extends Disposable> {
 }
 
 interface HostTensor extends TensorInfo {
-  readonly bytes: Uint8Array;
+  bytes: Uint8Array;
+  /** The layout `bytes` were rearranged into by the first decodeInto (each part contiguous); null: as in the file. */
+  arranged: { perm: readonly number[]; parts: number } | null;
 }
 
 /**
  * Some tensors of a TensorSource copied into host memory, in the file's dtype (fp16 stays 2 bytes a weight),
  * so that blocks can be re-materialised after the file is closed. It is itself a TensorSource.
+ *
+ * A tensor read through `decodeInto` is rearranged, once, into the layout its layer asks for (Conv2d's HWIO,
+ * Linear's [in, out], GEGLU's halves side by side), so that re-materialising it never transposes again. Each
+ * tensor serves one layer and so one layout; `float32` and `bytes` serve those still in the file's layout.
  */
 export class HostTensors implements TensorSource {
   private constructor(
@@ -82,7 +89,7 @@ export class HostTensors implements TensorSource {
     for (const key of keys) {
       if (!src.has(key)) throw new WeightsError(`${src.path}: missing tensor ${key}`);
       const { dtype, shape } = src.info(key);
-      tensors.set(key, { dtype, shape, bytes: src.bytes(key) });
+      tensors.set(key, { dtype, shape, bytes: src.bytes(key), arranged: null });
     }
     return new HostTensors(src.path, tensors);
   }
@@ -108,17 +115,47 @@ export class HostTensors implements TensorSource {
   }
 
   bytes(key: string): Uint8Array {
-    return this.entry(key).bytes;
+    return this.inFileLayout(key).bytes;
   }
 
   float32(key: string): Float32Array {
+    const t = this.inFileLayout(key);
+    return decodeToFloat32(t.bytes, this.floatDType(key, t));
+  }
+
+  /**
+   * Writes tensor `key` in `layout` as float32 into `out` (laidOutShape(shape, layout) elements). The first call
+   * rearranges the held bytes into that layout; later calls are one decode or copy.
+   */
+  decodeInto(key: string, layout: Layout, out: Float32Array): void {
     const t = this.entry(key);
-    if (!isFloatDType(t.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${t.dtype}, not floating point`);
-    return decodeToFloat32(t.bytes, t.dtype);
+    const dtype = this.floatDType(key, t);
+    laidOutShape(t.shape, layout); // throws on a layout that does not fit the tensor
+    const perm = layout.perm ?? t.shape.map((_, i) => i);
+    const [index, parts] = layout.part ?? [0, 1];
+    if (t.arranged === null) {
+      t.bytes = arrange(t.bytes, DTYPE_BYTES[dtype], t.shape, perm, parts);
+      t.arranged = { perm, parts };
+    } else if (t.arranged.parts !== parts || t.arranged.perm.some((a, i) => a !== perm[i])) {
+      throw new Error(`${this.path}: tensor ${key} is held in one layout and was asked for in another`);
+    }
+    const partBytes = t.bytes.byteLength / parts;
+    decodeInto(t.bytes.subarray(index * partBytes, (index + 1) * partBytes), dtype, out);
   }
 
   close(): void {
     this.tensors.clear();
+  }
+
+  private floatDType(key: string, t: HostTensor): TensorInfo['dtype'] {
+    if (!isFloatDType(t.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${t.dtype}, not floating point`);
+    return t.dtype;
+  }
+
+  private inFileLayout(key: string): HostTensor {
+    const t = this.entry(key);
+    if (t.arranged !== null) throw new Error(`${this.path}: tensor ${key} is held rearranged for its layer, not as in the file`);
+    return t;
   }
 
   private entry(key: string): HostTensor {

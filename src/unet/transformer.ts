@@ -111,13 +111,9 @@ class FeedForward {
   }
 }
 
-/** Reads a Linear [2 * half, in] and returns the Linears of its first and second halves of outputs. */
+/** Reads a Linear [2 * half, in] as the Linears of its first and second halves of outputs. */
 function loadHalves(p: Params, inFeatures: number, half: number): [Linear, Linear] {
-  const w = p.array('weight', [2 * half, inFeatures]); // rows are outputs: each half is a contiguous block
-  const b = p.array('bias', [2 * half]);
-  const part = (i: number) =>
-    Linear.fromArrays(w.slice(i * half * inFeatures, (i + 1) * half * inFeatures), b.slice(i * half, (i + 1) * half), inFeatures, half);
-  return [part(0), part(1)];
+  return [Linear.load(p, inFeatures, half, { part: [0, 2] }), Linear.load(p, inFeatures, half, { part: [1, 2] })];
 }
 
 /** Pre-LayerNorm transformer block: self-attention, cross-attention, GEGLU, each residual. [B, N, C] */

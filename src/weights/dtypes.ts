@@ -42,27 +42,36 @@ function halfToFloatTable(): Float32Array {
 
 /** Little-endian bytes of `dtype` -> float32. `bytes` may be unaligned. */
 export function decodeToFloat32(bytes: Uint8Array, dtype: DType): Float32Array {
+  const out = new Float32Array(bytes.byteLength / DTYPE_BYTES[dtype]);
+  decodeInto(bytes, dtype, out);
+  return out;
+}
+
+/** Little-endian bytes of `dtype` -> `out` (as many elements as `bytes` holds), with no allocation when aligned. */
+export function decodeInto(bytes: Uint8Array, dtype: DType, out: Float32Array): void {
   const n = bytes.byteLength / DTYPE_BYTES[dtype];
-  const aligned = bytes.byteOffset % 8 === 0 ? bytes : bytes.slice();
+  if (out.length !== n) throw new RangeError(`decodeInto: ${n} ${dtype} values do not fill ${out.length} floats`);
+  const aligned = bytes.byteOffset % DTYPE_BYTES[dtype] === 0 ? bytes : bytes.slice();
   switch (dtype) {
     case 'F32':
-      return new Float32Array(aligned.buffer, aligned.byteOffset, n).slice();
+      out.set(new Float32Array(aligned.buffer, aligned.byteOffset, n));
+      return;
     case 'F16': {
       const src = new Uint16Array(aligned.buffer, aligned.byteOffset, n);
       const table = halfToFloatTable();
-      const out = new Float32Array(n);
       for (let i = 0; i < n; i++) out[i] = table[src[i]];
-      return out;
+      return;
     }
     case 'BF16': {
       // bfloat16 is the top half of a float32.
       const src = new Uint16Array(aligned.buffer, aligned.byteOffset, n);
-      const out = new Uint32Array(n);
-      for (let i = 0; i < n; i++) out[i] = src[i] << 16;
-      return new Float32Array(out.buffer);
+      const bits = new Uint32Array(out.buffer, out.byteOffset, n);
+      for (let i = 0; i < n; i++) bits[i] = src[i] << 16;
+      return;
     }
     case 'F64':
-      return Float32Array.from(new Float64Array(aligned.buffer, aligned.byteOffset, n));
+      out.set(new Float64Array(aligned.buffer, aligned.byteOffset, n));
+      return;
     default:
       throw new TypeError(`cannot decode ${dtype} as floating point`);
   }
