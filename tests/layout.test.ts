@@ -3,8 +3,7 @@
  * block copy (src/tensor/wasm-kernels.ts), each against a naive element-by-element reference.
  */
 import { describe, expect, it } from 'vitest';
-import { arrange, laidOutShape } from '../src/tensor/layout.js';
-import { copyBlock } from '../src/tensor/wasm-kernels.js';
+import { arrange, blockIndex, copyBlock, laidOutShape } from '../src/tensor/layout.js';
 import { HostTensors } from '../src/tensor/residency.js';
 import { decodeToFloat32, encodeFloat16, type DType } from '../src/weights/dtypes.js';
 import type { TensorSource } from '../src/weights/types.js';
@@ -31,26 +30,55 @@ function transposedOrder(shape: readonly number[], perm: readonly number[]): num
 
 const ramp = (n: number) => Float32Array.from({ length: n }, (_, i) => i * 0.25 - 3);
 
+/** The naive reference of arrange: for each block (row-major over the splits), its elements in `perm` order. */
+function arrangedOrder(shape: number[], perm: number[], splits: { axis: number; count: number }[]): number[] {
+  const block = shape.map((d, a) => d / (splits.find((s) => s.axis === a)?.count ?? 1));
+  const st = strides(shape);
+  const order: number[] = [];
+  const blocks = splits.reduce((n, s) => n * s.count, 1);
+  for (let b = 0; b < blocks; b++) {
+    // The block's first element: its index along each split axis, read off b in row-major order.
+    let rest = b;
+    const begin = shape.map(() => 0);
+    for (let i = splits.length - 1; i >= 0; i--) {
+      begin[splits[i].axis] = (rest % splits[i].count) * block[splits[i].axis];
+      rest = Math.floor(rest / splits[i].count);
+    }
+    const base = begin.reduce((acc, v, a) => acc + v * st[a], 0);
+    // Elements of the block in perm order, as offsets within the full tensor.
+    const within = transposedOrder(block, perm).map((i) => {
+      const bs = strides(block);
+      return block.reduce((acc, _, a) => acc + (Math.floor(i / bs[a]) % block[a]) * st[a], 0);
+    });
+    order.push(...within.map((o) => base + o));
+  }
+  return order;
+}
+
 describe('arrange', () => {
   it.each([
-    { shape: [6, 5], perm: [1, 0], parts: 1 },
-    { shape: [4, 3, 3, 3], perm: [2, 3, 1, 0], parts: 1 },
-    { shape: [8, 3], perm: [1, 0], parts: 2 },
-    { shape: [6, 2, 5], perm: [2, 0, 1], parts: 3 },
-    { shape: [7], perm: [0], parts: 1 },
-  ])('rearranges $shape by $perm in $parts parts, for 1-, 2- and 4-byte elements', ({ shape, perm, parts }) => {
+    { shape: [6, 5], perm: [1, 0], splits: [] },
+    { shape: [4, 3, 3, 3], perm: [2, 3, 1, 0], splits: [] },
+    { shape: [8, 3], perm: [1, 0], splits: [{ axis: 0, count: 2 }] },
+    { shape: [6, 2, 5], perm: [2, 0, 1], splits: [{ axis: 0, count: 3 }] },
+    { shape: [4, 6, 3, 3], perm: [2, 3, 1, 0], splits: [{ axis: 1, count: 3 }] },
+    { shape: [4, 6], perm: [1, 0], splits: [{ axis: 0, count: 2 }, { axis: 1, count: 3 }] },
+    { shape: [7], perm: [0], splits: [] },
+  ])('rearranges $shape by $perm in blocks $splits, for 1-, 2- and 4-byte elements', ({ shape, perm, splits }) => {
     const n = shape.reduce((x, y) => x * y, 1);
-    const rows = shape[0] / parts;
-    const partShape = [rows, ...shape.slice(1)];
-    const want: number[] = [];
-    for (let p = 0; p < parts; p++) want.push(...transposedOrder(partShape, perm).map((i) => i + p * (n / parts)));
+    const want = arrangedOrder(shape, perm, splits);
     for (const width of [1, 2, 4]) {
       const src = new Uint8Array(n * width).map((_, i) => (i * 37 + 11) & 0xff);
-      const got = arrange(src, width, shape, perm, parts);
+      const got = arrange(src, width, shape, perm, splits);
       const expected = new Uint8Array(n * width);
       want.forEach((from, o) => expected.set(src.subarray(from * width, (from + 1) * width), o * width));
       expect(Array.from(got), `width ${width}`).toEqual(Array.from(expected));
     }
+  });
+
+  it('numbers blocks row-major over the parts', () => {
+    expect(blockIndex([])).toBe(0);
+    expect(blockIndex([{ axis: 0, index: 1, count: 2 }, { axis: 1, index: 2, count: 3 }])).toBe(5);
   });
 
   it('handles a source at an unaligned offset', () => {
@@ -65,13 +93,17 @@ describe('arrange', () => {
 describe('laidOutShape', () => {
   it('gives the shape of the part, permuted', () => {
     expect(laidOutShape([320, 320, 3, 3], { perm: [2, 3, 1, 0] })).toEqual([3, 3, 320, 320]);
-    expect(laidOutShape([2560, 320], { perm: [1, 0], part: [1, 2] })).toEqual([320, 1280]);
+    expect(laidOutShape([2560, 320], { perm: [1, 0], parts: [{ axis: 0, index: 1, count: 2 }] })).toEqual([320, 1280]);
+    expect(laidOutShape([1280, 2560, 3, 3], { perm: [2, 3, 1, 0], parts: [{ axis: 1, index: 3, count: 8 }] })).toEqual([3, 3, 320, 1280]);
     expect(laidOutShape([5, 4], {})).toEqual([5, 4]);
   });
 
   it('refuses parts that do not divide axis 0 and perms that are not permutations', () => {
-    expect(() => laidOutShape([5, 4], { part: [0, 2] })).toThrow(/equal blocks/);
-    expect(() => laidOutShape([4, 4], { part: [2, 2] })).toThrow(/equal blocks/);
+    expect(() => laidOutShape([5, 4], { parts: [{ axis: 0, index: 0, count: 2 }] })).toThrow(/equal blocks/);
+    expect(() => laidOutShape([4, 4], { parts: [{ axis: 0, index: 2, count: 2 }] })).toThrow(/equal blocks/);
+    expect(() => laidOutShape([4, 4], { parts: [{ axis: 2, index: 0, count: 2 }] })).toThrow(/equal blocks/);
+    const twice = { axis: 0, index: 0, count: 2 };
+    expect(() => laidOutShape([4, 4], { parts: [twice, twice] })).toThrow(/equal blocks/);
     expect(() => laidOutShape([4, 4], { perm: [0, 0] })).toThrow(/not a permutation/);
     expect(() => laidOutShape([4, 4], { perm: [1, 0, 2] })).toThrow(/not a permutation/);
   });
@@ -101,11 +133,11 @@ describe('HostTensors.decodeInto', () => {
     for (const key of ['w32', 'w16']) {
       for (let rep = 0; rep < 2; rep++) {
         const out = new Float32Array(24);
-        host.decodeInto(key, { perm: [1, 0], part: [1, 2] }, out);
+        host.decodeInto(key, { perm: [1, 0], parts: [{ axis: 0, index: 1, count: 2 }] }, out);
         expect(Array.from(out), `${key} ${rep}`).toEqual(Array.from(want));
       }
       const first = new Float32Array(24);
-      host.decodeInto(key, { perm: [1, 0], part: [0, 2] }, first);
+      host.decodeInto(key, { perm: [1, 0], parts: [{ axis: 0, index: 0, count: 2 }] }, first);
       expect(first[1]).toBe(values[4]);
     }
   });

@@ -2,44 +2,80 @@
  * The layout a layer wants a checkpoint tensor in, and the host-side rearrangement that produces it.
  *
  * A checkpoint stores PyTorch's layouts (Linear [out, in], Conv2d OIHW); the layers here compute in another
- * (Linear [in, out], Conv2d HWIO), and a few read only a block of a tensor (GEGLU's projection is two Linears,
- * the halves of one [2 * inner, in] weight). A Layout names both:
+ * (Linear [in, out], Conv2d HWIO), and some read only a block of a tensor: GEGLU's projection is two Linears,
+ * the halves of one [2 * inner, in] weight, and on wasm a layer with many input channels is cut into groups of
+ * them (nn.ts, `inputGroups`). A Layout names both:
  *
- *   perm   the order of the (part's) axes, as tf.transpose's perm: [1, 0] makes [out, in] into [in, out]
- *   part   [i, n]: only the i-th of n equal blocks along axis 0, taken before `perm`
+ *   parts  blocks to take: along `axis` (of the checkpoint shape), the `index`-th of `count` equal blocks
+ *   perm   the order of the block's axes afterwards, as tf.transpose's perm: [1, 0] makes [out, in] into [in, out]
  *
  * Held in host memory in its layout (residency.ts stores a streamed block's weights that way), a tensor needs no
- * transpose on the backend each time it is made: see `arrange`, which rearranges the checkpoint's bytes once.
+ * slicing or transposing on the backend each time it is made: `arrange` rearranges the checkpoint's bytes once
+ * so that every block is contiguous and already permuted, and `blockIndex` says where a block is.
  */
+
+export interface Part {
+  readonly axis: number;
+  readonly index: number;
+  readonly count: number;
+}
 
 export interface Layout {
   readonly perm?: readonly number[];
-  readonly part?: readonly [index: number, count: number];
+  readonly parts?: readonly Part[];
 }
 
 /** Checks `layout` against a tensor of `shape` and returns the shape of what it selects, in its order. */
 export function laidOutShape(shape: readonly number[], layout: Layout): number[] {
-  const [index, count] = layout.part ?? [0, 1];
-  if (!Number.isInteger(count) || count < 1 || !Number.isInteger(index) || index < 0 || index >= count || shape[0] % count !== 0) {
-    throw new RangeError(`layout part [${index}, ${count}] does not cut axis 0 of [${shape.join(', ')}] into equal blocks`);
+  const block = [...shape];
+  const seen = new Set<number>();
+  for (const { axis, index, count } of layout.parts ?? []) {
+    const fits = Number.isInteger(axis) && axis >= 0 && axis < shape.length && !seen.has(axis);
+    if (!fits || !Number.isInteger(count) || count < 1 || !Number.isInteger(index) || index < 0 || index >= count || shape[axis] % count !== 0) {
+      throw new RangeError(`layout part ${index} of ${count} does not cut axis ${axis} of [${shape.join(', ')}] into equal blocks`);
+    }
+    seen.add(axis);
+    block[axis] = shape[axis] / count;
   }
-  const partShape = [shape[0] / count, ...shape.slice(1)];
-  const perm = layout.perm ?? partShape.map((_, i) => i);
+  const perm = layout.perm ?? block.map((_, i) => i);
   const sorted = [...perm].sort((a, b) => a - b);
-  if (perm.length !== partShape.length || sorted.some((v, i) => v !== i)) {
-    throw new RangeError(`layout perm [${perm.join(', ')}] is not a permutation of the ${partShape.length} axes of [${shape.join(', ')}]`);
+  if (perm.length !== block.length || sorted.some((v, i) => v !== i)) {
+    throw new RangeError(`layout perm [${perm.join(', ')}] is not a permutation of the ${block.length} axes of [${shape.join(', ')}]`);
   }
-  return perm.map((a) => partShape[a]);
+  return perm.map((a) => block[a]);
+}
+
+/** Where the block `parts` selects lies in bytes arranged for those parts: the block's number, in row-major order. */
+export function blockIndex(parts: readonly Part[]): number {
+  return parts.reduce((at, { index, count }) => at * count + index, 0);
 }
 
 /**
- * The elements of a row-major tensor of `shape` (`elementBytes` each), rearranged so that every part of `parts`
- * equal blocks along axis 0 is contiguous and laid out in `perm`: the order of a view [parts, shape0/parts, ...]
- * permuted by [0, ...perm + 1]. With parts = 1 this is a plain transpose.
+ * The elements of a row-major tensor of `shape` (`elementBytes` each), rearranged so that every block that
+ * `splits` cut out is contiguous (blocks in row-major order over the splits, as `blockIndex` numbers them) and laid
+ * out in `perm`. With no splits this is a plain transpose.
  */
-export function arrange(bytes: Uint8Array, elementBytes: number, shape: readonly number[], perm: readonly number[], parts = 1): Uint8Array {
-  const view = [parts, shape[0] / parts, ...shape.slice(1)];
-  const order = [0, ...perm.map((a) => a + 1)];
+export function arrange(
+  bytes: Uint8Array,
+  elementBytes: number,
+  shape: readonly number[],
+  perm: readonly number[],
+  splits: readonly { axis: number; count: number }[] = [],
+): Uint8Array {
+  // A view in which every split axis a is two axes [count, shape[a] / count]; the block axes go first.
+  const view: number[] = [];
+  const inner: number[] = [];
+  const outer = new Map<number, number>();
+  shape.forEach((d, a) => {
+    const split = splits.find((s) => s.axis === a);
+    if (split !== undefined) {
+      outer.set(a, view.length);
+      view.push(split.count);
+    }
+    inner.push(view.length);
+    view.push(split === undefined ? d : d / split.count);
+  });
+  const order = [...splits.map((s) => outer.get(s.axis) as number), ...perm.map((a) => inner[a])];
   const out = new Uint8Array(bytes.byteLength);
   if ((elementBytes !== 2 && elementBytes !== 4) || bytes.byteOffset % elementBytes !== 0) {
     permuteInto(bytes, out, view, order, elementBytes);
@@ -59,11 +95,7 @@ type Elements = Uint8Array | Uint16Array | Uint32Array;
  */
 function permuteInto(src: Elements, out: Elements, shape: readonly number[], order: readonly number[], width: number): void {
   const rank = shape.length;
-  const strides = new Array<number>(rank);
-  for (let a = rank - 1, s = width; a >= 0; a--) {
-    strides[a] = s;
-    s *= shape[a];
-  }
+  const strides = rowMajorStrides(shape).map((s) => s * width);
   const outShape = order.map((a) => shape[a]);
   const outStrides = order.map((a) => strides[a]);
   const inner = outShape[rank - 1];
@@ -86,6 +118,46 @@ function permuteInto(src: Elements, out: Elements, shape: readonly number[], ord
       from += outStrides[a];
       if (++index[a] < outShape[a]) break;
       from -= outStrides[a] * outShape[a];
+      index[a] = 0;
+    }
+  }
+}
+
+function rowMajorStrides(shape: readonly number[]): number[] {
+  const strides = new Array<number>(shape.length);
+  for (let a = shape.length - 1, s = 1; a >= 0; a--) {
+    strides[a] = s;
+    s *= shape[a];
+  }
+  return strides;
+}
+
+/** dst <- the block of src (row-major, `shape`) at `begin` of `size`, as runs of contiguous elements. */
+export function copyBlock<T extends Float32Array | Int32Array | Uint8Array>(
+  src: T,
+  dst: T,
+  shape: readonly number[],
+  begin: readonly number[],
+  size: readonly number[],
+): void {
+  const rank = shape.length;
+  if (rank === 0) {
+    dst[0] = src[0];
+    return;
+  }
+  const strides = rowMajorStrides(shape);
+  // Axes from `k` on form one contiguous run: every axis after k is taken whole.
+  let k = rank - 1;
+  let run = size[k];
+  while (k > 0 && size[k] === shape[k]) run *= size[--k];
+  let from = begin.reduce((acc, b, a) => acc + b * strides[a], 0);
+  const index = new Array<number>(k).fill(0);
+  for (let to = 0; to < dst.length; to += run) {
+    dst.set(src.subarray(from, from + run), to);
+    for (let a = k - 1; a >= 0; a--) {
+      from += strides[a];
+      if (++index[a] < size[a]) break;
+      from -= strides[a] * size[a];
       index[a] = 0;
     }
   }

@@ -8,10 +8,11 @@
  *   GroupNorm, LayerNorm: per-channel scale and shift, channels last.
  *   Embedding  [num, dim] unchanged;                       apply: int32 ids [...] -> [..., dim]
  * Each apply runs in its own tf.tidy, so calling one outside a tidy leaks nothing but its result.
+ * On wasm a Linear or Conv2d with a large weight is cut into groups of its inputs (see `inputGroups`).
  */
 import * as tf from './tf.js';
 import * as kernels from './kernels.js';
-import type { Layout } from './layout.js';
+import type { Part } from './layout.js';
 import type { Params } from './params.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
@@ -19,33 +20,69 @@ function own<T extends tf.Tensor>(make: () => T): T {
   return tf.keep(tf.tidy(make));
 }
 
+/**
+ * How many groups of input channels a Linear or Conv2d is cut into: one matMul or conv per group, summed.
+ *
+ * Only on wasm. XNNPACK there walks the whole reduction for each tile of outputs, so a packed weight larger than
+ * the caches streams from memory for every tile: SD's layers with weights over ~8 MB ran at 36-46 GFLOP/s where
+ * smaller ones ran at 55-62 (wasm, 2 threads, 2-core EPYC). With its inputs halved until each group's weight is at
+ * most WASM_GROUP_WEIGHTS floats, a 3x3 conv 2560 -> 1280 on 8x8 went from 39 to 58 GFLOP/s, a conv 1280 -> 640
+ * on 32x32 from 39 to 60, a Linear 1280 -> 5120 over 512 rows from 38 to 57. Cutting smaller weights only adds the
+ * copies of the input slices (-5 to -15%), so they stay whole.
+ */
+export const WASM_GROUP_WEIGHTS = 2 ** 21;
+
+export function inputGroups(inputs: number, taps: number, outputs: number, backend = tf.getBackend()): number {
+  if (backend !== 'wasm') return 1;
+  let groups = 1;
+  while ((inputs * taps * outputs) / groups > WASM_GROUP_WEIGHTS && inputs % (2 * groups) === 0) groups *= 2;
+  return groups;
+}
+
+/** The `index`-th of `count` equal slices of x's last axis (channels, or features). */
+function channelSlice<T extends tf.Tensor>(x: T, index: number, count: number): T {
+  if (count === 1) return x;
+  const last = x.rank - 1;
+  const width = x.shape[last] / count;
+  return tf.slice(x, x.shape.map((_, a) => (a === last ? index * width : 0)), x.shape.map((d, a) => (a === last ? width : d)));
+}
+
 /** y = x W + b, PyTorch nn.Linear. */
 export class Linear {
   private constructor(
     readonly inFeatures: number,
     readonly outFeatures: number,
-    /** TensorFlow ops: weight [in, out] and bias; or the native kernels: the weight packed with its bias. */
-    private readonly run: { weight: tf.Tensor2D; bias: tf.Tensor1D | null } | kernels.PackedWeight,
+    /**
+     * TensorFlow ops: the weight [in, out] as `weights` (one [in / groups, out] per input group) and the bias; or
+     * the native kernels: the weight packed with its bias.
+     */
+    private readonly run: { weights: tf.Tensor2D[]; bias: tf.Tensor1D | null } | kernels.PackedWeight,
   ) {}
 
   /**
-   * From a checkpoint weight [out, in] and bias [out]; with `part` [i, n], this layer is the i-th of n equal blocks
-   * of the checkpoint's outputs (GEGLU's projection holds two Linears), and `outFeatures` is the block's.
+   * From a checkpoint weight [out, in] and bias [out]; with `part` (along axis 0), this layer is that block of the
+   * checkpoint's outputs (GEGLU's projection holds two Linears), and `outFeatures` is the block's.
+   * `groups`: input groups (default `inputGroups`).
    */
   static load(
     p: Params,
     inFeatures: number,
     outFeatures: number,
-    { bias = true, part }: { bias?: boolean; part?: Layout['part'] } = {},
+    { bias = true, part, groups }: { bias?: boolean; part?: Part; groups?: number } = {},
   ): Linear {
-    const rows = outFeatures * (part?.[1] ?? 1);
+    const rows = outFeatures * (part?.count ?? 1);
+    const outParts = part === undefined ? [] : [part];
     if (kernels.useKernels()) {
-      const b = bias ? p.array('bias', [rows], part) : null;
-      return new Linear(inFeatures, outFeatures, kernels.packWeight(p.array('weight', [rows, inFeatures], part), outFeatures, { kind: 'linear' }, b));
+      const b = bias ? p.array('bias', [rows], outParts) : null;
+      const w = p.array('weight', [rows, inFeatures], outParts);
+      return new Linear(inFeatures, outFeatures, kernels.packWeight(w, outFeatures, { kind: 'linear' }, b));
     }
-    const weight = own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], part }) as tf.Tensor2D);
-    const b = bias ? own(() => p.tensor('bias', [rows], { part }) as tf.Tensor1D) : null;
-    return new Linear(inFeatures, outFeatures, { weight, bias: b });
+    const count = groups ?? inputGroups(inFeatures, 1, outFeatures);
+    const weights = Array.from({ length: count }, (_, index) =>
+      own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], parts: [...outParts, { axis: 1, index, count }] }) as tf.Tensor2D),
+    );
+    const b = bias ? own(() => p.tensor('bias', [rows], { parts: outParts }) as tf.Tensor1D) : null;
+    return new Linear(inFeatures, outFeatures, { weights, bias: b });
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */
@@ -65,14 +102,16 @@ export class Linear {
     return tf.tidy(() => {
       const lead = x.shape.slice(0, -1);
       const flat = tf.reshape(x, [-1, this.inFeatures]) as tf.Tensor2D;
-      const y = tf.fused.matMul({ a: flat, b: run.weight, bias: run.bias ?? undefined });
+      const { weights, bias } = run;
+      let y = tf.fused.matMul({ a: channelSlice(flat, 0, weights.length), b: weights[0], bias: bias ?? undefined });
+      for (let g = 1; g < weights.length; g++) y = tf.add(y, tf.matMul(channelSlice(flat, g, weights.length), weights[g]));
       return tf.reshape(y, [...lead, this.outFeatures]) as T;
     });
   }
 
   dispose(): void {
     if ('panels' in this.run) return;
-    this.run.weight.dispose();
+    tf.dispose(this.run.weights);
     this.run.bias?.dispose();
   }
 }
@@ -105,8 +144,11 @@ function tfPadding([t, b, l, r]: Pad4, kernel: number, stride: number): TfPad {
 export class Conv2d {
   private constructor(
     readonly outChannels: number,
-    /** TensorFlow ops: filter HWIO [k, k, in, out] and bias; or the native kernels: the packed weight and geometry. */
-    private readonly run: { filter: tf.Tensor4D; bias: tf.Tensor1D; stride: number; pad: TfPad } | {
+    /**
+     * TensorFlow ops: the filter HWIO [k, k, in, out] as `filters` (one [k, k, in / groups, out] per input group)
+     * and the bias; or the native kernels: the packed weight and geometry.
+     */
+    private readonly run: { filters: tf.Tensor4D[]; bias: tf.Tensor1D; stride: number; pad: TfPad } | {
       packed: kernels.PackedWeight;
       geometry: kernels.ConvGeometry;
     },
@@ -117,16 +159,19 @@ export class Conv2d {
     cin: number,
     cout: number,
     kernel: number,
-    { stride = 1, padding = 'same-as-torch' }: { stride?: number; padding?: ConvPadding } = {},
+    { stride = 1, padding = 'same-as-torch', groups }: { stride?: number; padding?: ConvPadding; groups?: number } = {},
   ): Conv2d {
     const pad = padSides(padding, kernel);
     if (kernels.useKernels()) {
       const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, { kind: 'conv', kernel }, p.array('bias', [cout]));
       return new Conv2d(cout, { packed, geometry: { kernel, stride, pad } });
     }
-    const filter = own(() => p.tensor('weight', [cout, cin, kernel, kernel], { perm: [2, 3, 1, 0] }) as tf.Tensor4D);
+    const count = groups ?? inputGroups(cin, kernel * kernel, cout);
+    const filters = Array.from({ length: count }, (_, index) =>
+      own(() => p.tensor('weight', [cout, cin, kernel, kernel], { perm: [2, 3, 1, 0], parts: [{ axis: 1, index, count }] }) as tf.Tensor4D),
+    );
     const bias = own(() => p.tensor('bias', [cout]) as tf.Tensor1D);
-    return new Conv2d(cout, { filter, bias, stride, pad: tfPadding(pad, kernel, stride) });
+    return new Conv2d(cout, { filters, bias, stride, pad: tfPadding(pad, kernel, stride) });
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */
@@ -143,14 +188,17 @@ export class Conv2d {
   apply(x: tf.Tensor4D): tf.Tensor4D {
     const run = this.run;
     if ('packed' in run) return kernels.conv2d(x, run.packed, run.geometry);
-    return tf.tidy(() =>
-      tf.fused.conv2d({ x, filter: run.filter, strides: run.stride, pad: run.pad, bias: run.bias, dataFormat: 'NHWC' }),
-    );
+    return tf.tidy(() => {
+      const { filters, stride, pad } = run;
+      let y = tf.fused.conv2d({ x: channelSlice(x, 0, filters.length), filter: filters[0], strides: stride, pad, bias: run.bias });
+      for (let g = 1; g < filters.length; g++) y = tf.add(y, tf.conv2d(channelSlice(x, g, filters.length), filters[g], stride, pad));
+      return y;
+    });
   }
 
   dispose(): void {
     if ('packed' in this.run) return;
-    this.run.filter.dispose();
+    tf.dispose(this.run.filters);
     this.run.bias.dispose();
   }
 }

@@ -11,7 +11,7 @@
  */
 import * as tf from './tf.js';
 import { filledTensor } from './heap.js';
-import { laidOutShape, type Layout } from './layout.js';
+import { copyBlock, laidOutShape, type Layout } from './layout.js';
 import { HostTensors } from './residency.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 
@@ -65,9 +65,9 @@ export class Params {
     if (src instanceof HostTensors) return filledTensor(outShape, (out) => src.decodeInto(key, layout, out));
     return tf.tidy(() => {
       let t = tf.tensor(src.float32(key), [...shape], 'float32');
-      if (layout.part !== undefined) {
-        const rows = shape[0] / layout.part[1];
-        t = tf.slice(t, layout.part[0] * rows, rows);
+      for (const { axis, index, count } of layout.parts ?? []) {
+        const begin = t.shape.map((_, a) => (a === axis ? index * (t.shape[a] / count) : 0));
+        t = tf.slice(t, begin, t.shape.map((d, a) => (a === axis ? d / count : d)));
       }
       return layout.perm === undefined ? t : tf.transpose(t, [...layout.perm]);
     });
@@ -75,15 +75,17 @@ export class Params {
 
   /**
    * The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`.
-   * With `part` [i, n], only the i-th of n equal blocks along axis 0.
+   * With `parts`, only the block they select (still in checkpoint order).
    */
-  array(name: string, shape: readonly number[], part?: Layout['part']): Float32Array {
+  array(name: string, shape: readonly number[], parts?: Layout['parts']): Float32Array {
     const key = this.checked(name, shape);
-    laidOutShape(shape, { part });
     const all = this.src.float32(key);
-    if (part === undefined) return all;
-    const size = all.length / part[1];
-    return all.slice(part[0] * size, (part[0] + 1) * size);
+    if (parts === undefined || parts.length === 0) return all;
+    const size = laidOutShape(shape, { parts });
+    const begin = shape.map((_, a) => parts.filter((p) => p.axis === a).reduce((b, p) => b + p.index * size[a], 0));
+    const out = new Float32Array(size.reduce((x, y) => x * y, 1));
+    copyBlock(all, out, shape, begin, size);
+    return out;
   }
 
   /** The full key of `name`, after checking that it exists with exactly `shape`; records it as read. */

@@ -15,7 +15,7 @@
  */
 import * as tf from './tf.js';
 import { DTYPE_BYTES, decodeInto, decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
-import { arrange, laidOutShape, type Layout } from './layout.js';
+import { arrange, blockIndex, laidOutShape, type Layout } from './layout.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 
 export type ResidencyPolicy = 'resident' | 'streamed';
@@ -66,7 +66,7 @@ export class Held<M extends Disposable> {
 interface HostTensor extends TensorInfo {
   bytes: Uint8Array;
   /** The layout `bytes` were rearranged into by the first decodeInto (each part contiguous); null: as in the file. */
-  arranged: { perm: readonly number[]; parts: number } | null;
+  arranged: { perm: readonly number[]; splits: readonly { axis: number; count: number }[] } | null;
 }
 
 /**
@@ -74,7 +74,7 @@ interface HostTensor extends TensorInfo {
  * so that blocks can be re-materialised after the file is closed. It is itself a TensorSource.
  *
  * A tensor read through `decodeInto` is rearranged, once, into the layout its layer asks for (Conv2d's HWIO,
- * Linear's [in, out], GEGLU's halves side by side), so that re-materialising it never transposes again. Each
+ * Linear's [in, out], each block of parts contiguous), so that re-materialising it never transposes again. Each
  * tensor serves one layer and so one layout; `float32` and `bytes` serve those still in the file's layout.
  */
 export class HostTensors implements TensorSource {
@@ -130,17 +130,20 @@ export class HostTensors implements TensorSource {
   decodeInto(key: string, layout: Layout, out: Float32Array): void {
     const t = this.entry(key);
     const dtype = this.floatDType(key, t);
-    laidOutShape(t.shape, layout); // throws on a layout that does not fit the tensor
+    const size = laidOutShape(t.shape, layout).reduce((a, b) => a * b, 1); // throws on a layout that does not fit
+    if (out.length !== size) throw new RangeError(`${this.path}: tensor ${key} in this layout has ${size} values, not ${out.length}`);
     const perm = layout.perm ?? t.shape.map((_, i) => i);
-    const [index, parts] = layout.part ?? [0, 1];
+    const parts = layout.parts ?? [];
+    const splits = parts.map(({ axis, count }) => ({ axis, count }));
     if (t.arranged === null) {
-      t.bytes = arrange(t.bytes, DTYPE_BYTES[dtype], t.shape, perm, parts);
-      t.arranged = { perm, parts };
-    } else if (t.arranged.parts !== parts || t.arranged.perm.some((a, i) => a !== perm[i])) {
+      t.bytes = arrange(t.bytes, DTYPE_BYTES[dtype], t.shape, perm, splits);
+      t.arranged = { perm, splits };
+    } else if (!sameArrangement(t.arranged, { perm, splits })) {
       throw new Error(`${this.path}: tensor ${key} is held in one layout and was asked for in another`);
     }
-    const partBytes = t.bytes.byteLength / parts;
-    decodeInto(t.bytes.subarray(index * partBytes, (index + 1) * partBytes), dtype, out);
+    const blockBytes = size * DTYPE_BYTES[dtype];
+    const at = blockIndex(parts) * blockBytes;
+    decodeInto(t.bytes.subarray(at, at + blockBytes), dtype, out);
   }
 
   close(): void {
@@ -163,4 +166,12 @@ export class HostTensors implements TensorSource {
     if (t === undefined) throw new WeightsError(`${this.path}: tensor ${key} is not in the host copy (closed, or not copied)`);
     return t;
   }
+}
+
+function sameArrangement(a: NonNullable<HostTensor['arranged']>, b: NonNullable<HostTensor['arranged']>): boolean {
+  return (
+    a.perm.every((v, i) => v === b.perm[i]) &&
+    a.splits.length === b.splits.length &&
+    a.splits.every((s, i) => s.axis === b.splits[i].axis && s.count === b.splits[i].count)
+  );
 }

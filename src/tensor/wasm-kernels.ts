@@ -8,6 +8,7 @@
  * of the innermost axes with one TypedArray.set each.
  */
 import * as tf from './tf.js';
+import { copyBlock } from './layout.js';
 
 interface WasmBackendInternals {
   makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
@@ -44,39 +45,4 @@ function sliceFromHeap(backend: WasmBackendInternals, x: tf.TensorInfo, begin: n
   const dst = backend.typedArrayFromHeap(out);
   copyBlock(src, dst, x.shape, begin, size);
   return out;
-}
-
-/** dst <- the block of src (row-major, `shape`) at `begin` of `size`, as runs of contiguous elements. */
-export function copyBlock<T extends Float32Array | Int32Array | Uint8Array>(
-  src: T,
-  dst: T,
-  shape: readonly number[],
-  begin: readonly number[],
-  size: readonly number[],
-): void {
-  const rank = shape.length;
-  if (rank === 0) {
-    dst[0] = src[0];
-    return;
-  }
-  const strides = new Array<number>(rank);
-  for (let a = rank - 1, s = 1; a >= 0; a--) {
-    strides[a] = s;
-    s *= shape[a];
-  }
-  // Axes from `k` on form one contiguous run: every axis after k is taken whole.
-  let k = rank - 1;
-  let run = size[k];
-  while (k > 0 && size[k] === shape[k]) run *= size[--k];
-  let from = begin.reduce((acc, b, a) => acc + b * strides[a], 0);
-  const index = new Array<number>(k).fill(0);
-  for (let to = 0; to < dst.length; to += run) {
-    dst.set(src.subarray(from, from + run), to);
-    for (let a = k - 1; a >= 0; a--) {
-      from += strides[a];
-      if (++index[a] < size[a]) break;
-      from -= strides[a] * size[a];
-      index[a] = 0;
-    }
-  }
 }

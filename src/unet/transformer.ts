@@ -113,7 +113,8 @@ class FeedForward {
 
 /** Reads a Linear [2 * half, in] as the Linears of its first and second halves of outputs. */
 function loadHalves(p: Params, inFeatures: number, half: number): [Linear, Linear] {
-  return [Linear.load(p, inFeatures, half, { part: [0, 2] }), Linear.load(p, inFeatures, half, { part: [1, 2] })];
+  const block = (index: number) => Linear.load(p, inFeatures, half, { part: { axis: 0, index, count: 2 } });
+  return [block(0), block(1)];
 }
 
 /** Pre-LayerNorm transformer block: self-attention, cross-attention, GEGLU, each residual. [B, N, C] */
