@@ -1,5 +1,5 @@
 /**
- * `npx tsx bench/profile.ts [--backend tensorflow] [--part unet|vae] [--top N] [--cache DIR]`
+ * `npx tsx bench/profile.ts [--backend tensorflow] [--part unet|vae] [--top N] [--shapes N] [--cache DIR]`
  *
  * Where the time of one full-size UNet CFG step (batch 2, 64x64 latent, context [2, 77, 768]) or one VAE decode
  * (64x64 latent) goes, op by op: every kernel of the backend is wrapped in a timer (kernels run synchronously on
@@ -20,6 +20,7 @@ const args = await yargs(hideBin(process.argv))
   .option('backend', { choices: BACKENDS, default: 'tensorflow' as BackendName })
   .option('part', { choices: ['unet', 'vae'] as const, default: 'unet' as const })
   .option('top', { type: 'number', default: 15 })
+  .option('shapes', { type: 'number', default: 3, describe: 'input shapes listed under each kernel' })
   .option('cache', { type: 'string', default: '.cache/bench' })
   .strict()
   .parseAsync();
@@ -107,6 +108,6 @@ out.write(`${args.part} on ${choice.name}: wall ${(wall / 1000).toFixed(2)} s, k
 const ranked = [...stats.entries()].sort((a, b) => b[1].ms - a[1].ms).slice(0, args.top);
 for (const [name, s] of ranked) {
   out.write(`${name.padEnd(22)} ${(s.ms / 1000).toFixed(3).padStart(7)} s ${((100 * s.ms) / wall).toFixed(1).padStart(5)}%  ${String(s.calls).padStart(5)} calls\n`);
-  const shapes = [...s.byShape.entries()].sort((a, b) => b[1].ms - a[1].ms).slice(0, 3);
+  const shapes = [...s.byShape.entries()].sort((a, b) => b[1].ms - a[1].ms).slice(0, args.shapes);
   for (const [shape, e] of shapes) out.write(`    ${(e.ms / 1000).toFixed(3)} s  ${e.calls}x ${shape}\n`);
 }

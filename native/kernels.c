@@ -485,6 +485,173 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------------- */
+/* Winograd F(2x2, 3x3) (Lavin & Gray 2015) for 3x3 convs, stride 1, padding 1: each 2x2 block of outputs ("tile")  */
+/* is A^T [ (G g G^T) . (B^T d B) ] A over the 4x4 input patch d around it, so the channel sums become 16 GEMMs of     */
+/* [tiles, Cin] x [Cin, Cout] with 16/36 of the direct conv's multiplications. The transforms only add and halve.    */
+/*                                                                                                                  */
+/* packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout) -> 16 packed matrices U_xi [Cin, Cout], xi = 4 * row + col.     */
+/* conv3x3Winograd(x, B, H, W, Cin, packed, Cout, bias | null, out, threads, residual | null, biasPerImage)          */
+/*   x, out, residual: [B, H, W, C] channels last; Cin and Cout multiples of 8; bias as in conv2d.                  */
+
+#define WT 96 /* tiles per block: a block's transformed inputs for one xi (96 x Cin) stay in L2 through its GEMM */
+
+static napi_value pack_winograd(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  args_t a;
+  if (!get_args(env, info, argv, 3, &a)) return NULL;
+  const size_t Cin = dim(&a, 1, "Cin"), Cout = dim(&a, 2, "Cout");
+  const float *w = f32(&a, 0, "w", Cout * Cin * 9, 0);
+  if (a.failed) return NULL;
+  const size_t one = packed_len(Cin, Cout), len = 16 * one;
+  napi_value buf, out;
+  void *data;
+  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
+  float *p = data;
+  memset(p, 0, len * sizeof(float));
+  for (size_t co = 0; co < Cout; co++)
+    for (size_t ci = 0; ci < Cin; ci++) {
+      const float *g = w + (co * Cin + ci) * 9;
+      float t[4][3], u[4][4]; /* t = G g (rows), u = t G^T */
+      for (int j = 0; j < 3; j++) {
+        t[0][j] = g[j];
+        t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+        t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+        t[3][j] = g[6 + j];
+      }
+      for (int i = 0; i < 4; i++) {
+        u[i][0] = t[i][0];
+        u[i][1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+        u[i][2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+        u[i][3] = t[i][2];
+      }
+      for (int xi = 0; xi < 16; xi++) p[xi * one + ((co / NR) * Cin + ci) * NR + co % NR] = u[xi / 4][xi % 4];
+    }
+  napi_create_typedarray(env, napi_float32_array, len, buf, 0, &out);
+  return out;
+}
+
+typedef struct {
+  const float *x, *packed, *bias, *res;
+  float *out;
+  size_t B, H, W, Cin, Cout, th, tw, tiles, bias_rows;
+  const size_t *kstart;
+  size_t kblocks;
+} wino_t;
+
+/* Tiles [t0, t0 + n) -> v[xi][n][Cin]: B^T d B per channel, 8 channels at a time; outside the image reads zeros. */
+AVX2 static void wino_input(const wino_t *s, size_t t0, size_t n, float *v) {
+  const size_t C = s->Cin;
+  for (size_t i = 0; i < n; i++) {
+    const size_t t = t0 + i, b = t / (s->th * s->tw), ty = t / s->tw % s->th, tx = t % s->tw;
+    const float *row[4][4];
+    for (int r = 0; r < 4; r++)
+      for (int c = 0; c < 4; c++) {
+        const long y = (long)(2 * ty) - 1 + r, x = (long)(2 * tx) - 1 + c;
+        row[r][c] = y < 0 || x < 0 || y >= (long)s->H || x >= (long)s->W ? NULL : s->x + ((b * s->H + (size_t)y) * s->W + (size_t)x) * C;
+      }
+    for (size_t c = 0; c < C; c += 8) {
+      __m256 d[4][4], t[4][4];
+      for (int r = 0; r < 4; r++)
+        for (int q = 0; q < 4; q++) d[r][q] = row[r][q] ? _mm256_loadu_ps(row[r][q] + c) : _mm256_setzero_ps();
+      for (int q = 0; q < 4; q++) { /* B^T d: rows */
+        t[0][q] = _mm256_sub_ps(d[0][q], d[2][q]);
+        t[1][q] = _mm256_add_ps(d[1][q], d[2][q]);
+        t[2][q] = _mm256_sub_ps(d[2][q], d[1][q]);
+        t[3][q] = _mm256_sub_ps(d[1][q], d[3][q]);
+      }
+      for (int r = 0; r < 4; r++) { /* (B^T d) B: columns */
+        float *o = v + (size_t)(4 * r) * n * C + i * C + c;
+        _mm256_storeu_ps(o, _mm256_sub_ps(t[r][0], t[r][2]));
+        _mm256_storeu_ps(o + n * C, _mm256_add_ps(t[r][1], t[r][2]));
+        _mm256_storeu_ps(o + 2 * n * C, _mm256_sub_ps(t[r][2], t[r][1]));
+        _mm256_storeu_ps(o + 3 * n * C, _mm256_sub_ps(t[r][1], t[r][3]));
+      }
+    }
+  }
+}
+
+/* m[xi][n][Cout] -> the 2x2 outputs of tiles [t0, t0 + n): A^T m A, plus bias and residual; edges past H, W dropped. */
+AVX2 static void wino_output(const wino_t *s, size_t t0, size_t n, const float *m) {
+  const size_t C = s->Cout;
+  for (size_t i = 0; i < n; i++) {
+    const size_t t = t0 + i, b = t / (s->th * s->tw), ty = t / s->tw % s->th, tx = t % s->tw;
+    const float *bias = s->bias ? s->bias + (s->bias_rows ? b * C : 0) : NULL;
+    for (size_t c = 0; c < C; c += 8) {
+      __m256 u[4][2];
+      for (int r = 0; r < 4; r++) { /* m A: columns */
+        const float *p = m + (size_t)(4 * r) * n * C + i * C + c;
+        const __m256 m0 = _mm256_loadu_ps(p), m1 = _mm256_loadu_ps(p + n * C);
+        const __m256 m2 = _mm256_loadu_ps(p + 2 * n * C), m3 = _mm256_loadu_ps(p + 3 * n * C);
+        u[r][0] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+        u[r][1] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+      }
+      const __m256 bv = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
+      for (int q = 0; q < 2; q++) { /* A^T (m A): rows */
+        const __m256 y[2] = { _mm256_add_ps(_mm256_add_ps(u[0][q], u[1][q]), u[2][q]),
+                              _mm256_sub_ps(_mm256_sub_ps(u[1][q], u[2][q]), u[3][q]) };
+        for (int r = 0; r < 2; r++) {
+          const size_t oy = 2 * ty + (size_t)r, ox = 2 * tx + (size_t)q;
+          if (oy >= s->H || ox >= s->W) continue;
+          const size_t at = ((b * s->H + oy) * s->W + ox) * C + c;
+          __m256 val = _mm256_add_ps(y[r], bv);
+          if (s->res) val = _mm256_add_ps(val, _mm256_loadu_ps(s->res + at));
+          _mm256_storeu_ps(s->out + at, val);
+        }
+      }
+    }
+  }
+}
+
+/* A thread's share of the tiles, in blocks of WT: transform, 16 GEMMs (this thread alone), transform back. */
+static void wino_task(void *ctx, int t, int nthreads) {
+  const wino_t *s = ctx;
+  const size_t t0 = s->tiles * (size_t)t / (size_t)nthreads, t1 = s->tiles * (size_t)(t + 1) / (size_t)nthreads;
+  if (t1 <= t0) return;
+  float *v = malloc(sizeof(float) * 16 * WT * s->Cin), *m = malloc(sizeof(float) * 16 * WT * s->Cout);
+  if (v && m) {
+    const size_t one = packed_len(s->Cin, s->Cout);
+    for (size_t b0 = t0; b0 < t1; b0 += WT) {
+      const size_t n = min_sz(WT, t1 - b0);
+      wino_input(s, b0, n, v);
+      for (size_t xi = 0; xi < 16; xi++) {
+        dense_rows_t rows = { v + xi * n * s->Cin, s->Cin };
+        gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->packed + xi * one,
+                     { NULL, 0, 0, NULL, 0 }, m + xi * n * s->Cout, s->Cout };
+        gemm_rows(&g, 0, n);
+      }
+      wino_output(s, b0, n, m);
+    }
+  }
+  free(v);
+  free(m);
+}
+
+static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
+  napi_value argv[12];
+  args_t a;
+  if (!get_args(env, info, argv, 12, &a)) return NULL;
+  const size_t B = dim(&a, 1, "B"), H = dim(&a, 2, "H"), W = dim(&a, 3, "W"), Cin = dim(&a, 4, "Cin");
+  const size_t Cout = dim(&a, 6, "Cout");
+  const int threads = threads_arg(&a, 9);
+  if (!a.failed && (Cin == 0 || Cin % 8 || Cout % 8)) fail(&a, "sd_kernels: conv3x3Winograd needs Cin and Cout that are positive multiples of 8");
+  const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
+  const float *packed = f32(&a, 5, "packed", 16 * packed_len(Cin, Cout), 0);
+  bool per_image = false;
+  if (!a.failed && a.argc > 11) napi_get_value_bool(env, argv[11], &per_image);
+  const float *bias = f32(&a, 7, "bias", per_image ? B * Cout : Cout, 1);
+  float *out = f32(&a, 8, "out", B * H * W * Cout, 0);
+  const float *res = f32(&a, 10, "residual", B * H * W * Cout, 1);
+  if (a.failed || B * H * W == 0 || Cout == 0) return NULL;
+  size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
+  if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  const size_t th = (H + 1) / 2, tw = (W + 1) / 2;
+  wino_t s = { x, packed, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, kstart, k_blocks(Cin, Cin, kstart) };
+  parallel(wino_task, &s, threads);
+  free(kstart);
+  return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
 /* attention(q [B, Nq, H*D], k [B, Nk, H*D], v [B, Nk, H*D], B, Nq, Nk, heads, scale, out [B, Nq, H*D], threads)     */
 /* Flash-style: per (item, block of QB queries), keys in blocks of KB with a running max and sum per query row.      */
 
@@ -866,6 +1033,8 @@ NAPI_MODULE_INIT() {
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
     { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },
     { "conv2d", NULL, conv2d, NULL, NULL, NULL, napi_default, NULL },
+    { "packWinograd", NULL, pack_winograd, NULL, NULL, NULL, napi_default, NULL },
+    { "conv3x3Winograd", NULL, conv3x3_winograd, NULL, NULL, NULL, napi_default, NULL },
     { "attention", NULL, attention, NULL, NULL, NULL, napi_default, NULL },
     { "groupNorm", NULL, group_norm, NULL, NULL, NULL, napi_default, NULL },
     { "layerNorm", NULL, layer_norm, NULL, NULL, NULL, napi_default, NULL },

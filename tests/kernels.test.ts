@@ -11,7 +11,7 @@ import { maxRelError } from '../src/parity/compare.js';
 import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/tensor/attention.js';
 import { initBackend } from '../src/tensor/backend.js';
-import { kernelsPath, kernelsProblem, kernelsSourceHash } from '../src/tensor/kernels.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash, winogradFits } from '../src/tensor/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/tensor/nn.js';
 import { Params } from '../src/tensor/params.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
@@ -57,6 +57,9 @@ describe.runIf(built)('native kernels', () => {
   const convCases: [string, number, number, number, number, ConvPadding, number, number][] = [
     // name, cin, cout, kernel, stride, padding, h, w
     ['3x3 same', 21, 19, 3, 1, 'same-as-torch', 9, 7],
+    ['3x3 same, Winograd F(2x2, 3x3) (odd sides: partial tiles)', 24, 40, 3, 1, 'same-as-torch', 9, 7],
+    ['3x3 same, Winograd on a 1x1 image', 16, 16, 3, 1, 'same-as-torch', 1, 1],
+    ['3x3 same, Winograd over more than 256 input channels', 264, 8, 3, 1, 'same-as-torch', 4, 6],
     ['3x3 stride 2, pad 1 (UNet Downsample)', 16, 8, 3, 2, 1, 11, 10],
     ['3x3 stride 2, pad (0,1,0,1) (VAE Downsample)', 8, 24, 3, 2, [0, 1, 0, 1], 10, 12],
     ['1x1 with more than 256 input channels', 300, 33, 1, 1, 0, 5, 6],
@@ -74,6 +77,17 @@ describe.runIf(built)('native kernels', () => {
     expect(native.length).toBe(tfjs.length);
     expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
     x.dispose();
+  });
+
+  it('Winograd serves 3x3 stride-1 convs with channels in eights and at most WINOGRAD_MAX_WEIGHTS weights', () => {
+    const same = { kernel: 3, stride: 1, pad: [1, 1, 1, 1] } as const;
+    expect(winogradFits(320, 320, same)).toBe(true);
+    expect(winogradFits(1280, 640, same)).toBe(true);
+    expect(winogradFits(1280, 1280, same)).toBe(false); // 16/9 of 14.7 M weights: kept direct
+    expect(winogradFits(4, 320, same)).toBe(false); // conv_in
+    expect(winogradFits(320, 320, { ...same, stride: 2 })).toBe(false);
+    expect(winogradFits(320, 320, { kernel: 3, stride: 1, pad: [0, 1, 0, 1] })).toBe(false);
+    expect(winogradFits(320, 320, { kernel: 1, stride: 1, pad: [0, 0, 0, 0] })).toBe(false);
   });
 
   const linearCases: [string, number[], number, boolean][] = [
@@ -164,6 +178,7 @@ describe.runIf(built)('native kernels', () => {
     const addon = createRequire(import.meta.url)(kernelsPath()) as {
       linear(...a: unknown[]): void;
       attention(...a: unknown[]): void;
+      conv3x3Winograd(...a: unknown[]): void;
     };
     const packed = new Float32Array(16 * 4);
     expect(() => addon.linear(new Float32Array(7), 2, 4, packed, 3, null, new Float32Array(6), 2)).toThrow(/x holds 7 floats, the shapes need 8/);
@@ -172,6 +187,8 @@ describe.runIf(built)('native kernels', () => {
     const f = (n: number) => new Float32Array(n);
     expect(() => addon.attention(f(80), f(80), f(79), 1, 2, 2, 1, 40, 0.1, f(80), 2)).toThrow(/v holds 79 floats/);
     expect(() => addon.attention(f(80), f(80), f(80), 1, 2, 2, 1.5, 40, 0.1, f(80), 2)).toThrow(/heads must be a non-negative integer/);
+    expect(() => addon.conv3x3Winograd(f(12), 1, 2, 2, 3, f(16 * 16 * 3), 8, null, f(32), 2, null, false)).toThrow(/multiples of 8/);
+    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, f(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 floats/);
   });
 
   it('the model fixtures pass their parity checks with every layer on the kernels', async () => {

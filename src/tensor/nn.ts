@@ -163,8 +163,10 @@ export class Conv2d {
   ): Conv2d {
     const pad = padSides(padding, kernel);
     if (kernels.useKernels()) {
-      const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, { kind: 'conv', kernel }, p.array('bias', [cout]));
-      return new Conv2d(cout, { packed, geometry: { kernel, stride, pad } });
+      const geometry = { kernel, stride, pad };
+      const layout = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
+      const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, layout, p.array('bias', [cout]));
+      return new Conv2d(cout, { packed, geometry });
     }
     const count = groups ?? inputGroups(cin, kernel * kernel, cout);
     const filters = Array.from({ length: count }, (_, index) =>
