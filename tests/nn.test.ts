@@ -3,7 +3,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/tensor/tf.js';
 import { initBackend } from '../src/tensor/backend.js';
 import { Params, ShapeError } from '../src/tensor/params.js';
-import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, inputGroups, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/tensor/nn.js';
+import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, inputSplits, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/tensor/nn.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
 import { HostTensors } from '../src/tensor/residency.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
@@ -51,21 +51,21 @@ describe('Conv2d matches torch conv2d', () => {
     { k: 3, stride: 2, padding: 1, pad: [1, 1, 1, 1] }, // UNet Downsample
     { k: 3, stride: 2, padding: [0, 1, 0, 1], pad: [0, 1, 0, 1] }, // CompVis VAE Downsample
   ];
-  // groups: input channels cut into groups (wasm's inputGroups), from the file or from a host copy laid out per group.
+  // splits: input channels in slices (wasm's inputSplits), from the file or from a host copy laid out per slice.
   for (const { k, stride, padding, pad } of cases) {
-    it(`k=${k} stride=${stride} padding=${JSON.stringify(padding)}, whole and in 2 or 3 input groups`, () => {
+    it(`k=${k} stride=${stride} padding=${JSON.stringify(padding)}, whole and split over 2 or 3 slices of the inputs`, () => {
       const [c, o, h, w] = [6, 5, 8, 6];
       const src = source({ 'c.weight': [o, c, k, k], 'c.bias': [o] });
       const xNchw = rand(c * h * w);
       const ref = torchConv(xNchw, c, h, w, src.float32('c.weight'), src.float32('c.bias'), o, k, stride, pad);
       const x = tf.transpose(tf.tensor4d(xNchw, [1, c, h, w]), [0, 2, 3, 1]) as tf.Tensor4D;
-      for (const [groups, from] of [[1, src], [2, src], [3, src], [3, HostTensors.copy(src, src.keys())]] as const) {
-        const conv = Conv2d.load(Params.root(from, 'c'), c, o, k, { stride, padding, groups });
+      for (const [splits, from] of [[1, src], [2, src], [3, src], [3, HostTensors.copy(src, src.keys())]] as const) {
+        const conv = Conv2d.load(Params.root(from, 'c'), c, o, k, { stride, padding, splits });
         for (let rep = 0; rep < 2; rep++) {
           const y = conv.apply(x);
           expect(y.shape).toEqual([1, ref.oh, ref.ow, o]);
           const yNchw = tf.transpose(y, [0, 3, 1, 2]).dataSync();
-          expect(maxDiff(yNchw, ref.out), `groups ${groups}`).toBeLessThan(1e-5);
+          expect(maxDiff(yNchw, ref.out), `splits ${splits}`).toBeLessThan(1e-5);
           y.dispose();
         }
         conv.dispose();
@@ -74,15 +74,15 @@ describe('Conv2d matches torch conv2d', () => {
     });
   }
 
-  it('inputGroups cuts only on wasm, and only weights over WASM_GROUP_WEIGHTS, by halving the inputs', () => {
-    expect(inputGroups(2560, 9, 1280, 'tensorflow')).toBe(1);
-    expect(inputGroups(2560, 9, 1280, 'cpu')).toBe(1);
-    expect(inputGroups(320, 9, 320, 'wasm')).toBe(1); // 0.9 M weights
-    expect(inputGroups(2560, 9, 1280, 'wasm')).toBe(16); // 29.5 M -> 1.8 M a group
-    expect(inputGroups(1280, 1, 5120, 'wasm')).toBe(4);
-    expect(inputGroups(960, 9, 640, 'wasm')).toBe(4);
-    expect(inputGroups(3, 1, 2 ** 22, 'wasm')).toBe(1); // an odd count cannot be halved
-    expect(inputGroups(6, 1, 2 ** 22, 'wasm')).toBe(2);
+  it('inputSplits splits only on wasm, and only weights over WASM_SPLIT_WEIGHTS, by halving the inputs', () => {
+    expect(inputSplits(2560, 9, 1280, 'tensorflow')).toBe(1);
+    expect(inputSplits(2560, 9, 1280, 'cpu')).toBe(1);
+    expect(inputSplits(320, 9, 320, 'wasm')).toBe(1); // 0.9 M weights
+    expect(inputSplits(2560, 9, 1280, 'wasm')).toBe(16); // 29.5 M -> 1.8 M a group
+    expect(inputSplits(1280, 1, 5120, 'wasm')).toBe(4);
+    expect(inputSplits(960, 9, 640, 'wasm')).toBe(4);
+    expect(inputSplits(3, 1, 2 ** 22, 'wasm')).toBe(1); // an odd count cannot be halved
+    expect(inputSplits(6, 1, 2 ** 22, 'wasm')).toBe(2);
   });
 });
 
@@ -141,7 +141,7 @@ describe('norms and linear', () => {
     expect(maxDiff(y.dataSync(), ref)).toBeLessThan(1e-6);
   });
 
-  it('Linear: one block of the outputs, whole or in input groups, from the file or a host copy', () => {
+  it('Linear: one block of the outputs, whole or split over its inputs, from the file or a host copy', () => {
     const [i, o] = [6, 8];
     const src = source({ 'l.weight': [o, i], 'l.bias': [o] });
     const [wt, bias] = [src.float32('l.weight'), src.float32('l.bias')];
@@ -154,11 +154,11 @@ describe('norms and linear', () => {
       ref[r * 4 + oc] = s;
     }
     const part = { axis: 0, index: 1, count: 2 };
-    for (const [groups, from] of [[1, src], [3, src], [2, HostTensors.copy(src, src.keys())]] as const) {
-      const lin = Linear.load(Params.root(from, 'l'), i, 4, { part, groups });
+    for (const [splits, from] of [[1, src], [3, src], [2, HostTensors.copy(src, src.keys())]] as const) {
+      const lin = Linear.load(Params.root(from, 'l'), i, 4, { part, splits });
       for (let rep = 0; rep < 2; rep++) {
         const y = lin.apply(tf.tensor2d(x, [5, i]));
-        expect(maxDiff(y.dataSync(), ref), `groups ${groups}`).toBeLessThan(1e-6);
+        expect(maxDiff(y.dataSync(), ref), `splits ${splits}`).toBeLessThan(1e-6);
         y.dispose();
       }
       lin.dispose();

@@ -3,8 +3,8 @@
  *
  * A checkpoint stores PyTorch's layouts (Linear [out, in], Conv2d OIHW); the layers here compute in another
  * (Linear [in, out], Conv2d HWIO), and some read only a block of a tensor: GEGLU's projection is two Linears,
- * the halves of one [2 * inner, in] weight, and on wasm a layer with many input channels is cut into groups of
- * them (nn.ts, `inputGroups`). A Layout names both:
+ * the halves of one [2 * inner, in] weight, and on wasm a layer with a large weight is split over slices of its
+ * input channels (nn.ts, `inputSplits`). A Layout names both:
  *
  *   parts  blocks to take: along `axis` (of the checkpoint shape), the `index`-th of `count` equal blocks
  *   perm   the order of the block's axes afterwards, as tf.transpose's perm: [1, 0] makes [out, in] into [in, out]

@@ -8,7 +8,7 @@
  *   GroupNorm, LayerNorm: per-channel scale and shift, channels last.
  *   Embedding  [num, dim] unchanged;                       apply: int32 ids [...] -> [..., dim]
  * Each apply runs in its own tf.tidy, so calling one outside a tidy leaks nothing but its result.
- * On wasm a Linear or Conv2d with a large weight is cut into groups of its inputs (see `inputGroups`).
+ * On wasm a Linear or Conv2d with a large weight is split over its inputs (see `inputSplits`).
  */
 import * as tf from './tf.js';
 import * as kernels from './kernels.js';
@@ -21,22 +21,23 @@ function own<T extends tf.Tensor>(make: () => T): T {
 }
 
 /**
- * How many groups of input channels a Linear or Conv2d is cut into: one matMul or conv per group, summed.
+ * Into how many equal slices of its input channels a Linear or Conv2d is split: one matMul or conv per slice, the
+ * results summed. The same sum in another order (not PyTorch's grouped convolution, which is another operation).
  *
  * Only on wasm. XNNPACK there walks the whole reduction for each tile of outputs, so a packed weight larger than
  * the caches streams from memory for every tile: SD's layers with weights over ~8 MB ran at 36-46 GFLOP/s where
- * smaller ones ran at 55-62 (wasm, 2 threads, 2-core EPYC). With its inputs halved until each group's weight is at
- * most WASM_GROUP_WEIGHTS floats, a 3x3 conv 2560 -> 1280 on 8x8 went from 39 to 58 GFLOP/s, a conv 1280 -> 640
+ * smaller ones ran at 55-62 (wasm, 2 threads, 2-core EPYC). With its inputs halved until each slice's weight is at
+ * most WASM_SPLIT_WEIGHTS floats, a 3x3 conv 2560 -> 1280 on 8x8 went from 39 to 58 GFLOP/s, a conv 1280 -> 640
  * on 32x32 from 39 to 60, a Linear 1280 -> 5120 over 512 rows from 38 to 57. Cutting smaller weights only adds the
  * copies of the input slices (-5 to -15%), so they stay whole.
  */
-export const WASM_GROUP_WEIGHTS = 2 ** 21;
+export const WASM_SPLIT_WEIGHTS = 2 ** 21;
 
-export function inputGroups(inputs: number, taps: number, outputs: number, backend = tf.getBackend()): number {
+export function inputSplits(inputs: number, taps: number, outputs: number, backend = tf.getBackend()): number {
   if (backend !== 'wasm') return 1;
-  let groups = 1;
-  while ((inputs * taps * outputs) / groups > WASM_GROUP_WEIGHTS && inputs % (2 * groups) === 0) groups *= 2;
-  return groups;
+  let splits = 1;
+  while ((inputs * taps * outputs) / splits > WASM_SPLIT_WEIGHTS && inputs % (2 * splits) === 0) splits *= 2;
+  return splits;
 }
 
 /** The `index`-th of `count` equal slices of x's last axis (channels, or features). */
@@ -53,7 +54,7 @@ export class Linear {
     readonly inFeatures: number,
     readonly outFeatures: number,
     /**
-     * TensorFlow ops: the weight [in, out] as `weights` (one [in / groups, out] per input group) and the bias; or
+     * TensorFlow ops: the weight [in, out] as `weights` (one [in / splits, out] per slice of the inputs) and the bias; or
      * the native kernels: the weight packed with its bias.
      */
     private readonly run: { weights: tf.Tensor2D[]; bias: tf.Tensor1D | null } | kernels.PackedWeight,
@@ -62,13 +63,13 @@ export class Linear {
   /**
    * From a checkpoint weight [out, in] and bias [out]; with `part` (along axis 0), this layer is that block of the
    * checkpoint's outputs (GEGLU's projection holds two Linears), and `outFeatures` is the block's.
-   * `groups`: input groups (default `inputGroups`).
+   * `splits`: slices of the inputs (default `inputSplits`).
    */
   static load(
     p: Params,
     inFeatures: number,
     outFeatures: number,
-    { bias = true, part, groups }: { bias?: boolean; part?: Part; groups?: number } = {},
+    { bias = true, part, splits }: { bias?: boolean; part?: Part; splits?: number } = {},
   ): Linear {
     const rows = outFeatures * (part?.count ?? 1);
     const outParts = part === undefined ? [] : [part];
@@ -77,7 +78,7 @@ export class Linear {
       const w = p.array('weight', [rows, inFeatures], outParts);
       return new Linear(inFeatures, outFeatures, kernels.packWeight(w, outFeatures, { kind: 'linear' }, b));
     }
-    const count = groups ?? inputGroups(inFeatures, 1, outFeatures);
+    const count = splits ?? inputSplits(inFeatures, 1, outFeatures);
     const weights = Array.from({ length: count }, (_, index) =>
       own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], parts: [...outParts, { axis: 1, index, count }] }) as tf.Tensor2D),
     );
@@ -145,7 +146,7 @@ export class Conv2d {
   private constructor(
     readonly outChannels: number,
     /**
-     * TensorFlow ops: the filter HWIO [k, k, in, out] as `filters` (one [k, k, in / groups, out] per input group)
+     * TensorFlow ops: the filter HWIO [k, k, in, out] as `filters` (one [k, k, in / splits, out] per input slice)
      * and the bias; or the native kernels: the packed weight and geometry.
      */
     private readonly run: { filters: tf.Tensor4D[]; bias: tf.Tensor1D; stride: number; pad: TfPad } | {
@@ -159,7 +160,7 @@ export class Conv2d {
     cin: number,
     cout: number,
     kernel: number,
-    { stride = 1, padding = 'same-as-torch', groups }: { stride?: number; padding?: ConvPadding; groups?: number } = {},
+    { stride = 1, padding = 'same-as-torch', splits }: { stride?: number; padding?: ConvPadding; splits?: number } = {},
   ): Conv2d {
     const pad = padSides(padding, kernel);
     if (kernels.useKernels()) {
@@ -168,7 +169,7 @@ export class Conv2d {
       const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, layout, p.array('bias', [cout]));
       return new Conv2d(cout, { packed, geometry });
     }
-    const count = groups ?? inputGroups(cin, kernel * kernel, cout);
+    const count = splits ?? inputSplits(cin, kernel * kernel, cout);
     const filters = Array.from({ length: count }, (_, index) =>
       own(() => p.tensor('weight', [cout, cin, kernel, kernel], { perm: [2, 3, 1, 0], parts: [{ axis: 1, index, count }] }) as tf.Tensor4D),
     );
