@@ -21,6 +21,8 @@ interface Entry extends TensorInfo {
 
 export class SafetensorsFile implements TensorSource {
   private fd: number | null;
+  /** Reused for the raw bytes of tensors decoded to float32 (fp16, bf16): one fresh array per tensor, not two. */
+  private scratch: Uint8Array | null = null;
 
   private constructor(
     readonly path: string,
@@ -70,12 +72,18 @@ export class SafetensorsFile implements TensorSource {
       readAt(this.fd, new Uint8Array(out.buffer), this.dataStart + e.begin, this.path);
       return out;
     }
-    return decodeToFloat32(this.bytes(key), e.dtype);
+    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
+    const n = e.end - e.begin;
+    if (this.scratch === null || this.scratch.byteLength < n) this.scratch = new Uint8Array(n);
+    const raw = this.scratch.subarray(0, n);
+    readAt(this.fd, raw, this.dataStart + e.begin, this.path);
+    return decodeToFloat32(raw, e.dtype);
   }
 
   close(): void {
     if (this.fd !== null) closeSync(this.fd);
     this.fd = null;
+    this.scratch = null;
   }
 
   private entry(key: string): Entry {
