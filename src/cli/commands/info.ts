@@ -83,7 +83,7 @@ export function infoLines(f: InfoFacts): string[] {
     ['tfjs', `${f.tfjsVersion} (@tensorflow/tfjs-core)`],
     ['threads', threadsLine(f)],
     ['wasm SIMD', f.simd ? 'yes' : 'no (the wasm backend falls back to its slower scalar build)'],
-    ['native kernels', f.kernels === null ? 'in use (native/kernels.c: matrix products, convolutions, attention, norms)' : `not in use: ${f.kernels}`],
+    ['native kernels', f.kernels === null ? 'in use (native/kernels.c: matrix products, convolutions with Winograd for most 3x3, attention, norms)' : `not in use: ${f.kernels}`],
     ['machine', `${f.cpu}, ${f.cores} logical cores, Node ${f.node}`],
   ];
   for (const n of f.notUsed) lines.push([`not ${n.name}`, n.why], ['  enable with', n.fix]);
