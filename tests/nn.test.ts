@@ -153,9 +153,9 @@ describe('norms and linear', () => {
       for (let j = 0; j < i; j++) s += x[r * i + j] * wt[(4 + oc) * i + j];
       ref[r * 4 + oc] = s;
     }
-    const part = { axis: 0, index: 1, count: 2 };
     for (const [splits, from] of [[1, src], [3, src], [2, HostTensors.copy(src, src.keys())]] as const) {
-      const lin = Linear.load(Params.root(from, 'l'), i, 4, { part, splits });
+      const [first, lin] = Linear.loadBlocks(Params.root(from, 'l'), i, 4, 2, { splits });
+      first.dispose();
       for (let rep = 0; rep < 2; rep++) {
         const y = lin.apply(tf.tensor2d(x, [5, i]));
         expect(maxDiff(y.dataSync(), ref), `splits ${splits}`).toBeLessThan(1e-6);

@@ -12,7 +12,6 @@
  */
 import * as tf from './tf.js';
 import * as kernels from './kernels.js';
-import type { Part } from './layout.js';
 import type { Params } from './params.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
@@ -60,30 +59,44 @@ export class Linear {
     private readonly run: { weights: tf.Tensor2D[]; bias: tf.Tensor1D | null } | kernels.PackedWeight,
   ) {}
 
+  /** From a checkpoint weight [out, in] and bias [out]. `splits`: slices of the inputs (default `inputSplits`). */
+  static load(p: Params, inFeatures: number, outFeatures: number, opts: { bias?: boolean; splits?: number } = {}): Linear {
+    return Linear.loadBlocks(p, inFeatures, outFeatures, 1, opts)[0];
+  }
+
   /**
-   * From a checkpoint weight [out, in] and bias [out]; with `part` (along axis 0), this layer is that block of the
-   * checkpoint's outputs (GEGLU's projection holds two Linears), and `outFeatures` is the block's.
-   * `splits`: slices of the inputs (default `inputSplits`).
+   * The `count` Linears whose outputs are the equal blocks of one checkpoint Linear [count * out, in] (GEGLU's
+   * projection holds two). The native path reads the checkpoint weight once for all of them; a streamed host copy
+   * (residency.ts) decodes only each block's part.
    */
-  static load(
+  static loadBlocks(
     p: Params,
     inFeatures: number,
     outFeatures: number,
-    { bias = true, part, splits }: { bias?: boolean; part?: Part; splits?: number } = {},
-  ): Linear {
-    const rows = outFeatures * (part?.count ?? 1);
-    const outParts = part === undefined ? [] : [part];
+    count: number,
+    { bias = true, splits }: { bias?: boolean; splits?: number } = {},
+  ): Linear[] {
+    const rows = outFeatures * count;
+    const blocks = Array.from({ length: count }, (_, index) => index);
     if (kernels.useKernels()) {
-      const b = bias ? p.array('bias', [rows], outParts) : null;
-      const w = p.array('weight', [rows, inFeatures], outParts);
-      return new Linear(inFeatures, outFeatures, kernels.packWeight(w, outFeatures, { kind: 'linear' }, b));
+      const w = p.array('weight', [rows, inFeatures]);
+      const b = bias ? p.array('bias', [rows]) : null;
+      const size = outFeatures * inFeatures;
+      return blocks.map((i) => {
+        const blockBias = b === null ? null : b.slice(i * outFeatures, (i + 1) * outFeatures);
+        const packed = kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias);
+        return new Linear(inFeatures, outFeatures, packed);
+      });
     }
-    const count = splits ?? inputSplits(inFeatures, 1, outFeatures);
-    const weights = Array.from({ length: count }, (_, index) =>
-      own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], parts: [...outParts, { axis: 1, index, count }] }) as tf.Tensor2D),
-    );
-    const b = bias ? own(() => p.tensor('bias', [rows], { parts: outParts }) as tf.Tensor1D) : null;
-    return new Linear(inFeatures, outFeatures, { weights, bias: b });
+    const n = splits ?? inputSplits(inFeatures, 1, outFeatures);
+    return blocks.map((index) => {
+      const block = count === 1 ? [] : [{ axis: 0, index, count }];
+      const weights = Array.from({ length: n }, (_, slice) =>
+        own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], parts: [...block, { axis: 1, index: slice, count: n }] }) as tf.Tensor2D),
+      );
+      const b = bias ? own(() => p.tensor('bias', [rows], { parts: block }) as tf.Tensor1D) : null;
+      return new Linear(inFeatures, outFeatures, { weights, bias: b });
+    });
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */

@@ -11,7 +11,7 @@
  */
 import * as tf from './tf.js';
 import { filledTensor } from './heap.js';
-import { copyBlock, laidOutShape, type Layout } from './layout.js';
+import { laidOutShape, type Layout } from './layout.js';
 import { HostTensors } from './residency.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 
@@ -73,19 +73,9 @@ export class Params {
     });
   }
 
-  /**
-   * The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`.
-   * With `parts`, only the block they select (still in checkpoint order).
-   */
-  array(name: string, shape: readonly number[], parts?: Layout['parts']): Float32Array {
-    const key = this.checked(name, shape);
-    const all = this.src.float32(key);
-    if (parts === undefined || parts.length === 0) return all;
-    const size = laidOutShape(shape, { parts });
-    const begin = shape.map((_, a) => parts.filter((p) => p.axis === a).reduce((b, p) => b + p.index * size[a], 0));
-    const out = new Float32Array(size.reduce((x, y) => x * y, 1));
-    copyBlock(all, out, shape, begin, size);
-    return out;
+  /** The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`. */
+  array(name: string, shape: readonly number[]): Float32Array {
+    return this.src.float32(this.checked(name, shape));
   }
 
   /** The full key of `name`, after checking that it exists with exactly `shape`; records it as read. */

@@ -77,7 +77,7 @@ class FeedForward {
   ) {}
 
   static load(p: Params, dim: number): FeedForward {
-    const [value, gate] = loadHalves(p.child('net.0.proj'), dim, dim * 4);
+    const [value, gate] = Linear.loadBlocks(p.child('net.0.proj'), dim, dim * 4, 2);
     return new FeedForward(value, gate, Linear.load(p.child('net.2'), dim * 4, dim));
   }
 
@@ -109,12 +109,6 @@ class FeedForward {
   dispose(): void {
     for (const m of [this.value, this.gate, this.out]) m.dispose();
   }
-}
-
-/** Reads a Linear [2 * half, in] as the Linears of its first and second halves of outputs. */
-function loadHalves(p: Params, inFeatures: number, half: number): [Linear, Linear] {
-  const block = (index: number) => Linear.load(p, inFeatures, half, { part: { axis: 0, index, count: 2 } });
-  return [block(0), block(1)];
 }
 
 /** Pre-LayerNorm transformer block: self-attention, cross-attention, GEGLU, each residual. [B, N, C] */
