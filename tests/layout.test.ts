@@ -9,23 +9,16 @@ import { decodeToFloat32, encodeFloat16, type DType } from '../src/weights/dtype
 import type { TensorSource } from '../src/weights/types.js';
 
 const strides = (shape: readonly number[]) => shape.map((_, a) => shape.slice(a + 1).reduce((x, y) => x * y, 1));
+const count = (shape: readonly number[]) => shape.reduce((x, y) => x * y, 1);
 
-/** Index (into a row-major tensor of `shape`) of every element of its `perm` transpose, in order. */
-function transposedOrder(shape: readonly number[], perm: readonly number[]): number[] {
-  const st = strides(shape);
-  const outShape = perm.map((a) => shape[a]);
-  const n = shape.reduce((x, y) => x * y, 1);
-  const order: number[] = [];
-  for (let o = 0; o < n; o++) {
-    let rest = o;
-    let from = 0;
-    for (let a = outShape.length - 1; a >= 0; a--) {
-      from += (rest % outShape[a]) * st[perm[a]];
-      rest = Math.floor(rest / outShape[a]);
-    }
-    order.push(from);
+/** The coordinates of element `o` of a row-major tensor of `shape`. */
+function unravel(o: number, shape: readonly number[]): number[] {
+  const at = new Array<number>(shape.length);
+  for (let a = shape.length - 1, rest = o; a >= 0; a--) {
+    at[a] = rest % shape[a];
+    rest = Math.floor(rest / shape[a]);
   }
-  return order;
+  return at;
 }
 
 const ramp = (n: number) => Float32Array.from({ length: n }, (_, i) => i * 0.25 - 3);
@@ -33,24 +26,15 @@ const ramp = (n: number) => Float32Array.from({ length: n }, (_, i) => i * 0.25 
 /** The naive reference of arrange: for each block (row-major over the splits), its elements in `perm` order. */
 function arrangedOrder(shape: number[], perm: number[], splits: { axis: number; count: number }[]): number[] {
   const block = shape.map((d, a) => d / (splits.find((s) => s.axis === a)?.count ?? 1));
+  const outShape = perm.map((a) => block[a]);
   const st = strides(shape);
   const order: number[] = [];
-  const blocks = splits.reduce((n, s) => n * s.count, 1);
-  for (let b = 0; b < blocks; b++) {
-    // The block's first element: its index along each split axis, read off b in row-major order.
-    let rest = b;
+  for (let b = 0; b < count(splits.map((s) => s.count)); b++) {
     const begin = shape.map(() => 0);
-    for (let i = splits.length - 1; i >= 0; i--) {
-      begin[splits[i].axis] = (rest % splits[i].count) * block[splits[i].axis];
-      rest = Math.floor(rest / splits[i].count);
+    unravel(b, splits.map((s) => s.count)).forEach((i, k) => (begin[splits[k].axis] = i * block[splits[k].axis]));
+    for (let o = 0; o < count(block); o++) {
+      order.push(unravel(o, outShape).reduce((from, i, a) => from + (begin[perm[a]] + i) * st[perm[a]], 0));
     }
-    const base = begin.reduce((acc, v, a) => acc + v * st[a], 0);
-    // Elements of the block in perm order, as offsets within the full tensor.
-    const within = transposedOrder(block, perm).map((i) => {
-      const bs = strides(block);
-      return block.reduce((acc, _, a) => acc + (Math.floor(i / bs[a]) % block[a]) * st[a], 0);
-    });
-    order.push(...within.map((o) => base + o));
   }
   return order;
 }
@@ -65,7 +49,7 @@ describe('arrange', () => {
     { shape: [4, 6], perm: [1, 0], splits: [{ axis: 0, count: 2 }, { axis: 1, count: 3 }] },
     { shape: [7], perm: [0], splits: [] },
   ])('rearranges $shape by $perm in blocks $splits, for 1-, 2- and 4-byte elements', ({ shape, perm, splits }) => {
-    const n = shape.reduce((x, y) => x * y, 1);
+    const n = count(shape);
     const want = arrangedOrder(shape, perm, splits);
     for (const width of [1, 2, 4]) {
       const src = new Uint8Array(n * width).map((_, i) => (i * 37 + 11) & 0xff);
@@ -160,21 +144,10 @@ describe('copyBlock (the wasm Slice kernel)', () => {
     { shape: [9], begin: [4], size: [5] },
     { shape: [2, 3], begin: [1, 2], size: [1, 1] },
   ])('copies $size at $begin of $shape', ({ shape, begin, size }) => {
-    const n = shape.reduce((x, y) => x * y, 1);
-    const src = Float32Array.from({ length: n }, (_, i) => i);
+    const src = Float32Array.from({ length: count(shape) }, (_, i) => i);
     const st = strides(shape);
-    const outN = size.reduce((x, y) => x * y, 1);
-    const want: number[] = [];
-    for (let o = 0; o < outN; o++) {
-      let rest = o;
-      let from = 0;
-      for (let a = size.length - 1; a >= 0; a--) {
-        from += (begin[a] + (rest % size[a])) * st[a];
-        rest = Math.floor(rest / size[a]);
-      }
-      want.push(src[from]);
-    }
-    const dst = new Float32Array(outN);
+    const want = Array.from({ length: count(size) }, (_, o) => src[unravel(o, size).reduce((from, i, a) => from + (begin[a] + i) * st[a], 0)]);
+    const dst = new Float32Array(count(size));
     copyBlock(src, dst, shape, begin, size);
     expect(Array.from(dst)).toEqual(want);
   });

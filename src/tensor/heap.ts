@@ -55,9 +55,11 @@ export function guardWasmHeap(): void {
   m.sdHeapGuard = true;
 }
 
-interface WasmBackendInternals {
-  makeOutput(shape: number[], dtype: 'float32'): tf.TensorInfo;
-  typedArrayFromHeap(info: tf.TensorInfo): Float32Array;
+/** What the wasm backend offers beyond tfjs's KernelBackend: a tensor's memory as a view of the heap. */
+export interface WasmBackendInternals {
+  makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
+  /** Taken after any allocation: a heap that grows detaches earlier views. */
+  typedArrayFromHeap(info: tf.TensorInfo): Float32Array | Int32Array | Uint8Array;
 }
 
 /**
@@ -76,7 +78,7 @@ export function filledTensor(shape: number[], fill: (out: Float32Array) => void)
   const t = tf.engine().makeTensorFromTensorInfo(info);
   try {
     // The view is taken after the allocation: a heap that grew detaches earlier views.
-    fill(backend.typedArrayFromHeap(info));
+    fill(backend.typedArrayFromHeap(info) as Float32Array);
   } catch (e) {
     t.dispose();
     throw e;

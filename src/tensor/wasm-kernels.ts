@@ -8,12 +8,8 @@
  * of the innermost axes with one TypedArray.set each.
  */
 import * as tf from './tf.js';
+import type { WasmBackendInternals } from './heap.js';
 import { copyBlock } from './layout.js';
-
-interface WasmBackendInternals {
-  makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
-  typedArrayFromHeap(info: tf.TensorInfo): Float32Array | Int32Array | Uint8Array;
-}
 
 let registered = false;
 
