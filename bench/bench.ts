@@ -14,9 +14,9 @@ import { cpus } from 'node:os';
 import { join } from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import * as tf from '../src/tensor/tf.js';
-import { BACKENDS, initBackend, type BackendName } from '../src/tensor/backend.js';
-import { wasmHeapBytes } from '../src/tensor/heap.js';
+import * as tf from '../src/backend/tf.js';
+import { BACKENDS, initBackend, type BackendName } from '../src/backend/select.js';
+import { wasmHeapBytes } from '../src/backend/heap.js';
 import { ClipTextEncoder, SD15_CLIP } from '../src/clip/index.js';
 import { SD15_UNET, UNet } from '../src/unet/index.js';
 import { SD15_VAE, Vae } from '../src/vae/index.js';
@@ -24,7 +24,7 @@ import { sd15Shapes } from '../src/pipeline/shapes.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
 import { StableDiffusion } from '../src/pipeline/pipeline.js';
-import { kernelsProblem } from '../src/tensor/kernels.js';
+import { kernelsProblem } from '../src/backend/kernels.js';
 
 /**
  * Useful FLOPs (multiply-adds x 2) of the measured work, SD 1.5 at 512x512: see the issue's ceiling figures. They

@@ -9,9 +9,9 @@
 import { join } from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import * as tf from '../src/tensor/tf.js';
-import { BACKENDS, initBackend, type BackendName } from '../src/tensor/backend.js';
-import { setKernelTimer } from '../src/tensor/kernels.js';
+import * as tf from '../src/backend/tf.js';
+import { BACKENDS, initBackend, type BackendName } from '../src/backend/select.js';
+import { setKernelTimer } from '../src/backend/kernels.js';
 import { SD15_UNET, UNet } from '../src/unet/index.js';
 import { SD15_VAE, Vae } from '../src/vae/index.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
@@ -66,7 +66,7 @@ function instrumentKernels(backend: string): void {
 
 const choice = await initBackend({ backend: args.backend });
 instrumentKernels(choice.name);
-// The native kernels (src/tensor/kernels.ts) run outside tfjs's registry: listed with a "native " prefix.
+// The native kernels (src/backend/kernels.ts) run outside tfjs's registry: listed with a "native " prefix.
 setKernelTimer((name, shape, ms) => timing && record(`native ${name}`, `[${shape.join(',')}]`, ms));
 const src = SafetensorsFile.open(join(args.cache, 'sd15-random-fp16.safetensors'));
 

@@ -384,7 +384,7 @@ static napi_value pack_weights(napi_env env, napi_callback_info info) {
   return out;
 }
 
-/* tuneAllocator(): glibc serves every block from its heap and keeps freed memory for reuse (see src/tensor/kernels.ts) */
+/* tuneAllocator(): glibc serves every block from its heap and keeps freed memory for reuse (see src/backend/kernels.ts) */
 
 static napi_value tune_allocator(napi_env env, napi_callback_info info) {
   (void)info;

@@ -1,12 +1,12 @@
 /**
- * Sliced attention (src/tensor/attention.ts) against the textbook formula computed in float64:
+ * Sliced attention (src/nn/attention.ts) against the textbook formula computed in float64:
  * every way of cutting the work (whole, query-row slices, (batch*head) groups, one head at a time as on
  * wasm) must give softmax(q k^T / sqrt(d)) v, with and without CLIP's causal mask.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
-import { attention, AttentionError, slicePlan, type AttentionOptions } from '../src/tensor/attention.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
+import { attention, AttentionError, slicePlan, type AttentionOptions } from '../src/nn/attention.js';
 import { maxRelError } from '../src/parity/compare.js';
 
 beforeAll(async () => {

@@ -3,8 +3,8 @@
  * conv2d -> matMul -> softmax chain on fixed inputs, printing one JSON line: backend, threads, output as base64
  * float32 bytes. It never calls process.exit: the parent checks that it ends by itself.
  */
-import { initBackend, isBackendName } from '../src/tensor/backend.js';
-import * as tf from '../src/tensor/tf.js';
+import { initBackend, isBackendName } from '../src/backend/select.js';
+import * as tf from '../src/backend/tf.js';
 
 /** Deterministic values in [-1, 1) that do not depend on any backend's random generator. */
 function fixed(shape: number[], seed: number): tf.Tensor {
@@ -27,7 +27,7 @@ function chain(): tf.Tensor2D {
 
 /**
  * Slices of every kind (contiguous, strided, inner-axis, empty, rank 1-5, int32) flattened one after another:
- * wasm replaces tfjs's Slice kernel (src/tensor/wasm-kernels.ts), and its output must equal the cpu backend's.
+ * wasm replaces tfjs's Slice kernel (src/backend/wasm-kernels.ts), and its output must equal the cpu backend's.
  */
 function slices(): tf.Tensor1D {
   return tf.tidy(() => {

@@ -1,12 +1,12 @@
 /**
  * The native `tensorflow` backend, where `sd setup-native` has run (skipped otherwise, with the reason): a child
- * process starts it through initBackend, tf.getBackend() from src/tensor/tf.ts reports 'tensorflow' (one shared
+ * process starts it through initBackend, tf.getBackend() from src/backend/tf.ts reports 'tensorflow' (one shared
  * tfjs-core), and the conv2d -> matMul -> softmax chain agrees with the pure-JS cpu backend.
  */
 import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { packageProblem } from '../src/tensor/native.js';
+import { packageProblem } from '../src/backend/tfjs-node.js';
 import { maxRelError } from '../src/parity/compare.js';
 
 const CHILD = fileURLToPath(new URL('./backend-child.ts', import.meta.url));

@@ -1,10 +1,10 @@
 // The CLIP text encoder against the reference fixture (tests/fixtures/clip, random weights) on the cpu backend.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
 import { ClipTextEncoder, SD15_CLIP, clipConfigFromLdm, expectedShapes, type ClipConfig } from '../src/clip/index.js';
-import { ConfigError, ShapeError } from '../src/tensor/params.js';
+import { ConfigError, ShapeError } from '../src/nn/weight-view.js';
 import { maxRelError } from '../src/parity/compare.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { decodeInt64 } from '../src/weights/dtypes.js';

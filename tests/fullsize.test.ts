@@ -1,6 +1,6 @@
 /**
  * Full-size SD 1.5 memory arithmetic, without running anything full-size: the UNet's fp32 weights do not fit the
- * wasm heap (about 3 GiB usable of 4 GiB), so it is streamed block by block (src/tensor/residency.ts, one Held
+ * wasm heap (about 3 GiB usable of 4 GiB), so it is streamed block by block (src/nn/residency.ts, one Held
  * per input block, the middle block, each output block, time_embed and out); this checks from the checkpoint
  * shapes (expectedShapes) that every such block, laid out twice while it loads (checkpoint layout + transposed),
  * stays far below the heap, next to the resident CLIP and VAE.

@@ -1,7 +1,7 @@
 import { beforeAll, describe, expect, it } from 'vitest';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
-import { HeapError, wasmHeapBytes } from '../src/tensor/heap.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
+import { HeapError, wasmHeapBytes } from '../src/backend/heap.js';
 
 type Malloc = { _malloc: (n: number) => number; _free: (p: number) => void };
 const wasm = () => (tf.backend() as unknown as { wasm: Malloc }).wasm;

@@ -1,5 +1,5 @@
 /**
- * The native kernels (native/kernels.c through src/tensor/kernels.ts), where `sd setup-native` has built them
+ * The native kernels (native/kernels.c through src/backend/kernels.ts), where `sd setup-native` has built them
  * (skipped otherwise, with the reason). Each layer is loaded twice from the same weights, once for TensorFlow.js ops
  * (SD_KERNELS=0) and once for the kernels (SD_KERNELS=1, which uses them on the cpu backend these tests run on),
  * and the two must agree; then the model fixtures must pass their parity checks with every layer on the kernels.
@@ -9,14 +9,14 @@ import { createRequire } from 'node:module';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { maxRelError } from '../src/parity/compare.js';
 import { runParity, summary } from '../src/parity/runner.js';
-import { attention } from '../src/tensor/attention.js';
-import { initBackend } from '../src/tensor/backend.js';
-import { kernelsPath, kernelsProblem, kernelsSourceHash, winogradFits } from '../src/tensor/kernels.js';
-import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/tensor/nn.js';
-import { Params } from '../src/tensor/params.js';
-import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
+import { attention } from '../src/nn/attention.js';
+import { initBackend } from '../src/backend/select.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash, winogradFits } from '../src/backend/kernels.js';
+import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
+import { Params } from '../src/nn/weight-view.js';
+import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
-import * as tf from '../src/tensor/tf.js';
+import * as tf from '../src/backend/tf.js';
 import { rand, source } from './helpers.js';
 
 /** Built, and from this native/kernels.c (a stale build is refused by the loader, so there is nothing to test). */

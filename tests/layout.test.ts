@@ -1,10 +1,11 @@
 /**
- * Host-side rearrangement of weights (src/tensor/layout.ts, HostTensors.decodeInto) and the wasm Slice kernel's
- * block copy (src/tensor/wasm-kernels.ts), each against a naive element-by-element reference.
+ * Host-side rearrangement of weights (src/nn/arrangement.ts, HostTensors.decodeInto) and the wasm Slice kernel's
+ * block copy (src/backend/wasm-kernels.ts), each against a naive element-by-element reference.
  */
 import { describe, expect, it } from 'vitest';
-import { arrange, blockIndex, copyBlock, laidOutShape } from '../src/tensor/layout.js';
-import { HostTensors } from '../src/tensor/residency.js';
+import { arrange, blockIndex, laidOutShape } from '../src/nn/arrangement.js';
+import { copyBlock } from '../src/backend/strided.js';
+import { HostTensors } from '../src/nn/residency.js';
 import { decodeToFloat32, encodeFloat16, type DType } from '../src/weights/dtypes.js';
 import type { TensorSource } from '../src/weights/types.js';
 

@@ -1,11 +1,11 @@
 // The nn layers against direct loops written from PyTorch's definitions (NCHW, OIHW), on small random tensors.
 import { beforeAll, describe, expect, it } from 'vitest';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
-import { Params, ShapeError } from '../src/tensor/params.js';
-import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, inputSplits, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/tensor/nn.js';
-import { OPENAI_RESNET, ResnetBlock } from '../src/tensor/resnet.js';
-import { HostTensors } from '../src/tensor/residency.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
+import { Params, ShapeError } from '../src/nn/weight-view.js';
+import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, inputSplits, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/nn/layers.js';
+import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
+import { HostTensors } from '../src/nn/residency.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { WeightsError } from '../src/weights/types.js';
 import { rand, source } from './helpers.js';

@@ -4,7 +4,7 @@
  * reference values at the fixture's tolerances (see src/parity/pipeline.ts).
  */
 import { beforeAll, describe, expect, it } from 'vitest';
-import { initBackend } from '../src/tensor/backend.js';
+import { initBackend } from '../src/backend/select.js';
 import { run } from '../src/parity/pipeline.js';
 import { formatResult } from '../src/parity/runner.js';
 

@@ -6,8 +6,8 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import sharp from 'sharp';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { withinTolerance } from '../src/parity/compare.js';
 import { pipelineConfigFromLdm, StableDiffusion, type PipelineConfig } from '../src/pipeline/pipeline.js';

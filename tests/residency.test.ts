@@ -1,14 +1,14 @@
 /**
- * Weight residency (src/tensor/residency.ts): a streamed UNet holds no tensors between calls, materialises each
+ * Weight residency (src/nn/residency.ts): a streamed UNet holds no tensors between calls, materialises each
  * block only while it runs, frees it afterwards, and computes exactly what the resident UNet computes, on the
  * CompVis reference fixture (tests/fixtures/unet, cpu backend). Also Held's load-once / load-per-use contract and
  * HostTensors as a TensorSource that outlives its file.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
-import { Held, HostTensors, defaultResidency } from '../src/tensor/residency.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
+import { Held, HostTensors, defaultResidency } from '../src/nn/residency.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { WeightsError } from '../src/weights/types.js';
 import { withinTolerance } from '../src/parity/compare.js';

@@ -25,8 +25,8 @@ import {
   type NoiseFn,
 } from '../src/scheduler/index.js';
 import { lmsCoefficient } from '../src/scheduler/lms.js';
-import { initBackend } from '../src/tensor/backend.js';
-import * as tf from '../src/tensor/tf.js';
+import { initBackend } from '../src/backend/select.js';
+import * as tf from '../src/backend/tf.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 
 interface PipelineCase {

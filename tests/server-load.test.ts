@@ -9,7 +9,7 @@ import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { initBackend } from '../src/tensor/backend.js';
+import { initBackend } from '../src/backend/select.js';
 import { StableDiffusion, pipelineConfigFromLdm } from '../src/pipeline/pipeline.js';
 import { SdServer, type ServerOptions } from '../src/server/server.js';
 

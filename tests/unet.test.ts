@@ -5,9 +5,9 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
-import { ShapeError } from '../src/tensor/params.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
+import { ShapeError } from '../src/nn/weight-view.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { WeightsError } from '../src/weights/types.js';
 import { run } from '../src/parity/unet.js';

@@ -1,10 +1,10 @@
 // The VAE against the reference fixture (tests/fixtures/vae, random weights, NCHW there) on the cpu backend.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import * as tf from '../src/tensor/tf.js';
-import { initBackend } from '../src/tensor/backend.js';
+import * as tf from '../src/backend/tf.js';
+import { initBackend } from '../src/backend/select.js';
 import { SD15_VAE, Vae, expectedShapes, vaeConfigFromLdm, type VaeConfig } from '../src/vae/index.js';
-import { ConfigError, ShapeError } from '../src/tensor/params.js';
+import { ConfigError, ShapeError } from '../src/nn/weight-view.js';
 import { maxRelError } from '../src/parity/compare.js';
 import { readNhwc } from '../src/parity/vae.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';

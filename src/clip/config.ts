@@ -2,7 +2,7 @@
  * The CLIP text encoder's configuration: SD 1.x uses OpenAI CLIP ViT-L/14's text tower, and every key it reads
  * from a checkpoint with its PyTorch shape (for config-vs-checkpoint checks and generated weights).
  */
-import { ConfigError } from '../tensor/params.js';
+import { ConfigError } from '../nn/weight-view.js';
 
 export interface ClipConfig {
   readonly vocabSize: number; // byte-level BPE vocabulary incl. <|startoftext|>, <|endoftext|>

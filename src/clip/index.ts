@@ -10,9 +10,9 @@
  * "clip skip 2" of some fine-tunes). No attention mask: padding tokens are attended to, as SD 1.x was trained.
  * Weights: `cond_stage_model.transformer.text_model.{embeddings, encoder.layers.{i}, final_layer_norm}.*`.
  */
-import * as tf from '../tensor/tf.js';
-import { Embedding, LayerNorm } from '../tensor/nn.js';
-import { Params, checkCheckpoint } from '../tensor/params.js';
+import * as tf from '../backend/tf.js';
+import { Embedding, LayerNorm } from '../nn/layers.js';
+import { Params, checkCheckpoint } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
 import { CLIP_PREFIX, SD15_CLIP, expectedShapes, type ClipConfig } from './config.js';
 import { ClipEncoderLayer } from './layer.js';

@@ -5,10 +5,10 @@
  * x, y: [B, N, width].
  * Weights: `encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}.*`.
  */
-import * as tf from '../tensor/tf.js';
-import { attention } from '../tensor/attention.js';
-import { LayerNorm, Linear, gelu, quickGelu } from '../tensor/nn.js';
-import type { Params } from '../tensor/params.js';
+import * as tf from '../backend/tf.js';
+import { attention } from '../nn/attention.js';
+import { LayerNorm, Linear, gelu, quickGelu } from '../nn/layers.js';
+import type { Params } from '../nn/weight-view.js';
 import type { ClipConfig } from './config.js';
 
 export class ClipEncoderLayer {

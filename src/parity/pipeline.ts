@@ -13,7 +13,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
 import { createSampler, TorchGenerator, torchNoise, type NoiseFn } from '../scheduler/index.js';
 import type { SamplerName } from '../pipeline/api.js';

@@ -18,7 +18,7 @@ import {
   type EpsFn,
   type NoiseFn,
 } from '../scheduler/index.js';
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
 import { maxRelError, withinTolerance } from './compare.js';
 import type { CaseResult, KindRunner } from './types.js';

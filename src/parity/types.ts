@@ -2,7 +2,7 @@
  * The parity runner's contract: each fixture kind (a folder of ../shared/fixtures) has a runner that
  * reads the folder and returns one result per case. `npm run parity -- DIR` prints them and counts.
  */
-import type { BackendName } from '../tensor/backend.js';
+import type { BackendName } from '../backend/select.js';
 
 export interface CaseResult {
   /** The fixture kind, i.e. the folder name: tokenizer, rng, samplers, clip, unet, vae, pipeline, bad-weights. */

@@ -5,7 +5,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
 import { UNet, expectedShapes, unetConfigFromLdm, type LdmUNetParams, type UNetConfig } from '../unet/index.js';
 import { withinTolerance } from './compare.js';

@@ -6,8 +6,8 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import * as tf from '../tensor/tf.js';
-import { initBackend } from '../tensor/backend.js';
+import * as tf from '../backend/tf.js';
+import { initBackend } from '../backend/select.js';
 import { Vae, vaeConfigFromLdm } from '../vae/index.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
 import type { TensorSource } from '../weights/types.js';

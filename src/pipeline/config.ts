@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import { CLIP_PREFIX, SD15_CLIP, clipConfigFromLdm, expectedShapes as clipShapes, type ClipConfig } from '../clip/index.js';
 import { SD15_UNET, unetConfigFromLdm, expectedShapes as unetShapes, type UNetConfig } from '../unet/index.js';
 import { SD15_VAE, vaeConfigFromLdm, expectedShapes as vaeShapes, type VaeConfig } from '../vae/index.js';
-import { ConfigError } from '../tensor/params.js';
+import { ConfigError } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
 
 export { ConfigError };

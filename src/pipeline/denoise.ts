@@ -10,7 +10,7 @@
  * The loop is an async generator that yields after every step, so the caller shows progress and can stop;
  * each step runs in one tf.tidy, none spans an await. Latents are NHWC [B, h, w, 4].
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import type { UNet } from '../unet/index.js';
 import type { EpsFn, NoiseFn, Sampler } from '../scheduler/index.js';
 

@@ -17,7 +17,7 @@
  */
 import { basename, dirname, extname, resolve } from 'node:path';
 import { existsSync, statSync } from 'node:fs';
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { ClipTextEncoder } from '../clip/index.js';
 import { UNet } from '../unet/index.js';
 import { Vae, downsampleFactor } from '../vae/index.js';

@@ -2,7 +2,7 @@
  * Pieces every sampler shares: how much of the schedule img2img runs, the forward process q(x_t | x_0) that
  * noises an init latent, step-order checks and the tensor history of multistep samplers.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { SamplerError } from './types.js';
 
 /**

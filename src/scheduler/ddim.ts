@@ -2,7 +2,7 @@
  * DDIM, eta = 0 (Song et al. 2021 eq. 12), as CompVis `DDIMSampler` runs it: "uniform" timesteps
  * i * (1000 // n) + 1, each step going to the previous one, and from the last (t = 1) to abar_0, not to 1.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { checkStepIndex, qSample, stepsToRun } from './common.js';
 import { ddimTimesteps } from './schedule.js';
 import type { EpsFn, NoiseFn, Sampler } from './types.js';

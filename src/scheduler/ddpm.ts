@@ -3,7 +3,7 @@
  * `DDPMSampler`): n evenly spaced timesteps (arange(n) * (1000 // n))[::-1], each step jumping from t to
  * t' = t - 1000 // n with the posterior q(x_t' | x_t, x_0) of that jump and the "fixed small" variance beta~.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { checkStepIndex, qSample, stepsToRun } from './common.js';
 import { ddpmTimesteps } from './schedule.js';
 import type { EpsFn, NoiseFn, Sampler } from './types.js';

@@ -5,7 +5,7 @@
  *   denoised estimate: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h.
  * The step to sigma' = 0 uses D_i alone (x' = D_i). -expm1(-h) = 1 - sigma' / sigma.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { StepHistory } from './common.js';
 import { denoisedAtSigma, SigmaSampler } from './k-diffusion.js';
 import type { EpsFn, NoiseFn } from './types.js';

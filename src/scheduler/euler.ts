@@ -3,7 +3,7 @@
  * Euler: x' = x + d (sigma' - sigma). Ancestral: step down to sigma_down with Euler, then add fresh noise of
  * size sigma_up, where sigma_down^2 + sigma_up^2 = sigma'^2 (no noise on the last step, to sigma' = 0).
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { checkStepIndex } from './common.js';
 import { epsAtSigma, SigmaSampler } from './k-diffusion.js';
 import type { EpsFn, NoiseFn } from './types.js';

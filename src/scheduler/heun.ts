@@ -3,7 +3,7 @@
  * sigma', then the average of the slopes at both ends; the last step, to sigma' = 0, is plain Euler.
  * Two model calls per step but the last.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { checkStepIndex } from './common.js';
 import { epsAtSigma, SigmaSampler } from './k-diffusion.js';
 import type { EpsFn, NoiseFn } from './types.js';

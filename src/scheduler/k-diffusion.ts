@@ -6,7 +6,7 @@
  * d = (x - D) / sigma (k-diffusion `to_d`), is then exactly that eps prediction.
  * A sampler walks a decreasing list of sigmas ending in 0; step i goes from sigmas[i] to sigmas[i + 1].
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { stepsToRun } from './common.js';
 import { defaultSigmas, karrasSigmas, sigmaToT, type SigmaTable } from './schedule.js';
 import type { EpsFn, NoiseFn, Sampler } from './types.js';

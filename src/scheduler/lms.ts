@@ -4,7 +4,7 @@
  * The first steps use as many past slopes as there are. The integrand is a polynomial of degree < 4, so
  * 4-point Gauss-Legendre quadrature gives it exactly (k-diffusion uses scipy.integrate.quad).
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import { StepHistory } from './common.js';
 import { epsAtSigma, SigmaSampler } from './k-diffusion.js';
 import type { EpsFn, NoiseFn } from './types.js';

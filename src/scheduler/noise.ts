@@ -3,7 +3,7 @@
  * NoiseFn asked for [B, H, W, C] draws [B, C, H, W] from the generator and transposes. With this, a seed gives
  * the same starting noise (and euler_a / ddpm step noise) as diffusers or CompVis with a CPU generator.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 import type { TorchGenerator } from './torch-generator.js';
 import type { NoiseFn } from './types.js';
 

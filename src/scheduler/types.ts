@@ -2,7 +2,7 @@
  * The one interface every sampler implements, and what it is given. A sampler only sees latents (tensors, any
  * layout: every operation is elementwise) and a noise predictor; its schedule and coefficients are plain numbers.
  */
-import type * as tf from '../tensor/tf.js';
+import type * as tf from '../backend/tf.js';
 import type { SamplerName } from '../pipeline/api.js';
 
 /** Noise prediction at model timestep t (fractional for sigma samplers); the sampler has already applied c_in. */

@@ -1,5 +1,5 @@
 /**
- * Builds native/kernels.c into native/build/sd_kernels.node (src/tensor/kernels.ts loads it): one C file, compiled
+ * Builds native/kernels.c into native/build/sd_kernels.node (src/backend/kernels.ts loads it): one C file, compiled
  * by the system C compiler against Node's own headers (node_api.h), linked to nothing but libc, libm and pthreads.
  * `sd setup-native` runs it, since the kernels only serve the `tensorflow` backend; it takes ~2 s.
  * The result is written beside its final name, loaded in a child process (it must load and report this CPU able to
@@ -12,7 +12,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { kernelsSourceHash } from '../tensor/kernels.js';
+import { kernelsSourceHash } from '../backend/kernels.js';
 import { SetupError } from './errors.js';
 import { nodeHeadersDir } from './package.js';
 

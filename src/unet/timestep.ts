@@ -6,7 +6,7 @@
  * Computed on the CPU in float32 arithmetic step by step as torch does it, so that t * f_i rounds the same:
  * at t ~ 1000 the argument's float32 rounding moves cos/sin by ~1e-4, which a float64 version would not match.
  */
-import * as tf from '../tensor/tf.js';
+import * as tf from '../backend/tf.js';
 
 const MAX_PERIOD = 10000;
 

@@ -10,11 +10,11 @@
  * Attention: to_q/to_k/to_v without bias, to_out.0 with bias; heads of C / numHeads channels.
  * Weights: `input_blocks.N.1.*`, `middle_block.1.*`, `output_blocks.N.1.*`.
  */
-import * as kernels from '../tensor/kernels.js';
-import * as tf from '../tensor/tf.js';
-import type { Params } from '../tensor/params.js';
-import { Conv2d, GroupNorm, LayerNorm, Linear, gelu } from '../tensor/nn.js';
-import { attention } from '../tensor/attention.js';
+import * as kernels from '../backend/kernels.js';
+import * as tf from '../backend/tf.js';
+import type { Params } from '../nn/weight-view.js';
+import { Conv2d, GroupNorm, LayerNorm, Linear, gelu } from '../nn/layers.js';
+import { attention } from '../nn/attention.js';
 import { prefixed, type Shapes } from './shapes.js';
 
 /** CompVis CrossAttention; self-attention when no context is given. [B, N, C] -> [B, N, C] */

@@ -13,19 +13,19 @@
  * resizes to the size of the skip it is concatenated with (diffusers' `upsample_size`); for sides divisible
  * by 2^(levels-1) that is exactly CompVis' nearest 2x.
  * Memory: each block runs in its own tf.tidy and skips are disposed as soon as they are concatenated.
- * Weights: each block is a Held (src/tensor/residency.ts): resident tensors, or on wasm streamed from a host copy
+ * Weights: each block is a Held (src/nn/residency.ts): resident tensors, or on wasm streamed from a host copy
  * of the checkpoint (its 3.4 GB in fp32 do not fit the 4 GiB heap) and laid out just before the block runs.
  */
-import * as tf from '../tensor/tf.js';
-import { Params, checkCheckpoint } from '../tensor/params.js';
-import { Conv2d, GroupNorm, Linear, silu, upsampleNearestTo } from '../tensor/nn.js';
+import * as tf from '../backend/tf.js';
+import { Params, checkCheckpoint } from '../nn/weight-view.js';
+import { Conv2d, GroupNorm, Linear, silu, upsampleNearestTo } from '../nn/layers.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 import { SD15_UNET, UNetError, unetLayout, validateConfig, type UNetConfig } from './config.js';
-import { OPENAI_RESNET, ResnetBlock } from '../tensor/resnet.js';
+import { OPENAI_RESNET, ResnetBlock } from '../nn/resnet.js';
 import { SpatialTransformer } from './transformer.js';
 import { timestepEmbedding } from './timestep.js';
 import { prefixed, type Shapes } from './shapes.js';
-import { Held, HostTensors, defaultResidency, type ResidencyPolicy } from '../tensor/residency.js';
+import { Held, HostTensors, defaultResidency, type ResidencyPolicy } from '../nn/residency.js';
 
 interface Disposable {
   dispose(): void;
@@ -123,7 +123,7 @@ class OutHead {
 
 export interface UNetLoadOptions {
   /**
-   * Where the weights live between steps (src/tensor/residency.ts): 'resident' tensors, or 'streamed' from a host
+   * Where the weights live between steps (src/nn/residency.ts): 'resident' tensors, or 'streamed' from a host
    * copy of the checkpoint's bytes, one block at a time. Default: 'streamed' on wasm, else 'resident'.
    */
   readonly residency?: ResidencyPolicy;

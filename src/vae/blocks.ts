@@ -1,5 +1,5 @@
 /**
- * The VAE's parts besides the ResnetBlock (src/tensor/resnet.ts), from CompVis ldm/modules/diffusionmodules/model.py.
+ * The VAE's parts besides the ResnetBlock (src/nn/resnet.ts), from CompVis ldm/modules/diffusionmodules/model.py.
  * All NHWC; GroupNorm 32 groups, eps 1e-6.
  *
  *   AttnBlock   x + proj_out(softmax(q k^T / sqrt(C)) v), single head over all H*W positions;
@@ -10,12 +10,12 @@
  *   Level       resnets, each followed by attention where the level has it, then a Down/Upsample:
  *               one resolution level of the encoder or the decoder         [B, H, W, cin] -> [B, H', W', cout]
  */
-import * as kernels from '../tensor/kernels.js';
-import * as tf from '../tensor/tf.js';
-import { attention } from '../tensor/attention.js';
-import { Conv2d, GroupNorm, upsampleNearest2x } from '../tensor/nn.js';
-import type { Params } from '../tensor/params.js';
-import { COMPVIS_RESNET, ResnetBlock } from '../tensor/resnet.js';
+import * as kernels from '../backend/kernels.js';
+import * as tf from '../backend/tf.js';
+import { attention } from '../nn/attention.js';
+import { Conv2d, GroupNorm, upsampleNearest2x } from '../nn/layers.js';
+import type { Params } from '../nn/weight-view.js';
+import { COMPVIS_RESNET, ResnetBlock } from '../nn/resnet.js';
 import { VAE_GN_EPS } from './config.js';
 
 /** Applies f to x and frees x: for chains of big feature maps that must not all stay alive. */

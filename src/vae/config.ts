@@ -2,8 +2,8 @@
  * The VAE's configuration (CompVis AutoencoderKL `ddconfig` + `embed_dim`) and every key it reads from a
  * checkpoint with its PyTorch shape (for config-vs-checkpoint checks and generated weights).
  */
-import { ConfigError } from '../tensor/params.js';
-import { COMPVIS_RESNET, ResnetBlock } from '../tensor/resnet.js';
+import { ConfigError } from '../nn/weight-view.js';
+import { COMPVIS_RESNET, ResnetBlock } from '../nn/resnet.js';
 
 export interface VaeConfig {
   readonly inChannels: number; // image channels (RGB)

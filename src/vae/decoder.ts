@@ -8,10 +8,10 @@
  *   out = conv_out(SiLU(norm_out(h)))                                    roughly [-1, 1]
  * Weights: `decoder.{conv_in, mid, up.{i}.block.{j}, up.{i}.attn.{j}, up.{i}.upsample.conv, norm_out, conv_out}.*`.
  */
-import type * as tf from '../tensor/tf.js';
-import { Conv2d, GroupNorm } from '../tensor/nn.js';
-import type { Params } from '../tensor/params.js';
-import { normSiluConv } from '../tensor/resnet.js';
+import type * as tf from '../backend/tf.js';
+import { Conv2d, GroupNorm } from '../nn/layers.js';
+import type { Params } from '../nn/weight-view.js';
+import { normSiluConv } from '../nn/resnet.js';
 import { Level, MidBlock, Upsample, replace } from './blocks.js';
 import { VAE_GN_EPS, levelResolution, type VaeConfig } from './config.js';
 

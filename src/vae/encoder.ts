@@ -8,10 +8,10 @@
  *   out = conv_out(SiLU(norm_out(h)))                                    mean and log-variance, stacked on channels
  * Weights: `encoder.{conv_in, down.{i}.block.{j}, down.{i}.attn.{j}, down.{i}.downsample.conv, mid, norm_out, conv_out}.*`.
  */
-import type * as tf from '../tensor/tf.js';
-import { Conv2d, GroupNorm } from '../tensor/nn.js';
-import type { Params } from '../tensor/params.js';
-import { normSiluConv } from '../tensor/resnet.js';
+import type * as tf from '../backend/tf.js';
+import { Conv2d, GroupNorm } from '../nn/layers.js';
+import type { Params } from '../nn/weight-view.js';
+import { normSiluConv } from '../nn/resnet.js';
 import { Downsample, Level, MidBlock, replace } from './blocks.js';
 import { VAE_GN_EPS, levelResolution, type VaeConfig } from './config.js';
 

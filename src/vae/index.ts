@@ -7,9 +7,9 @@
  * f = 2^(levels - 1) = 8. The latent scale factor 0.18215 is the pipeline's, not applied here.
  * Weights: `first_stage_model.{encoder, decoder, quant_conv, post_quant_conv}.*`.
  */
-import * as tf from '../tensor/tf.js';
-import { Conv2d } from '../tensor/nn.js';
-import { Params, checkCheckpoint } from '../tensor/params.js';
+import * as tf from '../backend/tf.js';
+import { Conv2d } from '../nn/layers.js';
+import { Params, checkCheckpoint } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
 import { SD15_VAE, VAE_PREFIX, downsampleFactor, expectedShapes, type VaeConfig } from './config.js';
 import { Decoder } from './decoder.js';

@@ -7,7 +7,7 @@
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, extname, join } from 'node:path';
 import type { CommandModule } from 'yargs';
-import { BACKENDS, initBackend, type BackendName } from '../../tensor/backend.js';
+import { BACKENDS, initBackend, type BackendName } from '../../backend/select.js';
 import { SAMPLERS, type GenerateParams, type SamplerName } from '../../pipeline/api.js';
 import { limitsFor, readPipelineConfig, SD15_PIPELINE, StableDiffusion, type PipelineConfig } from '../../pipeline/pipeline.js';
 import { resolveParams } from '../../pipeline/params.js';

@@ -6,11 +6,11 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { CommandModule } from 'yargs';
 import { UsageError } from '../errors.js';
-import { BACKENDS, initBackend, type BackendChoice, type BackendName } from '../../tensor/backend.js';
-import { kernelsProblem } from '../../tensor/kernels.js';
-import { NATIVE_PACKAGES, nativeStatus, packageProblem, type NativeStatus } from '../../tensor/native.js';
-import * as tf from '../../tensor/tf.js';
-import { wasmSimdSupported, wasmStatus, type WasmStatus } from '../../tensor/wasm.js';
+import { BACKENDS, initBackend, type BackendChoice, type BackendName } from '../../backend/select.js';
+import { kernelsProblem } from '../../backend/kernels.js';
+import { NATIVE_PACKAGES, nativeStatus, packageProblem, type NativeStatus } from '../../backend/tfjs-node.js';
+import * as tf from '../../backend/tf.js';
+import { wasmSimdSupported, wasmStatus, type WasmStatus } from '../../backend/wasm.js';
 
 interface Args {
   backend?: BackendName;
@@ -30,7 +30,7 @@ export interface InfoFacts {
   readonly node: string;
   /** Each backend better than the one in use: why it is not used, and what enables it. */
   readonly notUsed: readonly NotUsed[];
-  /** Why the native kernels (src/tensor/kernels.ts) are not in use, or null when they are. */
+  /** Why the native kernels (src/backend/kernels.ts) are not in use, or null when they are. */
   readonly kernels: string | null;
 }
 

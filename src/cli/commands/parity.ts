@@ -1,6 +1,6 @@
 /** `sd parity DIR [--backend B] [--kind K ...]`: compare the engine against reference fixtures. */
 import type { CommandModule } from 'yargs';
-import { BACKENDS, initBackend, type BackendName } from '../../tensor/backend.js';
+import { BACKENDS, initBackend, type BackendName } from '../../backend/select.js';
 import { formatResult, runParity, summary } from '../../parity/runner.js';
 
 interface Args {

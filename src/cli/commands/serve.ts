@@ -5,7 +5,7 @@
  * Logs are JSON lines (pino) on stdout.
  */
 import type { CommandModule } from 'yargs';
-import { BACKENDS, currentBackend, describeChoice, initBackend, type BackendName } from '../../tensor/backend.js';
+import { BACKENDS, currentBackend, describeChoice, initBackend, type BackendName } from '../../backend/select.js';
 import { StableDiffusion, readPipelineConfig } from '../../pipeline/pipeline.js';
 import { DEFAULT_SERVER, SdServer } from '../../server/server.js';
 import type { Engine } from '../../server/engine.js';

@@ -11,11 +11,11 @@
  * elsewhere when a head's scores are large: on tensorflow, SD's 64x64 self-attention (16 heads of 4096x4096)
  * runs ~2x faster as one 2-D matMul per head than as batched matMuls over all heads (~1.8 s vs ~3.7 s a call,
  * measured side by side on a busy 2-core EPYC).
- * With the native kernels (src/tensor/kernels.ts) non-causal attention is one flash-style call instead: tiles of
+ * With the native kernels (src/backend/kernels.ts) non-causal attention is one flash-style call instead: tiles of
  * scores in cache, an online softmax, nothing [Nq, Nk] ever allocated.
  */
-import * as kernels from './kernels.js';
-import * as tf from './tf.js';
+import * as kernels from '../backend/kernels.js';
+import * as tf from '../backend/tf.js';
 
 export interface AttentionOptions {
   /** Mask keys after the query's own position (CLIP's causal self-attention). Needs Nq == Nk. */

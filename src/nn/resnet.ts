@@ -10,10 +10,10 @@
  *   CompVis ldm model.py ResnetBlock (VAE): norm1, conv1, temb_proj, norm2, conv2, nin_shortcut
  *   openaimodel.py ResBlock (UNet):        in_layers.0, in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection
  */
-import * as tf from './tf.js';
-import * as kernels from './kernels.js';
-import { Conv2d, GroupNorm, Linear } from './nn.js';
-import type { Params } from './params.js';
+import * as tf from '../backend/tf.js';
+import * as kernels from '../backend/kernels.js';
+import { Conv2d, GroupNorm, Linear } from './layers.js';
+import type { Params } from './weight-view.js';
 
 export interface ResnetNames {
   readonly norm1: string;

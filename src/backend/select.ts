@@ -56,7 +56,7 @@ function threadsFromEnv(): number | undefined {
 async function load(name: BackendName, threads: number | undefined): Promise<string | null> {
   try {
     if (name === 'tensorflow') {
-      const { loadNative } = await import('./native.js');
+      const { loadNative } = await import('./tfjs-node.js');
       const why = await loadNative();
       if (why !== null) return why;
     } else if (name === 'wasm') {

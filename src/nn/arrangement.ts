@@ -4,7 +4,7 @@
  * A checkpoint stores PyTorch's layouts (Linear [out, in], Conv2d OIHW); the layers here compute in another
  * (Linear [in, out], Conv2d HWIO), and some read only a block of a tensor: GEGLU's projection is two Linears,
  * the halves of one [2 * inner, in] weight, and on wasm a layer with a large weight is split over slices of its
- * input channels (nn.ts, `inputSplits`). A Layout names both:
+ * input channels (layers.ts, `inputSplits`). A Layout names both:
  *
  *   parts  blocks to take: along `axis` (of the checkpoint shape), the `index`-th of `count` equal blocks
  *   perm   the order of the block's axes afterwards, as tf.transpose's perm: [1, 0] makes [out, in] into [in, out]
@@ -13,6 +13,8 @@
  * slicing or transposing on the backend each time it is made: `arrange` rearranges the checkpoint's bytes once
  * so that every block is contiguous and already permuted, and `blockIndex` says where a block is.
  */
+
+import { rowMajorStrides } from '../backend/strided.js';
 
 export interface Part {
   readonly axis: number;
@@ -118,46 +120,6 @@ function permuteInto(src: Elements, out: Elements, shape: readonly number[], ord
       from += outStrides[a];
       if (++index[a] < outShape[a]) break;
       from -= outStrides[a] * outShape[a];
-      index[a] = 0;
-    }
-  }
-}
-
-function rowMajorStrides(shape: readonly number[]): number[] {
-  const strides = new Array<number>(shape.length);
-  for (let a = shape.length - 1, s = 1; a >= 0; a--) {
-    strides[a] = s;
-    s *= shape[a];
-  }
-  return strides;
-}
-
-/** dst <- the block of src (row-major, `shape`) at `begin` of `size`, as runs of contiguous elements. */
-export function copyBlock<T extends Float32Array | Int32Array | Uint8Array>(
-  src: T,
-  dst: T,
-  shape: readonly number[],
-  begin: readonly number[],
-  size: readonly number[],
-): void {
-  const rank = shape.length;
-  if (rank === 0) {
-    dst[0] = src[0];
-    return;
-  }
-  const strides = rowMajorStrides(shape);
-  // Axes from `k` on form one contiguous run: every axis after k is taken whole.
-  let k = rank - 1;
-  let run = size[k];
-  while (k > 0 && size[k] === shape[k]) run *= size[--k];
-  let from = begin.reduce((acc, b, a) => acc + b * strides[a], 0);
-  const index = new Array<number>(k).fill(0);
-  for (let to = 0; to < dst.length; to += run) {
-    dst.set(src.subarray(from, from + run), to);
-    for (let a = k - 1; a >= 0; a--) {
-      from += strides[a];
-      if (++index[a] < size[a]) break;
-      from -= strides[a] * size[a];
       index[a] = 0;
     }
   }

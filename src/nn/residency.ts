@@ -13,9 +13,9 @@
  * Streaming costs a load of every weight per forward pass: the host copy is kept in the layout its layer reads
  * (HostTensors.decodeInto), so a load is one decode (fp16) or copy (fp32) straight into the backend's memory.
  */
-import * as tf from './tf.js';
+import * as tf from '../backend/tf.js';
 import { DTYPE_BYTES, decodeInto, decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
-import { arrange, blockIndex, laidOutShape, type Layout } from './layout.js';
+import { arrange, blockIndex, laidOutShape, type Layout } from './arrangement.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 
 export type ResidencyPolicy = 'resident' | 'streamed';

@@ -9,9 +9,9 @@
  * Arrays come back in the checkpoint's (PyTorch) layout as float32; tensors in the layout their layer asks for
  * (layout.ts): from a host copy (residency.ts) laid out that way already, else transposed once on the backend.
  */
-import * as tf from './tf.js';
-import { filledTensor } from './heap.js';
-import { laidOutShape, type Layout } from './layout.js';
+import * as tf from '../backend/tf.js';
+import { filledTensor } from '../backend/heap.js';
+import { laidOutShape, type Layout } from './arrangement.js';
 import { HostTensors } from './residency.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 

@@ -57,7 +57,7 @@ interface Addon {
   geglu(value: Float32Array, gate: Float32Array, out: Float32Array, n: number, threads: number): void;
 }
 
-/** src/tensor (or dist/tensor) -> the checkout's native/ folder. */
+/** src/backend (or dist/backend) -> the checkout's native/ folder. */
 const NATIVE_DIR = join(dirname(dirname(dirname(fileURLToPath(import.meta.url)))), 'native');
 
 /** Where `sd setup-native` puts the built kernels. */

@@ -10,9 +10,9 @@
  * Each apply runs in its own tf.tidy, so calling one outside a tidy leaks nothing but its result.
  * On wasm a Linear or Conv2d with a large weight is split over its inputs (see `inputSplits`).
  */
-import * as tf from './tf.js';
-import * as kernels from './kernels.js';
-import type { Params } from './params.js';
+import * as tf from '../backend/tf.js';
+import * as kernels from '../backend/kernels.js';
+import type { Params } from './weight-view.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
 function own<T extends tf.Tensor>(make: () => T): T {

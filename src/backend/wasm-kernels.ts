@@ -9,7 +9,7 @@
  */
 import * as tf from './tf.js';
 import type { WasmBackendInternals } from './heap.js';
-import { copyBlock } from './layout.js';
+import { copyBlock } from './strided.js';
 
 let registered = false;
 
