@@ -13,7 +13,7 @@ import { attention } from '../src/nn/attention.js';
 import { initBackend } from '../src/backend/select.js';
 import { kernelsPath, kernelsProblem, kernelsSourceHash, winogradFits } from '../src/backend/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
-import { Params } from '../src/nn/weight-view.js';
+import { WeightView } from '../src/nn/weight-view.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import * as tf from '../src/backend/tf.js';
@@ -66,7 +66,7 @@ describe.runIf(built)('native kernels', () => {
     ['3x3 from 4 channels (conv_in)', 4, 32, 3, 1, 'same-as-torch', 8, 8],
   ];
   it.each(convCases)('Conv2d %s matches the tfjs conv', (_name, cin, cout, k, stride, padding, h, w) => {
-    const p = Params.root(source({ 'c.weight': [cout, cin, k, k], 'c.bias': [cout] }), '');
+    const p = WeightView.root(source({ 'c.weight': [cout, cin, k, k], 'c.bias': [cout] }), '');
     const x = tf.tensor4d(rand(2 * h * w * cin), [2, h, w, cin]);
     const { tfjs, native } = bothWays(() => {
       const conv = Conv2d.load(p.child('c'), cin, cout, k, { stride, padding });
@@ -97,7 +97,7 @@ describe.runIf(built)('native kernels', () => {
   ];
   it.each(linearCases)('Linear %s matches the tfjs matMul', (_name, shape, out, bias) => {
     const inF = shape[shape.length - 1];
-    const p = Params.root(source({ 'l.weight': [out, inF], 'l.bias': [out] }), '');
+    const p = WeightView.root(source({ 'l.weight': [out, inF], 'l.bias': [out] }), '');
     const x = tf.tensor(rand(shape.reduce((a, b) => a * b, 1)), shape);
     const { tfjs, native } = bothWays(() => {
       const l = Linear.load(p.child('l'), inF, out, { bias });
@@ -110,7 +110,7 @@ describe.runIf(built)('native kernels', () => {
   });
 
   it.each([false, true])('GroupNorm (then SiLU: %s) matches the tfjs ops', (withSilu) => {
-    const p = Params.root(source({ 'n.weight': [64], 'n.bias': [64] }), '');
+    const p = WeightView.root(source({ 'n.weight': [64], 'n.bias': [64] }), '');
     const x = tf.tidy(() => tf.add(tf.mul(tf.tensor4d(rand(2 * 9 * 11 * 64), [2, 9, 11, 64]), 6), 2) as tf.Tensor4D);
     const { tfjs, native } = bothWays(() => {
       const n = GroupNorm.load(p.child('n'), 64, { eps: 1e-6 });
@@ -141,7 +141,7 @@ describe.runIf(built)('native kernels', () => {
     ['without a shortcut (UNet input_blocks.1.0, 32 -> 32)', 'input_blocks.1.0', 32, 32],
   ])('ResnetBlock on the host end to end %s matches the tfjs ops', (_name, prefix, cin, cout) => {
     const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
-    const p = Params.root(src, `model.diffusion_model.${prefix}`);
+    const p = WeightView.root(src, `model.diffusion_model.${prefix}`);
     const x = tf.tensor4d(rand(2 * 5 * 6 * cin), [2, 5, 6, cin]);
     const t = tf.tensor2d(rand(2 * 128), [2, 128]);
     const { tfjs, native } = bothWays(() => {
@@ -156,12 +156,12 @@ describe.runIf(built)('native kernels', () => {
   });
 
   it('layers on the kernels leave no tensors behind', () => {
-    const p = Params.root(source({ 'c.weight': [8, 8, 3, 3], 'c.bias': [8], 'n.weight': [8], 'n.bias': [8] }), '');
+    const p = WeightView.root(source({ 'c.weight': [8, 8, 3, 3], 'c.bias': [8], 'n.weight': [8], 'n.bias': [8] }), '');
     const conv = Conv2d.load(p.child('c'), 8, 8, 3);
     const norm = GroupNorm.load(p.child('n'), 8, { eps: 1e-5, groups: 4 });
     const x = tf.tensor4d(rand(2 * 6 * 6 * 8), [2, 6, 6, 8]);
     const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
-    const block = ResnetBlock.load(Params.root(src, 'model.diffusion_model.input_blocks.3.0'), 32, 64, {
+    const block = ResnetBlock.load(WeightView.root(src, 'model.diffusion_model.input_blocks.3.0'), 32, 64, {
       names: OPENAI_RESNET, eps: 1e-5, timeChannels: 128,
     });
     src.close();

@@ -2,7 +2,7 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
-import { Params, ShapeError } from '../src/nn/weight-view.js';
+import { WeightView, ShapeError } from '../src/nn/weight-view.js';
 import { Conv2d, GroupNorm, LayerNorm, Linear, gelu, inputSplits, quickGelu, silu, upsampleNearest2x, type ConvPadding } from '../src/nn/layers.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
 import { HostTensors } from '../src/nn/residency.js';
@@ -60,7 +60,7 @@ describe('Conv2d matches torch conv2d', () => {
       const ref = torchConv(xNchw, c, h, w, src.float32('c.weight'), src.float32('c.bias'), o, k, stride, pad);
       const x = tf.transpose(tf.tensor4d(xNchw, [1, c, h, w]), [0, 2, 3, 1]) as tf.Tensor4D;
       for (const [splits, from] of [[1, src], [2, src], [3, src], [3, HostTensors.copy(src, src.keys())]] as const) {
-        const conv = Conv2d.load(Params.root(from, 'c'), c, o, k, { stride, padding, splits });
+        const conv = Conv2d.load(WeightView.root(from, 'c'), c, o, k, { stride, padding, splits });
         for (let rep = 0; rep < 2; rep++) {
           const y = conv.apply(x);
           expect(y.shape).toEqual([1, ref.oh, ref.ow, o]);
@@ -90,7 +90,7 @@ describe('norms and linear', () => {
   it('GroupNorm: biased variance per group over positions and the group channels', () => {
     const [b, h, w, c, g, eps] = [2, 3, 4, 8, 4, 1e-6];
     const src = source({ 'n.weight': [c], 'n.bias': [c] });
-    const norm = GroupNorm.load(Params.root(src, 'n'), c, { groups: g, eps });
+    const norm = GroupNorm.load(WeightView.root(src, 'n'), c, { groups: g, eps });
     const x = rand(b * h * w * c);
     const y = norm.apply(tf.tensor4d(x, [b, h, w, c])).dataSync();
     const [gamma, beta] = [src.float32('n.weight'), src.float32('n.bias')];
@@ -110,7 +110,7 @@ describe('norms and linear', () => {
   it('LayerNorm over the last axis', () => {
     const [n, d] = [5, 6];
     const src = source({ 'ln.weight': [d], 'ln.bias': [d] });
-    const ln = LayerNorm.load(Params.root(src, 'ln'), d);
+    const ln = LayerNorm.load(WeightView.root(src, 'ln'), d);
     const x = rand(n * d);
     const y = ln.apply(tf.tensor2d(x, [n, d])).dataSync();
     const [gamma, beta] = [src.float32('ln.weight'), src.float32('ln.bias')];
@@ -127,7 +127,7 @@ describe('norms and linear', () => {
   it('Linear: [B, N, in] -> [B, N, out] with torch [out, in] weights', () => {
     const [i, o] = [4, 3];
     const src = source({ 'l.weight': [o, i], 'l.bias': [o] });
-    const lin = Linear.load(Params.root(src, 'l'), i, o);
+    const lin = Linear.load(WeightView.root(src, 'l'), i, o);
     const x = rand(2 * 2 * i);
     const y = lin.apply(tf.tensor3d(x, [2, 2, i]));
     expect(y.shape).toEqual([2, 2, o]);
@@ -154,7 +154,7 @@ describe('norms and linear', () => {
       ref[r * 4 + oc] = s;
     }
     for (const [splits, from] of [[1, src], [3, src], [2, HostTensors.copy(src, src.keys())]] as const) {
-      const [first, lin] = Linear.loadBlocks(Params.root(from, 'l'), i, 4, 2, { splits });
+      const [first, lin] = Linear.loadBlocks(WeightView.root(from, 'l'), i, 4, 2, { splits });
       first.dispose();
       for (let rep = 0; rep < 2; rep++) {
         const y = lin.apply(tf.tensor2d(x, [5, i]));
@@ -184,10 +184,10 @@ describe('activations and upsampling', () => {
   });
 });
 
-describe('Params', () => {
+describe('WeightView', () => {
   it('checks shapes, names missing keys, and tracks what was read', () => {
     const src = source({ 'm.a.weight': [2, 3], 'm.a.bias': [2], 'm.pos_ids': [1], 'other.x': [1] });
-    const p = Params.root(src, 'm');
+    const p = WeightView.root(src, 'm');
     expect(() => p.child('a').tensor('weight', [3, 2])).toThrow(ShapeError);
     expect(() => p.child('a').tensor('weight', [3, 2])).toThrow(/m\.a\.weight: expected \[3, 2\], got \[2, 3\]/);
     expect(() => p.tensor('missing', [1])).toThrow(WeightsError);
@@ -199,8 +199,8 @@ describe('Params', () => {
   it('layers leak no tensors per call and free their weights on dispose', () => {
     const before = tf.memory().numTensors;
     const src = source({ 'c.weight': [4, 2, 3, 3], 'c.bias': [4], 'n.weight': [4], 'n.bias': [4] });
-    const conv = Conv2d.load(Params.root(src, 'c'), 2, 4, 3);
-    const norm = GroupNorm.load(Params.root(src, 'n'), 4, { groups: 2, eps: 1e-5 });
+    const conv = Conv2d.load(WeightView.root(src, 'c'), 2, 4, 3);
+    const norm = GroupNorm.load(WeightView.root(src, 'n'), 4, { groups: 2, eps: 1e-5 });
     const x = tf.ones([1, 4, 4, 2]) as tf.Tensor4D;
     const mid = tf.memory().numTensors;
     for (let i = 0; i < 3; i++) tf.tidy(() => silu(norm.apply(conv.apply(x)))).dispose();
@@ -216,7 +216,7 @@ describe('ResnetBlock', () => {
   it('with a time embedding and a 1x1 shortcut (UNet names, eps 1e-5) is the composition of its layers', () => {
     // A UNet resblock of the unet fixture: input_blocks.3.0, 32 -> 64 channels, time embedding width 128.
     const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
-    const p = Params.root(src, 'model.diffusion_model.input_blocks.3.0');
+    const p = WeightView.root(src, 'model.diffusion_model.input_blocks.3.0');
     const [cin, cout, temb] = [32, 64, 128];
     const block = ResnetBlock.load(p, cin, cout, { names: OPENAI_RESNET, eps: 1e-5, timeChannels: temb });
     expect(ResnetBlock.shapes(cin, cout, { names: OPENAI_RESNET, timeChannels: temb }).map(([k]) => p.key(k)).sort())

@@ -132,10 +132,10 @@ function kernels(): Addon {
 const threads = (): number => Number(process.env.SD_THREADS) || availableParallelism();
 
 /**
- * How a weight is laid out in its checkpoint, for packing. A conv packed `winograd` runs as Winograd F(2x2, 3x3)
+ * What is packed: a Linear weight [out, in] or a conv weight OIHW, and how. A conv packed `winograd` runs as Winograd F(2x2, 3x3)
  * (native/kernels.c): 3x3, stride 1, padding 1 only, channels in multiples of 8; its packed weight is 16/9 the size.
  */
-export type WeightLayout = { kind: 'linear' } | { kind: 'conv'; kernel: number; winograd?: boolean };
+export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; winograd?: boolean };
 
 /** A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. */
 export interface PackedWeight {
@@ -161,13 +161,13 @@ export function winogradFits(cin: number, cout: number, g: ConvGeometry): boolea
 }
 
 /** Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight. */
-export function packWeight(w: Float32Array, out: number, layout: WeightLayout, bias: Float32Array | null): PackedWeight {
-  const taps = layout.kind === 'conv' ? layout.kernel * layout.kernel : 1;
+export function packWeight(w: Float32Array, out: number, format: PackFormat, bias: Float32Array | null): PackedWeight {
+  const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const k = w.length / out;
-  if (layout.kind === 'conv' && layout.winograd === true) {
+  if (format.kind === 'conv' && format.winograd === true) {
     return { k: k / taps, n: out, panels: kernels().packWinograd(w, k / taps, out), bias, winograd: true };
   }
-  return { k, n: out, panels: kernels().packWeights(w, k, out, layout.kind === 'conv' ? 2 : 1, taps), bias };
+  return { k, n: out, panels: kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps), bias };
 }
 
 /** Called after each native kernel with its name, input shape and milliseconds (bench/profile.ts listens). */

@@ -12,7 +12,7 @@
  */
 import * as tf from '../backend/tf.js';
 import { Embedding, LayerNorm } from '../nn/layers.js';
-import { Params, checkCheckpoint } from '../nn/weight-view.js';
+import { WeightView, checkCheckpoint } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
 import { CLIP_PREFIX, SD15_CLIP, expectedShapes, type ClipConfig } from './config.js';
 import { ClipEncoderLayer } from './layer.js';
@@ -34,7 +34,7 @@ export class ClipTextEncoder {
   /** Checks every key and shape under `prefix` against cfg, then loads. */
   static load(src: TensorSource, cfg: ClipConfig = SD15_CLIP, prefix = CLIP_PREFIX): ClipTextEncoder {
     checkCheckpoint(src, expectedShapes(cfg, prefix), prefix, { ignore: BUFFERS });
-    const p = Params.root(src, prefix);
+    const p = WeightView.root(src, prefix);
     const emb = p.child('embeddings');
     const layers: ClipEncoderLayer[] = [];
     for (let i = 0; i < cfg.layers; i++) layers.push(ClipEncoderLayer.load(p.child('encoder.layers').child(i), cfg));

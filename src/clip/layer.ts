@@ -8,7 +8,7 @@
 import * as tf from '../backend/tf.js';
 import { attention } from '../nn/attention.js';
 import { LayerNorm, Linear, gelu, quickGelu } from '../nn/layers.js';
-import type { Params } from '../nn/weight-view.js';
+import type { WeightView } from '../nn/weight-view.js';
 import type { ClipConfig } from './config.js';
 
 export class ClipEncoderLayer {
@@ -25,7 +25,7 @@ export class ClipEncoderLayer {
     private readonly fc2: Linear,
   ) {}
 
-  static load(p: Params, cfg: ClipConfig): ClipEncoderLayer {
+  static load(p: WeightView, cfg: ClipConfig): ClipEncoderLayer {
     const w = cfg.width;
     const eps = { eps: cfg.layerNormEps };
     const attn = p.child('self_attn');

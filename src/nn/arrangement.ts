@@ -1,15 +1,15 @@
 /**
- * The layout a layer wants a checkpoint tensor in, and the host-side rearrangement that produces it.
+ * The arrangement a layer wants a checkpoint tensor in, and the host-side rearrangement that produces it.
  *
  * A checkpoint stores PyTorch's layouts (Linear [out, in], Conv2d OIHW); the layers here compute in another
  * (Linear [in, out], Conv2d HWIO), and some read only a block of a tensor: GEGLU's projection is two Linears,
  * the halves of one [2 * inner, in] weight, and on wasm a layer with a large weight is split over slices of its
- * input channels (layers.ts, `inputSplits`). A Layout names both:
+ * input channels (layers.ts, `inputSplits`). An Arrangement names both:
  *
  *   parts  blocks to take: along `axis` (of the checkpoint shape), the `index`-th of `count` equal blocks
  *   perm   the order of the block's axes afterwards, as tf.transpose's perm: [1, 0] makes [out, in] into [in, out]
  *
- * Held in host memory in its layout (residency.ts stores a streamed block's weights that way), a tensor needs no
+ * Held in host memory in its arrangement (residency.ts stores a streamed block's weights that way), a tensor needs no
  * slicing or transposing on the backend each time it is made: `arrange` rearranges the checkpoint's bytes once
  * so that every block is contiguous and already permuted, and `blockIndex` says where a block is.
  */
@@ -22,27 +22,27 @@ export interface Part {
   readonly count: number;
 }
 
-export interface Layout {
+export interface Arrangement {
   readonly perm?: readonly number[];
   readonly parts?: readonly Part[];
 }
 
-/** Checks `layout` against a tensor of `shape` and returns the shape of what it selects, in its order. */
-export function laidOutShape(shape: readonly number[], layout: Layout): number[] {
+/** Checks `arrangement` against a tensor of `shape` and returns the shape of what it selects, in its order. */
+export function laidOutShape(shape: readonly number[], arrangement: Arrangement): number[] {
   const block = [...shape];
   const seen = new Set<number>();
-  for (const { axis, index, count } of layout.parts ?? []) {
+  for (const { axis, index, count } of arrangement.parts ?? []) {
     const fits = Number.isInteger(axis) && axis >= 0 && axis < shape.length && !seen.has(axis);
     if (!fits || !Number.isInteger(count) || count < 1 || !Number.isInteger(index) || index < 0 || index >= count || shape[axis] % count !== 0) {
-      throw new RangeError(`layout part ${index} of ${count} does not cut axis ${axis} of [${shape.join(', ')}] into equal blocks`);
+      throw new RangeError(`arrangement part ${index} of ${count} does not cut axis ${axis} of [${shape.join(', ')}] into equal blocks`);
     }
     seen.add(axis);
     block[axis] = shape[axis] / count;
   }
-  const perm = layout.perm ?? block.map((_, i) => i);
+  const perm = arrangement.perm ?? block.map((_, i) => i);
   const sorted = [...perm].sort((a, b) => a - b);
   if (perm.length !== block.length || sorted.some((v, i) => v !== i)) {
-    throw new RangeError(`layout perm [${perm.join(', ')}] is not a permutation of the ${block.length} axes of [${shape.join(', ')}]`);
+    throw new RangeError(`arrangement perm [${perm.join(', ')}] is not a permutation of the ${block.length} axes of [${shape.join(', ')}]`);
   }
   return perm.map((a) => block[a]);
 }

@@ -1,6 +1,6 @@
 /**
  * The layers every network here is built from, each loading itself from its checkpoint names
- * (`weight`, `bias`) under a Params prefix and holding its weights until dispose().
+ * (`weight`, `bias`) under a WeightView prefix and holding its weights until dispose().
  *
  * Layout, fixed at load so no forward pass ever transposes a weight:
  *   Linear     checkpoint [out, in]         -> [in, out];  apply: [..., in] -> [..., out]
@@ -12,7 +12,7 @@
  */
 import * as tf from '../backend/tf.js';
 import * as kernels from '../backend/kernels.js';
-import type { Params } from './weight-view.js';
+import type { WeightView } from './weight-view.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
 function own<T extends tf.Tensor>(make: () => T): T {
@@ -60,7 +60,7 @@ export class Linear {
   ) {}
 
   /** From a checkpoint weight [out, in] and bias [out]. `splits`: slices of the inputs (default `inputSplits`). */
-  static load(p: Params, inFeatures: number, outFeatures: number, opts: { bias?: boolean; splits?: number } = {}): Linear {
+  static load(p: WeightView, inFeatures: number, outFeatures: number, opts: { bias?: boolean; splits?: number } = {}): Linear {
     return Linear.loadBlocks(p, inFeatures, outFeatures, 1, opts)[0];
   }
 
@@ -70,7 +70,7 @@ export class Linear {
    * (residency.ts) decodes only each block's part.
    */
   static loadBlocks(
-    p: Params,
+    p: WeightView,
     inFeatures: number,
     outFeatures: number,
     count: number,
@@ -169,7 +169,7 @@ export class Conv2d {
   ) {}
 
   static load(
-    p: Params,
+    p: WeightView,
     cin: number,
     cout: number,
     kernel: number,
@@ -178,8 +178,8 @@ export class Conv2d {
     const pad = padSides(padding, kernel);
     if (kernels.useKernels()) {
       const geometry = { kernel, stride, pad };
-      const layout = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
-      const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, layout, p.array('bias', [cout]));
+      const format = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
+      const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, format, p.array('bias', [cout]));
       return new Conv2d(cout, { packed, geometry });
     }
     const count = splits ?? inputSplits(cin, kernel * kernel, cout);
@@ -236,7 +236,7 @@ export class GroupNorm {
     private readonly host: { gamma: Float32Array; beta: Float32Array } | null,
   ) {}
 
-  static load(p: Params, channels: number, { groups = 32, eps }: { groups?: number; eps: number }): GroupNorm {
+  static load(p: WeightView, channels: number, { groups = 32, eps }: { groups?: number; eps: number }): GroupNorm {
     if (channels % groups !== 0) {
       throw new RangeError(`${p.prefix}: GroupNorm over ${channels} channels cannot make ${groups} equal groups`);
     }
@@ -306,7 +306,7 @@ export class LayerNorm {
     private readonly host: { gamma: Float32Array; beta: Float32Array } | null,
   ) {}
 
-  static load(p: Params, dim: number, { eps = 1e-5 }: { eps?: number } = {}): LayerNorm {
+  static load(p: WeightView, dim: number, { eps = 1e-5 }: { eps?: number } = {}): LayerNorm {
     const gamma = p.array('weight', [dim]);
     const beta = p.array('bias', [dim]);
     return new LayerNorm(own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), eps, kernels.useKernels() ? { gamma, beta } : null);
@@ -336,7 +336,7 @@ export class LayerNorm {
 export class Embedding {
   private constructor(readonly table: tf.Tensor2D) {}
 
-  static load(p: Params, num: number, dim: number): Embedding {
+  static load(p: WeightView, num: number, dim: number): Embedding {
     return new Embedding(own(() => p.tensor('weight', [num, dim]) as tf.Tensor2D));
   }
 

@@ -15,7 +15,7 @@
  */
 import * as tf from '../backend/tf.js';
 import { DTYPE_BYTES, decodeInto, decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
-import { arrange, blockIndex, laidOutShape, type Layout } from './arrangement.js';
+import { arrange, blockIndex, laidOutShape, type Arrangement } from './arrangement.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 
 export type ResidencyPolicy = 'resident' | 'streamed';
@@ -124,22 +124,22 @@ export class HostTensors implements TensorSource {
   }
 
   /**
-   * Writes tensor `key` in `layout` as float32 into `out` (laidOutShape(shape, layout) elements). The first call
-   * rearranges the held bytes into that layout; later calls are one decode or copy.
+   * Writes tensor `key` in `arrangement` as float32 into `out` (laidOutShape(shape, arrangement) elements). The first call
+   * rearranges the held bytes into that arrangement; later calls are one decode or copy.
    */
-  decodeInto(key: string, layout: Layout, out: Float32Array): void {
+  decodeInto(key: string, arrangement: Arrangement, out: Float32Array): void {
     const t = this.entry(key);
     const dtype = this.floatDType(key, t);
-    const size = laidOutShape(t.shape, layout).reduce((a, b) => a * b, 1); // throws on a layout that does not fit
-    if (out.length !== size) throw new RangeError(`${this.path}: tensor ${key} in this layout has ${size} values, not ${out.length}`);
-    const perm = layout.perm ?? t.shape.map((_, i) => i);
-    const parts = layout.parts ?? [];
+    const size = laidOutShape(t.shape, arrangement).reduce((a, b) => a * b, 1); // throws on a arrangement that does not fit
+    if (out.length !== size) throw new RangeError(`${this.path}: tensor ${key} in this arrangement has ${size} values, not ${out.length}`);
+    const perm = arrangement.perm ?? t.shape.map((_, i) => i);
+    const parts = arrangement.parts ?? [];
     const splits = parts.map(({ axis, count }) => ({ axis, count }));
     if (t.arranged === null) {
       t.bytes = arrange(t.bytes, DTYPE_BYTES[dtype], t.shape, perm, splits);
       t.arranged = { perm, splits };
     } else if (!sameArrangement(t.arranged, { perm, splits })) {
-      throw new Error(`${this.path}: tensor ${key} is held in one layout and was asked for in another`);
+      throw new Error(`${this.path}: tensor ${key} is held in one arrangement and was asked for in another`);
     }
     const blockBytes = size * DTYPE_BYTES[dtype];
     const at = blockIndex(parts) * blockBytes;

@@ -13,7 +13,7 @@
 import * as tf from '../backend/tf.js';
 import * as kernels from '../backend/kernels.js';
 import { Conv2d, GroupNorm, Linear } from './layers.js';
-import type { Params } from './weight-view.js';
+import type { WeightView } from './weight-view.js';
 
 export interface ResnetNames {
   readonly norm1: string;
@@ -49,7 +49,7 @@ export class ResnetBlock {
     private readonly shortcut: Conv2d | null,
   ) {}
 
-  static load(p: Params, cin: number, cout: number, { names, eps, timeChannels = 0 }: ResnetOptions): ResnetBlock {
+  static load(p: WeightView, cin: number, cout: number, { names, eps, timeChannels = 0 }: ResnetOptions): ResnetBlock {
     return new ResnetBlock(
       GroupNorm.load(p.child(names.norm1), cin, { eps }),
       Conv2d.load(p.child(names.conv1), cin, cout, 3),

@@ -1,17 +1,17 @@
 /**
- * Params: a view of a weight file (a TensorSource) under a key prefix, as the models load themselves from it.
+ * WeightView: a view of a weight file (a TensorSource) under a key prefix, as the models load themselves from it.
  *
- * A module is handed `p = Params.root(src, 'first_stage_model').child('encoder')` and reads its own weights by
+ * A module is handed `p = WeightView.root(src, 'first_stage_model').child('encoder')` and reads its own weights by
  * their checkpoint names: `p.tensor('conv_in.weight', [ch, 3, 3, 3])`. Every read checks the shape exactly
  * (a config that does not fit the checkpoint fails at load, naming the key) and is recorded, so a loader can
  * ask which keys under its root nobody read (`unused()`) and refuse a checkpoint it only half understood.
  *
  * Arrays come back in the checkpoint's (PyTorch) layout as float32; tensors in the layout their layer asks for
- * (layout.ts): from a host copy (residency.ts) laid out that way already, else transposed once on the backend.
+ * (arrangement.ts): from a host copy (residency.ts) laid out that way already, else transposed once on the backend.
  */
 import * as tf from '../backend/tf.js';
 import { filledTensor } from '../backend/heap.js';
-import { laidOutShape, type Layout } from './arrangement.js';
+import { laidOutShape, type Arrangement } from './arrangement.js';
 import { HostTensors } from './residency.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 
@@ -25,7 +25,7 @@ export class ConfigError extends Error {
   override name = 'ConfigError';
 }
 
-export class Params {
+export class WeightView {
   private constructor(
     private readonly src: TensorSource,
     /** The full key prefix of this view, '' for the file's top level. */
@@ -36,13 +36,13 @@ export class Params {
   ) {}
 
   /** A view of `src` under `prefix` (e.g. 'model.diffusion_model'; '' for the whole file). */
-  static root(src: TensorSource, prefix: string): Params {
-    return new Params(src, prefix, prefix, new Set());
+  static root(src: TensorSource, prefix: string): WeightView {
+    return new WeightView(src, prefix, prefix, new Set());
   }
 
   /** The view one level down: `${prefix}.${name}`. */
-  child(name: string | number): Params {
-    return new Params(this.src, this.key(String(name)), this.rootPrefix, this.used);
+  child(name: string | number): WeightView {
+    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used);
   }
 
   /** The full checkpoint key of `name` under this view. */
@@ -55,21 +55,21 @@ export class Params {
   }
 
   /**
-   * `${prefix}.${name}` as a float32 tensor in `layout` (transposed, or one block of it): its checkpoint shape
+   * `${prefix}.${name}` as a float32 tensor in `arrangement` (transposed, or one block of it): its checkpoint shape
    * must equal `shape`.
    */
-  tensor(name: string, shape: readonly number[], layout: Layout = {}): tf.Tensor {
+  tensor(name: string, shape: readonly number[], arrangement: Arrangement = {}): tf.Tensor {
     const key = this.checked(name, shape);
-    const outShape = laidOutShape(shape, layout);
+    const outShape = laidOutShape(shape, arrangement);
     const src = this.src;
-    if (src instanceof HostTensors) return filledTensor(outShape, (out) => src.decodeInto(key, layout, out));
+    if (src instanceof HostTensors) return filledTensor(outShape, (out) => src.decodeInto(key, arrangement, out));
     return tf.tidy(() => {
       let t = tf.tensor(src.float32(key), [...shape], 'float32');
-      for (const { axis, index, count } of layout.parts ?? []) {
+      for (const { axis, index, count } of arrangement.parts ?? []) {
         const begin = t.shape.map((_, a) => (a === axis ? index * (t.shape[a] / count) : 0));
         t = tf.slice(t, begin, t.shape.map((d, a) => (a === axis ? d / count : d)));
       }
-      return layout.perm === undefined ? t : tf.transpose(t, [...layout.perm]);
+      return arrangement.perm === undefined ? t : tf.transpose(t, [...arrangement.perm]);
     });
   }
 

@@ -1,7 +1,7 @@
 /**
- * UNet configuration (CompVis `UNetModel` params of SD 1.x `v1-inference.yaml`) and the block layout it implies.
+ * UNet configuration (CompVis `UNetModel` params of SD 1.x `v1-inference.yaml`) and the block plan it implies.
  *
- * The layout is computed here once and shared by the loader (unet.ts) and expectedShapes (shapes.ts), so the
+ * The block plan is computed here once and shared by the loader (unet.ts) and expectedShapes (shapes.ts), so the
  * two cannot disagree about which block sits at `input_blocks.N` / `output_blocks.N`.
  */
 
@@ -105,7 +105,7 @@ export interface OutputBlockSpec {
   readonly upsample: boolean;
 }
 
-export interface UNetLayout {
+export interface UNetBlockPlan {
   readonly timeEmbedDim: number;
   readonly input: readonly InputBlockSpec[];
   readonly middleChannels: number;
@@ -113,7 +113,7 @@ export interface UNetLayout {
 }
 
 /** The block list of CompVis UNetModel.__init__, with the channel bookkeeping it does. */
-export function unetLayout(cfg: UNetConfig): UNetLayout {
+export function unetBlockPlan(cfg: UNetConfig): UNetBlockPlan {
   const input: InputBlockSpec[] = [{ kind: 'conv_in', cout: cfg.modelChannels }];
   const skipChannels = [cfg.modelChannels]; // `input_block_chans`: what each input block hands to the way up
   let ch = cfg.modelChannels;

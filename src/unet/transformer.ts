@@ -12,7 +12,7 @@
  */
 import * as kernels from '../backend/kernels.js';
 import * as tf from '../backend/tf.js';
-import type { Params } from '../nn/weight-view.js';
+import type { WeightView } from '../nn/weight-view.js';
 import { Conv2d, GroupNorm, LayerNorm, Linear, gelu } from '../nn/layers.js';
 import { attention } from '../nn/attention.js';
 import { prefixed, type Shapes } from './shapes.js';
@@ -27,7 +27,7 @@ class CrossAttention {
     private readonly heads: number,
   ) {}
 
-  static load(p: Params, dim: number, contextDim: number, heads: number): CrossAttention {
+  static load(p: WeightView, dim: number, contextDim: number, heads: number): CrossAttention {
     return new CrossAttention(
       Linear.load(p.child('to_q'), dim, dim, { bias: false }),
       Linear.load(p.child('to_k'), contextDim, dim, { bias: false }),
@@ -76,7 +76,7 @@ class FeedForward {
     private readonly out: Linear,
   ) {}
 
-  static load(p: Params, dim: number): FeedForward {
+  static load(p: WeightView, dim: number): FeedForward {
     const [value, gate] = Linear.loadBlocks(p.child('net.0.proj'), dim, dim * 4, 2);
     return new FeedForward(value, gate, Linear.load(p.child('net.2'), dim * 4, dim));
   }
@@ -122,7 +122,7 @@ class BasicTransformerBlock {
     private readonly ff: FeedForward,
   ) {}
 
-  static load(p: Params, dim: number, contextDim: number, heads: number): BasicTransformerBlock {
+  static load(p: WeightView, dim: number, contextDim: number, heads: number): BasicTransformerBlock {
     return new BasicTransformerBlock(
       LayerNorm.load(p.child('norm1'), dim),
       CrossAttention.load(p.child('attn1'), dim, dim, heads),
@@ -171,7 +171,7 @@ export class SpatialTransformer {
     private readonly projOut: Conv2d,
   ) {}
 
-  static load(p: Params, channels: number, heads: number, depth: number, contextDim: number): SpatialTransformer {
+  static load(p: WeightView, channels: number, heads: number, depth: number, contextDim: number): SpatialTransformer {
     const blocks = Array.from({ length: depth }, (_, d) =>
       BasicTransformerBlock.load(p.child('transformer_blocks').child(d), channels, contextDim, heads),
     );

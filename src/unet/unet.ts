@@ -17,10 +17,10 @@
  * of the checkpoint (its 3.4 GB in fp32 do not fit the 4 GiB heap) and laid out just before the block runs.
  */
 import * as tf from '../backend/tf.js';
-import { Params, checkCheckpoint } from '../nn/weight-view.js';
+import { WeightView, checkCheckpoint } from '../nn/weight-view.js';
 import { Conv2d, GroupNorm, Linear, silu, upsampleNearestTo } from '../nn/layers.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
-import { SD15_UNET, UNetError, unetLayout, validateConfig, type UNetConfig } from './config.js';
+import { SD15_UNET, UNetError, unetBlockPlan, validateConfig, type UNetConfig } from './config.js';
 import { OPENAI_RESNET, ResnetBlock } from '../nn/resnet.js';
 import { SpatialTransformer } from './transformer.js';
 import { timestepEmbedding } from './timestep.js';
@@ -33,7 +33,7 @@ interface Disposable {
 
 /** openaimodel.py ResBlock: GroupNorm32 (eps 1e-5), the time embedding added between the two convs. */
 const RES_EPS = 1e-5;
-const loadRes = (p: Params, cin: number, cout: number, emb: number): ResnetBlock =>
+const loadRes = (p: WeightView, cin: number, cout: number, emb: number): ResnetBlock =>
   ResnetBlock.load(p, cin, cout, { names: OPENAI_RESNET, eps: RES_EPS, timeChannels: emb });
 const resShapes = (cin: number, cout: number, emb: number): Shapes =>
   ResnetBlock.shapes(cin, cout, { names: OPENAI_RESNET, timeChannels: emb });
@@ -133,8 +133,8 @@ export interface UNetLoadOptions {
  * Builds every block of the UNet; each is a Held under `policy`, so a streamed block runs this code again at
  * every use. Blocks already built are disposed when a later one fails.
  */
-function loadBlocks(p: Params, config: UNetConfig, policy: ResidencyPolicy) {
-  const layout = unetLayout(config);
+function loadBlocks(p: WeightView, config: UNetConfig, policy: ResidencyPolicy) {
+  const layout = unetBlockPlan(config);
   const { numHeads: heads, transformerDepth: depth, contextDim } = config;
   const emb = layout.timeEmbedDim;
   const held: Held<Disposable>[] = [];
@@ -143,7 +143,7 @@ function loadBlocks(p: Params, config: UNetConfig, policy: ResidencyPolicy) {
     held.push(h);
     return h;
   };
-  const transformer = (q: Params, ch: number) => SpatialTransformer.load(q, ch, heads, depth, contextDim);
+  const transformer = (q: WeightView, ch: number) => SpatialTransformer.load(q, ch, heads, depth, contextDim);
   try {
     const timeEmbed = hold(() => new TimeEmbed(
       Linear.load(p.child('time_embed.0'), config.modelChannels, emb),
@@ -216,10 +216,10 @@ export class UNet {
       const expected = expectedShapes(config, prefix);
       checkCheckpoint(src, expected, prefix);
       const host = HostTensors.copy(src, expected.keys());
-      const b = loadBlocks(Params.root(host, prefix), config, policy);
+      const b = loadBlocks(WeightView.root(host, prefix), config, policy);
       return new UNet(config, policy, b.timeEmbed, b.input, b.middle, b.output, b.out, host);
     }
-    const p = Params.root(src, prefix);
+    const p = WeightView.root(src, prefix);
     const b = loadBlocks(p, config, policy);
     const unused = p.unused();
     if (unused.length > 0) {
@@ -288,7 +288,7 @@ export class UNet {
 /** Every checkpoint key UNet.load reads for cfg, with its PyTorch shape. */
 export function expectedShapes(cfg: UNetConfig = SD15_UNET, prefix = 'model.diffusion_model'): Map<string, number[]> {
   const config = validateConfig(cfg);
-  const layout = unetLayout(config);
+  const layout = unetBlockPlan(config);
   const emb = layout.timeEmbedDim;
   const { transformerDepth: depth, contextDim } = config;
   const conv = (cin: number, cout: number, k: number): Shapes => [['weight', [cout, cin, k, k]], ['bias', [cout]]];

@@ -14,7 +14,7 @@ import * as kernels from '../backend/kernels.js';
 import * as tf from '../backend/tf.js';
 import { attention } from '../nn/attention.js';
 import { Conv2d, GroupNorm, upsampleNearest2x } from '../nn/layers.js';
-import type { Params } from '../nn/weight-view.js';
+import type { WeightView } from '../nn/weight-view.js';
 import { COMPVIS_RESNET, ResnetBlock } from '../nn/resnet.js';
 import { VAE_GN_EPS } from './config.js';
 
@@ -25,7 +25,7 @@ export function replace(x: tf.Tensor4D, f: (x: tf.Tensor4D) => tf.Tensor4D): tf.
   return y;
 }
 
-export function loadResnet(p: Params, cin: number, cout: number): ResnetBlock {
+export function loadResnet(p: WeightView, cin: number, cout: number): ResnetBlock {
   return ResnetBlock.load(p, cin, cout, { names: COMPVIS_RESNET, eps: VAE_GN_EPS });
 }
 
@@ -38,7 +38,7 @@ export class AttnBlock {
     private readonly projOut: Conv2d,
   ) {}
 
-  static load(p: Params, c: number): AttnBlock {
+  static load(p: WeightView, c: number): AttnBlock {
     const conv = (name: string) => Conv2d.load(p.child(name), c, c, 1);
     return new AttnBlock(GroupNorm.load(p.child('norm'), c, { eps: VAE_GN_EPS }), conv('q'), conv('k'), conv('v'), conv('proj_out'));
   }
@@ -76,7 +76,7 @@ export class MidBlock {
     private readonly block2: ResnetBlock,
   ) {}
 
-  static load(p: Params, c: number): MidBlock {
+  static load(p: WeightView, c: number): MidBlock {
     return new MidBlock(loadResnet(p.child('block_1'), c, c), AttnBlock.load(p.child('attn_1'), c), loadResnet(p.child('block_2'), c, c));
   }
 
@@ -96,7 +96,7 @@ export class MidBlock {
 export class Downsample {
   private constructor(private readonly conv: Conv2d) {}
 
-  static load(p: Params, c: number): Downsample {
+  static load(p: WeightView, c: number): Downsample {
     return new Downsample(Conv2d.load(p.child('conv'), c, c, 3, { stride: 2, padding: [0, 1, 0, 1] }));
   }
 
@@ -112,7 +112,7 @@ export class Downsample {
 export class Upsample {
   private constructor(private readonly conv: Conv2d) {}
 
-  static load(p: Params, c: number): Upsample {
+  static load(p: WeightView, c: number): Upsample {
     return new Upsample(Conv2d.load(p.child('conv'), c, c, 3));
   }
 
@@ -152,7 +152,7 @@ export class Level {
     private readonly resample: Resample | null,
   ) {}
 
-  static load(p: Params, shape: LevelShape, loadResample: (() => Resample) | null): Level {
+  static load(p: WeightView, shape: LevelShape, loadResample: (() => Resample) | null): Level {
     const blocks: ResnetBlock[] = [];
     const attns: AttnBlock[] = [];
     for (let j = 0; j < shape.blocks; j++) {

@@ -10,7 +10,7 @@
  */
 import type * as tf from '../backend/tf.js';
 import { Conv2d, GroupNorm } from '../nn/layers.js';
-import type { Params } from '../nn/weight-view.js';
+import type { WeightView } from '../nn/weight-view.js';
 import { normSiluConv } from '../nn/resnet.js';
 import { Level, MidBlock, Upsample, replace } from './blocks.js';
 import { VAE_GN_EPS, levelResolution, type VaeConfig } from './config.js';
@@ -24,7 +24,7 @@ export class Decoder {
     private readonly convOut: Conv2d,
   ) {}
 
-  static load(p: Params, cfg: VaeConfig): Decoder {
+  static load(p: WeightView, cfg: VaeConfig): Decoder {
     const top = cfg.ch * cfg.chMult[cfg.chMult.length - 1];
     let cin = top;
     const levels: Level[] = [];

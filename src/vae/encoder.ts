@@ -10,7 +10,7 @@
  */
 import type * as tf from '../backend/tf.js';
 import { Conv2d, GroupNorm } from '../nn/layers.js';
-import type { Params } from '../nn/weight-view.js';
+import type { WeightView } from '../nn/weight-view.js';
 import { normSiluConv } from '../nn/resnet.js';
 import { Downsample, Level, MidBlock, replace } from './blocks.js';
 import { VAE_GN_EPS, levelResolution, type VaeConfig } from './config.js';
@@ -24,7 +24,7 @@ export class Encoder {
     private readonly convOut: Conv2d,
   ) {}
 
-  static load(p: Params, cfg: VaeConfig): Encoder {
+  static load(p: WeightView, cfg: VaeConfig): Encoder {
     let cin = cfg.ch;
     const levels = cfg.chMult.map((mult, i): Level => {
       const cout = cfg.ch * mult;

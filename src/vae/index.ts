@@ -9,7 +9,7 @@
  */
 import * as tf from '../backend/tf.js';
 import { Conv2d } from '../nn/layers.js';
-import { Params, checkCheckpoint } from '../nn/weight-view.js';
+import { WeightView, checkCheckpoint } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
 import { SD15_VAE, VAE_PREFIX, downsampleFactor, expectedShapes, type VaeConfig } from './config.js';
 import { Decoder } from './decoder.js';
@@ -32,7 +32,7 @@ export class Vae {
   /** Checks every key and shape under `prefix` against cfg, then loads. */
   static load(src: TensorSource, cfg: VaeConfig = SD15_VAE, prefix = VAE_PREFIX): Vae {
     checkCheckpoint(src, expectedShapes(cfg, prefix), prefix, { ignore: TRAINING_ONLY });
-    const p = Params.root(src, prefix);
+    const p = WeightView.root(src, prefix);
     return new Vae(
       cfg,
       Encoder.load(p.child('encoder'), cfg),
