@@ -14,13 +14,14 @@
  *                scalar draw, which is why a second small draw depends on what the first left behind.
  */
 import { Mt19937 } from './mt19937.js';
+import type { NoiseGenerator } from './noise.js';
 
 const TWO_POW_24 = 2 ** 24;
 const TWO_POW_32 = 2 ** 32;
 const TWO_POW_53 = 2 ** 53;
 const f32 = Math.fround;
 
-export class TorchGenerator {
+export class TorchGenerator implements NoiseGenerator {
   private readonly engine: Mt19937;
   /** The sin half of the last scalar Box-Muller pair (torch's `next_double_normal_sample_`). */
   private cachedNormal: number | null = null;
