@@ -8,7 +8,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import sharp from 'sharp';
 import type { CommandModule } from 'yargs';
 import { canny, CannyError, edgesToRgb } from '../../image/canny.js';
-import { encodePng, ImageError, type RgbImage } from '../../image/codec.js';
+import { ImageError, type RgbImage } from '../../image/codec.js';
 import { UsageError } from '../errors.js';
 
 interface Args {
@@ -40,7 +40,9 @@ export const cannyCommand: CommandModule<object, Args> = {
     } catch (e) {
       throw e instanceof CannyError ? new UsageError(e.message) : e;
     }
-    const png = await encodePng({ rgb: edgesToRgb(edges), width: image.width, height: image.height });
+    // sharp's default zlib level: codec.encodePng's level 9 with adaptive filtering takes over a second on a busy
+    // 1024x1024 edge map (~20x longer) for a file ~15% smaller.
+    const png = await sharp(edgesToRgb(edges), { raw: { width: image.width, height: image.height, channels: 3 } }).png().toBuffer();
     try {
       writeFileSync(args.output, png);
     } catch (e) {
