@@ -5,6 +5,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { isUserError } from './errors.js';
+import { cannyCommand } from './commands/canny.js';
 import { convertCommand } from './commands/convert.js';
 import { downloadCommand } from './commands/download.js';
 import { generateCommand } from './commands/generate.js';
@@ -28,6 +29,7 @@ export async function main(argv: string[] = hideBin(process.argv)): Promise<void
       .command(setupNativeCommand)
       .command(randomWeightsCommand)
       .command(parityCommand)
+      .command(cannyCommand)
       .demandCommand(1, 'name a command; `sd --help` lists them')
       .strict()
       .fail((msg, err, y) => {

@@ -11,11 +11,13 @@ const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
   tokenizer: () => import('./tokenizer.js'),
   'bad-weights': () => import('./bad-weights.js'),
   rng: () => import('./rng.js'),
+  'rng-philox': () => import('./rng-philox.js'),
   samplers: () => import('./samplers.js'),
   clip: () => import('./clip.js'),
   vae: () => import('./vae.js'),
   unet: () => import('./unet.js'),
   pipeline: () => import('./pipeline.js'),
+  canny: () => import('./canny.js'),
 };
 
 export const KNOWN_KINDS = Object.keys(RUNNERS);
