@@ -3,6 +3,8 @@
  * clean (ftfy-style fixes, HTML unescape, whitespace, lowercase) -> split by CLIP's pre-tokenizer regex ->
  * each piece's UTF-8 bytes in the byte alphabet -> BPE -> ids; then <|startoftext|>, at most 75 text
  * tokens, <|endoftext|>, padded to 77 with <|endoftext|> (49406 / 49407 in CLIP's vocabulary).
+ *
+ * SDXL's second tokenizer (for OpenCLIP ViT-bigG) is the same with padding id 0 (OPEN_CLIP_PAD_ID).
  */
 import { BytePairEncoder } from './bpe.js';
 import { toByteSymbols } from './bytes.js';
@@ -22,6 +24,19 @@ const PRE_TOKEN_RE = new RegExp(
 /** Text -> the pieces BPE sees, e.g. "it's a cat" -> ['it', "'s", 'a', 'cat']. */
 export function preTokenize(text: string): string[] {
   return Array.from(cleanText(text).matchAll(PRE_TOKEN_RE), (m) => m[0]);
+}
+
+/**
+ * The padding of `open_clip.tokenize`, which Stability's SDXL code uses for its second text encoder: the ids start
+ * as zeros, so everything after <|endoftext|> is 0 (the id of `!`). A `!` in the text is BPE-merged as usual
+ * (`!!` is one token). diffusers' `tokenizer_2` pads with 0 too but, taking `!` as its pad token, also turns every
+ * `!` of the text into a lone 0 (huggingface/diffusers#4153); we follow open_clip, which SDXL was trained with.
+ */
+export const OPEN_CLIP_PAD_ID = 0;
+
+export interface EncodeOptions {
+  /** The id after <|endoftext|> up to 77: <|endoftext|> itself by default; OPEN_CLIP_PAD_ID for SDXL's tokenizer 2. */
+  readonly padId?: number;
 }
 
 export class ClipTokenizer {
@@ -63,11 +78,11 @@ export class ClipTokenizer {
     return ids;
   }
 
-  /** The 77 ids the text encoder takes: start, up to 75 text tokens (the rest dropped), end, end-padding. */
-  encode(text: string): number[] {
+  /** The 77 ids the text encoder takes: start, up to 75 text tokens (the rest dropped), end, padding. */
+  encode(text: string, { padId = this.endId }: EncodeOptions = {}): number[] {
     const body = this.bpe(text).slice(0, this.contextLength - 2);
     const ids = [this.startId, ...body, this.endId];
-    while (ids.length < this.contextLength) ids.push(this.endId);
+    while (ids.length < this.contextLength) ids.push(padId);
     return ids;
   }
 }
