@@ -3,6 +3,7 @@
  * read on demand. Readers: safetensors.ts, ckpt.ts; `openWeights` in open.ts picks one.
  */
 import type { DType } from './dtypes.js';
+import { printable } from './printable.js';
 
 export interface TensorInfo {
   readonly dtype: DType;
@@ -23,7 +24,32 @@ export interface TensorSource {
   close(): void;
 }
 
-/** A weight file was refused or cannot be used: the message names the file and the problem. */
+/**
+ * A weight file was refused or cannot be used: the message names the file and the problem. Names in it come from
+ * the file, so the message is made printable (printable.ts): terminal escapes and bidi controls arrive escaped.
+ */
 export class WeightsError extends Error {
   override name = 'WeightsError';
+
+  constructor(message: string, options?: ErrorOptions) {
+    super(printable(message), options);
+  }
 }
+
+/**
+ * A weight file asks for more than a reader allows (a header, a pickle's objects, a tensor's bytes): `limit`
+ * names the bound and `max` is its value, both also in the message. Bounds are what real checkpoints need,
+ * with headroom, so a hostile file is refused in bounded time and memory instead of exhausting them.
+ */
+export class WeightsLimitError extends WeightsError {
+  constructor(
+    message: string,
+    readonly limit: string,
+    readonly max: number,
+  ) {
+    super(message);
+  }
+}
+
+/** A number in a message, with thousands separators: 16,777,216. */
+export const count = (n: number | bigint): string => n.toLocaleString('en-US');
