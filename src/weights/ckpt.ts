@@ -8,8 +8,9 @@
  * epoch) are left out. Only contiguous tensors are supported (every state dict torch.save writes has them).
  */
 import { DTYPE_BYTES, decodeToFloat32, isFloatDType, type DType } from './dtypes.js';
+import { checkTensorBytes } from './files.js';
 import { PickleDict, PickleGlobal, PickleObject, unpickle, type PickleHooks, type PickleValue } from './pickle.js';
-import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
+import { WeightsError, WeightsLimitError, count, type TensorInfo, type TensorSource } from './types.js';
 import { ZipArchive } from './zip.js';
 
 /** torch storage classes -> safetensors dtype names. */
@@ -20,8 +21,11 @@ const STORAGE_DTYPES: Readonly<Record<string, DType>> = {
 
 const ALLOWED_CALLS = new Set(['collections.OrderedDict', 'torch._utils._rebuild_tensor_v2', 'torch._utils._rebuild_parameter']);
 
-/** data.pkl of SD 1.x is ~1 MB; far more means this is not a state dict. */
-const MAX_PICKLE_BYTES = 256 * 1024 * 1024;
+/**
+ * data.pkl is read whole: 64 MiB at most. SD 1.x's is ~0.3-1 MB (~280 bytes a tensor); the 50,000 tensors the
+ * unpickler's bounds admit (pickle.ts, PICKLE_LIMITS) take ~15 MB.
+ */
+const MAX_PICKLE_BYTES = 64 * 1024 * 1024;
 
 class StorageRef extends PickleObject {
   constructor(
@@ -68,7 +72,13 @@ export class CkptFile implements TensorSource {
       const prefix = archivePrefix(zip);
       checkByteOrder(zip, prefix);
       const pkl = `${prefix}/data.pkl`;
-      if (zip.entry(pkl).size > MAX_PICKLE_BYTES) throw new WeightsError(`${path}: ${pkl} is ${zip.entry(pkl).size} bytes, too large for a state dict`);
+      if (zip.entry(pkl).size > MAX_PICKLE_BYTES) {
+        throw new WeightsLimitError(
+          `${path}: ${pkl} is ${count(zip.entry(pkl).size)} bytes, more than the ${count(MAX_PICKLE_BYTES)} a state dict's pickle may have`,
+          'pickle.fileBytes',
+          MAX_PICKLE_BYTES,
+        );
+      }
       const root = unpickle(zip.read(pkl), `${path}:${pkl}`, torchHooks(zip, prefix));
       return new CkptFile(path, zip, prefix, stateDictTensors(path, root));
     } catch (e) {
@@ -96,19 +106,20 @@ export class CkptFile implements TensorSource {
     const entry = `${this.prefix}/data/${t.storage.key}`;
     const begin = t.offset * item;
     const length = numel(t.shape) * item;
+    checkTensorBytes(this.path, key, length);
     if (begin === 0 && length === t.storage.numel * item) return this.zip.read(entry); // whole storage: CRC-checked
     if (!this.verified.has(entry)) {
-      const all = this.zip.read(entry);
+      this.zip.checkCrc(entry); // the whole storage, read in chunks, once
       this.verified.add(entry);
-      return all.slice(begin, begin + length);
     }
     return this.zip.read(entry, begin, length);
   }
 
   float32(key: string): Float32Array {
-    const dtype = this.tensor(key).storage.dtype;
-    if (!isFloatDType(dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${dtype}, not floating point`);
-    return decodeToFloat32(this.bytes(key), dtype);
+    const t = this.tensor(key);
+    if (!isFloatDType(t.storage.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${t.storage.dtype}, not floating point`);
+    checkTensorBytes(this.path, key, numel(t.shape) * 4, ' as float32');
+    return decodeToFloat32(this.bytes(key), t.storage.dtype);
   }
 
   close(): void {

@@ -16,8 +16,8 @@ import { closeSync, createReadStream, createWriteStream, fstatSync } from 'node:
 import { Readable, Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { crc32, createInflateRaw, deflateRawSync, inflateRawSync } from 'node:zlib';
-import { openOwned, readFully } from './files.js';
-import { WeightsError } from './types.js';
+import { MAX_TENSOR_BYTES, openOwned, readFully } from './files.js';
+import { WeightsError, WeightsLimitError, count } from './types.js';
 
 const SIG_LOCAL = 0x04034b50;
 const SIG_CENTRAL = 0x02014b50;
@@ -37,6 +37,13 @@ const METHOD_STORED = 0;
 const METHOD_DEFLATE = 8;
 /** readEntry's default cap on an entry's size: larger ones are streamed with extract() instead. */
 const MAX_ENTRY_BYTES = 256 * 1024 * 1024;
+/** How much of an entry checkCrc reads at a time. */
+const CRC_CHUNK = 16 * 1024 * 1024;
+/**
+ * The largest central directory read: 64 MiB, ~600,000 entries. An SD checkpoint's lists ~1,200 entries in
+ * ~120 KB, a TensorFlow wheel's ~20,000 in a few MB.
+ */
+const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
 
 export interface ZipEntry {
   readonly name: string;
@@ -80,20 +87,35 @@ export class ZipArchive {
    * checked, so a corrupted archive is refused instead of yielding wrong numbers.
    */
   read(name: string, offset = 0, length?: number): Uint8Array {
-    const e = this.entry(name);
-    if (e.method !== METHOD_STORED) {
-      throw new WeightsError(
-        `${this.path}: zip entry ${name} is compressed (method ${e.method}); only stored entries are supported, as torch.save writes them: re-save the checkpoint with torch.save or convert it to safetensors`,
-      );
-    }
+    const e = this.stored(name);
     const n = length ?? e.size - offset;
     if (offset < 0 || n < 0 || offset + n > e.size) {
       throw new WeightsError(`${this.path}: bytes [${offset}, ${offset + n}) are outside zip entry ${name} (${e.size} bytes)`);
+    }
+    if (n > MAX_TENSOR_BYTES) {
+      throw new WeightsLimitError(
+        `${this.path}: zip entry ${name}: ${count(n)} bytes are more than the ${count(MAX_TENSOR_BYTES)} read into memory at once`,
+        'tensorBytes',
+        MAX_TENSOR_BYTES,
+      );
     }
     const out = new Uint8Array(n);
     this.reader().readInto(out, e.dataOffset + offset);
     if (offset === 0 && n === e.size) this.verify(e, crc32(out), n);
     return out;
+  }
+
+  /** Checks a whole stored entry against its CRC-32, reading it in chunks: an entry of any size, in bounded memory. */
+  checkCrc(name: string): void {
+    const e = this.stored(name);
+    const chunk = new Uint8Array(Math.min(e.size, CRC_CHUNK));
+    let crc = 0;
+    for (let done = 0; done < e.size; done += chunk.byteLength) {
+      const part = chunk.subarray(0, Math.min(chunk.byteLength, e.size - done));
+      this.reader().readInto(part, e.dataOffset + done);
+      crc = crc32(part, crc);
+    }
+    this.verify(e, crc, e.size);
   }
 
   /** A whole stored or deflated entry, CRC- and size-checked; refused past `maxBytes` (a zip bomb cannot get past it). */
@@ -141,6 +163,17 @@ export class ZipArchive {
   private reader(): Reader {
     if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     return new Reader(this.path, this.fd);
+  }
+
+  /** The entry, when it is stored (method 0): what read() and checkCrc() take. */
+  private stored(name: string): ZipEntry {
+    const e = this.entry(name);
+    if (e.method !== METHOD_STORED) {
+      throw new WeightsError(
+        `${this.path}: zip entry ${name} is compressed (method ${e.method}); only stored entries are supported, as torch.save writes them: re-save the checkpoint with torch.save or convert it to safetensors`,
+      );
+    }
+    return e;
   }
 
   /** The entry, when its method is one readEntry and extract can decode. */
@@ -220,6 +253,13 @@ interface Directory {
 function readDirectory(r: Reader): Map<string, ZipEntry> {
   const dir = findCentralDirectory(r);
   if (dir.offset + dir.size > r.size) r.truncated(`a ${dir.size}-byte central directory at offset ${dir.offset}`);
+  if (dir.size > MAX_DIRECTORY_BYTES) {
+    throw new WeightsLimitError(
+      `${r.path}: zip central directory of ${count(dir.size)} bytes is more than the ${count(MAX_DIRECTORY_BYTES)} read (a checkpoint's is ~120 KB)`,
+      'zip.directoryBytes',
+      MAX_DIRECTORY_BYTES,
+    );
+  }
   const cd = r.view(dir.offset, dir.size);
   const entries = new Map<string, ZipEntry>();
   let pos = 0;
