@@ -4,15 +4,24 @@
  * then the tensor bytes, offsets relative to the end of the header.
  *
  * The reader validates everything before trusting it (lengths, JSON, dtypes, shape vs byte count, offsets in
- * range and not overlapping) and reads each tensor by offset, so multi-GB files never become one Buffer.
+ * range and not overlapping) and reads each tensor by offset, so multi-GB files never become one Buffer. The
+ * header is parsed strictly (safetensors-header.ts: no key twice, bounded nesting), never with JSON.parse.
  */
-import { closeSync, fstatSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, renameSync, rmSync } from 'node:fs';
 import { DTYPE_BYTES, decodeToFloat32, isDType, isFloatDType, type DType } from './dtypes.js';
-import { openOwned, readFully } from './files.js';
-import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
+import { checkTensorBytes, openOwned, readFully, writeFully } from './files.js';
+import { parseHeaderText, type RawEntry } from './safetensors-header.js';
+import { WeightsError, WeightsLimitError, count, type TensorInfo, type TensorSource } from './types.js';
 
-/** Headers of real checkpoints are a few hundred KB; anything past this is not a weight file. */
-const MAX_HEADER_BYTES = 100 * 1024 * 1024;
+/**
+ * The most header bytes read or written: 16 MiB. SD 1.x and SDXL headers are 50-300 KB (~110 bytes a tensor);
+ * a kohya LoRA's `__metadata__` (its training settings and `ss_tag_frequency`, the tag counts of its dataset)
+ * reaches a few MB for datasets of tens of thousands of images. 16 MiB holds ~150,000 tensor entries, or several
+ * times the metadata of a large LoRA, and parsing it builds ~110 MB at most. The reference reader allows
+ * 100,000,000 bytes; only trainings on hundreds of thousands of images write such metadata
+ * (kohya-ss/sd-scripts#1380), and such files are refused here.
+ */
+export const MAX_HEADER_BYTES = 16 * 2 ** 20;
 
 interface Entry extends TensorInfo {
   readonly begin: number;
@@ -29,7 +38,8 @@ export class SafetensorsFile implements TensorSource {
     fd: number,
     private readonly entries: ReadonlyMap<string, Entry>,
     private readonly dataStart: number,
-    readonly metadata: Readonly<Record<string, string>>,
+    /** `__metadata__`, in the order of the file. */
+    readonly metadata: ReadonlyMap<string, string>,
   ) {
     this.fd = fd;
   }
@@ -57,6 +67,7 @@ export class SafetensorsFile implements TensorSource {
   bytes(key: string): Uint8Array {
     const e = this.entry(key);
     if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
+    checkTensorBytes(this.path, key, e.end - e.begin);
     const out = new Uint8Array(e.end - e.begin);
     readAt(this.fd, out, this.dataStart + e.begin, this.path);
     return out;
@@ -65,6 +76,8 @@ export class SafetensorsFile implements TensorSource {
   float32(key: string): Float32Array {
     const e = this.entry(key);
     if (!isFloatDType(e.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${e.dtype}, not floating point`);
+    checkTensorBytes(this.path, key, e.end - e.begin);
+    checkTensorBytes(this.path, key, ((e.end - e.begin) / DTYPE_BYTES[e.dtype]) * 4, ' as float32');
     if (e.dtype === 'F32') {
       // Read straight into the result: no intermediate copy, so loading runs at the speed of the reads.
       if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
@@ -108,62 +121,51 @@ function parseHeader(path: string, fd: number) {
   if (headerLen > BigInt(size - 8)) {
     throw new WeightsError(`${path}: header length ${headerLen} is larger than the file (${size} bytes): not safetensors, or truncated`);
   }
-  if (headerLen > BigInt(MAX_HEADER_BYTES)) throw new WeightsError(`${path}: header of ${headerLen} bytes is implausibly large`);
+  if (headerLen > BigInt(MAX_HEADER_BYTES)) throw headerTooLarge(path, headerLen);
   const n = Number(headerLen);
   const headerBytes = new Uint8Array(n);
   readAt(fd, headerBytes, 8, path);
-  let header: unknown;
+  let text: string;
   try {
-    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(headerBytes));
-  } catch (e) {
-    throw new WeightsError(`${path}: header is not JSON (${e instanceof Error ? e.message : String(e)})`);
-  }
-  if (typeof header !== 'object' || header === null || Array.isArray(header)) {
-    throw new WeightsError(`${path}: header is not a JSON object`);
+    text = new TextDecoder('utf-8', { fatal: true }).decode(headerBytes);
+  } catch {
+    throw new WeightsError(`${path}: header is not JSON (not UTF-8)`);
   }
   const dataStart = 8 + n;
   const dataSize = size - dataStart;
-  const entries = new Map<string, Entry>();
-  let metadata: Record<string, string> = {};
-  for (const [name, raw] of Object.entries(header as Record<string, unknown>)) {
-    if (name === '__metadata__') {
-      metadata = parseMetadata(path, raw);
-      continue;
-    }
-    entries.set(name, parseEntry(path, name, raw, dataSize));
-  }
+  const { entries, metadata } = parseHeaderText(text, path, (name, raw) => parseEntry(path, name, raw, dataSize));
   checkNoOverlap(path, entries);
   return { entries, dataStart, metadata };
 }
 
-function parseMetadata(path: string, raw: unknown): Record<string, string> {
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new WeightsError(`${path}: __metadata__ is not an object`);
-  for (const [k, v] of Object.entries(raw)) {
-    if (typeof v !== 'string') throw new WeightsError(`${path}: __metadata__.${k} is not a string`);
-  }
-  return raw as Record<string, string>;
+function headerTooLarge(path: string, bytes: number | bigint): WeightsLimitError {
+  return new WeightsLimitError(
+    `${path}: header of ${count(bytes)} bytes is more than the ${count(MAX_HEADER_BYTES)} a safetensors header may have (real ones are under a few MB)`,
+    'safetensors.headerBytes',
+    MAX_HEADER_BYTES,
+  );
 }
 
-function parseEntry(path: string, name: string, raw: unknown, dataSize: number): Entry {
+function parseEntry(path: string, name: string, raw: RawEntry, dataSize: number): Entry {
   const where = `${path}: tensor ${name}`;
-  if (typeof raw !== 'object' || raw === null) throw new WeightsError(`${where}: entry is not an object`);
-  const { dtype, shape, data_offsets: offsets } = raw as Record<string, unknown>;
+  const { dtype, shape, offsets } = raw;
   if (!isDType(dtype)) throw new WeightsError(`${where}: unknown dtype ${JSON.stringify(dtype)}`);
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+  if (shape === undefined || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
     throw new WeightsError(`${where}: shape ${JSON.stringify(shape)} is not a list of non-negative integers`);
   }
-  if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((o) => Number.isSafeInteger(o) && o >= 0)) {
+  if (offsets === undefined || offsets.length !== 2 || !offsets.every((o) => Number.isSafeInteger(o) && o >= 0)) {
     throw new WeightsError(`${where}: data_offsets ${JSON.stringify(offsets)} is not [begin, end]`);
   }
-  const [begin, end] = offsets as [number, number];
+  const [begin, end] = offsets;
   if (begin > end || end > dataSize) {
     throw new WeightsError(`${where}: data_offsets [${begin}, ${end}] out of range (data section is ${dataSize} bytes)`);
   }
-  const want = (shape as number[]).reduce((a, d) => a * d, 1) * DTYPE_BYTES[dtype];
+  // A product past 2^53 rounds to at least 2^53, more than any data section: it cannot match by accident.
+  const want = shape.reduce((a, d) => a * d, 1) * DTYPE_BYTES[dtype];
   if (want !== end - begin) {
     throw new WeightsError(`${where}: shape [${shape.join(', ')}] of ${dtype} needs ${want} bytes, data_offsets give ${end - begin}`);
   }
-  return { dtype, shape: Object.freeze([...(shape as number[])]), begin, end };
+  return { dtype, shape: Object.freeze(shape), begin, end };
 }
 
 function checkNoOverlap(path: string, entries: ReadonlyMap<string, Entry>): void {
@@ -184,7 +186,9 @@ export interface TensorToWrite {
 
 /**
  * Write tensors as safetensors, in the given order, atomically (temp file, then rename). `dataOf` is asked
- * for one tensor's bytes at a time, so converting a large file never holds it whole.
+ * for one tensor's bytes at a time, so converting a large file never holds it whole. The header is written by
+ * hand, not from an object (where a tensor named `__proto__` would vanish), and read back before the rename:
+ * the file must list exactly the tensors given, or it is not written.
  */
 export function writeSafetensors(
   path: string,
@@ -192,35 +196,25 @@ export function writeSafetensors(
   dataOf: (name: string) => ArrayBufferView,
   metadata?: Readonly<Record<string, string>>,
 ): void {
-  const header: Record<string, unknown> = {};
-  if (metadata !== undefined && Object.keys(metadata).length > 0) header.__metadata__ = metadata;
-  let offset = 0;
-  for (const [name, info] of infos) {
-    if (name === '__metadata__') throw new WeightsError(`cannot write a tensor named __metadata__`);
-    const bytes = info.shape.reduce((a, d) => a * d, 1) * DTYPE_BYTES[info.dtype];
-    header[name] = { dtype: info.dtype, shape: info.shape, data_offsets: [offset, offset + bytes] };
-    offset += bytes;
-  }
-  let json = JSON.stringify(header);
-  // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
-  json += ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
-  const headerBytes = Buffer.from(json, 'utf-8');
+  const headerBytes = Buffer.from(headerJson(path, infos, metadata), 'utf-8');
+  if (headerBytes.byteLength > MAX_HEADER_BYTES) throw headerTooLarge(path, headerBytes.byteLength);
   const tmp = `${path}.tmp-${process.pid}`;
   const fd = openSync(tmp, 'w');
   try {
     const len = Buffer.alloc(8);
     len.writeBigUInt64LE(BigInt(headerBytes.byteLength));
-    writeSync(fd, len);
-    writeSync(fd, headerBytes);
+    writeFully(fd, len);
+    writeFully(fd, headerBytes);
     for (const [name, info] of infos) {
       const data = dataOf(name);
       const want = info.shape.reduce((a, d) => a * d, 1) * DTYPE_BYTES[info.dtype];
       if (data.byteLength !== want) {
         throw new WeightsError(`${name}: ${data.byteLength} bytes given, shape [${info.shape.join(', ')}] of ${info.dtype} needs ${want}`);
       }
-      writeSync(fd, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+      writeFully(fd, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
     }
     closeSync(fd);
+    checkWritten(path, tmp, infos);
     renameSync(tmp, path);
   } catch (e) {
     try {
@@ -230,5 +224,39 @@ export function writeSafetensors(
     }
     rmSync(tmp, { force: true });
     throw e;
+  }
+}
+
+/** `{"__metadata__": {...}, name: {dtype, shape, data_offsets}, ...}`, padded with spaces to a multiple of 8 bytes. */
+function headerJson(path: string, infos: ReadonlyArray<readonly [string, TensorInfo]>, metadata?: Readonly<Record<string, string>>): string {
+  const members: string[] = [];
+  if (metadata !== undefined && Object.keys(metadata).length > 0) members.push(`"__metadata__":${JSON.stringify(metadata)}`);
+  const names = new Set<string>();
+  let offset = 0;
+  for (const [name, info] of infos) {
+    if (name === '__metadata__') throw new WeightsError(`${path}: cannot write a tensor named __metadata__`);
+    if (names.has(name)) throw new WeightsError(`${path}: tensor ${name} is given twice`);
+    names.add(name);
+    const bytes = info.shape.reduce((a, d) => a * d, 1) * DTYPE_BYTES[info.dtype];
+    members.push(`${JSON.stringify(name)}:{"dtype":"${info.dtype}","shape":${JSON.stringify(info.shape)},"data_offsets":[${offset},${offset + bytes}]}`);
+    offset += bytes;
+  }
+  const json = `{${members.join(',')}}`;
+  // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
+  return json + ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
+}
+
+/** The written file lists every tensor given, and nothing else. */
+function checkWritten(path: string, tmp: string, infos: ReadonlyArray<readonly [string, TensorInfo]>): void {
+  const written = SafetensorsFile.open(tmp);
+  try {
+    const missing = infos.filter(([name]) => !written.has(name)).map(([name]) => name);
+    if (missing.length > 0 || written.keys().length !== infos.length) {
+      throw new WeightsError(
+        `${path}: the file written lists ${written.keys().length} tensors, not the ${infos.length} given${missing.length > 0 ? ` (missing ${missing.slice(0, 3).join(', ')})` : ''}; nothing was written`,
+      );
+    }
+  } finally {
+    written.close();
   }
 }
