@@ -6,7 +6,7 @@
  *
  * Opcodes: https://github.com/python/cpython/blob/main/Lib/pickletools.py (names and argument encodings).
  */
-import { WeightsError } from './types.js';
+import { WeightsError, WeightsLimitError, count } from './types.js';
 
 /** A value built by the caller's hooks (a storage, a tensor). */
 export abstract class PickleObject {
@@ -68,9 +68,57 @@ const OPCODE_NAMES: Readonly<Record<number, string>> = {
 
 const MAX_PROTOCOL = 5;
 
+/**
+ * What unpickling one state dict may build. torch.save's data.pkl builds per tensor ~12 objects (its name, tuples
+ * for the storage id, size, stride and arguments, the rebuilt tensor and storage) and ~10 memo entries, and an
+ * OrderedDict's `_metadata` adds ~4 objects per module: ~2.2 KB of heap a tensor by the estimate below. SD 1.5
+ * has ~1,150 tensors, SDXL ~2,500, a kohya LoRA ~1,000; these bounds admit ~50,000 (20x SDXL), and refuse a
+ * pickle that builds an object a byte (24 MB of EMPTY_DICT would be 6 GB of dicts) within 128 MiB and a second.
+ */
+export const PICKLE_LIMITS = Object.freeze({
+  /** Values with a heap object of their own: strings, tuples, lists, dicts, globals and what the hooks build. */
+  objects: 2_000_000,
+  /** Their estimated heap (HEAP_COST), dict items, list elements and memo entries included. */
+  heapBytes: 128 * 2 ** 20,
+  memoEntries: 1_000_000,
+  /** Values and marks on the stack at once; pickle writes dict items in batches of 1,000. */
+  stack: 1_000_000,
+  /** One string: tensor names are under 200 bytes; this leaves room for text a trainer stores. */
+  stringBytes: 4 * 2 ** 20,
+  /** GLOBAL's module and name: Python identifiers (`torch._utils`, `_rebuild_tensor_v2`). */
+  globalNameBytes: 1024,
+});
+
+/** What each bound counts, for messages. */
+const LIMIT_UNITS: Readonly<Record<keyof typeof PICKLE_LIMITS, string>> = {
+  objects: 'objects',
+  heapBytes: 'bytes of objects (estimated heap)',
+  memoEntries: 'memo entries',
+  stack: 'values and marks on the stack at once',
+  stringBytes: 'bytes in one string',
+  globalNameBytes: 'bytes in one global name',
+};
+
+/** Estimated V8 heap of what the unpickler builds, in bytes (measured on Node 20, rounded up). */
+const HEAP_COST = {
+  dict: 240, // PickleDict and its empty Map
+  sequence: 48, // a list or tuple, plus 16 an element
+  element: 16,
+  item: 48, // one entry of a dict's Map
+  string: 32, // plus 2 a UTF-16 code unit
+  number: 24, // a boxed float or bigint
+  object: 240, // a global or what a hook built (a tensor, a storage, an OrderedDict)
+  memo: 48,
+} as const;
+
 /** Unpickle `data` (the bytes of `where`, e.g. `model.ckpt:archive/data.pkl`) into plain values. */
 export function unpickle(data: Uint8Array, where: string, hooks: PickleHooks): PickleValue {
   return new Unpickler(data, where, hooks).run();
+}
+
+/** PROTO 2-5, then a known opcode: how a bare pickle (the legacy torch.save format) starts. */
+export function looksLikePickle(head: Uint8Array): boolean {
+  return head.length >= 3 && head[0] === 0x80 && head[1] >= 2 && head[1] <= MAX_PROTOCOL && Object.hasOwn(OPCODE_NAMES, head[2]);
 }
 
 class Unpickler {
@@ -79,6 +127,8 @@ class Unpickler {
   private readonly marks: number[] = [];
   private readonly memo = new Map<number, PickleValue>();
   private readonly view: DataView;
+  private objects = 0;
+  private heapBytes = 0;
 
   constructor(
     private readonly data: Uint8Array,
@@ -107,25 +157,25 @@ class Unpickler {
     switch (op) {
       case 0x80: return this.proto(); // PROTO
       case 0x95: return void this.take(8); // FRAME: a length prefix for buffered reading; nothing to do
-      case 0x28: return void this.marks.push(this.stack.length); // MARK
+      case 0x28: return this.mark(); // MARK
       case 0x30: return void this.pop(); // POP
-      case 0x7d: return this.push(new PickleDict()); // EMPTY_DICT
+      case 0x7d: return this.push(this.built(new PickleDict(), HEAP_COST.dict)); // EMPTY_DICT
       case 0x64: return this.push(this.dictOf(this.popMark())); // DICT
-      case 0x5d: return this.push([]); // EMPTY_LIST
-      case 0x6c: return this.push(this.popMark()); // LIST
-      case 0x29: return this.push(tuple([])); // EMPTY_TUPLE
-      case 0x74: return this.push(tuple(this.popMark())); // TUPLE
-      case 0x85: return this.push(tuple(this.popN(1))); // TUPLE1
-      case 0x86: return this.push(tuple(this.popN(2))); // TUPLE2
-      case 0x87: return this.push(tuple(this.popN(3))); // TUPLE3
+      case 0x5d: return this.push(this.sequence([])); // EMPTY_LIST
+      case 0x6c: return this.push(this.sequence(this.popMark())); // LIST
+      case 0x29: return this.push(this.sequence(tuple([]))); // EMPTY_TUPLE
+      case 0x74: return this.push(this.sequence(tuple(this.popMark()))); // TUPLE
+      case 0x85: return this.push(this.sequence(tuple(this.popN(1)))); // TUPLE1
+      case 0x86: return this.push(this.sequence(tuple(this.popN(2)))); // TUPLE2
+      case 0x87: return this.push(this.sequence(tuple(this.popN(3)))); // TUPLE3
       case 0x4e: return this.push(null); // NONE
       case 0x88: return this.push(true); // NEWTRUE
       case 0x89: return this.push(false); // NEWFALSE
       case 0x4a: return this.push(this.view.getInt32(this.take(4), true)); // BININT
       case 0x4b: return this.push(this.data[this.take(1)]); // BININT1
       case 0x4d: return this.push(this.view.getUint16(this.take(2), true)); // BININT2
-      case 0x8a: return this.push(this.long(this.data[this.take(1)])); // LONG1
-      case 0x47: return this.push(this.view.getFloat64(this.take(8), false)); // BINFLOAT (big-endian)
+      case 0x8a: return this.push(this.built(this.long(this.data[this.take(1)]), HEAP_COST.number)); // LONG1
+      case 0x47: return this.push(this.built(this.view.getFloat64(this.take(8), false), HEAP_COST.number)); // BINFLOAT (big-endian)
       case 0x58: return this.push(this.text(this.view.getUint32(this.take(4), true))); // BINUNICODE
       case 0x8c: return this.push(this.text(this.data[this.take(1)])); // SHORT_BINUNICODE
       case 0x71: return this.put(this.data[this.take(1)]); // BINPUT
@@ -137,7 +187,7 @@ class Unpickler {
       case 0x93: return this.stackGlobal(); // STACK_GLOBAL
       case 0x52: return this.reduce(); // REDUCE
       case 0x81: return this.reduce(); // NEWOBJ: cls.__new__(cls, *args), the same call for the allowed classes
-      case 0x51: return this.push(this.hooks.persistentLoad(this.pop())); // BINPERSID
+      case 0x51: return this.push(this.built(this.hooks.persistentLoad(this.pop()), HEAP_COST.object)); // BINPERSID
       case 0x73: return this.setItems(this.popN(2)); // SETITEM
       case 0x75: return this.setItems(this.popMark()); // SETITEMS
       case 0x61: return this.append(this.popN(1)); // APPEND
@@ -154,6 +204,27 @@ class Unpickler {
     return new WeightsError(`${this.where}: ${msg}`);
   }
 
+  private limit(key: keyof typeof PICKLE_LIMITS): WeightsLimitError {
+    const max = PICKLE_LIMITS[key];
+    return new WeightsLimitError(
+      `${this.where}: pickle builds more than the ${count(max)} ${LIMIT_UNITS[key]} a state dict needs (at byte ${count(this.pos)}): refused, it is not a torch state dict or it is a hostile one`,
+      `pickle.${key}`,
+      max,
+    );
+  }
+
+  /** Counts `bytes` of estimated heap (and one object when `object`) against PICKLE_LIMITS; returns `v`. */
+  private built<T>(v: T, bytes: number, object = true): T {
+    this.heapBytes += bytes;
+    if (this.heapBytes > PICKLE_LIMITS.heapBytes) throw this.limit('heapBytes');
+    if (object && ++this.objects > PICKLE_LIMITS.objects) throw this.limit('objects');
+    return v;
+  }
+
+  private sequence(values: PickleValue[]): PickleValue[] {
+    return this.built(values, HEAP_COST.sequence + HEAP_COST.element * values.length);
+  }
+
   /** Reserve n argument bytes; returns where they start. */
   private take(n: number): number {
     const at = this.pos;
@@ -168,6 +239,7 @@ class Unpickler {
   }
 
   private push(v: PickleValue): void {
+    if (this.stack.length + this.marks.length >= PICKLE_LIMITS.stack) throw this.limit('stack');
     this.stack.push(v);
   }
 
@@ -193,22 +265,31 @@ class Unpickler {
     return this.stack[this.stack.length - 1];
   }
 
+  private mark(): void {
+    if (this.stack.length + this.marks.length >= PICKLE_LIMITS.stack) throw this.limit('stack');
+    this.marks.push(this.stack.length);
+  }
+
   private text(n: number): string {
+    if (n > PICKLE_LIMITS.stringBytes) throw this.limit('stringBytes');
     const at = this.take(n);
+    let s: string;
     try {
-      return new TextDecoder('utf-8', { fatal: true }).decode(this.data.subarray(at, at + n));
+      s = new TextDecoder('utf-8', { fatal: true }).decode(this.data.subarray(at, at + n));
     } catch {
       throw this.error(`string at byte ${at} is not UTF-8: malformed pickle`);
     }
+    return this.built(s, HEAP_COST.string + 2 * s.length);
   }
 
   /** GLOBAL's two arguments: newline-terminated ASCII. */
   private line(): string {
     const end = this.data.indexOf(0x0a, this.pos);
     if (end < 0) throw this.error(`GLOBAL argument at byte ${this.pos} has no newline: the pickle is truncated`);
+    if (end - this.pos > PICKLE_LIMITS.globalNameBytes) throw this.limit('globalNameBytes');
     const s = new TextDecoder('latin1').decode(this.data.subarray(this.pos, end));
     this.pos = end + 1;
-    return s;
+    return this.built(s, HEAP_COST.string + 2 * s.length);
   }
 
   /** Two's complement little-endian integer of n bytes. */
@@ -221,7 +302,12 @@ class Unpickler {
   }
 
   private put(index: number): void {
-    this.memo.set(index, this.top());
+    const v = this.top();
+    if (!this.memo.has(index)) {
+      if (this.memo.size >= PICKLE_LIMITS.memoEntries) throw this.limit('memoEntries');
+      this.built(null, HEAP_COST.memo, false);
+    }
+    this.memo.set(index, v);
   }
 
   private get(index: number): void {
@@ -235,7 +321,7 @@ class Unpickler {
         `refusing pickle global ${module}.${name}: only torch state-dict globals are allowed (the file may be malicious, or holds more than weights; convert it to safetensors with a trusted tool)`,
       );
     }
-    return new PickleGlobal(module, name);
+    return this.built(new PickleGlobal(module, name), HEAP_COST.object);
   }
 
   private stackGlobal(): void {
@@ -249,11 +335,11 @@ class Unpickler {
     const fn = this.pop();
     if (!(fn instanceof PickleGlobal)) throw this.error(`call of a non-global (${describe(fn)}) at byte ${this.pos - 1}: malformed pickle`);
     if (!Array.isArray(args)) throw this.error(`call of ${fn.describe()} with arguments that are not a tuple: malformed pickle`);
-    this.push(this.hooks.call(fn, args));
+    this.push(this.built(this.hooks.call(fn, args), HEAP_COST.object));
   }
 
   private dictOf(items: PickleValue[]): PickleDict {
-    const d = new PickleDict();
+    const d = this.built(new PickleDict(), HEAP_COST.dict);
     this.fill(d, items);
     return d;
   }
@@ -271,6 +357,7 @@ class Unpickler {
       if (typeof k !== 'string' && typeof k !== 'number' && typeof k !== 'bigint') {
         throw this.error(`dict key ${describe(k)} is not a string or integer: not a state dict`);
       }
+      if (!d.items.has(k)) this.built(null, HEAP_COST.item, false);
       d.items.set(k, items[i + 1]);
     }
   }
@@ -278,6 +365,7 @@ class Unpickler {
   private append(values: PickleValue[]): void {
     const list = this.top();
     if (!Array.isArray(list) || Object.isFrozen(list)) throw this.error(`APPEND(S) on ${describe(list)}, not a list: malformed pickle`);
+    this.built(null, HEAP_COST.element * values.length, false);
     for (const v of values) list.push(v);
   }
 
