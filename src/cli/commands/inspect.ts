@@ -2,6 +2,7 @@
 import type { CommandModule } from 'yargs';
 import { openWeights } from '../../weights/open.js';
 import { summarizeWeights, type WeightsSummary } from '../../weights/inspect.js';
+import { printable } from '../../weights/printable.js';
 
 interface Args {
   path: string;
@@ -30,13 +31,15 @@ const count = (n: number) => n.toLocaleString('en-US');
 export function formatSummary(path: string, s: WeightsSummary, withTensors: boolean): string {
   const lines: string[] = [];
   if (withTensors) {
-    const width = Math.max(0, ...s.tensors.map((t) => t.name.length));
-    for (const t of s.tensors) lines.push(`${t.name.padEnd(width)}  ${t.dtype.padEnd(4)}  [${t.shape.join(', ')}]`);
+    // Names come from the file: escaped, so none can move the cursor or reverse the text after it.
+    const names = s.tensors.map((t) => printable(t.name));
+    const width = names.reduce((w, n) => Math.max(w, n.length), 0); // a loop: a file may hold more names than a call takes arguments
+    s.tensors.forEach((t, i) => lines.push(`${names[i].padEnd(width)}  ${t.dtype.padEnd(4)}  [${t.shape.join(', ')}]`));
     lines.push('');
   }
   const dtypes = Object.entries(s.dtypes).map(([d, n]) => `${n} ${d}`).join(', ');
   lines.push(
-    `file:       ${path}`,
+    `file:       ${printable(path)}`,
     `format:     ${s.format}`,
     `layout:     ${s.layout}${s.layout === 'diffusers' && s.format === 'diffusers-folder' ? ' (shown under the original single-file names)' : ''}`,
     `tensors:    ${s.tensors.length} (${dtypes})`,
