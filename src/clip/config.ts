@@ -1,8 +1,8 @@
 /**
- * The CLIP text encoder's configuration: SD 1.x uses OpenAI CLIP ViT-L/14's text tower, and every key it reads
- * from a checkpoint with its PyTorch shape (for config-vs-checkpoint checks and generated weights).
+ * The CLIP text encoder's configuration: SD 1.x uses OpenAI CLIP ViT-L/14's text tower; SDXL that one and
+ * OpenCLIP ViT-bigG/14's, whose pooled feature it projects.
  */
-import { ConfigError } from '../nn/weight-view.js';
+import { ConfigError } from '../nn/errors.js';
 
 export interface ClipConfig {
   readonly vocabSize: number; // byte-level BPE vocabulary incl. <|startoftext|>, <|endoftext|>
@@ -12,7 +12,9 @@ export interface ClipConfig {
   readonly contextLength: number; // token positions: 75 text tokens + start + end
   readonly mlpWidth: number; // 4 * width in CLIP
   readonly layerNormEps: number;
-  readonly act: 'quick_gelu' | 'gelu'; // OpenAI CLIP was trained with QuickGELU
+  readonly act: 'quick_gelu' | 'gelu'; // OpenAI CLIP was trained with QuickGELU, OpenCLIP with the exact GELU
+  /** Width of the text projection of the pooled feature (open_clip `text_projection`); absent: none is loaded. */
+  readonly projectionDim?: number;
 }
 
 /** CLIP ViT-L/14 text encoder, as in every SD 1.x checkpoint. */
@@ -27,8 +29,21 @@ export const SD15_CLIP: ClipConfig = Object.freeze({
   act: 'quick_gelu',
 });
 
-/** Where the text encoder lives in an original single-file SD 1.x checkpoint. */
-export const CLIP_PREFIX = 'cond_stage_model.transformer.text_model';
+/** SDXL's first text encoder: the same CLIP ViT-L/14 (its pooled feature is not used). */
+export const SDXL_CLIP_L: ClipConfig = SD15_CLIP;
+
+/** SDXL's second text encoder: OpenCLIP ViT-bigG/14's text tower (laion2b), 694M parameters. */
+export const SDXL_CLIP_G: ClipConfig = Object.freeze({
+  vocabSize: 49408,
+  width: 1280,
+  layers: 32,
+  heads: 20,
+  contextLength: 77,
+  mlpWidth: 5120,
+  layerNormEps: 1e-5,
+  act: 'gelu',
+  projectionDim: 1280,
+});
 
 function positiveInt(json: Record<string, unknown>, field: string, fallback?: number): number {
   const v = json[field] ?? fallback;
@@ -39,8 +54,8 @@ function positiveInt(json: Record<string, unknown>, field: string, fallback?: nu
 }
 
 /**
- * The fixtures' config format `{vocab, width, layers, heads, ctx, mlp?, act?, layer_norm_eps?}` -> ClipConfig.
- * mlp defaults to 4 * width, act to quick_gelu, layer_norm_eps to 1e-5.
+ * The fixtures' config format `{vocab, width, layers, heads, ctx, mlp?, act?, layer_norm_eps?, projection_dim?}`
+ * -> ClipConfig. mlp defaults to 4 * width, act to quick_gelu, layer_norm_eps to 1e-5; no projection_dim, no projection.
  */
 export function clipConfigFromLdm(json: unknown): ClipConfig {
   if (typeof json !== 'object' || json === null) throw new ConfigError('clip config: expected a JSON object');
@@ -63,32 +78,6 @@ export function clipConfigFromLdm(json: unknown): ClipConfig {
     mlpWidth: positiveInt(j, 'mlp', 4 * width),
     layerNormEps: eps,
     act,
+    ...(j.projection_dim === undefined ? {} : { projectionDim: positiveInt(j, 'projection_dim') }),
   });
-}
-
-/** Every checkpoint key the encoder reads, with its PyTorch shape. (`embeddings.position_ids`, an int64 buffer, is not read.) */
-export function expectedShapes(cfg: ClipConfig = SD15_CLIP, prefix = CLIP_PREFIX): Map<string, number[]> {
-  const w = cfg.width;
-  const m = new Map<string, number[]>();
-  const at = (name: string) => (prefix === '' ? name : `${prefix}.${name}`);
-  m.set(at('embeddings.token_embedding.weight'), [cfg.vocabSize, w]);
-  m.set(at('embeddings.position_embedding.weight'), [cfg.contextLength, w]);
-  for (let i = 0; i < cfg.layers; i++) {
-    const l = `encoder.layers.${i}`;
-    for (const proj of ['q_proj', 'k_proj', 'v_proj', 'out_proj']) {
-      m.set(at(`${l}.self_attn.${proj}.weight`), [w, w]);
-      m.set(at(`${l}.self_attn.${proj}.bias`), [w]);
-    }
-    for (const ln of ['layer_norm1', 'layer_norm2']) {
-      m.set(at(`${l}.${ln}.weight`), [w]);
-      m.set(at(`${l}.${ln}.bias`), [w]);
-    }
-    m.set(at(`${l}.mlp.fc1.weight`), [cfg.mlpWidth, w]);
-    m.set(at(`${l}.mlp.fc1.bias`), [cfg.mlpWidth]);
-    m.set(at(`${l}.mlp.fc2.weight`), [w, cfg.mlpWidth]);
-    m.set(at(`${l}.mlp.fc2.bias`), [w]);
-  }
-  m.set(at('final_layer_norm.weight'), [w]);
-  m.set(at('final_layer_norm.bias'), [w]);
-  return m;
 }

@@ -2,14 +2,16 @@
  * One CLIP text transformer layer (HF CLIPEncoderLayer), pre-LayerNorm:
  *   h = x + out_proj(causal self-attention(layer_norm1(x)))      q/k/v/out projections with biases, 1/sqrt(d) scale
  *   y = h + fc2(act(fc1(layer_norm2(h))))                          act: QuickGELU in OpenAI CLIP
- * x, y: [B, N, width].
- * Weights: `encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}.*`.
+ * x, y: [B, N, width]. open_clip's ResidualAttentionBlock is the same layer (exact GELU in ViT-bigG).
+ * Weights (names.ts): `encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}.*`
+ * (HF), `transformer.resblocks.{i}.{ln_1, attn.in_proj (q; k; v), attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}` (open_clip).
  */
 import * as tf from '../backend/tf.js';
 import { attention } from '../nn/attention.js';
 import { LayerNorm, Linear, gelu, quickGelu } from '../nn/layers.js';
 import type { WeightView } from '../nn/weight-view.js';
 import type { ClipConfig } from './config.js';
+import { HF_CLIP_NAMES, type ClipLayerNames } from './names.js';
 
 export class ClipEncoderLayer {
   private constructor(
@@ -25,21 +27,24 @@ export class ClipEncoderLayer {
     private readonly fc2: Linear,
   ) {}
 
-  static load(p: WeightView, cfg: ClipConfig): ClipEncoderLayer {
+  static load(p: WeightView, cfg: ClipConfig, names: ClipLayerNames = HF_CLIP_NAMES.layer): ClipEncoderLayer {
     const w = cfg.width;
     const eps = { eps: cfg.layerNormEps };
-    const attn = p.child('self_attn');
+    const { qkv } = names;
+    const layerNorm1 = LayerNorm.load(p.child(names.layerNorm1), w, eps);
+    const [q, k, v] =
+      'packed' in qkv ? Linear.loadBlocks(p.child(qkv.packed), w, w, 3) : qkv.map((name) => Linear.load(p.child(name), w, w));
     return new ClipEncoderLayer(
       cfg.heads,
       cfg.act,
-      LayerNorm.load(p.child('layer_norm1'), w, eps),
-      Linear.load(attn.child('q_proj'), w, w),
-      Linear.load(attn.child('k_proj'), w, w),
-      Linear.load(attn.child('v_proj'), w, w),
-      Linear.load(attn.child('out_proj'), w, w),
-      LayerNorm.load(p.child('layer_norm2'), w, eps),
-      Linear.load(p.child('mlp').child('fc1'), w, cfg.mlpWidth),
-      Linear.load(p.child('mlp').child('fc2'), cfg.mlpWidth, w),
+      layerNorm1,
+      q,
+      k,
+      v,
+      Linear.load(p.child(names.outProj), w, w),
+      LayerNorm.load(p.child(names.layerNorm2), w, eps),
+      Linear.load(p.child(names.fc1), w, cfg.mlpWidth),
+      Linear.load(p.child(names.fc2), cfg.mlpWidth, w),
     );
   }
 
