@@ -49,7 +49,7 @@ const OTHER_ADAPTERS: ReadonlyArray<readonly [RegExp, string]> = [
   [/\.lokr_/, 'LoKr (LyCORIS)'],
   [/\.lora_mid\./, 'LoCon with a CP decomposition (lora_mid)'],
   [/\.dora_scale$/, 'DoRA (dora_scale)'],
-  [/\.(diff|diff_b|bias)$/, 'full weight differences (diff)'],
+  [/\.(diff|diff_b)$/, 'full weight differences (diff, diff_b)'],
 ];
 
 function formatOf(src: TensorSource): LoraFormat {
