@@ -127,11 +127,13 @@ say('text encoder');
 let t0 = performance.now();
 const clip = ClipTextEncoder.load(src, SD15_CLIP);
 const clipLoad = (performance.now() - t0) / 1000;
-const context = clip.forward(ids);
+const encoded = clip.forward(ids);
+encoded.penultimate.dispose();
+const context = encoded.hidden;
 const textEncode = await time('text encode (batch 2)', args.runs, async () => {
   const y = clip.forward(ids);
-  await y.data();
-  y.dispose();
+  await y.hidden.data();
+  tf.dispose([y.hidden, y.penultimate]);
 });
 clip.dispose();
 
@@ -143,7 +145,7 @@ const unetHostBytes = unet.hostBytes;
 say(`UNet weights ${unet.residency}${unet.residency === 'streamed' ? ` from ${(unetHostBytes / 1e9).toFixed(2)} GB of host memory` : ''}`);
 const x = tf.randomNormal([2, 64, 64, 4]) as tf.Tensor4D;
 const unetStep = await time('UNet CFG step (batch 2, 64x64)', args.runs, async () => {
-  const y = unet.forward(x, [500, 500], context);
+  const y = unet.forward(x, [500, 500], { context });
   await y.data();
   y.dispose();
 });

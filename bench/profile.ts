@@ -77,7 +77,7 @@ if (args.part === 'unet') {
   const x = tf.randomNormal([2, 64, 64, 4]) as tf.Tensor4D;
   const context = tf.randomNormal([2, 77, 768]) as tf.Tensor3D;
   run = async () => {
-    const y = unet.forward(x, [500, 500], context);
+    const y = unet.forward(x, [500, 500], { context });
     await y.data();
     y.dispose();
   };

@@ -6,7 +6,8 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
-import { attention, AttentionError, slicePlan, type AttentionOptions } from '../src/nn/attention.js';
+import { attention, slicePlan, type AttentionOptions } from '../src/nn/attention.js';
+import { ShapeError } from '../src/nn/errors.js';
 import { maxRelError } from '../src/parity/compare.js';
 
 beforeAll(async () => {
@@ -157,7 +158,7 @@ describe('attention equals softmax(q k^T / sqrt(d)) v', () => {
   it('refuses shapes that do not fit, saying which', () => {
     const q = tf.zeros([1, 4, 6]) as tf.Tensor3D;
     const k = tf.zeros([1, 3, 6]) as tf.Tensor3D;
-    expect(() => attention(q, q, q, 4)).toThrow(AttentionError);
+    expect(() => attention(q, q, q, 4)).toThrow(ShapeError);
     expect(() => attention(q, k, q, 2)).toThrow(/same number of tokens/);
     expect(() => attention(q, k, k, 2, { causal: true })).toThrow(/causal/);
     tf.dispose([q, k]);

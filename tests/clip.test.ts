@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
-import { ClipTextEncoder, SD15_CLIP, clipConfigFromLdm, expectedShapes, type ClipConfig } from '../src/clip/index.js';
+import { ClipTextEncoder, SD15_CLIP, clipConfigFromLdm, expectedShapes, type ClipConfig, type ClipTextOutput } from '../src/clip/index.js';
 import { ConfigError, ShapeError } from '../src/nn/weight-view.js';
 import { maxRelError } from '../src/parity/compare.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
@@ -58,19 +58,22 @@ describe('clip config', () => {
   });
 });
 
+/** Every tensor of an encoder output. */
+const all = (o: ClipTextOutput): tf.Tensor[] => [o.hidden, o.penultimate, ...(o.pooled === undefined ? [] : [o.pooled])];
+
 describe('clip forward matches the reference', () => {
   for (const [name, clipSkip] of [['last_hidden_state', 1], ['penultimate_hidden_state', 2]] as const) {
     it(`${name} (clip skip ${clipSkip}), each prompt`, () => {
-      const out = encoder.forward(ids, clipSkip);
-      expect(out.shape).toEqual([2, 77, 32]);
-      const got = out.dataSync();
+      const out = encoder.forward(ids, { clipSkip });
+      expect(out.hidden.shape).toEqual([2, 77, 32]);
+      const got = out.hidden.dataSync();
       const want = io.float32(name);
       const per = 77 * 32;
       for (let i = 0; i < 2; i++) {
         const err = maxRelError(got.subarray(i * per, (i + 1) * per), want.subarray(i * per, (i + 1) * per));
         expect(err).toBeLessThanOrEqual(fixture.tolerance);
       }
-      out.dispose();
+      tf.dispose(all(out));
     });
   }
 
@@ -78,26 +81,52 @@ describe('clip forward matches the reference', () => {
     expect(maxRelError(io.float32('last_hidden_state'), io.float32('penultimate_hidden_state'))).toBeGreaterThan(0.1);
   });
 
+  it('penultimate is the layer before the last, before the final LayerNorm (clip skip 2 is it normed)', () => {
+    const out = encoder.forward(ids);
+    const skip2 = encoder.forward(ids, { clipSkip: 2 });
+    expect(maxRelError(skip2.hidden.dataSync(), io.float32('penultimate_hidden_state'))).toBeLessThanOrEqual(fixture.tolerance);
+    expect(maxRelError(out.penultimate.dataSync(), skip2.hidden.dataSync())).toBeGreaterThan(1e-3); // not normed yet
+    expect(maxRelError(skip2.penultimate.dataSync(), out.penultimate.dataSync())).toBe(0); // the same layer either way
+    tf.dispose([...all(out), ...all(skip2)]);
+  });
+
+  it('pooled is the last hidden state at each text\'s first end token (the highest id)', () => {
+    const out = encoder.forward(ids, { pooled: true });
+    expect(out.pooled?.shape).toEqual([2, 32]);
+    const idv = ids.dataSync();
+    const want = io.float32('last_hidden_state');
+    const pooled = (out.pooled as tf.Tensor2D).dataSync();
+    for (let b = 0; b < 2; b++) {
+      const row = Array.from(idv.subarray(b * 77, (b + 1) * 77));
+      const at = row.indexOf(Math.max(...row));
+      const expected = want.subarray((b * 77 + at) * 32, (b * 77 + at + 1) * 32);
+      expect(maxRelError(pooled.subarray(b * 32, (b + 1) * 32), expected)).toBeLessThanOrEqual(fixture.tolerance);
+    }
+    expect(encoder.forward(ids).pooled).toBeUndefined();
+    tf.dispose(all(out));
+  });
+
   it('a shorter sequence gives the same prefix (causal attention: later tokens do not leak back)', () => {
     const short = tf.slice(ids, [0, 0], [2, 10]);
     const a = encoder.forward(short);
-    const b = tf.tidy(() => tf.slice(encoder.forward(ids), [0, 0, 0], [2, 10, 32]));
-    expect(maxRelError(a.dataSync(), b.dataSync())).toBeLessThan(1e-5);
-    tf.dispose([short, a, b]);
+    const full = encoder.forward(ids);
+    const b = tf.slice(full.hidden, [0, 0, 0], [2, 10, 32]);
+    expect(maxRelError(a.hidden.dataSync(), b.dataSync())).toBeLessThan(1e-5);
+    tf.dispose([short, ...all(a), ...all(full), b]);
   });
 
   it('rejects a bad clipSkip or sequence length', () => {
-    expect(() => encoder.forward(ids, 0)).toThrow(/clipSkip/);
-    expect(() => encoder.forward(ids, 4)).toThrow(/clipSkip/);
+    expect(() => encoder.forward(ids, { clipSkip: 0 })).toThrow(/clipSkip/);
+    expect(() => encoder.forward(ids, { clipSkip: 4 })).toThrow(/clipSkip/);
     const long = tf.zeros([1, 78], 'int32') as tf.Tensor2D;
     expect(() => encoder.forward(long)).toThrow(/\[batch, 1\.\.77\]/);
     long.dispose();
   });
 
   it('leaks no tensors across repeated forwards', () => {
-    encoder.forward(ids).dispose();
+    tf.dispose(all(encoder.forward(ids)));
     const before = tf.memory().numTensors;
-    for (let i = 0; i < 3; i++) encoder.forward(ids, 1 + (i % 2)).dispose();
+    for (let i = 0; i < 3; i++) tf.dispose(all(encoder.forward(ids, { clipSkip: 1 + (i % 2), pooled: i === 2 })));
     expect(tf.memory().numTensors).toBe(before);
   });
 });

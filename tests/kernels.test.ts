@@ -1,8 +1,9 @@
 /**
  * The native kernels (native/kernels.c through src/backend/kernels.ts), where `sd setup-native` has built them
  * (skipped otherwise, with the reason). Each layer is loaded twice from the same weights, once for TensorFlow.js ops
- * (SD_KERNELS=0) and once for the kernels (SD_KERNELS=1, which uses them on the cpu backend these tests run on),
- * and the two must agree; then the model fixtures must pass their parity checks with every layer on the kernels.
+ * and once for the kernels (WeightView's `native`; they run on the cpu backend these tests use), and the two must
+ * agree; then the model fixtures must pass their parity checks with every layer on the kernels (SD_KERNELS=1).
+ * Whole blocks on the kernels: tests/native-blocks.test.ts.
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -11,6 +12,7 @@ import { maxRelError } from '../src/parity/compare.js';
 import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/nn/attention.js';
 import { initBackend } from '../src/backend/select.js';
+import * as kernels from '../src/backend/kernels.js';
 import { kernelsPath, kernelsProblem, kernelsSourceHash, winogradFits } from '../src/backend/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
 import { WeightView } from '../src/nn/weight-view.js';
@@ -30,16 +32,15 @@ const problem = buildProblem();
 const built = problem === null;
 if (!built) console.warn(`skipping the native kernel tests: ${problem}; run \`sd setup-native\``);
 
-/** Runs `make` with the kernels off and on; returns both results as arrays. */
-function bothWays(make: () => tf.Tensor): { tfjs: Float32Array; native: Float32Array } {
-  const run = (flag: string) => {
-    process.env.SD_KERNELS = flag;
-    const t = make();
+/** Runs `make` for layers loaded for TensorFlow ops and for the kernels; returns both results as arrays. */
+function bothWays(make: (native: boolean) => tf.Tensor): { tfjs: Float32Array; native: Float32Array } {
+  const run = (native: boolean) => {
+    const t = make(native);
     const values = t.dataSync() as Float32Array;
     t.dispose();
     return values;
   };
-  return { tfjs: run('0'), native: run('1') };
+  return { tfjs: run(false), native: run(true) };
 }
 
 describe.runIf(built)('native kernels', () => {
@@ -66,9 +67,10 @@ describe.runIf(built)('native kernels', () => {
     ['3x3 from 4 channels (conv_in)', 4, 32, 3, 1, 'same-as-torch', 8, 8],
   ];
   it.each(convCases)('Conv2d %s matches the tfjs conv', (_name, cin, cout, k, stride, padding, h, w) => {
-    const p = WeightView.root(source({ 'c.weight': [cout, cin, k, k], 'c.bias': [cout] }), '');
+    const src = source({ 'c.weight': [cout, cin, k, k], 'c.bias': [cout] });
     const x = tf.tensor4d(rand(2 * h * w * cin), [2, h, w, cin]);
-    const { tfjs, native } = bothWays(() => {
+    const { tfjs, native } = bothWays((onKernels) => {
+      const p = WeightView.root(src, '', { native: onKernels });
       const conv = Conv2d.load(p.child('c'), cin, cout, k, { stride, padding });
       const y = conv.apply(x);
       conv.dispose();
@@ -97,9 +99,10 @@ describe.runIf(built)('native kernels', () => {
   ];
   it.each(linearCases)('Linear %s matches the tfjs matMul', (_name, shape, out, bias) => {
     const inF = shape[shape.length - 1];
-    const p = WeightView.root(source({ 'l.weight': [out, inF], 'l.bias': [out] }), '');
+    const src = source({ 'l.weight': [out, inF], 'l.bias': [out] });
     const x = tf.tensor(rand(shape.reduce((a, b) => a * b, 1)), shape);
-    const { tfjs, native } = bothWays(() => {
+    const { tfjs, native } = bothWays((onKernels) => {
+      const p = WeightView.root(src, '', { native: onKernels });
       const l = Linear.load(p.child('l'), inF, out, { bias });
       const y = l.apply(x);
       l.dispose();
@@ -110,9 +113,10 @@ describe.runIf(built)('native kernels', () => {
   });
 
   it.each([false, true])('GroupNorm (then SiLU: %s) matches the tfjs ops', (withSilu) => {
-    const p = WeightView.root(source({ 'n.weight': [64], 'n.bias': [64] }), '');
+    const src = source({ 'n.weight': [64], 'n.bias': [64] });
     const x = tf.tidy(() => tf.add(tf.mul(tf.tensor4d(rand(2 * 9 * 11 * 64), [2, 9, 11, 64]), 6), 2) as tf.Tensor4D);
-    const { tfjs, native } = bothWays(() => {
+    const { tfjs, native } = bothWays((onKernels) => {
+      const p = WeightView.root(src, '', { native: onKernels });
       const n = GroupNorm.load(p.child('n'), 64, { eps: 1e-6 });
       const y = withSilu ? n.applySilu(x) : n.apply(x);
       n.dispose();
@@ -131,28 +135,9 @@ describe.runIf(built)('native kernels', () => {
     const q = tf.tensor3d(rand(b * nq * heads * d), [b, nq, heads * d]);
     const k = tf.tensor3d(rand(b * nk * heads * d).map((v) => v * 4), [b, nk, heads * d]);
     const v = tf.tensor3d(rand(b * nk * heads * d), [b, nk, heads * d]);
-    const { tfjs, native } = bothWays(() => attention(q, k, v, heads));
+    const { tfjs, native } = bothWays((onKernels) => (onKernels ? kernels.attention(q, k, v, heads) : attention(q, k, v, heads)));
     expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
     tf.dispose([q, k, v]);
-  });
-
-  it.each([
-    ['with a time embedding and a 1x1 shortcut (UNet input_blocks.3.0, 32 -> 64)', 'input_blocks.3.0', 32, 64],
-    ['without a shortcut (UNet input_blocks.1.0, 32 -> 32)', 'input_blocks.1.0', 32, 32],
-  ])('ResnetBlock on the host end to end %s matches the tfjs ops', (_name, prefix, cin, cout) => {
-    const src = SafetensorsFile.open('tests/fixtures/unet/weights.safetensors');
-    const p = WeightView.root(src, `model.diffusion_model.${prefix}`);
-    const x = tf.tensor4d(rand(2 * 5 * 6 * cin), [2, 5, 6, cin]);
-    const t = tf.tensor2d(rand(2 * 128), [2, 128]);
-    const { tfjs, native } = bothWays(() => {
-      const block = ResnetBlock.load(p, cin, cout, { names: OPENAI_RESNET, eps: 1e-5, timeChannels: 128 });
-      const y = block.apply(x, t);
-      block.dispose();
-      return y;
-    });
-    src.close();
-    expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
-    tf.dispose([x, t]);
   });
 
   it('layers on the kernels leave no tensors behind', () => {

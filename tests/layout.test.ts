@@ -8,6 +8,7 @@ import { copyBlock } from '../src/backend/strided.js';
 import { HostTensors } from '../src/nn/residency.js';
 import { decodeToFloat32, encodeFloat16, type DType } from '../src/weights/dtypes.js';
 import type { TensorSource } from '../src/weights/types.js';
+import { ShapeError } from '../src/nn/errors.js';
 
 const strides = (shape: readonly number[]) => shape.map((_, a) => shape.slice(a + 1).reduce((x, y) => x * y, 1));
 const count = (shape: readonly number[]) => shape.reduce((x, y) => x * y, 1);
@@ -132,7 +133,7 @@ describe('HostTensors.decodeInto', () => {
     host.decodeInto('w32', { perm: [1, 0] }, new Float32Array(48));
     expect(() => host.decodeInto('w32', {}, new Float32Array(48))).toThrow(/another/);
     expect(() => host.float32('w32')).toThrow(/rearranged/);
-    expect(() => host.decodeInto('w32', { perm: [1, 0] }, new Float32Array(47))).toThrow(RangeError);
+    expect(() => host.decodeInto('w32', { perm: [1, 0] }, new Float32Array(47))).toThrow(ShapeError);
   });
 });
 

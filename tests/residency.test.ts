@@ -39,7 +39,7 @@ function forward(unet: UNet): Float32Array {
   const y = tf.tidy(() => {
     const x = tf.transpose(tf.tensor4d(io.float32('x'), [b, c, h, w]), [0, 2, 3, 1]) as tf.Tensor4D;
     const context = tf.tensor3d(io.float32('context'), [b, n, d]);
-    return tf.transpose(unet.forward(x, Array.from(io.float32('timesteps')), context), [0, 3, 1, 2]);
+    return tf.transpose(unet.forward(x, Array.from(io.float32('timesteps')), { context }), [0, 3, 1, 2]);
   });
   const out = y.dataSync() as Float32Array;
   y.dispose();

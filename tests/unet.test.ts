@@ -7,13 +7,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
-import { ShapeError } from '../src/nn/weight-view.js';
+import { ConfigError, ShapeError } from '../src/nn/errors.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { WeightsError } from '../src/weights/types.js';
 import { run } from '../src/parity/unet.js';
 import { maxRelError } from '../src/parity/compare.js';
 import {
-  SD15_UNET, UNet, UNetError, expectedShapes, timestepEmbedding, unetConfigFromLdm, type LdmUNetParams, type UNetConfig,
+  SD15_UNET, UNet, expectedShapes, timestepEmbedding, unetConfigFromLdm, type LdmUNetParams, type UNetConfig,
 } from '../src/unet/index.js';
 
 const DIR = 'tests/fixtures/unet';
@@ -67,8 +67,8 @@ describe('UNet against the CompVis fixture', () => {
     const x = latents(2, 16, 16, 1);
     const ctx = contexts(2, 2);
     const before = tf.memory().numTensors;
-    unet.forward(x, [981, 1.5], ctx).dispose();
-    tf.tidy(() => unet.forward(x, 500, ctx)).dispose();
+    unet.forward(x, [981, 1.5], { context: ctx }).dispose();
+    tf.tidy(() => unet.forward(x, 500, { context: ctx })).dispose();
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([x, ctx]);
 
@@ -83,7 +83,7 @@ describe('latent sizes', () => {
     const x = latents(1, 60, 80, 3);
     const ctx = contexts(1, 4);
     const before = tf.memory().numTensors;
-    const out = unet.forward(x, 700, ctx);
+    const out = unet.forward(x, 700, { context: ctx });
     expect(out.shape).toEqual([1, 60, 80, cfg.outChannels]);
     const data = out.dataSync();
     expect(data.every(Number.isFinite)).toBe(true);
@@ -98,10 +98,10 @@ describe('latent sizes', () => {
     // the concat. The reference for a batch is the same call per item: classifier-free guidance relies on it.
     const x = latents(2, 18, 26, 5);
     const ctx = contexts(2, 6);
-    const both = unet.forward(x, [10, 900], ctx);
+    const both = unet.forward(x, [10, 900], { context: ctx });
     expect(both.shape).toEqual([2, 18, 26, cfg.outChannels]);
     for (const [i, t] of [[0, 10], [1, 900]]) {
-      const alone = tf.tidy(() => unet.forward(tf.slice(x, [i, 0, 0, 0], [1, -1, -1, -1]), t, tf.slice(ctx, [i, 0, 0], [1, -1, -1])));
+      const alone = tf.tidy(() => unet.forward(tf.slice(x, [i, 0, 0, 0], [1, -1, -1, -1]), t, { context: tf.slice(ctx, [i, 0, 0], [1, -1, -1]) }));
       const fromBatch = tf.slice(both, [i, 0, 0, 0], [1, -1, -1, -1]);
       expect(maxRelError(fromBatch.dataSync(), alone.dataSync())).toBeLessThan(1e-5);
       tf.dispose([alone, fromBatch]);
@@ -112,10 +112,10 @@ describe('latent sizes', () => {
   it('refuses inputs that do not fit, saying what was expected', () => {
     const x = latents(2, 8, 8, 7);
     const ctx = contexts(1, 8);
-    expect(() => unet.forward(x, 1, ctx)).toThrow(UNetError);
+    expect(() => unet.forward(x, 1, { context: ctx })).toThrow(ShapeError);
     const ctx2 = contexts(2, 9);
-    expect(() => unet.forward(x, [1, 2, 3], ctx2)).toThrow(/2 finite numbers/);
-    expect(() => unet.forward(x, [1, Number.NaN], ctx2)).toThrow(UNetError);
+    expect(() => unet.forward(x, [1, 2, 3], { context: ctx2 })).toThrow(/2 finite numbers/);
+    expect(() => unet.forward(x, [1, Number.NaN], { context: ctx2 })).toThrow(ShapeError);
     tf.dispose([x, ctx, ctx2]);
   });
 });
@@ -136,9 +136,29 @@ describe('timestep embedding', () => {
 describe('config and checkpoint shapes', () => {
   it('translates LDM params; missing ones are SD 1.5', () => {
     expect(unetConfigFromLdm({})).toEqual(SD15_UNET);
-    expect(cfg).toMatchObject({ modelChannels: 32, channelMult: [1, 2, 2], attentionResolutions: [1, 2], numHeads: 2, contextDim: 32 });
-    expect(() => unetConfigFromLdm({ num_head_channels: 64 })).toThrow(UNetError);
+    // attention_resolutions [1, 2] over 3 levels: transformers at the two top levels
+    expect(cfg).toMatchObject({ modelChannels: 32, channelMult: [1, 2, 2], transformerDepth: [1, 1, 0], heads: { count: 2 }, contextDim: 32 });
+    expect(cfg).toMatchObject({ middleTransformerDepth: 1, projection: 'conv', addedEmbeddingDim: 0 });
     expect(() => unetConfigFromLdm({ model_channels: 40 })).toThrow(/multiple of 32/);
+    expect(() => unetConfigFromLdm({ model_channels: 40 })).toThrow(ConfigError);
+    expect(() => unetConfigFromLdm({ num_heads: 7 })).toThrow(/does not split into 7 heads/);
+    expect(() => unetConfigFromLdm({ num_classes: 1000 })).toThrow(/num_classes/);
+  });
+
+  it('translates sgm (SDXL) params: per-level depth, head width, linear projections, label_emb', () => {
+    const xl = unetConfigFromLdm({
+      adm_in_channels: 2816, num_classes: 'sequential', in_channels: 4, out_channels: 4, model_channels: 320,
+      attention_resolutions: [4, 2], num_res_blocks: 2, channel_mult: [1, 2, 4], num_head_channels: 64,
+      use_linear_in_transformer: true, transformer_depth: [1, 2, 10], context_dim: 2048,
+    });
+    expect(xl).toMatchObject({ transformerDepth: [0, 2, 10], middleTransformerDepth: 10, heads: { width: 64 }, projection: 'linear', addedEmbeddingDim: 2816 });
+    const shapes = expectedShapes(xl);
+    const params = [...shapes.values()].reduce((n, s) => n + s.reduce((a, d) => a * d, 1), 0);
+    expect(params).toBe(2_567_463_684); // SDXL base 1.0's UNet
+    expect(shapes.get('model.diffusion_model.label_emb.0.0.weight')).toEqual([1280, 2816]);
+    expect(shapes.get('model.diffusion_model.input_blocks.4.1.proj_in.weight')).toEqual([640, 640]); // a Linear
+    expect(shapes.has('model.diffusion_model.input_blocks.1.1.norm.weight')).toBe(false); // no attention at level 0
+    expect(shapes.has('model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.bias')).toBe(true);
   });
 
   it('names the 686 tensors and 859,520,964 parameters of the SD 1.5 UNet', () => {
@@ -154,6 +174,6 @@ describe('config and checkpoint shapes', () => {
   it('refuses a checkpoint the config does not describe', () => {
     expect(() => UNet.load(weights, { ...cfg, contextDim: 48 })).toThrow(ShapeError);
     // fewer transformers than the file has: their weights would be silently ignored
-    expect(() => UNet.load(weights, { ...cfg, attentionResolutions: [1] })).toThrow(WeightsError);
+    expect(() => UNet.load(weights, { ...cfg, transformerDepth: [1, 0, 0] })).toThrow(WeightsError);
   });
 });

@@ -15,6 +15,7 @@
  */
 
 import { rowMajorStrides } from '../backend/strided.js';
+import { ShapeError } from './errors.js';
 
 export interface Part {
   readonly axis: number;
@@ -34,7 +35,7 @@ export function laidOutShape(shape: readonly number[], arrangement: Arrangement)
   for (const { axis, index, count } of arrangement.parts ?? []) {
     const fits = Number.isInteger(axis) && axis >= 0 && axis < shape.length && !seen.has(axis);
     if (!fits || !Number.isInteger(count) || count < 1 || !Number.isInteger(index) || index < 0 || index >= count || shape[axis] % count !== 0) {
-      throw new RangeError(`arrangement part ${index} of ${count} does not cut axis ${axis} of [${shape.join(', ')}] into equal blocks`);
+      throw new ShapeError(`arrangement part ${index} of ${count} does not cut axis ${axis} of [${shape.join(', ')}] into equal blocks`);
     }
     seen.add(axis);
     block[axis] = shape[axis] / count;
@@ -42,7 +43,7 @@ export function laidOutShape(shape: readonly number[], arrangement: Arrangement)
   const perm = arrangement.perm ?? block.map((_, i) => i);
   const sorted = [...perm].sort((a, b) => a - b);
   if (perm.length !== block.length || sorted.some((v, i) => v !== i)) {
-    throw new RangeError(`arrangement perm [${perm.join(', ')}] is not a permutation of the ${block.length} axes of [${shape.join(', ')}]`);
+    throw new ShapeError(`arrangement perm [${perm.join(', ')}] is not a permutation of the ${block.length} axes of [${shape.join(', ')}]`);
   }
   return perm.map((a) => block[a]);
 }

@@ -11,11 +11,11 @@
  * elsewhere when a head's scores are large: on tensorflow, SD's 64x64 self-attention (16 heads of 4096x4096)
  * runs ~2x faster as one 2-D matMul per head than as batched matMuls over all heads (~1.8 s vs ~3.7 s a call,
  * measured side by side on a busy 2-core EPYC).
- * With the native kernels (src/backend/kernels.ts) non-causal attention is one flash-style call instead: tiles of
- * scores in cache, an online softmax, nothing [Nq, Nk] ever allocated.
+ * Blocks loaded for the native kernels do not come here: their attention is one flash-style call of the kernels
+ * (backend/native-blocks.ts), with tiles of scores in cache, an online softmax, nothing [Nq, Nk] ever allocated.
  */
-import * as kernels from '../backend/kernels.js';
 import * as tf from '../backend/tf.js';
+import { ShapeError } from './errors.js';
 
 export interface AttentionOptions {
   /** Mask keys after the query's own position (CLIP's causal self-attention). Needs Nq == Nk. */
@@ -24,10 +24,6 @@ export interface AttentionOptions {
   readonly maxScoreBytes?: number;
   /** One head per matMul with K pre-transposed; default: on wasm, and elsewhere for heads of >= 1 Mi scores. */
   readonly perHead?: boolean;
-}
-
-export class AttentionError extends Error {
-  override name = 'AttentionError';
 }
 
 /**
@@ -67,7 +63,6 @@ export function attention(
   const [b, nq, c] = q.shape;
   const nk = k.shape[1];
   checkShapes(q, k, v, heads, opts.causal === true);
-  if (opts.causal !== true && kernels.useKernels()) return kernels.attention(q, k, v, heads);
   const d = c / heads;
   const perHead = opts.perHead ?? (tf.getBackend() === 'wasm' || nq * nk >= PER_HEAD_MIN_SCORES);
   const plan = slicePlan(b * heads, nq, nk, opts.maxScoreBytes ?? DEFAULT_MAX_SCORE_BYTES, perHead);
@@ -93,7 +88,7 @@ export function attention(
 function checkShapes(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads: number, causal: boolean): void {
   const [b, nq, c] = q.shape;
   const fail = (why: string) => {
-    throw new AttentionError(`attention: ${why} (q [${q.shape}], k [${k.shape}], v [${v.shape}], heads ${heads})`);
+    throw new ShapeError(`attention: ${why} (q [${q.shape}], k [${k.shape}], v [${v.shape}], heads ${heads})`);
   };
   if (!Number.isInteger(heads) || heads < 1 || c % heads !== 0) fail(`channels ${c} must split into ${heads} equal heads`);
   if (k.shape[0] !== b || v.shape[0] !== b) fail('q, k and v must have the same batch size');

@@ -13,6 +13,7 @@
 import * as tf from '../backend/tf.js';
 import * as kernels from '../backend/kernels.js';
 import type { WeightView } from './weight-view.js';
+import { ConfigError } from './errors.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
 function own<T extends tf.Tensor>(make: () => T): T {
@@ -78,7 +79,7 @@ export class Linear {
   ): Linear[] {
     const rows = outFeatures * count;
     const blocks = Array.from({ length: count }, (_, index) => index);
-    if (kernels.useKernels()) {
+    if (p.native) {
       const w = p.array('weight', [rows, inFeatures]);
       const b = bias ? p.array('bias', [rows]) : null;
       const size = outFeatures * inFeatures;
@@ -105,9 +106,10 @@ export class Linear {
   }
 
   /** x W + b (+ residual) on the host: [..., in] -> [..., out]. Only for a layer loaded for the native kernels. */
-  applyHost(x: kernels.Host, residual?: kernels.Host): kernels.Host {
+  applyHost(x: kernels.Host, extras: kernels.ConvExtras = {}): kernels.Host {
     if (!('panels' in this.run)) throw new Error('Linear.applyHost: this layer was loaded for TensorFlow ops');
-    return kernels.linearHost(x, this.run, residual);
+    if (extras.imageBias !== undefined) throw new Error('Linear.applyHost: a per-image bias is a conv epilogue only');
+    return kernels.linearHost(x, this.run, extras.residual);
   }
 
   apply<T extends tf.Tensor>(x: T): T {
@@ -176,7 +178,7 @@ export class Conv2d {
     { stride = 1, padding = 'same-as-torch', splits }: { stride?: number; padding?: ConvPadding; splits?: number } = {},
   ): Conv2d {
     const pad = padSides(padding, kernel);
-    if (kernels.useKernels()) {
+    if (p.native) {
       const geometry = { kernel, stride, pad };
       const format = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
       const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, format, p.array('bias', [cout]));
@@ -238,12 +240,12 @@ export class GroupNorm {
 
   static load(p: WeightView, channels: number, { groups = 32, eps }: { groups?: number; eps: number }): GroupNorm {
     if (channels % groups !== 0) {
-      throw new RangeError(`${p.prefix}: GroupNorm over ${channels} channels cannot make ${groups} equal groups`);
+      throw new ConfigError(`${p.prefix}: GroupNorm over ${channels} channels cannot make ${groups} equal groups`);
     }
     const gamma = p.array('weight', [channels]);
     const beta = p.array('bias', [channels]);
     return new GroupNorm(
-      own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), groups, eps, kernels.useKernels() ? { gamma, beta } : null,
+      own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), groups, eps, p.native ? { gamma, beta } : null,
     );
   }
 
@@ -309,7 +311,7 @@ export class LayerNorm {
   static load(p: WeightView, dim: number, { eps = 1e-5 }: { eps?: number } = {}): LayerNorm {
     const gamma = p.array('weight', [dim]);
     const beta = p.array('bias', [dim]);
-    return new LayerNorm(own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), eps, kernels.useKernels() ? { gamma, beta } : null);
+    return new LayerNorm(own(() => tf.tensor1d(gamma)), own(() => tf.tensor1d(beta)), eps, p.native ? { gamma, beta } : null);
   }
 
   /** LayerNorm on the host. Native layers only. */

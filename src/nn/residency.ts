@@ -17,6 +17,7 @@ import * as tf from '../backend/tf.js';
 import { DTYPE_BYTES, decodeInto, decodeToFloat32, isFloatDType } from '../weights/dtypes.js';
 import { arrange, blockIndex, laidOutShape, type Arrangement } from './arrangement.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
+import { ShapeError } from './errors.js';
 
 export type ResidencyPolicy = 'resident' | 'streamed';
 
@@ -131,7 +132,7 @@ export class HostTensors implements TensorSource {
     const t = this.entry(key);
     const dtype = this.floatDType(key, t);
     const size = laidOutShape(t.shape, arrangement).reduce((a, b) => a * b, 1); // throws on a arrangement that does not fit
-    if (out.length !== size) throw new RangeError(`${this.path}: tensor ${key} in this arrangement has ${size} values, not ${out.length}`);
+    if (out.length !== size) throw new ShapeError(`${this.path}: tensor ${key} in this arrangement has ${size} values, not ${out.length}`);
     const perm = arrangement.perm ?? t.shape.map((_, i) => i);
     const parts = arrangement.parts ?? [];
     const splits = parts.map(({ axis, count }) => ({ axis, count }));

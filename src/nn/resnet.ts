@@ -11,9 +11,9 @@
  *   openaimodel.py ResBlock (UNet):        in_layers.0, in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection
  */
 import * as tf from '../backend/tf.js';
-import * as kernels from '../backend/kernels.js';
+import { resnetOnHost } from '../backend/native-blocks.js';
 import { Conv2d, GroupNorm, Linear } from './layers.js';
-import type { WeightView } from './weight-view.js';
+import { ShapeError, type WeightView } from './weight-view.js';
 
 export interface ResnetNames {
   readonly norm1: string;
@@ -39,40 +39,33 @@ export interface ResnetOptions {
   readonly timeChannels?: number;
 }
 
+/** The layers of a ResnetBlock, by role. */
+interface ResnetParts {
+  readonly norm1: GroupNorm;
+  readonly conv1: Conv2d;
+  readonly timeProj: Linear | null;
+  readonly norm2: GroupNorm;
+  readonly conv2: Conv2d;
+  readonly shortcut: Conv2d | null;
+}
+
 export class ResnetBlock {
   private constructor(
-    private readonly norm1: GroupNorm,
-    private readonly conv1: Conv2d,
-    private readonly timeProj: Linear | null,
-    private readonly norm2: GroupNorm,
-    private readonly conv2: Conv2d,
-    private readonly shortcut: Conv2d | null,
+    private readonly parts: ResnetParts,
+    /** The block on the native kernels (backend/native-blocks.ts), when it was loaded for them. */
+    private readonly onHost: ((x: tf.Tensor4D, tembAct?: tf.Tensor2D) => tf.Tensor4D) | null,
   ) {}
 
   static load(p: WeightView, cin: number, cout: number, { names, eps, timeChannels = 0 }: ResnetOptions): ResnetBlock {
-    return new ResnetBlock(
-      GroupNorm.load(p.child(names.norm1), cin, { eps }),
-      Conv2d.load(p.child(names.conv1), cin, cout, 3),
-      timeChannels > 0 ? Linear.load(p.child(names.timeProj), timeChannels, cout) : null,
-      GroupNorm.load(p.child(names.norm2), cout, { eps }),
-      Conv2d.load(p.child(names.conv2), cout, cout, 3),
-      cin === cout ? null : Conv2d.load(p.child(names.shortcut), cin, cout, 1),
-    );
-  }
-
-  /** Checkpoint key suffix -> PyTorch shape, for a model's expectedShapes. */
-  static shapes(cin: number, cout: number, { names, timeChannels = 0 }: Omit<ResnetOptions, 'eps'>): [string, number[]][] {
-    const s: [string, number[]][] = [
-      [`${names.norm1}.weight`, [cin]], [`${names.norm1}.bias`, [cin]],
-      [`${names.conv1}.weight`, [cout, cin, 3, 3]], [`${names.conv1}.bias`, [cout]],
-    ];
-    if (timeChannels > 0) s.push([`${names.timeProj}.weight`, [cout, timeChannels]], [`${names.timeProj}.bias`, [cout]]);
-    s.push(
-      [`${names.norm2}.weight`, [cout]], [`${names.norm2}.bias`, [cout]],
-      [`${names.conv2}.weight`, [cout, cout, 3, 3]], [`${names.conv2}.bias`, [cout]],
-    );
-    if (cin !== cout) s.push([`${names.shortcut}.weight`, [cout, cin, 1, 1]], [`${names.shortcut}.bias`, [cout]]);
-    return s;
+    const parts: ResnetParts = {
+      norm1: GroupNorm.load(p.child(names.norm1), cin, { eps }),
+      conv1: Conv2d.load(p.child(names.conv1), cin, cout, 3),
+      timeProj: timeChannels > 0 ? Linear.load(p.child(names.timeProj), timeChannels, cout) : null,
+      norm2: GroupNorm.load(p.child(names.norm2), cout, { eps }),
+      conv2: Conv2d.load(p.child(names.conv2), cout, cout, 3),
+      shortcut: cin === cout ? null : Conv2d.load(p.child(names.shortcut), cin, cout, 1),
+    };
+    return new ResnetBlock(parts, p.native ? resnetOnHost(parts) : null);
   }
 
   /**
@@ -81,40 +74,26 @@ export class ResnetBlock {
    * (512x512x128 floats: 128 MiB each) no more than three or four feature maps are alive at once.
    */
   apply(x: tf.Tensor4D, tembAct?: tf.Tensor2D): tf.Tensor4D {
-    if ((this.timeProj === null) !== (tembAct === undefined)) {
-      throw new RangeError(`ResnetBlock: a time embedding must be given exactly when the block has one (${this.timeProj !== null})`);
+    const { norm1, conv1, timeProj, norm2, conv2, shortcut } = this.parts;
+    if ((timeProj === null) !== (tembAct === undefined)) {
+      throw new ShapeError(`ResnetBlock: a time embedding must be given exactly when the block has one (${timeProj !== null})`);
     }
-    if (this.conv1.native) return this.applyNative(x, tembAct);
-    let h = normSiluConv(this.norm1, this.conv1, x);
-    const proj = this.timeProj;
-    if (proj !== null && tembAct !== undefined) {
-      const withTime = tf.tidy(() => tf.add(h, tf.reshape(proj.apply(tembAct), [x.shape[0], 1, 1, -1])) as tf.Tensor4D);
+    if (this.onHost !== null) return this.onHost(x, tembAct);
+    let h = normSiluConv(norm1, conv1, x);
+    if (timeProj !== null && tembAct !== undefined) {
+      const withTime = tf.tidy(() => tf.add(h, tf.reshape(timeProj.apply(tembAct), [x.shape[0], 1, 1, -1])) as tf.Tensor4D);
       h.dispose();
       h = withTime;
     }
-    const h2 = normSiluConv(this.norm2, this.conv2, h);
+    const h2 = normSiluConv(norm2, conv2, h);
     h.dispose();
-    const out = tf.tidy(() => tf.add(this.shortcut === null ? x : this.shortcut.apply(x), h2) as tf.Tensor4D);
+    const out = tf.tidy(() => tf.add(shortcut === null ? x : shortcut.apply(x), h2) as tf.Tensor4D);
     h2.dispose();
     return out;
   }
 
-  /**
-   * The same block on the native kernels, on the host from end to end: x is read once and only the result becomes a
-   * tensor; the time embedding rides in conv1's bias (one row per image) and the residual in conv2's.
-   */
-  private applyNative(x: tf.Tensor4D, tembAct?: tf.Tensor2D): tf.Tensor4D {
-    const xh = kernels.toHost(x);
-    const imageBias = this.timeProj !== null && tembAct !== undefined
-      ? this.timeProj.applyHost(kernels.toHost(tembAct)).data // [B, cout]
-      : undefined;
-    const h = this.conv1.applyHost(this.norm1.applyHost(xh, true), { imageBias });
-    const skip = this.shortcut === null ? xh : this.shortcut.applyHost(xh);
-    return kernels.toTensor(this.conv2.applyHost(this.norm2.applyHost(h, true), { residual: skip }));
-  }
-
   dispose(): void {
-    for (const m of [this.norm1, this.conv1, this.timeProj, this.norm2, this.conv2, this.shortcut]) m?.dispose();
+    for (const m of Object.values(this.parts)) m?.dispose();
   }
 }
 

@@ -13,16 +13,16 @@ import * as tf from '../backend/tf.js';
 import { filledTensor } from '../backend/heap.js';
 import { laidOutShape, type Arrangement } from './arrangement.js';
 import { HostTensors } from './residency.js';
-import { WeightsError, type TensorSource } from '../weights/types.js';
+import { useKernels } from '../backend/kernels.js';
+import { ShapeError } from './errors.js';
 
-/** A weight's shape differs from what the config says it must be, or the checkpoint lacks or adds tensors. */
-export class ShapeError extends Error {
-  override name = 'ShapeError';
-}
+export { ConfigError, ShapeError } from './errors.js';
+import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 
-/** A model config (ours or a foreign format being translated) is malformed: the message names the field. */
-export class ConfigError extends Error {
-  override name = 'ConfigError';
+/** How the layers read from a view run: on TensorFlow.js ops, or on the native kernels (weights packed on the host). */
+export interface ViewOptions {
+  /** Load layers for the native kernels (src/backend/kernels.ts). Default: whether they are in use now. */
+  readonly native?: boolean;
 }
 
 export class WeightView {
@@ -33,16 +33,38 @@ export class WeightView {
     private readonly rootPrefix: string,
     /** Keys read so far, shared by a root and all its children. */
     private readonly used: Set<string>,
+    /**
+     * Whether layers loaded from this view run on the native kernels: chosen once for a whole model, at load, so
+     * that every layer and block of it takes the same path (each block's native execution: backend/native-blocks.ts).
+     */
+    readonly native: boolean,
+    /** A probe (WeightView.probe) records each key and shape asked for and hands back empty weights. */
+    private readonly probed: Map<string, readonly number[]> | null,
   ) {}
 
   /** A view of `src` under `prefix` (e.g. 'model.diffusion_model'; '' for the whole file). */
-  static root(src: TensorSource, prefix: string): WeightView {
-    return new WeightView(src, prefix, prefix, new Set());
+  static root(src: TensorSource, prefix: string, { native = useKernels() }: ViewOptions = {}): WeightView {
+    return new WeightView(src, prefix, prefix, new Set(), native, null);
+  }
+
+  /**
+   * A view of no file: a model loaded from it reads nothing and builds empty layers (on TensorFlow ops), while the
+   * probe records every key and shape the model asked for (`shapes()`). This is how each model's expected tensors
+   * are derived from its loader, the one description of its weights.
+   */
+  static probe(prefix: string): WeightView {
+    return new WeightView(EMPTY_SOURCE, prefix, prefix, new Set(), false, new Map());
+  }
+
+  /** The keys and PyTorch shapes a probe was asked for, in the order they were first read. */
+  shapes(): Map<string, number[]> {
+    if (this.probed === null) throw new Error('WeightView.shapes: only a probe records shapes');
+    return new Map([...this.probed].map(([k, s]) => [k, [...s]]));
   }
 
   /** The view one level down: `${prefix}.${name}`. */
   child(name: string | number): WeightView {
-    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used);
+    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used, this.native, this.probed);
   }
 
   /** The full checkpoint key of `name` under this view. */
@@ -61,6 +83,7 @@ export class WeightView {
   tensor(name: string, shape: readonly number[], arrangement: Arrangement = {}): tf.Tensor {
     const key = this.checked(name, shape);
     const outShape = laidOutShape(shape, arrangement);
+    if (this.probed !== null) return tf.zeros([0]);
     const src = this.src;
     if (src instanceof HostTensors) return filledTensor(outShape, (out) => src.decodeInto(key, arrangement, out));
     return tf.tidy(() => {
@@ -75,12 +98,17 @@ export class WeightView {
 
   /** The values of `${prefix}.${name}` (float32, checkpoint layout, row-major); its shape must equal `shape`. */
   array(name: string, shape: readonly number[]): Float32Array {
-    return this.src.float32(this.checked(name, shape));
+    const key = this.checked(name, shape);
+    return this.probed === null ? this.src.float32(key) : new Float32Array(0);
   }
 
   /** The full key of `name`, after checking that it exists with exactly `shape`; records it as read. */
   private checked(name: string, shape: readonly number[]): string {
     const key = this.key(name);
+    if (this.probed !== null) {
+      if (!this.probed.has(key)) this.probed.set(key, [...shape]);
+      return key;
+    }
     if (!this.src.has(key)) {
       throw new WeightsError(
         `${this.src.path}: missing tensor ${key} [${shape.join(', ')}]; is this a Stable Diffusion 1.x checkpoint with the original key names?`,
@@ -138,4 +166,31 @@ export function checkCheckpoint(
   throw new ShapeError(
     `${src.path}: the tensors under '${prefix}' do not match the model config (${listed}${more}); check that the config fits this checkpoint`,
   );
+}
+
+/** The file behind a probe: it holds nothing, and nothing is read from it. */
+const EMPTY_SOURCE: TensorSource = {
+  path: '(probe)',
+  keys: () => [],
+  has: () => false,
+  info: (key: string): TensorInfo => {
+    throw new Error(`probe: no tensor ${key}`);
+  },
+  bytes: (key: string): Uint8Array => {
+    throw new Error(`probe: no tensor ${key}`);
+  },
+  float32: (key: string): Float32Array => {
+    throw new Error(`probe: no tensor ${key}`);
+  },
+  close: () => undefined,
+};
+
+/**
+ * Every checkpoint key (under `prefix`) a model's loader reads, with its PyTorch shape: the loader run against a
+ * probe. The model it builds holds only empty tensors and is disposed at once.
+ */
+export function probeShapes(prefix: string, load: (p: WeightView) => { dispose(): void }): Map<string, number[]> {
+  const probe = WeightView.probe(prefix);
+  load(probe).dispose();
+  return probe.shapes();
 }

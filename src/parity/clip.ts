@@ -30,9 +30,9 @@ export const run: KindRunner = async (dir, opts) => {
     const ids = tf.tensor2d(Int32Array.from(decodeInt64(io.bytes('input_ids'))), [b, n], 'int32');
     const results: CaseResult[] = [];
     for (const { name, clipSkip } of OUTPUTS) {
-      const out = encoder.forward(ids, clipSkip);
-      const r = withinTolerance(out.dataSync(), io.float32(name), fixture.tolerance);
-      out.dispose();
+      const { hidden, penultimate } = encoder.forward(ids, { clipSkip });
+      const r = withinTolerance(hidden.dataSync(), io.float32(name), fixture.tolerance);
+      tf.dispose([hidden, penultimate]);
       results.push({ kind: 'clip', name, passed: r.passed, maxRelError: r.maxRelError, tolerance: fixture.tolerance });
     }
     ids.dispose();

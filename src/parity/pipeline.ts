@@ -15,6 +15,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as tf from '../backend/tf.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
+import { disposeConditioning } from '../unet/index.js';
 import { createSampler, TorchGenerator, torchNoise, type NoiseFn } from '../scheduler/index.js';
 import type { SamplerName } from '../pipeline/api.js';
 import { pipelineConfigFromLdm, StableDiffusion, type PipelineConfig } from '../pipeline/pipeline.js';
@@ -103,7 +104,7 @@ async function runCase(sd: StableDiffusion, io: SafetensorsFile, fx: Fixture, c:
   const name = `${file}/${caseName(c)}`;
   const tol = fx.tolerance;
   const results: CaseResult[] = [];
-  const context = sd.encodeText([fx.config.negative_prompt, fx.config.prompt], 1);
+  const cond = sd.encodeText([fx.config.negative_prompt, fx.config.prompt], 1);
   const { noise, problems } = caseNoise(io, c);
   let initLatent: tf.Tensor4D | undefined;
   let latent: tf.Tensor4D | undefined;
@@ -119,7 +120,7 @@ async function runCase(sd: StableDiffusion, io: SafetensorsFile, fx: Fixture, c:
     const zc = io.info(c.latent).shape[1];
     latent = await sd.sampleLatent({
       sampler: createSampler({ name: c.sampler, steps: c.steps, karras: c.karras ?? false, strength: c.strength }),
-      context,
+      cond,
       guidanceScale: c.cfg_scale === 1 ? null : c.cfg_scale,
       noise,
       latentShape: [1, h, w, zc],
@@ -132,13 +133,14 @@ async function runCase(sd: StableDiffusion, io: SafetensorsFile, fx: Fixture, c:
   } catch (e) {
     results.push({ kind: KIND, name, passed: false, detail: e instanceof Error ? e.message : String(e) });
   } finally {
-    for (const t of [context, initLatent, latent]) t?.dispose();
+    disposeConditioning(cond);
+    for (const t of [initLatent, latent]) t?.dispose();
   }
   return results;
 }
 
 function textResults(sd: StableDiffusion, io: SafetensorsFile, fx: Fixture, file: string): CaseResult[] {
-  const context = sd.encodeText([fx.config.negative_prompt, fx.config.prompt], 1);
+  const { context } = sd.encodeText([fx.config.negative_prompt, fx.config.prompt], 1);
   const [uncond, cond] = tf.split(context, 2);
   const tol = file.includes('fp16') ? TEXT_TOLERANCE_FP16 : fx.tolerance.latent;
   const out = [

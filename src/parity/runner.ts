@@ -18,6 +18,8 @@ const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
   unet: () => import('./unet.js'),
   pipeline: () => import('./pipeline.js'),
   canny: () => import('./canny.js'),
+  'prompt-weights': () => import('./prompt-weights.js'),
+  sdxl: () => import('./sdxl.js'),
 };
 
 export const KNOWN_KINDS = Object.keys(RUNNERS);

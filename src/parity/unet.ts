@@ -71,7 +71,7 @@ function forwardCase(dir: string, cfg: UNetConfig, tolerance: number): CaseResul
     const actual = tf.tidy(() => {
       const x = nchwToNhwc(src, 'x');
       const context = tf.tensor3d(src.float32('context'), src.info('context').shape as [number, number, number]);
-      return tf.transpose(model.forward(x, timesteps, context), [0, 3, 1, 2]); // back to NCHW
+      return tf.transpose(model.forward(x, timesteps, { context }), [0, 3, 1, 2]); // back to NCHW
     });
     const got = actual.dataSync();
     actual.dispose();

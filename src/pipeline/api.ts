@@ -3,8 +3,9 @@
  * The implementation is in ./pipeline.ts; validation of every field in ./params.ts.
  */
 
-export const SAMPLERS = ['ddpm', 'ddim', 'euler', 'euler_a', 'heun', 'lms', 'dpmpp_2m'] as const;
-export type SamplerName = (typeof SAMPLERS)[number];
+import type { SamplerName } from '../scheduler/index.js';
+
+export { SAMPLERS, type SamplerName } from '../scheduler/index.js';
 
 /** What a caller asks for. Everything but the prompt has a default (see DEFAULT_PARAMS). */
 export interface GenerateParams {

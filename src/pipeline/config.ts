@@ -6,10 +6,11 @@
  * tiny or SD 2.x checkpoint fails with one sentence saying what differs and what to do.
  */
 import { readFileSync } from 'node:fs';
-import { CLIP_PREFIX, SD15_CLIP, clipConfigFromLdm, expectedShapes as clipShapes, type ClipConfig } from '../clip/index.js';
+import { SD15_CLIP, clipConfigFromLdm, expectedShapes as clipShapes, type ClipConfig } from '../clip/index.js';
 import { SD15_UNET, unetConfigFromLdm, expectedShapes as unetShapes, type UNetConfig } from '../unet/index.js';
 import { SD15_VAE, vaeConfigFromLdm, expectedShapes as vaeShapes, type VaeConfig } from '../vae/index.js';
-import { ConfigError } from '../nn/weight-view.js';
+import { ConfigError } from '../nn/errors.js';
+import { SD1_PREFIXES } from '../weights/layout.js';
 import type { TensorSource } from '../weights/types.js';
 
 export { ConfigError };
@@ -34,9 +35,7 @@ export const SD15_PIPELINE: PipelineConfig = Object.freeze({
   height: 512,
 });
 
-export const UNET_PREFIX = 'model.diffusion_model';
-export const VAE_PREFIX = 'first_stage_model';
-export { CLIP_PREFIX };
+const { unet: UNET, vae: VAE, textEncoder: TEXT } = SD1_PREFIXES;
 
 /** Runs one network's translator, turning whatever it throws into a ConfigError that names the section. */
 function section<T>(where: string, name: string, json: unknown, translate: (j: never) => T, fallback: T): T {
@@ -91,13 +90,13 @@ export function readPipelineConfig(path: string): PipelineConfig {
 
 /** The few tensors whose shapes say, in words, which part of a config differs: [what, key, dimension]. */
 const HEADLINES: readonly [string, string, number][] = [
-  ['text encoder width', `${CLIP_PREFIX}.embeddings.token_embedding.weight`, 1],
-  ['text encoder vocabulary', `${CLIP_PREFIX}.embeddings.token_embedding.weight`, 0],
-  ['unet width (model_channels)', `${UNET_PREFIX}.input_blocks.0.0.weight`, 0],
-  ['unet latent channels', `${UNET_PREFIX}.input_blocks.0.0.weight`, 1],
-  ['unet context width (context_dim)', `${UNET_PREFIX}.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`, 1],
-  ['vae width (ch)', `${VAE_PREFIX}.encoder.conv_in.weight`, 0],
-  ['vae latent channels (z_channels)', `${VAE_PREFIX}.post_quant_conv.weight`, 0],
+  ['text encoder width', `${TEXT}.embeddings.token_embedding.weight`, 1],
+  ['text encoder vocabulary', `${TEXT}.embeddings.token_embedding.weight`, 0],
+  ['unet width (model_channels)', `${UNET}.input_blocks.0.0.weight`, 0],
+  ['unet latent channels', `${UNET}.input_blocks.0.0.weight`, 1],
+  ['unet context width (context_dim)', `${UNET}.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`, 1],
+  ['vae width (ch)', `${VAE}.encoder.conv_in.weight`, 0],
+  ['vae latent channels (z_channels)', `${VAE}.post_quant_conv.weight`, 0],
 ];
 
 /** Tell-tale keys of checkpoints that are not SD 1.x. */
@@ -109,7 +108,7 @@ const OTHER_MODELS: readonly [RegExp, string][] = [
 const fix = 'pass --config FILE with the checkpoint\'s config (format: tests/fixtures/pipeline/fixture.json "config")';
 
 function countLayers(src: TensorSource): number {
-  const re = new RegExp(`^${CLIP_PREFIX.replace(/\./g, '\\.')}\\.encoder\\.layers\\.(\\d+)\\.`);
+  const re = new RegExp(`^${TEXT.replace(/\./g, '\\.')}\\.encoder\\.layers\\.(\\d+)\\.`);
   let n = 0;
   for (const k of src.keys()) {
     const m = re.exec(k);
@@ -128,7 +127,7 @@ export function checkCheckpointFits(src: TensorSource, cfg: PipelineConfig): voi
   for (const [re, what] of OTHER_MODELS) {
     if (keys.some((k) => re.test(k))) throw new ConfigError(`${src.path}: looks like ${what}; only Stable Diffusion 1.x checkpoints are supported`);
   }
-  const expected = new Map([...clipShapes(cfg.clip, CLIP_PREFIX), ...unetShapes(cfg.unet, UNET_PREFIX), ...vaeShapes(cfg.vae, VAE_PREFIX)]);
+  const expected = new Map([...clipShapes(cfg.clip, TEXT), ...unetShapes(cfg.unet, UNET), ...vaeShapes(cfg.vae, VAE)]);
   for (const [what, key, dim] of HEADLINES) {
     const want = expected.get(key);
     if (want === undefined || !src.has(key)) continue;

@@ -4,14 +4,15 @@
  *
  *   eps = eps_uncond + scale * (eps_cond - eps_uncond)
  *
- * uncond and cond run as one UNet forward on a batch of 2 (context [2, 77, C]: negative prompt, then prompt).
+ * uncond and cond run as one UNet forward on a batch of 2 (the conditioning batched [uncond, cond]: negative
+ * prompt, then prompt; pipeline/conditioning.ts builds it).
  * Without guidance (off, or scale 1, which gives eps_cond exactly) one forward on the prompt alone.
  *
  * The loop is an async generator that yields after every step, so the caller shows progress and can stop;
  * each step runs in one tf.tidy, none spans an await. Latents are NHWC [B, h, w, 4].
  */
 import * as tf from '../backend/tf.js';
-import type { UNet } from '../unet/index.js';
+import type { Conditioning, UNet } from '../unet/index.js';
 import type { EpsFn, NoiseFn, Sampler } from '../scheduler/index.js';
 
 /** generate() was cancelled through its AbortSignal; every tensor it held has been freed. */
@@ -27,16 +28,16 @@ export function throwIfAborted(signal: AbortSignal | undefined): void {
 }
 
 /**
- * The guided noise predictor. context: [2, 77, C] (uncond, cond) when scale is a number, [1, 77, C] when null.
+ * The guided noise predictor. cond: batch 2 (uncond, cond) when scale is a number, batch 1 when null.
  * x: [1, h, w, 4] -> eps [1, h, w, 4].
  */
-export function guidedEps(unet: UNet, context: tf.Tensor3D, scale: number | null): EpsFn {
-  if (scale === null) return (x, t) => unet.forward(x, t, context);
+export function guidedEps(unet: UNet, cond: Conditioning, scale: number | null): EpsFn {
+  if (scale === null) return (x, t) => unet.forward(x, t, cond);
   return (x, t) =>
     tf.tidy(() => {
-      const both = unet.forward(tf.concat([x, x]), t, context); // [2, h, w, 4]
-      const [uncond, cond] = tf.split(both, 2);
-      return tf.add(uncond, tf.mul(tf.sub(cond, uncond), scale));
+      const both = unet.forward(tf.concat([x, x]), t, cond); // [2, h, w, 4]
+      const [epsUncond, epsCond] = tf.split(both, 2);
+      return tf.add(epsUncond, tf.mul(tf.sub(epsCond, epsUncond), scale));
     });
 }
 

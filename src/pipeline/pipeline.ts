@@ -1,7 +1,7 @@
 /**
  * Stable Diffusion 1.x, txt2img and img2img (Rombach et al. 2022):
  *
- *   prompt, negative prompt --tokenizer--> ids [2, 77] --CLIP--> context [2, 77, C]
+ *   prompt, negative prompt --tokenizer--> ids [2, 77] --CLIP--> conditioning (context [2, 77, C]; conditioning.ts)
  *   seed --TorchGenerator--> noise [1, h, w, 4] --sampler + UNet with CFG (denoise.ts)--> latent [1, h, w, 4]
  *   latent / scale_factor --VAE decoder--> [1, H, W, 3] in [-1, 1] --> clamp(x / 2 + 0.5, 0, 1) --> RGB uint8 + PNG
  *
@@ -13,13 +13,13 @@
  * CPU generator. The VAE posterior sample of img2img has a generator of its own, seeded with the bitwise
  * complement of the image seed, so the sampler's draws stay those of the seed.
  *
- * Latents are NHWC [B, H/8, W/8, 4]; h, w below are latent sizes.
+ * Latents are NHWC [B, H/8, W/8, c], c the VAE's latent channels; h, w below are latent sizes.
  */
 import { basename, dirname, extname, resolve } from 'node:path';
 import { existsSync, statSync } from 'node:fs';
 import * as tf from '../backend/tf.js';
 import { ClipTextEncoder } from '../clip/index.js';
-import { UNet } from '../unet/index.js';
+import { UNet, disposeConditioning, type Conditioning } from '../unet/index.js';
 import { Vae, downsampleFactor } from '../vae/index.js';
 import { ClipTokenizer, findTokenizer } from '../tokenizer/index.js';
 import { createSampler, TorchGenerator, torchNoise, type NoiseFn, type Sampler } from '../scheduler/index.js';
@@ -28,6 +28,8 @@ import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
 import type { GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
 import { checkCheckpointFits, ConfigError, SD15_PIPELINE, type PipelineConfig } from './config.js';
+import { ShapeError } from '../nn/errors.js';
+import { sd1Conditioning } from './conditioning.js';
 import { denoise, guidedEps, throwIfAborted } from './denoise.js';
 import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
 
@@ -106,7 +108,7 @@ export class StableDiffusion {
       return make(clip, unet, vae);
     } catch (e) {
       for (const m of loaded) m.dispose();
-      if (e instanceof Error && e.name === 'ShapeError') throw new ConfigError(e.message);
+      if (e instanceof ShapeError) throw new ConfigError(e.message);
       throw e;
     }
   }
@@ -115,14 +117,13 @@ export class StableDiffusion {
     return limitsFor(this.config);
   }
 
-  /** ids of `texts` -> context [texts.length, 77, C]. */
-  encodeText(texts: readonly string[], clipSkip: number): tf.Tensor3D {
-    const ids = texts.map((t) => this.tokenizer.encode(t));
-    return tf.tidy(() => this.clip.forward(tf.tensor2d(ids, [texts.length, ids[0].length], 'int32'), clipSkip));
+  /** The conditioning of `texts`: context [texts.length, 77, C]. */
+  encodeText(texts: readonly string[], clipSkip: number): Conditioning {
+    return sd1Conditioning({ tokenizer: this.tokenizer, clip: this.clip }, texts, clipSkip);
   }
 
-  /** CFG context [2, 77, C] (negative prompt, then prompt), or [1, 77, C] (prompt) without guidance. */
-  encodePrompts(r: ResolvedParams): tf.Tensor3D {
+  /** CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance. */
+  encodePrompts(r: ResolvedParams): Conditioning {
     return this.encodeText(usesGuidance(r) ? [r.negativePrompt, r.prompt] : [r.prompt], r.clipSkip);
   }
 
@@ -149,7 +150,7 @@ export class StableDiffusion {
    */
   async sampleLatent(o: {
     readonly sampler: Sampler;
-    readonly context: tf.Tensor3D;
+    readonly cond: Conditioning;
     readonly guidanceScale: number | null;
     readonly noise: NoiseFn;
     readonly latentShape: readonly [number, number, number, number];
@@ -158,7 +159,7 @@ export class StableDiffusion {
     readonly onStep?: (step: number, total: number) => void;
   }): Promise<tf.Tensor4D> {
     const start = tf.tidy(() => o.sampler.start(tf.reshape(o.noise(o.latentShape), [...o.latentShape]), o.initLatent));
-    const eps = guidedEps(this.unet, o.context, o.guidanceScale);
+    const eps = guidedEps(this.unet, o.cond, o.guidanceScale);
     let latent = start;
     try {
       for await (const s of denoise(start, o.sampler, eps, o.noise, o.signal)) {
@@ -181,17 +182,17 @@ export class StableDiffusion {
     const perImage = probe.totalSteps;
     probe.dispose();
     const total = perImage * r.batch;
-    const context = this.encodePrompts(r);
+    const cond = this.encodePrompts(r);
     const initImage = init === null ? null : rgbToTensor(init);
     const images: GeneratedImage[] = [];
     try {
       for (let i = 0; i < r.batch; i++) {
         const done = i * perImage;
         const onStep = (step: number) => o.onProgress?.(done + step, total);
-        images.push(await this.generateOne(r, (r.seed + i) >>> 0, context, initImage, o.signal, onStep));
+        images.push(await this.generateOne(r, (r.seed + i) >>> 0, cond, initImage, o.signal, onStep));
       }
     } finally {
-      context.dispose();
+      disposeConditioning(cond);
       initImage?.dispose();
     }
     return { images, params: r };
@@ -204,19 +205,19 @@ export class StableDiffusion {
   private async generateOne(
     r: ResolvedParams,
     seed: number,
-    context: tf.Tensor3D,
+    cond: Conditioning,
     initImage: tf.Tensor4D | null,
     signal: AbortSignal | undefined,
     onStep: (step: number) => void,
   ): Promise<GeneratedImage> {
     const f = downsampleFactor(this.config.vae);
-    const latentShape = [1, r.height / f, r.width / f, this.config.unet.inChannels] as const;
+    const latentShape = [1, r.height / f, r.width / f, this.config.vae.embedDim] as const;
     const initLatent = initImage === null ? undefined : this.encodeImage(initImage, torchNoise(new TorchGenerator(~seed >>> 0)));
     let latent: tf.Tensor4D;
     try {
       latent = await this.sampleLatent({
         sampler: createSampler(this.samplerConfig(r)),
-        context,
+        cond,
         guidanceScale: usesGuidance(r) ? r.cfgScale : null,
         noise: torchNoise(new TorchGenerator(seed)),
         latentShape,

@@ -3,7 +3,7 @@
  *   timestep samplers  ddpm, ddim                          walk integer model timesteps
  *   sigma samplers     euler, euler_a, heun, lms, dpmpp_2m   walk noise levels (k-diffusion), optionally Karras-spaced
  */
-import { SAMPLERS } from '../pipeline/api.js';
+import { SAMPLERS } from './types.js';
 import { DdimSampler } from './ddim.js';
 import { DdpmSampler } from './ddpm.js';
 import { DpmPp2mSampler } from './dpmpp-2m.js';
@@ -15,7 +15,7 @@ import { alphasCumprod, sigmaTable, TRAIN_STEPS } from './schedule.js';
 import { SamplerError, type Sampler, type SamplerConfig } from './types.js';
 
 export type { EpsFn, NoiseFn, Sampler, SamplerConfig } from './types.js';
-export { SamplerError } from './types.js';
+export { SAMPLERS, SamplerError, type SamplerName } from './types.js';
 export {
   alphasCumprod,
   ddimTimesteps,
@@ -30,7 +30,7 @@ export {
 } from './schedule.js';
 export { samplerSigmas } from './k-diffusion.js';
 export { TorchGenerator } from './torch-generator.js';
-export { torchNoise } from './noise.js';
+export { NOISE_SOURCES, createGenerator, torchNoise, type NoiseGenerator, type NoiseSource } from './noise.js';
 
 function validate(cfg: SamplerConfig): void {
   if (!(SAMPLERS as readonly string[]).includes(cfg.name)) {

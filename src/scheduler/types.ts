@@ -3,7 +3,9 @@
  * layout: every operation is elementwise) and a noise predictor; its schedule and coefficients are plain numbers.
  */
 import type * as tf from '../backend/tf.js';
-import type { SamplerName } from '../pipeline/api.js';
+/** The samplers by name, as the CLI, the server and the PNG parameters spell them. */
+export const SAMPLERS = ['ddpm', 'ddim', 'euler', 'euler_a', 'heun', 'lms', 'dpmpp_2m'] as const;
+export type SamplerName = (typeof SAMPLERS)[number];
 
 /** Noise prediction at model timestep t (fractional for sigma samplers); the sampler has already applied c_in. */
 export type EpsFn = (x: tf.Tensor4D, t: number) => tf.Tensor4D;

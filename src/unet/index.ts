@@ -1,5 +1,7 @@
-/** The SD 1.x UNet: config, loader and forward pass. See unet.ts for the architecture. */
-export { SD15_UNET, UNetError, unetConfigFromLdm, unetBlockPlan, validateConfig } from './config.js';
-export type { LdmUNetParams, UNetConfig, UNetBlockPlan } from './config.js';
+/** The denoising UNet: config, blocks, loader, forward pass and its conditioning. See unet.ts for the architecture. */
+export { SD15_UNET, headsAt, unetConfigFromLdm, unetBlockPlan, validateConfig } from './config.js';
+export type { AttentionSpec, HeadSpec, LdmUNetParams, UNetConfig, UNetBlockPlan } from './config.js';
 export { UNet, expectedShapes, type UNetLoadOptions } from './unet.js';
+export { concatConditioning, conditioningTensors, disposeConditioning } from './conditioning.js';
+export type { Conditioning, ExtraTokens, UNetResiduals } from './conditioning.js';
 export { timestepEmbedding } from './timestep.js';

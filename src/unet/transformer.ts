@@ -1,30 +1,42 @@
 /**
- * SpatialTransformer (CompVis ldm/modules/attention.py, SD 1.x: 1x1 conv proj_in/proj_out):
- * NHWC [B, H, W, C] + context [B, N, contextDim] -> [B, H, W, C]
+ * SpatialTransformer (CompVis / sgm ldm/modules/attention.py): NHWC [B, H, W, C] + conditioning -> [B, H, W, C]
  *   x' = proj_in(GroupNorm(x))  as tokens [B, H*W, C]             norm (32 groups, eps 1e-6), proj_in
  *   per BasicTransformerBlock:                                     transformer_blocks.{d}
  *     x' += attn1(LN(x'))             self-attention               norm1, attn1
  *     x' += attn2(LN(x'), context)    cross-attention on the text  norm2, attn2
  *     x' += ff(LN(x'))                GEGLU feed-forward, 4C wide  norm3, ff.net.0.proj, ff.net.2
  *   out = x + proj_out(x')                                         proj_out
- * Attention: to_q/to_k/to_v without bias, to_out.0 with bias; heads of C / numHeads channels.
+ * proj_in / proj_out are 1x1 convs (SD 1.x) or Linears (SD 2.x, SDXL: use_linear_in_transformer): the same map of
+ * the channels, applied before or after the reshape to tokens.
+ * Attention: to_q/to_k/to_v without bias, to_out.0 with bias; `heads` heads of C / heads channels. Extra token sets
+ * of the conditioning (IP-Adapter) are attended to by the cross-attention with their own key/value projections.
  * Weights: `input_blocks.N.1.*`, `middle_block.1.*`, `output_blocks.N.1.*`.
+ * On the native kernels the whole transformer runs as backend/native-blocks.ts spatialTransformerOnHost.
  */
-import * as kernels from '../backend/kernels.js';
 import * as tf from '../backend/tf.js';
 import type { WeightView } from '../nn/weight-view.js';
 import { Conv2d, GroupNorm, LayerNorm, Linear, gelu } from '../nn/layers.js';
 import { attention } from '../nn/attention.js';
-import { prefixed, type Shapes } from './shapes.js';
+import { spatialTransformerOnHost, type HostContext } from '../backend/native-blocks.js';
+import { ShapeError } from '../nn/errors.js';
+import type { Conditioning, ExtraTokens } from './conditioning.js';
+
+/** Key and value projections of one extra token set (IP-Adapter's to_k_ip / to_v_ip). */
+export interface ExtraKeyValue {
+  readonly toK: Linear;
+  readonly toV: Linear;
+}
 
 /** CompVis CrossAttention; self-attention when no context is given. [B, N, C] -> [B, N, C] */
 class CrossAttention {
   private constructor(
-    private readonly toQ: Linear,
-    private readonly toK: Linear,
-    private readonly toV: Linear,
-    private readonly toOut: Linear,
-    private readonly heads: number,
+    readonly toQ: Linear,
+    readonly toK: Linear,
+    readonly toV: Linear,
+    readonly toOut: Linear,
+    readonly heads: number,
+    /** One per extra token set of the conditioning; none until an adapter provides them. */
+    readonly extra: readonly ExtraKeyValue[],
   ) {}
 
   static load(p: WeightView, dim: number, contextDim: number, heads: number): CrossAttention {
@@ -34,33 +46,25 @@ class CrossAttention {
       Linear.load(p.child('to_v'), contextDim, dim, { bias: false }),
       Linear.load(p.child('to_out.0'), dim, dim),
       heads,
+      [],
     );
   }
 
-  static shapes(dim: number, contextDim: number): Shapes {
-    return [
-      ['to_q.weight', [dim, dim]], ['to_k.weight', [dim, contextDim]], ['to_v.weight', [dim, contextDim]],
-      ['to_out.0.weight', [dim, dim]], ['to_out.0.bias', [dim]],
-    ];
-  }
-
-  /** residual + attention on the host (native layers): x [B, N, C], context [B, M, contextDim]. */
-  applyHost(x: kernels.Host, context: kernels.Host, residual: kernels.Host): kernels.Host {
-    const o = kernels.attentionHost(this.toQ.applyHost(x), this.toK.applyHost(context), this.toV.applyHost(context), this.heads);
-    return this.toOut.applyHost(o, residual);
-  }
-
-  apply(x: tf.Tensor3D, context: tf.Tensor3D = x): tf.Tensor3D {
+  /** attention(q, k, v) over the context, plus scale * attention over each extra token set. */
+  apply(x: tf.Tensor3D, context: tf.Tensor3D = x, extraTokens: readonly ExtraTokens[] = []): tf.Tensor3D {
     return tf.tidy(() => {
       const q = this.toQ.apply(x);
-      const k = this.toK.apply(context);
-      const v = this.toV.apply(context);
-      return this.toOut.apply(attention(q, k, v, this.heads));
+      let o = attention(q, this.toK.apply(context), this.toV.apply(context), this.heads);
+      extraTokens.forEach(({ tokens, scale }, i) => {
+        const kv = this.extra[i];
+        o = tf.add(o, tf.mul(attention(q, kv.toK.apply(tokens), kv.toV.apply(tokens), this.heads), scale));
+      });
+      return this.toOut.apply(o);
     });
   }
 
   dispose(): void {
-    for (const m of [this.toQ, this.toK, this.toV, this.toOut]) m.dispose();
+    for (const m of [this.toQ, this.toK, this.toV, this.toOut, ...this.extra.flatMap((e) => [e.toK, e.toV])]) m.dispose();
   }
 }
 
@@ -71,26 +75,14 @@ class CrossAttention {
  */
 class FeedForward {
   private constructor(
-    private readonly value: Linear,
-    private readonly gate: Linear,
-    private readonly out: Linear,
+    readonly value: Linear,
+    readonly gate: Linear,
+    readonly out: Linear,
   ) {}
 
   static load(p: WeightView, dim: number): FeedForward {
     const [value, gate] = Linear.loadBlocks(p.child('net.0.proj'), dim, dim * 4, 2);
     return new FeedForward(value, gate, Linear.load(p.child('net.2'), dim * 4, dim));
-  }
-
-  static shapes(dim: number): Shapes {
-    return [
-      ['net.0.proj.weight', [dim * 8, dim]], ['net.0.proj.bias', [dim * 8]],
-      ['net.2.weight', [dim, dim * 4]], ['net.2.bias', [dim]],
-    ];
-  }
-
-  /** residual + feed-forward on the host (native layers). */
-  applyHost(x: kernels.Host, residual: kernels.Host): kernels.Host {
-    return this.out.applyHost(kernels.gegluHost(this.value.applyHost(x), this.gate.applyHost(x)), residual);
   }
 
   /** Frees each 4C-wide intermediate as soon as it is used (at 64x64, batch 2: 84 MB each). */
@@ -114,12 +106,12 @@ class FeedForward {
 /** Pre-LayerNorm transformer block: self-attention, cross-attention, GEGLU, each residual. [B, N, C] */
 class BasicTransformerBlock {
   private constructor(
-    private readonly norm1: LayerNorm,
-    private readonly attn1: CrossAttention,
-    private readonly norm2: LayerNorm,
-    private readonly attn2: CrossAttention,
-    private readonly norm3: LayerNorm,
-    private readonly ff: FeedForward,
+    readonly norm1: LayerNorm,
+    readonly attn1: CrossAttention,
+    readonly norm2: LayerNorm,
+    readonly attn2: CrossAttention,
+    readonly norm3: LayerNorm,
+    readonly ff: FeedForward,
   ) {}
 
   static load(p: WeightView, dim: number, contextDim: number, heads: number): BasicTransformerBlock {
@@ -133,27 +125,10 @@ class BasicTransformerBlock {
     );
   }
 
-  static shapes(dim: number, contextDim: number): Shapes {
-    const norm = (n: string): Shapes => [[`${n}.weight`, [dim]], [`${n}.bias`, [dim]]];
-    return [
-      ...norm('norm1'), ...prefixed('attn1', CrossAttention.shapes(dim, dim)),
-      ...norm('norm2'), ...prefixed('attn2', CrossAttention.shapes(dim, contextDim)),
-      ...norm('norm3'), ...prefixed('ff', FeedForward.shapes(dim)),
-    ];
-  }
-
-  /** The block on the host (native layers): each residual is added by the layer that ends its branch. */
-  applyHost(x: kernels.Host, context: kernels.Host): kernels.Host {
-    const n1 = this.norm1.applyHost(x);
-    let h = this.attn1.applyHost(n1, n1, x);
-    h = this.attn2.applyHost(this.norm2.applyHost(h), context, h);
-    return this.ff.applyHost(this.norm3.applyHost(h), h);
-  }
-
-  apply(x: tf.Tensor3D, context: tf.Tensor3D): tf.Tensor3D {
+  apply(x: tf.Tensor3D, cond: Conditioning): tf.Tensor3D {
     return tf.tidy(() => {
       let h: tf.Tensor3D = tf.add(x, this.attn1.apply(this.norm1.apply(x)));
-      h = tf.add(h, this.attn2.apply(this.norm2.apply(h), context));
+      h = tf.add(h, this.attn2.apply(this.norm2.apply(h), cond.context, cond.extraTokens));
       return tf.add(h, this.ff.apply(this.norm3.apply(h)));
     });
   }
@@ -163,59 +138,52 @@ class BasicTransformerBlock {
   }
 }
 
+/** A channel map on NHWC maps: proj_in / proj_out, a 1x1 Conv2d or a Linear. */
+type Projection = Conv2d | Linear;
+
 export class SpatialTransformer {
   private constructor(
     private readonly norm: GroupNorm,
-    private readonly projIn: Conv2d,
+    private readonly projIn: Projection,
     private readonly blocks: readonly BasicTransformerBlock[],
-    private readonly projOut: Conv2d,
+    private readonly projOut: Projection,
+    /** The transformer on the native kernels (backend/native-blocks.ts), when it was loaded for them. */
+    private readonly onHost: ((x: tf.Tensor4D, c: HostContext) => tf.Tensor4D) | null,
   ) {}
 
-  static load(p: WeightView, channels: number, heads: number, depth: number, contextDim: number): SpatialTransformer {
+  static load(
+    p: WeightView,
+    { channels, heads, depth, contextDim, projection }: { channels: number; heads: number; depth: number; contextDim: number; projection: 'conv' | 'linear' },
+  ): SpatialTransformer {
+    const project = (name: string): Projection =>
+      projection === 'conv' ? Conv2d.load(p.child(name), channels, channels, 1) : Linear.load(p.child(name), channels, channels);
+    const norm = GroupNorm.load(p.child('norm'), channels, { eps: 1e-6 });
+    const projIn = project('proj_in');
     const blocks = Array.from({ length: depth }, (_, d) =>
       BasicTransformerBlock.load(p.child('transformer_blocks').child(d), channels, contextDim, heads),
     );
-    return new SpatialTransformer(
-      GroupNorm.load(p.child('norm'), channels, { eps: 1e-6 }),
-      Conv2d.load(p.child('proj_in'), channels, channels, 1),
-      blocks,
-      Conv2d.load(p.child('proj_out'), channels, channels, 1),
-    );
+    const projOut = project('proj_out');
+    const onHost = p.native ? spatialTransformerOnHost({ norm, projIn, blocks, projOut }) : null;
+    return new SpatialTransformer(norm, projIn, blocks, projOut, onHost);
   }
 
-  static shapes(channels: number, depth: number, contextDim: number): Shapes {
-    const c = channels;
-    const blocks = Array.from({ length: depth }, (_, d) =>
-      prefixed(`transformer_blocks.${d}`, BasicTransformerBlock.shapes(c, contextDim)),
-    );
-    return [
-      ['norm.weight', [c]], ['norm.bias', [c]],
-      ['proj_in.weight', [c, c, 1, 1]], ['proj_in.bias', [c]],
-      ...blocks.flat(),
-      ['proj_out.weight', [c, c, 1, 1]], ['proj_out.bias', [c]],
-    ];
-  }
-
-  /** x [B, H, W, C], context [B, N, contextDim] -> [B, H, W, C] */
-  apply(x: tf.Tensor4D, context: tf.Tensor3D): tf.Tensor4D {
-    if (this.projIn.native) return this.applyNative(x, context);
+  /** x [B, H, W, C] and its conditioning (context [B, N, contextDim], extra token sets) -> [B, H, W, C] */
+  apply(x: tf.Tensor4D, cond: Conditioning): tf.Tensor4D {
+    const extra = cond.extraTokens?.length ?? 0;
+    const slots = this.blocks[0]?.attn2.extra.length ?? 0;
+    if (extra !== slots) {
+      throw new ShapeError(
+        `SpatialTransformer: the conditioning has ${extra} extra token sets but its cross-attention has key/value projections for ${slots} (load the adapter that made them)`,
+      );
+    }
+    if (this.onHost !== null) return this.onHost(x, cond);
     return tf.tidy(() => {
       const [b, h, w, c] = x.shape;
       // [B, H, W, C] -> [B, H*W, C]
       let tokens = tf.reshape(this.projIn.apply(this.norm.apply(x)), [b, h * w, c]) as tf.Tensor3D;
-      for (const block of this.blocks) tokens = block.apply(tokens, context);
-      return tf.add(x, this.projOut.apply(tf.reshape(tokens, [b, h, w, c])));
+      for (const block of this.blocks) tokens = block.apply(tokens, cond);
+      return tf.add(x, this.projOut.apply(tf.reshape(tokens, [b, h, w, c]) as tf.Tensor4D));
     });
-  }
-
-  /** The same on the native kernels, on the host from end to end: x and the context are read once, one tensor made. */
-  private applyNative(x: tf.Tensor4D, context: tf.Tensor3D): tf.Tensor4D {
-    const [b, h, w, c] = x.shape;
-    const xh = kernels.toHost(x);
-    const ctx = kernels.toHost(context);
-    let tokens = kernels.reshapeHost(this.projIn.applyHost(this.norm.applyHost(xh, false)), [b, h * w, c]);
-    for (const block of this.blocks) tokens = block.applyHost(tokens, ctx);
-    return kernels.toTensor(this.projOut.applyHost(kernels.reshapeHost(tokens, [b, h, w, c]), { residual: xh }));
   }
 
   dispose(): void {

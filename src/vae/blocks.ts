@@ -10,7 +10,7 @@
  *   Level       resnets, each followed by attention where the level has it, then a Down/Upsample:
  *               one resolution level of the encoder or the decoder         [B, H, W, cin] -> [B, H', W', cout]
  */
-import * as kernels from '../backend/kernels.js';
+import { vaeAttentionOnHost } from '../backend/native-blocks.js';
 import * as tf from '../backend/tf.js';
 import { attention } from '../nn/attention.js';
 import { Conv2d, GroupNorm, upsampleNearest2x } from '../nn/layers.js';
@@ -36,15 +36,18 @@ export class AttnBlock {
     private readonly k: Conv2d,
     private readonly v: Conv2d,
     private readonly projOut: Conv2d,
+    /** The block on the native kernels (backend/native-blocks.ts), when it was loaded for them. */
+    private readonly onHost: ((x: tf.Tensor4D) => tf.Tensor4D) | null,
   ) {}
 
   static load(p: WeightView, c: number): AttnBlock {
     const conv = (name: string) => Conv2d.load(p.child(name), c, c, 1);
-    return new AttnBlock(GroupNorm.load(p.child('norm'), c, { eps: VAE_GN_EPS }), conv('q'), conv('k'), conv('v'), conv('proj_out'));
+    const parts = { norm: GroupNorm.load(p.child('norm'), c, { eps: VAE_GN_EPS }), q: conv('q'), k: conv('k'), v: conv('v'), projOut: conv('proj_out') };
+    return new AttnBlock(parts.norm, parts.q, parts.k, parts.v, parts.projOut, p.native ? vaeAttentionOnHost(parts) : null);
   }
 
   apply(x: tf.Tensor4D): tf.Tensor4D {
-    if (this.q.native) return this.applyNative(x);
+    if (this.onHost !== null) return this.onHost(x);
     return tf.tidy(() => {
       const [b, h, w, c] = x.shape;
       const normed = this.norm.apply(x);
@@ -52,16 +55,6 @@ export class AttnBlock {
       const attended = attention(tokens(this.q), tokens(this.k), tokens(this.v), 1);
       return tf.add(x, this.projOut.apply(tf.reshape(attended, [b, h, w, c]))) as tf.Tensor4D;
     });
-  }
-
-  /** The same on the native kernels, on the host end to end (one read, one tensor; the residual in proj_out). */
-  private applyNative(x: tf.Tensor4D): tf.Tensor4D {
-    const [b, h, w, c] = x.shape;
-    const xh = kernels.toHost(x);
-    const normed = this.norm.applyHost(xh, false);
-    const tokens = (conv: Conv2d) => kernels.reshapeHost(conv.applyHost(normed), [b, h * w, c]); // [B, H*W, C]
-    const attended = kernels.attentionHost(tokens(this.q), tokens(this.k), tokens(this.v), 1);
-    return kernels.toTensor(this.projOut.applyHost(kernels.reshapeHost(attended, [b, h, w, c]), { residual: xh }));
   }
 
   dispose(): void {

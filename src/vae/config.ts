@@ -1,9 +1,5 @@
-/**
- * The VAE's configuration (CompVis AutoencoderKL `ddconfig` + `embed_dim`) and every key it reads from a
- * checkpoint with its PyTorch shape (for config-vs-checkpoint checks and generated weights).
- */
-import { ConfigError } from '../nn/weight-view.js';
-import { COMPVIS_RESNET, ResnetBlock } from '../nn/resnet.js';
+/** The VAE's configuration (CompVis AutoencoderKL `ddconfig` + `embed_dim`). */
+import { ConfigError } from '../nn/errors.js';
 
 export interface VaeConfig {
   readonly inChannels: number; // image channels (RGB)
@@ -29,9 +25,6 @@ export const SD15_VAE: VaeConfig = Object.freeze({
   zChannels: 4,
   embedDim: 4,
 });
-
-/** Where the VAE lives in an original single-file SD 1.x checkpoint. */
-export const VAE_PREFIX = 'first_stage_model';
 
 /** GroupNorm eps of every CompVis VAE norm (model.py Normalize). */
 export const VAE_GN_EPS = 1e-6;
@@ -84,63 +77,4 @@ export function vaeConfigFromLdm(json: unknown): VaeConfig {
     zChannels,
     embedDim: positiveInt(j.embed_dim ?? zChannels, 'embed_dim'),
   });
-}
-
-type Shapes = [string, number[]][];
-
-const convShapes = (name: string, cin: number, cout: number, k: number): Shapes => [
-  [`${name}.weight`, [cout, cin, k, k]], [`${name}.bias`, [cout]],
-];
-const normShapes = (name: string, c: number): Shapes => [[`${name}.weight`, [c]], [`${name}.bias`, [c]]];
-const resnetShapes = (name: string, cin: number, cout: number): Shapes =>
-  ResnetBlock.shapes(cin, cout, { names: COMPVIS_RESNET }).map(([k, s]) => [`${name}.${k}`, s]);
-const attnShapes = (name: string, c: number): Shapes => [
-  ...normShapes(`${name}.norm`, c),
-  ...['q', 'k', 'v', 'proj_out'].flatMap((n) => convShapes(`${name}.${n}`, c, c, 1)),
-];
-const midShapes = (name: string, c: number): Shapes => [
-  ...resnetShapes(`${name}.block_1`, c, c), ...attnShapes(`${name}.attn_1`, c), ...resnetShapes(`${name}.block_2`, c, c),
-];
-
-function encoderShapes(cfg: VaeConfig): Shapes {
-  const s: Shapes = convShapes('encoder.conv_in', cfg.inChannels, cfg.ch, 3);
-  let cin = cfg.ch;
-  cfg.chMult.forEach((mult, i) => {
-    const cout = cfg.ch * mult;
-    for (let j = 0; j < cfg.numResBlocks; j++) {
-      s.push(...resnetShapes(`encoder.down.${i}.block.${j}`, cin, cout));
-      if (cfg.attnResolutions.includes(levelResolution(cfg, i))) s.push(...attnShapes(`encoder.down.${i}.attn.${j}`, cout));
-      cin = cout;
-    }
-    if (i !== cfg.chMult.length - 1) s.push(...convShapes(`encoder.down.${i}.downsample.conv`, cout, cout, 3));
-  });
-  s.push(...midShapes('encoder.mid', cin), ...normShapes('encoder.norm_out', cin), ...convShapes('encoder.conv_out', cin, 2 * cfg.zChannels, 3));
-  return s;
-}
-
-function decoderShapes(cfg: VaeConfig): Shapes {
-  let cin = cfg.ch * cfg.chMult[cfg.chMult.length - 1];
-  const s: Shapes = [...convShapes('decoder.conv_in', cfg.zChannels, cin, 3), ...midShapes('decoder.mid', cin)];
-  for (let i = cfg.chMult.length - 1; i >= 0; i--) {
-    const cout = cfg.ch * cfg.chMult[i];
-    for (let j = 0; j <= cfg.numResBlocks; j++) {
-      s.push(...resnetShapes(`decoder.up.${i}.block.${j}`, cin, cout));
-      if (cfg.attnResolutions.includes(levelResolution(cfg, i))) s.push(...attnShapes(`decoder.up.${i}.attn.${j}`, cout));
-      cin = cout;
-    }
-    if (i !== 0) s.push(...convShapes(`decoder.up.${i}.upsample.conv`, cout, cout, 3));
-  }
-  s.push(...normShapes('decoder.norm_out', cin), ...convShapes('decoder.conv_out', cin, cfg.outChannels, 3));
-  return s;
-}
-
-/** Every checkpoint key the VAE reads, with its PyTorch shape. */
-export function expectedShapes(cfg: VaeConfig = SD15_VAE, prefix = VAE_PREFIX): Map<string, number[]> {
-  const all: Shapes = [
-    ...encoderShapes(cfg),
-    ...convShapes('quant_conv', 2 * cfg.zChannels, 2 * cfg.embedDim, 1),
-    ...convShapes('post_quant_conv', cfg.embedDim, cfg.zChannels, 1),
-    ...decoderShapes(cfg),
-  ];
-  return new Map(all.map(([k, s]) => [prefix === '' ? k : `${prefix}.${k}`, s]));
 }

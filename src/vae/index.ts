@@ -9,13 +9,15 @@
  */
 import * as tf from '../backend/tf.js';
 import { Conv2d } from '../nn/layers.js';
-import { WeightView, checkCheckpoint } from '../nn/weight-view.js';
+import { WeightView, checkCheckpoint, probeShapes } from '../nn/weight-view.js';
+import { SD1_PREFIXES } from '../weights/layout.js';
 import type { TensorSource } from '../weights/types.js';
-import { SD15_VAE, VAE_PREFIX, downsampleFactor, expectedShapes, type VaeConfig } from './config.js';
+import { SD15_VAE, downsampleFactor, type VaeConfig } from './config.js';
 import { Decoder } from './decoder.js';
 import { Encoder } from './encoder.js';
+import { ShapeError } from '../nn/errors.js';
 
-export { SD15_VAE, VAE_PREFIX, downsampleFactor, expectedShapes, vaeConfigFromLdm, type VaeConfig } from './config.js';
+export { SD15_VAE, downsampleFactor, vaeConfigFromLdm, type VaeConfig } from './config.js';
 
 /** Training-only tensors some checkpoints carry next to the VAE (the LPIPS/discriminator loss). */
 const TRAINING_ONLY = /^first_stage_model\.loss\./;
@@ -30,9 +32,13 @@ export class Vae {
   ) {}
 
   /** Checks every key and shape under `prefix` against cfg, then loads. */
-  static load(src: TensorSource, cfg: VaeConfig = SD15_VAE, prefix = VAE_PREFIX): Vae {
+  static load(src: TensorSource, cfg: VaeConfig = SD15_VAE, prefix: string = SD1_PREFIXES.vae): Vae {
     checkCheckpoint(src, expectedShapes(cfg, prefix), prefix, { ignore: TRAINING_ONLY });
-    const p = WeightView.root(src, prefix);
+    return Vae.loadFrom(WeightView.root(src, prefix), cfg);
+  }
+
+  /** Builds the VAE from a view, without the checks `load` makes first (expectedShapes runs it on a probe). */
+  static loadFrom(p: WeightView, cfg: VaeConfig): Vae {
     return new Vae(
       cfg,
       Encoder.load(p.child('encoder'), cfg),
@@ -73,7 +79,7 @@ export class Vae {
   private checkInput(what: string, x: tf.Tensor4D, channels: number, multiple: number): void {
     const [, h, w, c] = x.shape;
     if (x.rank !== 4 || c !== channels || h % multiple !== 0 || w % multiple !== 0 || h === 0 || w === 0) {
-      throw new RangeError(`vae ${what} must be NHWC [B, H, W, ${channels}] with H and W multiples of ${multiple}, got [${x.shape}]`);
+      throw new ShapeError(`vae ${what} must be NHWC [B, H, W, ${channels}] with H and W multiples of ${multiple}, got [${x.shape}]`);
     }
   }
 
@@ -83,4 +89,9 @@ export class Vae {
     this.postQuantConv.dispose();
     this.decoder.dispose();
   }
+}
+
+/** Every checkpoint key Vae.load reads for cfg, with its PyTorch shape: the loader run against a probe. */
+export function expectedShapes(cfg: VaeConfig = SD15_VAE, prefix: string = SD1_PREFIXES.vae): Map<string, number[]> {
+  return probeShapes(prefix, (p) => Vae.loadFrom(p, cfg));
 }

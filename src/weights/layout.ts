@@ -11,9 +11,22 @@
  */
 import { WeightsError } from './types.js';
 
-export const UNET_PREFIX = 'model.diffusion_model.';
-export const VAE_PREFIX = 'first_stage_model.';
-export const TEXT_PREFIX = 'cond_stage_model.transformer.';
+/**
+ * Where each network lives in an original single-file SD 1.x checkpoint (the attribute paths of CompVis
+ * LatentDiffusion): the one place these prefixes are spelled. `textModule` is the HF CLIPTextModel, whose
+ * `text_model` holds the encoder.
+ */
+export const SD1_PREFIXES = Object.freeze({
+  unet: 'model.diffusion_model',
+  vae: 'first_stage_model',
+  textModule: 'cond_stage_model.transformer',
+  textEncoder: 'cond_stage_model.transformer.text_model',
+});
+
+/** The same, as the start of a key. */
+export const UNET_PREFIX = `${SD1_PREFIXES.unet}.`;
+export const VAE_PREFIX = `${SD1_PREFIXES.vae}.`;
+export const TEXT_PREFIX = `${SD1_PREFIXES.textModule}.`;
 
 export type Component = 'unet' | 'vae' | 'text_encoder';
 
