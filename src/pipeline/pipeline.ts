@@ -24,6 +24,7 @@ import { Vae, downsampleFactor } from '../vae/index.js';
 import { ClipTokenizer, findTokenizer } from '../tokenizer/index.js';
 import { createSampler, TorchGenerator, torchNoise, type NoiseFn, type Sampler } from '../scheduler/index.js';
 import { openWeights } from '../weights/open.js';
+import { withLoraFiles, type LoraSpec } from '../lora/index.js';
 import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
 import type { GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
@@ -43,6 +44,8 @@ export interface LoadOptions {
   readonly config?: PipelineConfig;
   /** A tokenizer file or folder; default: looked for next to the weights, then in ./weights. */
   readonly tokenizer?: string;
+  /** LoRA files merged into the text encoder and UNet weights as they load (src/lora), with their multipliers. */
+  readonly loras?: readonly LoraSpec[];
 }
 
 /** Where a tokenizer is looked for when none is given: next to the weights (and in a diffusers folder), then ./weights. */
@@ -90,7 +93,8 @@ export class StableDiffusion {
     try {
       checkCheckpointFits(src, config);
       const name = basename(o.weights, extname(o.weights));
-      return StableDiffusion.loadModels(src, config, (clip, unet, vae) => new StableDiffusion(config, name, tokenizer, clip, unet, vae));
+      const weights = withLoraFiles(src, o.loras ?? []);
+      return StableDiffusion.loadModels(weights, config, (clip, unet, vae) => new StableDiffusion(config, name, tokenizer, clip, unet, vae));
     } finally {
       src.close();
     }
