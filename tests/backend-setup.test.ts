@@ -12,7 +12,7 @@ import { checkExports, readElf } from '../src/setup/elf.js';
 import { SetupError } from '../src/setup/errors.js';
 import { setupNative } from '../src/setup/native.js';
 import { WheelSource } from '../src/setup/source.js';
-import { buildZip } from '../src/weights/zip.js';
+import { buildZip } from './zip-builder.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'sd-setup-test-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

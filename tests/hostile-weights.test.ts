@@ -18,7 +18,7 @@ import { unpickle, type PickleHooks } from '../src/weights/pickle.js';
 import { printable } from '../src/weights/printable.js';
 import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
 import { WeightsError, WeightsLimitError } from '../src/weights/types.js';
-import { buildZip } from '../src/weights/zip.js';
+import { buildZip } from './zip-builder.js';
 
 const CLI = join(import.meta.dirname, '..', 'bin', 'sd.js');
 const HEAP_MB = 256;

@@ -16,7 +16,8 @@ import { detectLayout, openWeights, weightsFormat } from '../src/weights/open.js
 import { unpickle, type PickleHooks } from '../src/weights/pickle.js';
 import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../src/weights/types.js';
-import { buildZip, ZipArchive } from '../src/weights/zip.js';
+import { ZipArchive } from '../src/weights/zip.js';
+import { buildZip } from './zip-builder.js';
 
 const PIPELINE = 'tests/fixtures/pipeline';
 const BAD = 'tests/fixtures/bad-weights';
@@ -409,6 +410,11 @@ describe('diffusers folder', () => {
     expect(src.info('first_stage_model.decoder.mid.attn_1.q.weight').shape).toHaveLength(4);
     src.close();
     ref.close();
+  });
+
+  it('refuses a diffusers key naming an absurd block index before counting up to it', () => {
+    const keys = ['down_blocks.0.resnets.0.conv1.weight', 'down_blocks.99999999999.resnets.0.conv1.weight'];
+    expect(() => diffusersToOriginal('unet', keys, 'hostile/unet')).toThrow(/block index 99999999999 is past 1023/);
   });
 
   it('converts to one safetensors file under the original names', () => {

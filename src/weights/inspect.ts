@@ -2,7 +2,7 @@
  * What a weight source holds, for `sd inspect`: every tensor (name, dtype, shape), the file format, the key
  * layout, and parameter counts per network (UNet, VAE, text encoder; the rest, e.g. alphas_cumprod, apart).
  */
-import { detectLayout, weightsFormat, type Layout, type WeightsFormat } from './open.js';
+import { detectLayout, weightsFormat, type CheckpointLayout, type WeightsFormat } from './open.js';
 import { TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX } from './layout.js';
 import type { DType } from './dtypes.js';
 import type { TensorSource } from './types.js';
@@ -19,7 +19,7 @@ export interface TensorSummary {
 
 export interface WeightsSummary {
   readonly format: WeightsFormat;
-  readonly layout: Layout;
+  readonly layout: CheckpointLayout;
   readonly tensors: readonly TensorSummary[];
   /** Elements per part; `other` holds buffers and bookkeeping (alphas_cumprod, model_ema.*, ...). */
   readonly numelByPart: Readonly<Record<Part, number>>;

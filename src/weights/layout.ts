@@ -122,13 +122,22 @@ function vaePairs(s: Structure): PrefixPair[] {
   return pairs;
 }
 
-/** 1 + the largest integer that follows `prefix` in any key (0 when none does). */
+/** More blocks of one kind than any real model has (SDXL's deepest list, its transformer blocks, has 10). */
+const MAX_BLOCKS = 1024;
+
+/**
+ * 1 + the largest integer that follows `prefix` in any key (0 when none does). The count becomes loop bounds, so a
+ * key naming block 99999999999 of a hostile folder is refused instead of being counted.
+ */
 function countAfter(keys: readonly string[], prefix: string): number {
   let n = 0;
   for (const k of keys) {
     if (!k.startsWith(prefix)) continue;
     const m = /^(\d+)\./.exec(k.slice(prefix.length));
-    if (m !== null) n = Math.max(n, Number(m[1]) + 1);
+    if (m === null) continue;
+    const index = Number(m[1]);
+    if (index >= MAX_BLOCKS) throw new WeightsError(`tensor ${k}: block index ${m[1]} is past ${MAX_BLOCKS - 1}; no Stable Diffusion model has that many`);
+    n = Math.max(n, index + 1);
   }
   return n;
 }

@@ -13,7 +13,7 @@ import { MAX_HEADER_BYTES, SafetensorsFile } from './safetensors.js';
 import { WeightsError, type TensorSource } from './types.js';
 
 export type WeightsFormat = 'safetensors' | 'pytorch-zip' | 'diffusers-folder';
-export type Layout = 'sd1-original' | 'diffusers' | 'unknown';
+export type CheckpointLayout = 'sd1-original' | 'diffusers' | 'unknown';
 
 export function openWeights(path: string): TensorSource {
   let isDir: boolean;
@@ -90,7 +90,7 @@ export function weightsFormat(src: TensorSource): WeightsFormat {
  * How the weights were laid out where they came from: a diffusers folder (presented under original names) or
  * a single diffusers component file is 'diffusers'; CompVis single-file names are 'sd1-original'.
  */
-export function detectLayout(src: TensorSource): Layout {
+export function detectLayout(src: TensorSource): CheckpointLayout {
   if (src instanceof DiffusersFolder) return 'diffusers';
   const keys = src.keys();
   if (keys.some((k) => k.startsWith(UNET_PREFIX) || k.startsWith(VAE_PREFIX) || k.startsWith(TEXT_PREFIX))) return 'sd1-original';

@@ -15,7 +15,7 @@
 import { closeSync, createReadStream, createWriteStream, fstatSync } from 'node:fs';
 import { Readable, Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { crc32, createInflateRaw, deflateRawSync, inflateRawSync } from 'node:zlib';
+import { crc32, createInflateRaw, inflateRawSync } from 'node:zlib';
 import { MAX_TENSOR_BYTES, openOwned, readFully } from './files.js';
 import { WeightsError, WeightsLimitError, count } from './types.js';
 
@@ -404,98 +404,4 @@ function localDataOffset(r: Reader, name: string, nameBytes: Uint8Array, localOf
     throw new WeightsError(`${r.path}: local header at offset ${localOffset} does not name entry ${name}: the archive is corrupted`);
   }
   return localOffset + LOCAL_BYTES + nameLength + extraLength;
-}
-
-export interface ZipInput {
-  readonly name: string;
-  readonly data: Uint8Array;
-  /** Deflate (method 8) this entry instead of storing it. */
-  readonly deflate?: boolean;
-}
-
-/**
- * A zip archive in memory, for tests (building archives by hand, zip64 included): entries stored, or deflated
- * where asked. `zip64: true` writes every size and offset through zip64 extra fields and the zip64 end records,
- * as writers do past 4 GB.
- */
-export function buildZip(files: readonly ZipInput[], opts: { zip64?: boolean; comment?: string } = {}): Uint8Array {
-  const zip64 = opts.zip64 ?? false;
-  const chunks: Uint8Array[] = [];
-  const central: Uint8Array[] = [];
-  let offset = 0;
-  const push = (b: Uint8Array) => {
-    chunks.push(b);
-    offset += b.byteLength;
-  };
-  for (const f of files) {
-    const name = new TextEncoder().encode(f.name);
-    const crc = crc32(f.data);
-    const method = f.deflate === true ? METHOD_DEFLATE : METHOD_STORED;
-    const body = f.deflate === true ? deflateRawSync(f.data) : f.data;
-    const local = new DataView(new ArrayBuffer(LOCAL_BYTES));
-    local.setUint32(0, SIG_LOCAL, true);
-    local.setUint16(4, zip64 ? 45 : 20, true);
-    local.setUint16(8, method, true);
-    local.setUint32(14, crc, true);
-    local.setUint32(18, body.byteLength, true);
-    local.setUint32(22, f.data.byteLength, true);
-    local.setUint16(26, name.byteLength, true);
-    const localOffset = offset;
-    push(new Uint8Array(local.buffer));
-    push(name);
-    push(body);
-    const extra = zip64 ? zip64Extra([f.data.byteLength, body.byteLength, localOffset]) : new Uint8Array(0);
-    const c = new DataView(new ArrayBuffer(CENTRAL_BYTES));
-    c.setUint32(0, SIG_CENTRAL, true);
-    c.setUint16(4, zip64 ? 45 : 20, true);
-    c.setUint16(6, zip64 ? 45 : 20, true);
-    c.setUint16(10, method, true);
-    c.setUint32(16, crc, true);
-    c.setUint32(20, zip64 ? U32_MAX : body.byteLength, true);
-    c.setUint32(24, zip64 ? U32_MAX : f.data.byteLength, true);
-    c.setUint16(28, name.byteLength, true);
-    c.setUint16(30, extra.byteLength, true);
-    c.setUint32(42, zip64 ? U32_MAX : localOffset, true);
-    central.push(new Uint8Array(c.buffer), name, extra);
-  }
-  const cdOffset = offset;
-  for (const b of central) push(b);
-  const cdSize = offset - cdOffset;
-  if (zip64) {
-    const recordAt = offset;
-    const rec = new DataView(new ArrayBuffer(ZIP64_EOCD_BYTES));
-    rec.setUint32(0, SIG_ZIP64_EOCD, true);
-    rec.setBigUint64(4, BigInt(ZIP64_EOCD_BYTES - 12), true);
-    rec.setUint16(12, 45, true);
-    rec.setUint16(14, 45, true);
-    rec.setBigUint64(24, BigInt(files.length), true);
-    rec.setBigUint64(32, BigInt(files.length), true);
-    rec.setBigUint64(40, BigInt(cdSize), true);
-    rec.setBigUint64(48, BigInt(cdOffset), true);
-    push(new Uint8Array(rec.buffer));
-    const loc = new DataView(new ArrayBuffer(ZIP64_LOCATOR_BYTES));
-    loc.setUint32(0, SIG_ZIP64_LOCATOR, true);
-    loc.setBigUint64(8, BigInt(recordAt), true);
-    loc.setUint32(16, 1, true);
-    push(new Uint8Array(loc.buffer));
-  }
-  const comment = new TextEncoder().encode(opts.comment ?? '');
-  const eocd = new DataView(new ArrayBuffer(EOCD_BYTES));
-  eocd.setUint32(0, SIG_EOCD, true);
-  eocd.setUint16(8, zip64 ? U16_MAX : files.length, true);
-  eocd.setUint16(10, zip64 ? U16_MAX : files.length, true);
-  eocd.setUint32(12, zip64 ? U32_MAX : cdSize, true);
-  eocd.setUint32(16, zip64 ? U32_MAX : cdOffset, true);
-  eocd.setUint16(20, comment.byteLength, true);
-  push(new Uint8Array(eocd.buffer));
-  push(comment);
-  return Buffer.concat(chunks);
-}
-
-function zip64Extra(values: readonly number[]): Uint8Array {
-  const v = new DataView(new ArrayBuffer(4 + 8 * values.length));
-  v.setUint16(0, 1, true);
-  v.setUint16(2, 8 * values.length, true);
-  values.forEach((x, i) => v.setBigUint64(4 + 8 * i, BigInt(x), true));
-  return new Uint8Array(v.buffer);
 }
