@@ -55,7 +55,8 @@ function intList(v: unknown, field: string, allowEmpty: boolean): number[] {
 
 /**
  * The LDM `ddconfig` format (as in the fixtures: `{double_z, z_channels, resolution, in_channels, out_ch, ch,
- * ch_mult, num_res_blocks, attn_resolutions, dropout, embed_dim}`) -> VaeConfig. embed_dim defaults to z_channels.
+ * ch_mult, num_res_blocks, attn_resolutions, dropout, embed_dim}`) -> VaeConfig. embed_dim defaults to z_channels;
+ * resolution may be left out when attn_resolutions is empty.
  */
 export function vaeConfigFromLdm(json: unknown): VaeConfig {
   if (typeof json !== 'object' || json === null) throw new ConfigError('vae config: expected a JSON object');
@@ -66,14 +67,16 @@ export function vaeConfigFromLdm(json: unknown): VaeConfig {
     throw new ConfigError('vae config: "double_z" must be true: AutoencoderKL encodes a mean and a log-variance');
   }
   const zChannels = positiveInt(j.z_channels, 'z_channels');
+  const attn = intList(j.attn_resolutions ?? [], 'attn_resolutions', true);
   return Object.freeze({
     inChannels: positiveInt(j.in_channels, 'in_channels'),
     outChannels: positiveInt(j.out_ch, 'out_ch'),
     ch,
     chMult: Object.freeze(intList(j.ch_mult, 'ch_mult', false)),
     numResBlocks: positiveInt(j.num_res_blocks, 'num_res_blocks'),
-    attnResolutions: Object.freeze(intList(j.attn_resolutions ?? [], 'attn_resolutions', true)),
-    resolution: positiveInt(j.resolution, 'resolution'),
+    attnResolutions: Object.freeze(attn),
+    // only locates attn_resolutions, so it may be left out where there are none (sgm's SDXL config does)
+    resolution: attn.length === 0 && j.resolution === undefined ? SD15_VAE.resolution : positiveInt(j.resolution, 'resolution'),
     zChannels,
     embedDim: positiveInt(j.embed_dim ?? zChannels, 'embed_dim'),
   });
