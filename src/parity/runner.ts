@@ -18,8 +18,9 @@ const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
   unet: () => import('./unet.js'),
   pipeline: () => import('./pipeline.js'),
   canny: () => import('./canny.js'),
-  'prompt-weights': () => import('./prompt-weights.js'),
+  lora: () => import('./lora.js'),
   sdxl: () => import('./sdxl.js'),
+  'prompt-weights': () => import('./prompt-weights.js'),
 };
 
 export const KNOWN_KINDS = Object.keys(RUNNERS);
