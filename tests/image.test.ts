@@ -1,8 +1,10 @@
-import { crc32 } from 'node:zlib';
+import { crc32, deflateSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import sharp from 'sharp';
 import { decodeImage, encodePng, ImageError, readPngParameters } from '../src/image/codec.js';
-import { readChunks } from '../src/image/png-chunks.js';
+import { readImageHeader, sniffFormat } from '../src/image/header.js';
+import { readChunks, stripPngMetadata } from '../src/image/png-chunks.js';
+import { DecodeBudget, decodeUploadedImage } from '../src/image/upload.js';
 import { formatParameters, parseParameters, type ImageParameters } from '../src/image/parameters.js';
 
 const PARAMS: ImageParameters = {
@@ -110,5 +112,108 @@ describe('PNG encode / decode', () => {
     await expect(decodeImage(Buffer.from('not an image at all'), 8, 8, 'init.png')).rejects.toThrow(ImageError);
     await expect(decodeImage(Buffer.from('not an image at all'), 8, 8, 'init.png')).rejects.toThrow(/init\.png: cannot decode/);
     expect(() => readPngParameters(Buffer.from('nope'))).toThrow(ImageError);
+  });
+});
+
+function pngChunk(type: string, data: Buffer): Buffer {
+  const out = Buffer.alloc(12 + data.length);
+  out.writeUInt32BE(data.length, 0);
+  out.write(type, 4, 'latin1');
+  data.copy(out, 8);
+  out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
+  return out;
+}
+
+/** `png` with `extra` chunks right after IHDR (which ends at byte 33). */
+const withChunks = (png: Buffer, extra: Buffer[]): Buffer => Buffer.concat([png.subarray(0, 33), ...extra, png.subarray(33)]);
+
+const solid = (width: number, height: number, channels: 3 | 4 = 3) =>
+  sharp({ create: { width, height, channels, background: channels === 4 ? '#3a7a' : '#3a7' } });
+
+describe('image headers: format by magic bytes, size without decoding', () => {
+  it('reads width, height, bands and sample size of PNG, JPEG and WebP as sharp writes them', async () => {
+    const cases: [Buffer, string, number, number, number, number][] = [
+      [await solid(40, 24).png().toBuffer(), 'PNG', 40, 24, 4, 1],
+      [await solid(40, 24).png({ palette: true }).toBuffer(), 'PNG', 40, 24, 4, 1],
+      [await solid(40, 24).toColourspace('rgb16').png().toBuffer(), 'PNG', 40, 24, 4, 2],
+      [await solid(40, 24).toColourspace('b-w').png().toBuffer(), 'PNG', 40, 24, 2, 1],
+      [await solid(40, 24).jpeg().toBuffer(), 'JPEG', 40, 24, 3, 1],
+      [await solid(40, 24).jpeg({ progressive: true }).withMetadata().toBuffer(), 'JPEG', 40, 24, 3, 1],
+      [await solid(40, 24).webp().toBuffer(), 'WebP', 40, 24, 4, 1],
+      [await solid(40, 24).webp({ lossless: true }).toBuffer(), 'WebP', 40, 24, 4, 1],
+      [await solid(40, 24, 4).webp().toBuffer(), 'WebP', 40, 24, 4, 1],
+    ];
+    for (const [file, format, width, height, bands, bytesPerSample] of cases) {
+      expect(readImageHeader(file), format).toEqual({ format, width, height, bands, bytesPerSample });
+      expect(await sharp(file).metadata()).toMatchObject({ width, height });
+    }
+  });
+
+  it('names the formats it refuses', async () => {
+    expect(sniffFormat(await solid(8, 8).gif().toBuffer())).toEqual({ other: 'GIF' });
+    expect(sniffFormat(await solid(8, 8).tiff().toBuffer())).toEqual({ other: 'TIFF' });
+    expect(sniffFormat(Buffer.from('\uFEFF  <svg xmlns="http://www.w3.org/2000/svg"/>'))).toEqual({ other: 'SVG/XML' });
+    expect(sniffFormat(Buffer.from('hello'))).toEqual({ other: 'unknown' });
+    expect(() => readImageHeader(Buffer.from([0xff, 0xd8, 0xff, 0xda, 0, 2]))).toThrow(/no frame header/);
+  });
+});
+
+describe('PNG metadata stripped before decoding', () => {
+  it('drops text chunks, keeps the chunks that change the pixels; the decode is the same', async () => {
+    const base = await solid(16, 8).png().toBuffer();
+    const text = pngChunk('tEXt', Buffer.from('parameters\0a fern', 'latin1'));
+    const ztxt = pngChunk('zTXt', Buffer.concat([Buffer.from('Comment\0\0', 'latin1'), deflateSync(Buffer.alloc(2 ** 20, 'A'))]));
+    const gama = pngChunk('gAMA', Buffer.from([0, 0, 0xb1, 0x8f]));
+    const png = withChunks(base, [text, gama, ztxt, pngChunk('prIv', Buffer.from('x'))]);
+    const clean = stripPngMetadata(png);
+    expect(readChunks(clean).map((c) => c.type)).toEqual(['IHDR', 'gAMA', ...readChunks(base).slice(1).map((c) => c.type)]);
+    expect(Buffer.compare(await sharp(clean).raw().toBuffer(), await sharp(png).raw().toBuffer())).toBe(0);
+  });
+
+  it('keeps an ICC profile that inflates within the cap, drops one that does not', async () => {
+    const p3 = await solid(8, 8).withIccProfile('p3').png().toBuffer();
+    expect(readChunks(stripPngMetadata(p3)).map((c) => c.type)).toContain('iCCP');
+    const bomb = pngChunk('iCCP', Buffer.concat([Buffer.from('bomb\0\0', 'latin1'), deflateSync(Buffer.alloc(8 * 2 ** 20))]));
+    expect(readChunks(stripPngMetadata(withChunks(await solid(8, 8).png().toBuffer(), [bomb]))).map((c) => c.type)).not.toContain('iCCP');
+  });
+
+  it('decodeImage never inflates the text: 16 zTXt chunks of 8 MiB cost MBs of RSS, not hundreds', async () => {
+    const ztxt = pngChunk('zTXt', Buffer.concat([Buffer.from('Comment\0\0', 'latin1'), deflateSync(Buffer.alloc(8 * 2 ** 20, 'A'))]));
+    const png = withChunks(await solid(16, 8).png().toBuffer(), Array<Buffer>(16).fill(ztxt));
+    const before = process.memoryUsage().rss;
+    const img = await decodeImage(png, 16, 8);
+    const grown = (process.memoryUsage().rss - before) / 2 ** 20;
+    expect(img.rgb.length).toBe(16 * 8 * 3);
+    expect(grown, `RSS grew by ${grown.toFixed(0)} MiB`).toBeLessThan(128);
+  });
+});
+
+describe('decodeUploadedImage: the one gate of every uploaded image', () => {
+  const limits = { maxPixels: 64 * 64, maxDecodeBytes: 2 ** 20 };
+
+  it('returns format, size and the stripped bytes', async () => {
+    const png = withChunks(await solid(40, 24).png().toBuffer(), [pngChunk('tEXt', Buffer.from('k\0v', 'latin1'))]);
+    const up = await decodeUploadedImage(png, 'mask', limits);
+    expect(up).toMatchObject({ format: 'PNG', width: 40, height: 24, decodedBytes: 40 * 24 * 4 });
+    expect(readChunks(up.bytes).map((c) => c.type)).not.toContain('tEXt');
+  });
+
+  it('refuses other formats, too many pixels and broken files, naming the field', async () => {
+    const refusal = (p: Promise<unknown>) => p.then(() => null, (e: unknown) => e as ImageError);
+    const gif = await refusal(decodeUploadedImage(await solid(8, 8).gif().toBuffer(), 'mask', limits));
+    expect(gif).toBeInstanceOf(ImageError);
+    expect(gif?.field).toBe('mask');
+    expect(gif?.message).toBe('mask: a GIF file; accepted formats are PNG, JPEG and WebP');
+    await expect(decodeUploadedImage(await solid(80, 80).jpeg().toBuffer(), 'mask', limits)).rejects.toThrow(/mask: 80x80 is 6400 pixels, over this server's limit of 4096/);
+    const truncated = (await solid(16, 16).png().toBuffer()).subarray(0, 40);
+    await expect(decodeUploadedImage(truncated, 'mask', limits)).rejects.toThrow(/^mask: not a readable PNG \(truncated chunk/);
+  });
+
+  it('counts the decoded size of all the images of one request against one budget', async () => {
+    const png = await solid(32, 32, 4).png().toBuffer(); // 4096 bytes decoded
+    const budget = new DecodeBudget(6000);
+    await decodeUploadedImage(png, 'init_image', limits, budget);
+    await expect(decodeUploadedImage(png, 'mask', limits, budget)).rejects.toThrow(/mask: decodes to .* \(with .* for the request's other images\), over this server's limit/);
+    await expect(decodeUploadedImage(png, 'mask', { ...limits, maxDecodeBytes: 4000 })).rejects.toThrow(/--max-decode-mib/);
   });
 });

@@ -2,16 +2,32 @@
  * Images in and out, through sharp (libvips):
  *   encodePng   RGB uint8 [H, W, 3] row-major -> PNG bytes with the A1111 `parameters` chunk after IHDR
  *   decodeImage PNG/JPEG/WebP bytes -> RGB uint8 [H, W, 3] stretched to width x height (the web UI's
- *               "just resize") after EXIF orientation; transparent pixels are composited onto white
+ *               "just resize") after EXIF orientation; transparent pixels are composited onto white.
+ *               A PNG's text chunks are dropped before libvips sees them (stripPngMetadata), and
+ *               `maxPixels` is sharp's limitInputPixels. Uploads to the server go through ./upload.ts first.
  * The same pixels and text always give the same bytes: sharp writes no timestamps and the chunk is ours.
  */
 import sharp from 'sharp';
-import { insertTextChunk, readTextChunk } from './png-chunks.js';
+import { insertTextChunk, readTextChunk, stripPngMetadata } from './png-chunks.js';
 import { formatParameters, type ImageParameters } from './parameters.js';
 
 /** An input image that cannot be used, or an output that cannot be written: the message says which and why. */
 export class ImageError extends Error {
   override name = 'ImageError';
+  /** The request field the image came in, when it came in one (the server answers 400 naming it). */
+  constructor(
+    message: string,
+    readonly field?: string,
+  ) {
+    super(message);
+  }
+}
+
+const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+
+export interface DecodeOptions {
+  /** Largest width x height the decoder accepts (sharp's limitInputPixels); default sharp's, 16383^2. */
+  readonly maxPixels?: number;
 }
 
 export interface RgbImage {
@@ -44,9 +60,11 @@ export function readPngParameters(png: Uint8Array): string | null {
   }
 }
 
-export async function decodeImage(bytes: Uint8Array, width: number, height: number, name = 'image'): Promise<RgbImage> {
+export async function decodeImage(bytes: Uint8Array, width: number, height: number, name = 'image', o: DecodeOptions = {}): Promise<RgbImage> {
   try {
-    const rgb = await sharp(bytes, { failOn: 'error' })
+    const input = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const clean = input.subarray(0, 8).equals(PNG_SIGNATURE) ? stripPngMetadata(input) : input;
+    const rgb = await sharp(clean, { failOn: 'error', limitInputPixels: o.maxPixels ?? true })
       .rotate() // EXIF orientation, as a photo viewer shows it
       .flatten({ background: '#ffffff' })
       .toColourspace('srgb')

@@ -1,10 +1,11 @@
 /**
- * PNG text chunks, read and written byte by byte (PNG spec, ISO/IEC 15948 §11.3.4): a chunk is
+ * PNG chunks, read and written byte by byte (PNG spec, ISO/IEC 15948 §11.3.4): a chunk is
  * length (u32 BE) | type (4 ASCII) | data | CRC-32 of type+data (ISO 3309, node:zlib's crc32).
  * sharp writes the pixels; this file adds the generation parameters as a `tEXt` chunk right after IHDR (or `iTXt` when the text is not Latin-1, as PIL and
- * so A1111 do), and finds them again.
+ * so A1111 do), and finds them again. stripPngMetadata rebuilds an uploaded PNG from the chunks a decoder
+ * needs, so that libpng never inflates text chunks (a 785 KB file of 8 MiB zTXt chunks cost libvips 4.7 GB).
  */
-import { crc32 } from 'node:zlib';
+import { crc32, inflateSync } from 'node:zlib';
 
 const SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 
@@ -15,25 +16,87 @@ export interface PngChunk {
   readonly offset: number;
 }
 
-/** Every chunk of a PNG in file order; throws on a bad signature, a truncated chunk or a bad CRC. */
-export function readChunks(png: Uint8Array): PngChunk[] {
-  const buf = Buffer.from(png.buffer, png.byteOffset, png.byteLength);
+/** Each chunk's type and byte range in file order, up to IEND; throws on a bad signature or a truncated chunk. */
+function* walkChunks(buf: Buffer): Generator<{ type: string; offset: number; end: number }> {
   if (buf.length < 8 || !buf.subarray(0, 8).equals(SIGNATURE)) throw new Error('not a PNG (bad signature)');
-  const chunks: PngChunk[] = [];
   let at = 8;
   while (at < buf.length) {
     if (at + 12 > buf.length) throw new Error(`truncated chunk header at byte ${at}`);
-    const length = buf.readUInt32BE(at);
-    const end = at + 12 + length;
+    const end = at + 12 + buf.readUInt32BE(at);
     if (end > buf.length) throw new Error(`truncated chunk at byte ${at}`);
     const type = buf.toString('latin1', at + 4, at + 8);
-    const crc = buf.readUInt32BE(end - 4);
-    if (crc32(buf.subarray(at + 4, end - 4)) !== crc) throw new Error(`${type} chunk at byte ${at}: bad CRC`);
-    chunks.push({ type, data: buf.subarray(at + 8, end - 4), offset: at });
+    yield { type, offset: at, end };
     at = end;
-    if (type === 'IEND') break;
+    if (type === 'IEND') return;
+  }
+}
+
+/** Every chunk of a PNG in file order; throws on a bad signature, a truncated chunk or a bad CRC. */
+export function readChunks(png: Uint8Array): PngChunk[] {
+  const buf = Buffer.from(png.buffer, png.byteOffset, png.byteLength);
+  const chunks: PngChunk[] = [];
+  for (const { type, offset, end } of walkChunks(buf)) {
+    if (crc32(buf.subarray(offset + 4, end - 4)) !== buf.readUInt32BE(end - 4)) throw new Error(`${type} chunk at byte ${offset}: bad CRC`);
+    chunks.push({ type, data: buf.subarray(offset + 8, end - 4), offset });
   }
   return chunks;
+}
+
+/** What stripPngMetadata keeps besides the critical chunks. */
+export const PNG_METADATA_CAPS = Object.freeze({
+  /** An ICC profile (iCCP) is kept when it inflates to at most this; larger ones are dropped (pixels read as sRGB). */
+  iccBytes: 2 ** 20,
+  /** EXIF (eXIf, uncompressed; it carries the orientation) is kept up to JPEG's own APP1 limit. */
+  exifBytes: 2 ** 16,
+});
+
+/**
+ * Ancillary chunks that change how the pixels look and are small by definition (PNG spec §11.3): transparency,
+ * gamma, chromaticities, sRGB intent, significant bits, background, pixel size, coding-independent code points,
+ * HDR mastering metadata. Everything else ancillary (tEXt, zTXt, iTXt, tIME, sPLT, hIST, APNG frames, private
+ * chunks) is dropped; iCCP and eXIf are kept under PNG_METADATA_CAPS.
+ */
+const KEPT_ANCILLARY = new Set(['tRNS', 'gAMA', 'cHRM', 'sRGB', 'sBIT', 'bKGD', 'pHYs', 'cICP', 'mDCV', 'cLLI']);
+
+/** iCCP: profile name NUL, compression method (0), zlib stream; whether that stream inflates to at most `cap` bytes. */
+function iccInflatesWithin(data: Buffer, cap: number): boolean {
+  const nul = data.indexOf(0);
+  if (nul < 0 || nul > 79 || data[nul + 1] !== 0) return false;
+  try {
+    inflateSync(data.subarray(nul + 2), { maxOutputLength: cap }); // stops (throws) once past the cap
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The PNG rebuilt from its critical chunks (IHDR, PLTE, IDAT, IEND, and any unknown critical chunk, so the
+ * decoder still refuses what it cannot read) and the ancillary chunks in KEPT_ANCILLARY; text chunks are never
+ * inflated. Chunks are copied as they are (CRCs included: the decoder checks them); bytes after IEND are dropped.
+ */
+export function stripPngMetadata(png: Uint8Array, caps = PNG_METADATA_CAPS): Buffer {
+  const buf = Buffer.from(png.buffer, png.byteOffset, png.byteLength);
+  const kept: Buffer[] = [];
+  let run = { from: 0, to: 8 }; // consecutive kept bytes, copied as one piece
+  for (const { type, offset, end } of walkChunks(buf)) {
+    const critical = (buf[offset + 4]! & 0x20) === 0; // uppercase first letter (§5.4)
+    const size = end - offset - 12;
+    const keep =
+      critical ||
+      KEPT_ANCILLARY.has(type) ||
+      (type === 'eXIf' && size <= caps.exifBytes) ||
+      (type === 'iCCP' && size <= caps.iccBytes && iccInflatesWithin(buf.subarray(offset + 8, end - 4), caps.iccBytes));
+    if (!keep) continue;
+    if (offset !== run.to) {
+      kept.push(buf.subarray(run.from, run.to));
+      run = { from: offset, to: end };
+    } else {
+      run.to = end;
+    }
+  }
+  kept.push(buf.subarray(run.from, run.to));
+  return Buffer.concat(kept);
 }
 
 function chunk(type: string, data: Buffer): Buffer {
