@@ -12,8 +12,13 @@ export const MAX_CFG_SCALE = 30;
 export const MAX_SIZE = 2048;
 export const MAX_BATCH = 8;
 
+/** Model families whose default bounds differ; SDXL is to come. */
+export type ModelFamily = 'sd1' | 'sdxl';
+
 /** What the loaded model decides: its native size, how many text-encoder layers clip skip may drop. */
 export interface ParamLimits {
+  /** Absent: 'sd1'. */
+  readonly family?: ModelFamily;
   readonly width: number;
   readonly height: number;
   /** Smallest width/height in pixels: 64 for SD 1.x; a tiny test model's own size when smaller. */
@@ -23,6 +28,26 @@ export interface ParamLimits {
 }
 
 export const SD15_LIMITS: ParamLimits = Object.freeze({ width: 512, height: 512, minSize: 64, clipLayers: 12 });
+
+/**
+ * How much work one server request may ask for (the CLI, run by its own user, is not bound by these):
+ * `maxPixels` width * height, `maxWork` steps * width * height * batch.
+ */
+export interface WorkBounds {
+  readonly maxPixels: number;
+  readonly maxWork: number;
+}
+
+/**
+ * The server's defaults by family: 4x the native pixel count for SD 1.x (1024x1024; 2048x2048 at one step froze
+ * a server), SDXL's 1536x1536 (2.25x its native 1024x1024); and 150 steps at that size.
+ */
+export const WORK_BOUNDS: Readonly<Record<ModelFamily, WorkBounds>> = Object.freeze({
+  sd1: Object.freeze({ maxPixels: 1024 * 1024, maxWork: 150 * 1024 * 1024 }),
+  sdxl: Object.freeze({ maxPixels: 1536 * 1536, maxWork: 150 * 1536 * 1536 }),
+});
+
+export const workBoundsFor = (limits: ParamLimits): WorkBounds => WORK_BOUNDS[limits.family ?? 'sd1'];
 
 /** Defaults as AUTOMATIC1111's web UI users know them. */
 export const DEFAULTS = Object.freeze({

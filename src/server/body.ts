@@ -1,12 +1,26 @@
 /**
- * The request body of POST /inference and POST /jobs: its JSON schema (checked by fastify before a handler
- * runs, unknown fields refused), its translation to the pipeline's GenerateParams, and the `parameters`
- * object answered back, named as the request names them so it can be sent again to repeat an image.
- * The schema checks types and the model-independent ranges; resolveParams checks the rest (e.g. the
- * model's smallest size, strength without an image) and its ParamError becomes a 400 too.
+ * The request body of POST /inference and POST /jobs: the guards its JSON passes before it is parsed
+ * (a Content-Length within the route's limit, a nesting depth and a count of values), its JSON schema
+ * (checked by fastify before a handler runs, unknown fields refused), its translation to the pipeline's
+ * GenerateParams, and the `parameters` object answered back, named as the request names them so it can be
+ * sent again to repeat an image. The schema checks types and the model-independent ranges; checkRequest the
+ * rest: resolveParams (e.g. the model's smallest size, strength without an image; its ParamError becomes a 400
+ * too), the server's bounds on the work of one request, and every uploaded image (../image/upload.ts).
  */
+import type { FastifyInstance } from 'fastify';
 import { SAMPLERS, type GenerateParams, type ResolvedParams, type SamplerName } from '../pipeline/api.js';
-import { MAX_CFG_SCALE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS } from '../pipeline/params.js';
+import {
+  MAX_CFG_SCALE,
+  MAX_PROMPT_CHARS,
+  MAX_SEED,
+  MAX_SIZE,
+  MAX_STEPS,
+  resolveParams,
+  workBoundsFor,
+  type ParamLimits,
+  type WorkBounds,
+} from '../pipeline/params.js';
+import { DEFAULT_UPLOAD_LIMITS, DecodeBudget, decodeUploadedImage } from '../image/upload.js';
 import { HttpError } from './errors.js';
 
 /** uid: names the output files `<uid>.png` and `<uid>.json`, so only characters safe in any file name. */
@@ -121,4 +135,141 @@ export function toAnsweredParameters(r: ResolvedParams): AnsweredParameters {
     height: r.height,
     ...(r.strength !== null ? { strength: r.strength } : {}),
   };
+}
+
+/** What one request may cost the server; the defaults follow the model family (WORK_BOUNDS) and DEFAULT_UPLOAD_LIMITS. */
+export interface RequestBounds extends WorkBounds {
+  /** Largest width * height of one uploaded image (--max-image-pixels). */
+  readonly maxImagePixels: number;
+  /** Largest decoded size in bytes of all the uploaded images of one request (--max-decode-mib). */
+  readonly maxDecodeBytes: number;
+}
+
+export function resolveBounds(o: Partial<RequestBounds>, limits: ParamLimits): RequestBounds {
+  const family = workBoundsFor(limits);
+  const maxPixels = o.maxPixels ?? family.maxPixels;
+  return {
+    maxPixels,
+    // A --max-pixels of its own moves the default --max-work with it: the family's steps at the largest size.
+    maxWork: o.maxWork ?? Math.round((family.maxWork / family.maxPixels) * maxPixels),
+    maxImagePixels: o.maxImagePixels ?? DEFAULT_UPLOAD_LIMITS.maxPixels,
+    maxDecodeBytes: o.maxDecodeBytes ?? DEFAULT_UPLOAD_LIMITS.maxDecodeBytes,
+  };
+}
+
+/** 1048576 -> "1048576 (1024x1024)" when the count is a square, so a limit reads as a size. */
+function pixels(n: number): string {
+  const side = Math.sqrt(n);
+  return Number.isInteger(side) ? `${n} (${side}x${side})` : String(n);
+}
+
+/** 400 when the image to generate is larger than --max-pixels, or steps * pixels more than --max-work. */
+export function checkWork(r: ResolvedParams, b: WorkBounds): void {
+  const size = r.width * r.height;
+  if (size > b.maxPixels) {
+    throw new HttpError(400, `width: ${r.width}x${r.height} is ${size} pixels, over this server's limit of ${pixels(b.maxPixels)} (--max-pixels)`, 'width');
+  }
+  const work = r.steps * size * r.batch;
+  if (work > b.maxWork) {
+    const at = Math.floor(b.maxWork / size / r.batch);
+    throw new HttpError(
+      400,
+      `steps: ${r.steps} steps at ${r.width}x${r.height} is ${work} pixel-steps, over this server's limit of ${b.maxWork} (--max-work): ` +
+        `at most ${at} steps at this size`,
+      'steps',
+    );
+  }
+}
+
+export interface CheckedRequest {
+  /** What the job runs: the request's params with every uploaded image replaced by its checked bytes. */
+  readonly params: GenerateParams;
+  readonly resolved: ResolvedParams;
+}
+
+/** Everything about a (schema-checked) body that is checked before it is queued; any failure is a 4xx. */
+export async function checkRequest(body: InferenceBody, limits: ParamLimits, o: Partial<RequestBounds> = {}): Promise<CheckedRequest> {
+  const b = resolveBounds(o, limits);
+  const params = toGenerateParams(body);
+  const resolved = resolveParams(params, limits);
+  checkWork(resolved, b);
+  if (params.initImage === undefined) return { params, resolved };
+  const upload = { maxPixels: b.maxImagePixels, maxDecodeBytes: b.maxDecodeBytes };
+  const budget = new DecodeBudget(b.maxDecodeBytes); // shared by all the images of this request
+  const init = await decodeUploadedImage(params.initImage, 'init_image', upload, budget);
+  return { params: { ...params, initImage: init.bytes }, resolved };
+}
+
+/** Bounds on a JSON body, checked on the raw text before JSON.parse (an 18 MiB `[[[[...` blocked the loop 4-6 s). */
+export const JSON_LIMITS = Object.freeze({
+  /** Our bodies are one object of scalars (depth 1); room for nested fields to come. */
+  depth: 8,
+  /** Arrays, objects and comma-separated members together. */
+  values: 10_000,
+  /** Content-Length of a request to a route that takes no body. */
+  bytesWithoutBody: 4096,
+});
+
+/** Routes whose POST body is an InferenceBody: they may be as large as the server's body limit. */
+const BODY_ROUTES = new Set(['/inference', '/jobs']);
+
+const mib = (n: number): string => (n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : `${n} bytes`);
+
+/**
+ * One pass over the raw JSON text: 400 once it nests deeper than `depth` or holds more than `values` values.
+ * Strings are skipped with indexOf (a base64 image is one long string), so a legitimate body costs little.
+ */
+export function checkJsonShape(text: string, limits = JSON_LIMITS): void {
+  let depth = 0;
+  let values = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22) {
+      i = closingQuote(text, i);
+      if (i < 0) return; // unterminated: JSON.parse says so
+    } else if (c === 0x5b || c === 0x7b) {
+      if (++depth > limits.depth) throw new HttpError(400, `body: JSON nested deeper than ${limits.depth} levels (the server's limit)`, 'body');
+      values++;
+    } else if (c === 0x5d || c === 0x7d) {
+      depth--;
+    } else if (c === 0x2c) {
+      if (++values > limits.values) throw new HttpError(400, `body: more than ${limits.values} JSON values (the server's limit)`, 'body');
+    }
+  }
+}
+
+/** Index of the quote that closes the string opened at `open` (one not escaped by an odd run of backslashes), or -1. */
+function closingQuote(text: string, open: number): number {
+  let at = open;
+  for (;;) {
+    at = text.indexOf('"', at + 1);
+    if (at < 0) return -1;
+    let slashes = 0;
+    while (text.charCodeAt(at - 1 - slashes) === 0x5c) slashes++;
+    if (slashes % 2 === 0) return at;
+  }
+}
+
+/**
+ * Before any body is read: 413 when its Content-Length is over the route's limit (`bodyLimit` for the POST body
+ * routes, JSON_LIMITS.bytesWithoutBody elsewhere). Before JSON.parse: checkJsonShape. Then fastify's own parser
+ * (which refuses `__proto__` and `constructor` keys).
+ */
+export function guardJsonBodies(app: FastifyInstance, bodyLimit: number): void {
+  app.addHook('onRequest', async (request) => {
+    const length = Number(request.headers['content-length'] ?? 0);
+    const route = request.routeOptions.url;
+    const takesBody = request.method === 'POST' && route !== undefined && BODY_ROUTES.has(route);
+    const limit = takesBody ? bodyLimit : JSON_LIMITS.bytesWithoutBody;
+    if (length > limit) {
+      const hint = takesBody ? '; send a smaller init_image' : '';
+      throw new HttpError(413, `body: Content-Length ${length} is over the limit of ${mib(limit)} for ${request.method} ${route ?? request.url}${hint}`, 'body');
+    }
+  });
+  const parse = app.getDefaultJsonParser('error', 'error');
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    checkJsonShape(body as string);
+    parse(request, body as string, done);
+  });
 }

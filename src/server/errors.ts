@@ -51,7 +51,12 @@ export function paramErrorToHttp(e: ParamError): HttpError {
 export function toHttpError(e: unknown, bodyLimit?: number): HttpError {
   if (e instanceof HttpError) return e;
   if (e instanceof ParamError) return paramErrorToHttp(e);
-  if (e instanceof ImageError) return new HttpError(400, `init_image: ${e.message.replace(/^init[_ ]image: /, '')}`, 'init_image');
+  if (e instanceof ImageError) {
+    // An upload names its field (../image/upload.ts); the pipeline's own decode says "init image".
+    const field = e.field ?? 'init_image';
+    const reason = e.message.startsWith(`${field}: `) ? e.message.slice(field.length + 2) : e.message.replace(/^init[_ ]image: /, '');
+    return new HttpError(400, `${field}: ${reason}`, field);
+  }
   const fe = e as Partial<FastifyError>;
   if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
     const limit = bodyLimit !== undefined ? ` of ${(bodyLimit / 2 ** 20).toFixed(1)} MiB` : '';

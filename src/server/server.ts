@@ -16,9 +16,7 @@ import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import type { GenerateParams } from '../pipeline/api.js';
-import { resolveParams } from '../pipeline/params.js';
-import { decodeImage } from '../image/codec.js';
-import { toAnsweredParameters, toGenerateParams, type AnsweredParameters, type InferenceBody } from './body.js';
+import { checkRequest, guardJsonBodies, toAnsweredParameters, type AnsweredParameters, type InferenceBody, type RequestBounds } from './body.js';
 import type { Engine } from './engine.js';
 import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './errors.js';
 import { JobQueue, QueueFullError, isFinished, type Job, type JobContext } from './jobs.js';
@@ -42,6 +40,8 @@ export interface ServerOptions {
   readonly graceS?: number;
   /** Largest request body in bytes; default 20 MiB (an init image in base64). */
   readonly bodyLimit?: number;
+  /** What one request may ask for (pixels, steps * pixels, uploaded images); defaults: the model family's. */
+  readonly bounds?: Partial<RequestBounds>;
   /** fastify's logger option: false in tests, pino options or true otherwise. */
   readonly logger?: FastifyServerOptions['logger'];
   /** The backend name /health reports (known once the model loaded). */
@@ -116,6 +116,7 @@ export class SdServer {
     app.setErrorHandler(errorHandler(bodyLimit));
     const server = new SdServer(app, outputs, o);
     registerRoutes(app, server, { apiKey: o.apiKey ?? null });
+    guardJsonBodies(app, bodyLimit);
     await app.listen({ port: listen.port, host: listen.host });
     server.loading = server.load();
     return server;
@@ -160,14 +161,12 @@ export class SdServer {
   }
 
   /**
-   * Validate a request fully (schema already passed; here the model's ranges and the init image),
-   * reserve its uid, queue it. Bad input throws 400, a taken uid 409, a full queue 429.
+   * Validate a request fully (schema already passed; here the model's ranges, the server's bounds and the
+   * uploaded images), reserve its uid, queue it. Bad input throws 400, a taken uid 409, a full queue 429.
    */
   async admit(body: InferenceBody): Promise<ServerJob> {
     const engine = this.assertAccepting();
-    const params = toGenerateParams(body);
-    const resolved = resolveParams(params, engine.limits);
-    if (params.initImage !== undefined) await decodeImage(params.initImage, 8, 8, 'init_image');
+    const { params, resolved } = await checkRequest(body, engine.limits, this.o.bounds);
     this.assertAccepting(); // shutdown may have begun while the image was decoded
     const uid = body.uid ?? randomUUID();
     this.outputs.reserve(uid);

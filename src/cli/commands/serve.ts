@@ -2,12 +2,15 @@
  * `sd serve`: the HTTP API (src/server). Listens at once and loads the model in the background
  * (/health answers 503 until it is in memory); SIGTERM/SIGINT stop it gracefully (a second signal
  * cancels the running job at once) and the process exits 0. A model that fails to load exits 1.
- * Logs are JSON lines (pino) on stdout.
+ * Logs are JSON lines (pino) on stdout. Without an API key on an address other machines can reach,
+ * it warns at start that every route is open.
  */
 import type { CommandModule } from 'yargs';
 import { BACKENDS, currentBackend, describeChoice, initBackend, type BackendName } from '../../backend/select.js';
 import { StableDiffusion, readPipelineConfig } from '../../pipeline/pipeline.js';
 import { DEFAULT_SERVER, SdServer } from '../../server/server.js';
+import type { RequestBounds } from '../../server/body.js';
+import { DEFAULT_UPLOAD_LIMITS } from '../../image/upload.js';
 import type { Engine } from '../../server/engine.js';
 import { UsageError } from '../errors.js';
 
@@ -23,6 +26,10 @@ interface Args {
   concurrency: number;
   'job-ttl': number;
   grace: number;
+  'max-pixels'?: string;
+  'max-work'?: string;
+  'max-image-pixels': string;
+  'max-decode-mib': number;
   backend?: BackendName;
   'log-level': string;
 }
@@ -45,10 +52,15 @@ export const serveCommand: CommandModule<object, Args> = {
       .option('concurrency', { type: 'number', default: DEFAULT_SERVER.concurrency, describe: 'generations run at the same time' })
       .option('job-ttl', { type: 'number', default: DEFAULT_SERVER.jobTtlS, describe: 'seconds a finished job stays readable at GET /jobs/:id' })
       .option('grace', { type: 'number', default: DEFAULT_SERVER.graceS, describe: 'seconds shutdown waits for the running job before cancelling it' })
+      .option('max-pixels', { type: 'string', describe: 'largest width*height a request may ask for, e.g. 1024x1024 (default: 1024x1024 for SD 1.x)' })
+      .option('max-work', { type: 'string', describe: 'largest steps*width*height of a request, e.g. 150x1024x1024 (default: 150 steps at --max-pixels)' })
+      .option('max-image-pixels', { type: 'string', default: String(DEFAULT_UPLOAD_LIMITS.maxPixels), describe: 'largest width*height of an uploaded image' })
+      .option('max-decode-mib', { type: 'number', default: DEFAULT_UPLOAD_LIMITS.maxDecodeBytes / 2 ** 20, describe: 'MiB the uploaded images of one request may decode to' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' }) as never,
   handler: async (args) => {
     checkArgs(args);
+    const bounds = boundsOf(args);
     const apiKey = args['api-key'] ?? (process.env.SD_API_KEY || null);
     const server = await SdServer.start(
       {
@@ -59,12 +71,15 @@ export const serveCommand: CommandModule<object, Args> = {
         concurrency: args.concurrency,
         jobTtlS: args['job-ttl'],
         graceS: args.grace,
+        bounds,
         logger: { level: args['log-level'] },
         backend: () => currentBackend()?.name ?? null,
       },
       { port: args.port, host: args.host },
     );
     server.app.log.info({ url: server.url, auth: apiKey !== null, outputs: server.outputs.dir }, 'listening; loading the model');
+    const warning = noAuthWarning(args.host, apiKey);
+    if (warning !== null) server.app.log.warn({ host: args.host }, warning);
     stopOnSignals(server);
     server.ready().catch(() => {
       void server.shutdown({ graceS: 0 }).then(() => process.exit(1));
@@ -101,4 +116,40 @@ function checkArgs(a: Args): void {
   for (const [name, v] of [['job-ttl', a['job-ttl']], ['grace', a.grace]] as const) {
     if (!Number.isFinite(v) || v < 0) throw new UsageError(`--${name} must be a number of seconds >= 0, got ${v}`);
   }
+}
+
+/** 127.0.0.0/8, ::1 (also IPv4-mapped and bracketed) and the name localhost: only this machine can connect. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.trim().toLowerCase().replace(/^\[(.*)\]$/, '$1');
+  return h === 'localhost' || h === '::1' || /^(::ffff:)?127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
+}
+
+/** The warning `sd serve` logs at start when it listens beyond loopback with no API key; null when there is none to give. */
+export function noAuthWarning(host: string, apiKey: string | null): string | null {
+  if (apiKey !== null || isLoopbackHost(host)) return null;
+  return (
+    `no authentication: listening on ${host}, which other machines can reach, and every route is open to them; ` +
+    'set SD_API_KEY (or --api-key) to require Authorization: Bearer KEY'
+  );
+}
+
+/** "1024x1024" or "1048576" (and "150x1024x1024" for --max-work): the product of positive integers. */
+export function parseProduct(name: string, v: string): number {
+  const parts = v.trim().toLowerCase().split(/\s*[x*]\s*/);
+  const n = parts.reduce((p, s) => (/^[1-9]\d*$/.test(s) ? p * Number(s) : NaN), 1);
+  if (!Number.isSafeInteger(n)) throw new UsageError(`--${name} must be a positive integer or a product like 1024x1024, got ${JSON.stringify(v)}`);
+  return n;
+}
+
+/** The request bounds the flags set; those left out follow the model family once it is loaded. */
+function boundsOf(a: Args): Partial<RequestBounds> {
+  if (!Number.isFinite(a['max-decode-mib']) || a['max-decode-mib'] <= 0) {
+    throw new UsageError(`--max-decode-mib must be a number of MiB > 0, got ${a['max-decode-mib']}`);
+  }
+  return {
+    ...(a['max-pixels'] !== undefined ? { maxPixels: parseProduct('max-pixels', a['max-pixels']) } : {}),
+    ...(a['max-work'] !== undefined ? { maxWork: parseProduct('max-work', a['max-work']) } : {}),
+    maxImagePixels: parseProduct('max-image-pixels', a['max-image-pixels']),
+    maxDecodeBytes: Math.round(a['max-decode-mib'] * 2 ** 20),
+  };
 }
