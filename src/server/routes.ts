@@ -7,7 +7,18 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { INFERENCE_BODY_SCHEMA, JOB_ID_SCHEMA, type InferenceBody } from './body.js';
 import { HttpError, errorBody } from './errors.js';
 import { isFinished } from './jobs.js';
-import type { SdServer, ServerJob } from './server.js';
+import type { Engine } from './engine.js';
+import type { JobQueue } from './jobs.js';
+import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
+
+/** What the routes need of the server (SdServer is it): its state, admission of work, and the job queue. */
+export interface RouteHost {
+  readonly state: ServerState;
+  readonly queue: Pick<JobQueue<WorkItem, InferenceResult>, 'get' | 'cancel' | 'position'>;
+  assertAccepting(): Engine;
+  health(): { statusCode: number; body: Record<string, unknown> };
+  admit(body: InferenceBody): Promise<ServerJob>;
+}
 
 export interface RouteOptions {
   readonly apiKey: string | null;
@@ -21,7 +32,7 @@ interface JobParams {
   readonly id: string;
 }
 
-export function registerRoutes(app: FastifyInstance, server: SdServer, o: RouteOptions): void {
+export function registerRoutes(app: FastifyInstance, server: RouteHost, o: RouteOptions): void {
   app.addHook('onRequest', async (request) => {
     const route = request.routeOptions.url;
     if (o.apiKey !== null && (route === undefined || !OPEN_ROUTES.has(route))) checkBearer(request, o.apiKey);
@@ -80,7 +91,7 @@ function checkBearer(request: FastifyRequest, apiKey: string): void {
   }
 }
 
-function findJob(server: SdServer, id: string): ServerJob {
+function findJob(server: RouteHost, id: string): ServerJob {
   const job = server.queue.get(id);
   if (job === undefined) throw new HttpError(404, `job ${id} not found (unknown, or finished longer ago than --job-ttl)`);
   return job;
@@ -97,7 +108,7 @@ function answerInference(job: ServerJob, reply: FastifyReply): FastifyReply {
 }
 
 /** GET /jobs/:id: what a poller needs at each status. */
-function jobView(server: SdServer, job: ServerJob): Record<string, unknown> {
+function jobView(server: RouteHost, job: ServerJob): Record<string, unknown> {
   const base = { id: job.id, uid: job.input.uid, status: job.status, created_at: job.createdAt.toISOString() };
   const finishedAt = job.finishedAt?.toISOString();
   switch (job.status) {

@@ -15,13 +15,13 @@
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
-import type { GenerateParams } from '../pipeline/api.js';
-import { checkRequest, guardJsonBodies, toAnsweredParameters, type AnsweredParameters, type InferenceBody, type RequestBounds } from './body.js';
+import { checkRequest, guardJsonBodies, toAnsweredParameters, type InferenceBody, type RequestBounds } from './body.js';
 import type { Engine } from './engine.js';
 import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './errors.js';
-import { JobQueue, QueueFullError, isFinished, type Job, type JobContext } from './jobs.js';
+import { JobQueue, QueueFullError, isFinished, type JobContext } from './jobs.js';
 import { OutputStore } from './outputs.js';
 import { registerRoutes } from './routes.js';
+import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
 
 export interface ServerOptions {
   /** Loads the model; called once, right after the server starts listening. */
@@ -53,25 +53,7 @@ export interface ListenOptions {
   readonly host: string;
 }
 
-export type ServerState = 'loading' | 'ok' | 'failed' | 'stopping' | 'stopped';
-
-/** What a job runs: the request, resolved enough that a retry gives the same image. */
-export interface WorkItem {
-  readonly uid: string;
-  readonly params: GenerateParams;
-}
-
-/** The answer of POST /inference, and `result` of a succeeded job. */
-export interface InferenceResult {
-  readonly message: 'success';
-  readonly uid: string;
-  /** base64 PNG, with the A1111 `parameters` text chunk. */
-  readonly image: string;
-  readonly seed: number;
-  readonly parameters: AnsweredParameters;
-}
-
-export type ServerJob = Job<WorkItem, InferenceResult>;
+export type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
 
 export const DEFAULT_SERVER = Object.freeze({ maxQueue: 8, concurrency: 1, jobTtlS: 3600, graceS: 20, bodyLimit: 20 * 2 ** 20 });
 

@@ -1,0 +1,27 @@
+/**
+ * What the server's parts share about a job, so that none of them imports another's internals: what a job runs,
+ * what it answers, and the server's lifecycle states. server.ts runs jobs; routes.ts answers HTTP with them.
+ */
+import type { GenerateParams } from '../pipeline/api.js';
+import type { AnsweredParameters } from './body.js';
+import type { Job } from './jobs.js';
+
+export type ServerState = 'loading' | 'ok' | 'failed' | 'stopping' | 'stopped';
+
+/** What a job runs: the request, resolved enough that a retry gives the same image. */
+export interface WorkItem {
+  readonly uid: string;
+  readonly params: GenerateParams;
+}
+
+/** The answer of POST /inference, and `result` of a succeeded job. */
+export interface InferenceResult {
+  readonly message: 'success';
+  readonly uid: string;
+  /** base64 PNG, with the A1111 `parameters` text chunk. */
+  readonly image: string;
+  readonly seed: number;
+  readonly parameters: AnsweredParameters;
+}
+
+export type ServerJob = Job<WorkItem, InferenceResult>;
