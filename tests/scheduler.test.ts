@@ -102,8 +102,10 @@ describe('schedule', () => {
     }
   });
 
-  it('DDIM keeps exactly n timesteps when n does not divide 1000', () => {
-    expect(ddimTimesteps(7)).toEqual([853, 711, 569, 427, 285, 143, 1]);
+  it("DDIM's CompVis uniform spacing runs more than n steps when n does not divide 1000", () => {
+    expect(ddimTimesteps(7)).toEqual([995, 853, 711, 569, 427, 285, 143, 1]);
+    expect(createSampler({ name: 'ddim', steps: 7 }).totalSteps).toBe(8);
+    expect(runAll('ddim', 7)).toEqual([995, 853, 711, 569, 427, 285, 143, 1]);
   });
 });
 

@@ -2,22 +2,16 @@
  * Parity of every sampler (tests/fixtures/samplers) on the fixture's synthetic noise predictor
  * eps(x, t) = tanh(x / 2) * (0.5 + t / 1000) + 0.05, from the listed start and noise tensors.
  * Each case also checks the schedule the sampler walks (listed sigmas or timesteps); ddpm cases with a seed
- * add a case checking that TorchGenerator(seed) draws the listed noise tensors. Latents stay in the fixture's
+ * add a case checking that TorchGenerator(seed) draws the listed noise tensors. A case may name the conventions
+ * it follows (`"conventions": "a1111" | "diffusers"`, src/scheduler/conventions.ts); the default is a1111
+ * (k-diffusion, CompVis DDIM with uniform spacing, the educational DDPM), which is what the fixture's `about` states. Latents stay in the fixture's
  * NCHW layout: every sampler operation is elementwise, so the layout does not matter to them.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { SamplerName } from '../pipeline/api.js';
-import {
-  createSampler,
-  ddimTimesteps,
-  ddpmTimesteps,
-  samplerSigmas,
-  sigmaTable,
-  TorchGenerator,
-  type EpsFn,
-  type NoiseFn,
-} from '../scheduler/index.js';
+import { CONVENTIONS, createSampler, TorchGenerator, type EpsFn, type NoiseFn, type Sampler } from '../scheduler/index.js';
+import { SigmaSampler } from '../scheduler/k-diffusion.js';
 import * as tf from '../backend/tf.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
 import { maxRelError, withinTolerance } from './compare.js';
@@ -32,6 +26,7 @@ interface SamplerCase {
   readonly sampler: SamplerName;
   readonly steps: number;
   readonly karras?: boolean;
+  readonly conventions?: keyof typeof CONVENTIONS;
   readonly sigmas?: number[];
   readonly timesteps?: number[];
   readonly seed?: number;
@@ -47,11 +42,17 @@ interface SamplersFixture {
 
 const syntheticEps: EpsFn = (x, t) => tf.tidy(() => tf.add(tf.mul(tf.tanh(tf.div(x, 2)), 0.5 + t / 1000), 0.05));
 
-/** Largest elementwise relative difference between the schedule we compute and the listed one (0 == 0). */
+function samplerFor(c: SamplerCase): Sampler {
+  const conventions = CONVENTIONS[c.conventions ?? 'a1111'];
+  if (conventions === undefined) throw new Error(`conventions "${String(c.conventions)}": use ${Object.keys(CONVENTIONS).join(' or ')}`);
+  return createSampler({ name: c.sampler, steps: c.steps, karras: c.karras, conventions });
+}
+
+/** Largest elementwise relative difference between the schedule the sampler walks and the listed one (0 == 0). */
 function scheduleError(c: SamplerCase): number {
-  const ours = c.sigmas !== undefined
-    ? samplerSigmas(sigmaTable(), c.steps, c.karras ?? false)
-    : c.sampler === 'ddim' ? ddimTimesteps(c.steps) : ddpmTimesteps(c.steps);
+  const sampler = samplerFor(c);
+  const ours = c.sigmas !== undefined && sampler instanceof SigmaSampler ? sampler.sigmas : sampler.timesteps;
+  sampler.dispose();
   const listed = c.sigmas ?? c.timesteps ?? [];
   if (ours.length !== listed.length) return Infinity;
   let worst = 0;
@@ -76,7 +77,7 @@ function listedNoise(io: SafetensorsFile, names: readonly string[]): NoiseFn & {
 
 function sample(c: SamplerCase, io: SafetensorsFile, shape: number[]): Float32Array {
   const noise = listedNoise(io, c.noise ?? []);
-  const sampler = createSampler({ name: c.sampler, steps: c.steps, karras: c.karras });
+  const sampler = samplerFor(c);
   const xT = c.sampler === 'ddpm' ? noise(shape) : tf.tensor(io.float32('x_T'), shape);
   let x = sampler.start(xT as tf.Tensor4D);
   xT.dispose();

@@ -1,10 +1,11 @@
 /**
- * DDIM, eta = 0 (Song et al. 2021 eq. 12), as CompVis `DDIMSampler` runs it: "uniform" timesteps
- * i * (1000 // n) + 1, each step going to the previous one, and from the last (t = 1) to abar_0, not to 1.
+ * DDIM, eta = 0 (Song et al. 2021 eq. 12), as CompVis `DDIMSampler` (A1111) and diffusers' DDIMScheduler run it.
+ * Each step goes from t to the timestep before it: CompVis to the next listed one (`ddim_alphas_prev`), diffusers to
+ * t - 1000 // n whatever its spacing; the two agree for uniform and leading spacing but where A1111 clips 1000 to
+ * 999. After the last step the target is abar_0, not 1 (CompVis; diffusers `set_alpha_to_one: false`).
  */
 import * as tf from '../backend/tf.js';
 import { checkStepIndex, qSample, stepsToRun } from './common.js';
-import { ddimTimesteps } from './schedule.js';
 import type { EpsFn, NoiseFn, Sampler } from './types.js';
 
 /** DDIM, eta = 0: x_prev = a * x_t + b * eps (pred_x0 = (x_t - sqrt(1 - aT) eps) / sqrt(aT) folded in). */
@@ -15,19 +16,27 @@ export const ddimCoefficients = (aT: number, aPrev: number): [number, number] =>
 
 export class DdimSampler implements Sampler {
   readonly totalSteps: number;
-  private readonly timesteps: readonly number[];
-  /** abar of the timestep each step lands on (CompVis `ddim_alphas_prev`). */
+  readonly timesteps: readonly number[];
+  readonly startScale = 1;
+  /** abar of the timestep each step lands on. */
   private readonly abarPrev: readonly number[];
 
+  /**
+   * all: the spaced timesteps, descending; previous: 'listed' (CompVis) or the stride 1000 // steps (diffusers);
+   * img2img runs the last int(len * strength).
+   */
   constructor(
     private readonly abar: Float64Array,
-    steps: number,
+    all: readonly number[],
+    previous: 'listed' | { readonly stride: number },
     strength?: number,
   ) {
-    const all = ddimTimesteps(steps, abar.length);
-    this.totalSteps = stepsToRun(steps, strength);
-    this.timesteps = all.slice(steps - this.totalSteps);
-    this.abarPrev = this.timesteps.map((_, i) => abar[i + 1 < this.timesteps.length ? this.timesteps[i + 1] : 0]);
+    this.totalSteps = stepsToRun(all.length, strength);
+    this.timesteps = all.slice(all.length - this.totalSteps);
+    this.abarPrev = this.timesteps.map((t, i) => {
+      if (previous !== 'listed') return abar[Math.max(t - previous.stride, 0)];
+      return abar[i + 1 < this.timesteps.length ? this.timesteps[i + 1] : 0];
+    });
   }
 
   start(noise: tf.Tensor4D, initLatent?: tf.Tensor4D): tf.Tensor4D {

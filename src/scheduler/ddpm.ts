@@ -1,11 +1,11 @@
 /**
- * DDPM ancestral sampling (Ho et al. 2020) as the educational sampler does it (hkproj pytorch-stable-diffusion
- * `DDPMSampler`): n evenly spaced timesteps (arange(n) * (1000 // n))[::-1], each step jumping from t to
- * t' = t - 1000 // n with the posterior q(x_t' | x_t, x_0) of that jump and the "fixed small" variance beta~.
+ * DDPM ancestral sampling (Ho et al. 2020) as the educational sampler (hkproj pytorch-stable-diffusion
+ * `DDPMSampler`, timesteps (arange(n) * (1000 // n))[::-1]) and diffusers' DDPMScheduler (the same + steps_offset)
+ * do it: each step jumps from t to the next listed timestep t' (after the last, to "t = -1", abar 1) with the
+ * posterior q(x_t' | x_t, x_0) of that jump and the "fixed small" variance beta~; noise is added while t > 0.
  */
 import * as tf from '../backend/tf.js';
 import { checkStepIndex, qSample, stepsToRun } from './common.js';
-import { ddpmTimesteps } from './schedule.js';
 import type { EpsFn, NoiseFn, Sampler } from './types.js';
 
 export interface DdpmCoefficients {
@@ -27,18 +27,17 @@ export function ddpmCoefficients(abarT: number, abarPrev: number): DdpmCoefficie
 
 export class DdpmSampler implements Sampler {
   readonly totalSteps: number;
-  private readonly timesteps: readonly number[];
-  private readonly stride: number;
+  readonly timesteps: readonly number[];
+  readonly startScale = 1;
 
+  /** all: the spaced timesteps, descending; img2img runs the last int(len * strength). */
   constructor(
     private readonly abar: Float64Array,
-    steps: number,
+    all: readonly number[],
     strength?: number,
   ) {
-    const all = ddpmTimesteps(steps, abar.length);
-    this.totalSteps = stepsToRun(steps, strength);
-    this.timesteps = all.slice(steps - this.totalSteps);
-    this.stride = Math.floor(abar.length / steps);
+    this.totalSteps = stepsToRun(all.length, strength);
+    this.timesteps = all.slice(all.length - this.totalSteps);
   }
 
   start(noise: tf.Tensor4D, initLatent?: tf.Tensor4D): tf.Tensor4D {
@@ -49,9 +48,8 @@ export class DdpmSampler implements Sampler {
   step(i: number, x: tf.Tensor4D, eps: EpsFn, noise: NoiseFn): tf.Tensor4D {
     checkStepIndex('ddpm', i, this.totalSteps);
     const t = this.timesteps[i];
-    const prev = t - this.stride;
     const abarT = this.abar[t];
-    const c = ddpmCoefficients(abarT, prev >= 0 ? this.abar[prev] : 1);
+    const c = ddpmCoefficients(abarT, i + 1 < this.totalSteps ? this.abar[this.timesteps[i + 1]] : 1);
     return tf.tidy((): tf.Tensor4D => {
       const e = eps(x, t);
       const x0 = tf.div(tf.sub(x, tf.mul(e, Math.sqrt(1 - abarT))), Math.sqrt(abarT)); // DDPM eq. 15

@@ -5,14 +5,16 @@
  */
 import * as tf from '../backend/tf.js';
 import { checkStepIndex } from './common.js';
-import { epsAtSigma, SigmaSampler } from './k-diffusion.js';
+import type { SamplerConventions, StartScale } from './conventions.js';
+import { SigmaSampler } from './k-diffusion.js';
+import type { SigmaSchedule } from './spacing.js';
 import type { EpsFn, NoiseFn } from './types.js';
 
 export class EulerSampler extends SigmaSampler {
-  step(i: number, x: tf.Tensor4D, eps: EpsFn, _noise: NoiseFn): tf.Tensor4D {
+  protected advance(i: number, x: tf.Tensor4D, eps: EpsFn, _noise: NoiseFn): tf.Tensor4D {
     checkStepIndex('euler', i, this.totalSteps);
     const [sigma, next] = [this.sigmas[i], this.sigmas[i + 1]];
-    return tf.tidy(() => tf.add(x, tf.mul(epsAtSigma(eps, this.table, x, sigma), next - sigma)));
+    return tf.tidy(() => tf.add(x, tf.mul(this.epsAt(eps, x, i), next - sigma)));
   }
 }
 
@@ -22,14 +24,25 @@ export function ancestralStep(from: number, to: number): { down: number; up: num
   return { down: Math.sqrt(to * to - up * up), up };
 }
 
+/** Ancestral noise: k-diffusion draws it while the next sigma is > 0; diffusers at every step (the last times 0). */
 export class EulerAncestralSampler extends SigmaSampler {
-  step(i: number, x: tf.Tensor4D, eps: EpsFn, noise: NoiseFn): tf.Tensor4D {
+  constructor(
+    schedule: SigmaSchedule,
+    start: StartScale,
+    private readonly noiseRule: SamplerConventions['ancestralNoise'],
+  ) {
+    super(schedule, start);
+  }
+
+  protected advance(i: number, x: tf.Tensor4D, eps: EpsFn, noise: NoiseFn): tf.Tensor4D {
     checkStepIndex('euler_a', i, this.totalSteps);
     const [sigma, next] = [this.sigmas[i], this.sigmas[i + 1]];
     const { down, up } = ancestralStep(sigma, next);
     return tf.tidy((): tf.Tensor4D => {
-      const xDown = tf.add<tf.Tensor4D>(x, tf.mul(epsAtSigma(eps, this.table, x, sigma), down - sigma));
-      return next > 0 ? tf.add(xDown, tf.mul(noise(x.shape), up)) : xDown;
+      const xDown = tf.add<tf.Tensor4D>(x, tf.mul(this.epsAt(eps, x, i), down - sigma));
+      if (next > 0) return tf.add(xDown, tf.mul(noise(x.shape), up));
+      if (this.noiseRule === 'every-step') noise(x.shape).dispose(); // drawn, multiplied by sigma_up = 0
+      return xDown;
     });
   }
 }

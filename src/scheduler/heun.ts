@@ -5,19 +5,19 @@
  */
 import * as tf from '../backend/tf.js';
 import { checkStepIndex } from './common.js';
-import { epsAtSigma, SigmaSampler } from './k-diffusion.js';
+import { SigmaSampler } from './k-diffusion.js';
 import type { EpsFn, NoiseFn } from './types.js';
 
 export class HeunSampler extends SigmaSampler {
-  step(i: number, x: tf.Tensor4D, eps: EpsFn, _noise: NoiseFn): tf.Tensor4D {
+  protected advance(i: number, x: tf.Tensor4D, eps: EpsFn, _noise: NoiseFn): tf.Tensor4D {
     checkStepIndex('heun', i, this.totalSteps);
     const [sigma, next] = [this.sigmas[i], this.sigmas[i + 1]];
     const dt = next - sigma;
     return tf.tidy((): tf.Tensor4D => {
-      const d = epsAtSigma(eps, this.table, x, sigma);
+      const d = this.epsAt(eps, x, i);
       const euler = tf.add<tf.Tensor4D>(x, tf.mul(d, dt));
       if (next === 0) return euler;
-      const d2 = epsAtSigma(eps, this.table, euler, next);
+      const d2 = this.epsAt(eps, euler, i + 1);
       return tf.add(x, tf.mul(tf.add(d, d2), dt / 2));
     });
   }

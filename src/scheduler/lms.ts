@@ -6,7 +6,7 @@
  */
 import * as tf from '../backend/tf.js';
 import { StepHistory } from './common.js';
-import { epsAtSigma, SigmaSampler } from './k-diffusion.js';
+import { SigmaSampler } from './k-diffusion.js';
 import type { EpsFn, NoiseFn } from './types.js';
 
 const LMS_ORDER = 4;
@@ -36,11 +36,11 @@ export function lmsCoefficient(order: number, sigmas: ArrayLike<number>, i: numb
 export class LmsSampler extends SigmaSampler {
   private readonly slopes = new StepHistory('lms', LMS_ORDER);
 
-  step(i: number, x: tf.Tensor4D, eps: EpsFn, _noise: NoiseFn): tf.Tensor4D {
+  protected advance(i: number, x: tf.Tensor4D, eps: EpsFn, _noise: NoiseFn): tf.Tensor4D {
     this.slopes.begin(i, this.totalSteps);
     const order = Math.min(i + 1, LMS_ORDER);
     const next = tf.tidy((): tf.Tensor4D => {
-      this.slopes.push(epsAtSigma(eps, this.table, x, this.sigmas[i]));
+      this.slopes.push(this.epsAt(eps, x, i));
       let sum = x;
       for (let j = 0; j < order; j++) {
         sum = tf.add(sum, tf.mul(this.slopes.recent(j), lmsCoefficient(order, this.sigmas, i, j)));

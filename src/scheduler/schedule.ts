@@ -26,6 +26,29 @@ export function alphasCumprod(n = TRAIN_STEPS, b0 = 0.00085, b1 = 0.012): Float6
 }
 
 /**
+ * The same schedule as diffusers computes it, in float32 (torch.linspace(sqrt(b0), sqrt(b1), n, dtype=float32) ** 2,
+ * alphas = 1 - betas, torch.cumprod): each float32 operation is rounded as torch rounds it on the CPU, where linspace
+ * counts from the start up to halfway and back from the end after, and cumprod accumulates in double. Up to
+ * ~2e-5 relative from the float64 schedule above at late timesteps; the sigmas it gives are within one float32 ulp
+ * of diffusers' own.
+ */
+export function alphasCumprodFloat32(n = TRAIN_STEPS, b0 = 0.00085, b1 = 0.012): Float64Array {
+  const f = Math.fround;
+  const start = f(Math.sqrt(b0));
+  const end = f(Math.sqrt(b1));
+  const step = n === 1 ? 0 : f(f(end - start) / (n - 1));
+  const halfway = Math.floor(n / 2);
+  const out = new Float64Array(n);
+  let prod = 1;
+  for (let t = 0; t < n; t++) {
+    const sqrtBeta = t < halfway ? f(start + f(step * t)) : f(end - f(step * (n - 1 - t)));
+    prod *= f(1 - f(sqrtBeta * sqrtBeta));
+    out[t] = f(prod);
+  }
+  return out;
+}
+
+/**
  * The model's noise levels, indexed by training timestep. Like k-diffusion's `CompVisDenoiser`, they come from
  * the float32 `alphas_cumprod` buffer of the checkpoint's model, so sigmas equal the reference's to float precision.
  */
@@ -64,6 +87,14 @@ export function tToSigma(table: SigmaTable, t: number): number {
   return Math.exp((1 - w) * table.logSigmas[low] + w * table.logSigmas[high]);
 }
 
+/** diffusers' np.interp(t, arange(N), sigmas): sigma interpolated linearly (not its log) at fractional t. */
+export function linearSigma(table: SigmaTable, t: number): number {
+  const s = table.sigmas;
+  const low = Math.min(Math.max(Math.floor(t), 0), s.length - 1);
+  if (t <= 0 || low === s.length - 1 || t === low) return s[low];
+  return (s[low + 1] - s[low]) * (t - low) + s[low];
+}
+
 /** k-diffusion `get_sigmas(n)`: n sigmas at timesteps linspace(N-1, 0, n), then 0. Length n + 1. */
 export function defaultSigmas(table: SigmaTable, n: number): Float64Array {
   const tMax = table.sigmas.length - 1;
@@ -72,11 +103,11 @@ export function defaultSigmas(table: SigmaTable, n: number): Float64Array {
   return out;
 }
 
-/** Karras et al. 2022 eq. 5 (k-diffusion `get_sigmas_karras`): sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, then 0. */
-export function karrasSigmas(table: SigmaTable, n: number, rho = 7): Float64Array {
-  const minInvRho = sigmaMin(table) ** (1 / rho);
-  const maxInvRho = sigmaMax(table) ** (1 / rho);
-  const out = new Float64Array(n + 1);
+/** Karras et al. 2022 eq. 5 (k-diffusion `get_sigmas_karras`): sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, i < n. */
+export function karrasRange(sigmaLo: number, sigmaHi: number, n: number, rho = 7): Float64Array {
+  const minInvRho = sigmaLo ** (1 / rho);
+  const maxInvRho = sigmaHi ** (1 / rho);
+  const out = new Float64Array(n);
   for (let i = 0; i < n; i++) {
     const ramp = n === 1 ? 0 : i / (n - 1);
     out[i] = (maxInvRho + ramp * (minInvRho - maxInvRho)) ** rho;
@@ -84,18 +115,9 @@ export function karrasSigmas(table: SigmaTable, n: number, rho = 7): Float64Arra
   return out;
 }
 
-/**
- * CompVis DDIM "uniform" timesteps, descending: i * (1000 // n) + 1 for i < n. CompVis takes every value of
- * range(0, 1000, 1000 // n), which is n of them when n divides 1000 and more otherwise; like diffusers
- * ("leading" spacing, steps_offset 1) we keep exactly n.
- */
-export function ddimTimesteps(n: number, trainSteps = TRAIN_STEPS): number[] {
-  const c = Math.floor(trainSteps / n);
-  return Array.from({ length: n }, (_, i) => (n - 1 - i) * c + 1);
-}
-
-/** The educational DDPM sampler's timesteps, descending: (arange(n) * (1000 // n))[::-1]. */
-export function ddpmTimesteps(n: number, trainSteps = TRAIN_STEPS): number[] {
-  const c = Math.floor(trainSteps / n);
-  return Array.from({ length: n }, (_, i) => (n - 1 - i) * c);
+/** Karras sigmas over the model's whole range [sigma(0), sigma(999)], then 0. Length n + 1. */
+export function karrasSigmas(table: SigmaTable, n: number, rho = 7): Float64Array {
+  const out = new Float64Array(n + 1);
+  out.set(karrasRange(sigmaMin(table), sigmaMax(table), n, rho));
+  return out;
 }

@@ -3,6 +3,7 @@
  * layout: every operation is elementwise) and a noise predictor; its schedule and coefficients are plain numbers.
  */
 import type * as tf from '../backend/tf.js';
+import type { SamplerConventions } from './conventions.js';
 /** The samplers by name, as the CLI, the server and the PNG parameters spell them. */
 export const SAMPLERS = ['ddpm', 'ddim', 'euler', 'euler_a', 'heun', 'lms', 'dpmpp_2m'] as const;
 export type SamplerName = (typeof SAMPLERS)[number];
@@ -21,13 +22,19 @@ export interface SamplerConfig {
   readonly karras?: boolean;
   /** img2img: the fraction of the schedule to run, (0, 1]; absent for txt2img. */
   readonly strength?: number;
+  /** Whose timesteps, sigmas and start (./conventions.ts); default A1111_CONVENTIONS (k-diffusion, CompVis DDIM). */
+  readonly conventions?: SamplerConventions;
 }
 
 export interface Sampler {
-  /** Steps that will run (img2img: fewer than cfg.steps). */
+  /** Steps that will run (img2img: fewer than cfg.steps; DDIM's uniform spacing: more when steps does not divide 1000). */
   readonly totalSteps: number;
+  /** The model timestep eps is first called with at each step (heun's second call is at the next step's). */
+  readonly timesteps: readonly number[];
+  /** What start() multiplies txt2img noise by: diffusers' init_noise_sigma (1 for DDIM, DDPM and DPM-Solver's VP form). */
+  readonly startScale: number;
   /**
-   * txt2img: the first latent from unit noise (sigma samplers scale it by sigmas[0]); img2img: initLatent
+   * txt2img: the first latent from unit noise, noise * startScale; img2img: initLatent
    * noised to the first step's noise level with `noise`. Returns a new tensor; disposes neither input.
    */
   start(noise: tf.Tensor4D, initLatent?: tf.Tensor4D): tf.Tensor4D;
