@@ -4,8 +4,8 @@
  * Each case also checks the schedule the sampler walks (listed sigmas or timesteps); ddpm cases with a seed
  * add a case checking that TorchGenerator(seed) draws the listed noise tensors. A case may name the conventions
  * it follows (`"conventions": "a1111" | "diffusers"`, src/scheduler/conventions.ts); the default is a1111
- * (k-diffusion, CompVis DDIM with uniform spacing, the educational DDPM), which is what the fixture's `about` states. Latents stay in the fixture's
- * NCHW layout: every sampler operation is elementwise, so the layout does not matter to them.
+ * (k-diffusion, CompVis DDIM with uniform spacing, the educational DDPM), as the fixture's `about` states.
+ * Latents stay in the fixture's NCHW layout: every sampler operation is elementwise, so the layout does not matter.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';

@@ -18,10 +18,12 @@
  *                                                                        x_T itself, in variance-preserving form
  *   DPM-Solver spacing       as the others                              n + 1 points, the last dropped (never t = 0)
  *   euler_a noise            drawn while the next sigma is > 0          drawn every step (the last one times 0)
- *   DDIM                     uniform: range(0, 1000, 1000 // n) + 1     leading + steps_offset
+ *   DDIM                     uniform: range(0, 1000, 1000 // n) + 1     leading + steps_offset, each step to
+ *                            (at most 999), each step to the next one   t - 1000 // n
  *   DDPM                     leading, offset 0 (educational sampler)    leading + steps_offset
  *
  * For n dividing 1000 DDIM's uniform and leading + 1 agree; otherwise uniform runs more than n steps.
+ * Samplers whose rules are not listed (heun, lms) follow their family's; img2img is the same in every tool.
  * conventionsFromSchedulerConfig translates a diffusers scheduler_config.json into these values.
  */
 import { SamplerError, type SamplerName } from './types.js';
@@ -45,7 +47,10 @@ export interface SigmaConventions {
   readonly interpolation: 'log-sigma' | 'sigma';
   /** 'rounded': every t the UNet gets is an integer, spaced t and t(sigma) alike (diffusers' DPM-Solver). */
   readonly timesteps: 'fractional' | 'rounded';
-  /** Karras sigmas span the model's whole range, or the ends of the spaced sigmas (diffusers' Euler/Heun/LMS). */
+  /**
+   * Karras sigmas span the model's whole range, or the ends of the spaced sigmas (diffusers' Euler/Heun/LMS;
+   * its EulerAncestralDiscreteScheduler has no Karras option, and euler_a here follows Euler's rule).
+   */
   readonly karrasRange: 'training' | 'spaced';
   readonly startScale: StartScale;
 }
@@ -103,7 +108,13 @@ function diffusersConventions(spacing: Exclude<TimestepSpacing, 'uniform'>, step
     precision: 'float32',
     stepsOffset,
     sigma: euler,
-    dpmSolver: Object.freeze({ ...euler, points: 'n+1', timesteps: 'rounded', karrasRange: 'training', startScale: 'variance-preserving' }),
+    dpmSolver: Object.freeze({
+      ...euler,
+      points: 'n+1',
+      timesteps: 'rounded',
+      karrasRange: 'training',
+      startScale: 'variance-preserving',
+    }),
     ancestralNoise: 'every-step',
     ddim: spacing,
     ddpm: spacing,
@@ -181,7 +192,8 @@ export function conventionsFromSchedulerConfig(json: unknown): DiffusersSchedule
   const className = cfg._class_name;
   const known = typeof className === 'string' ? DIFFUSERS_CLASSES[className] : undefined;
   if (className !== undefined && known === undefined) {
-    throw new SamplerError(`scheduler_config.json: _class_name "${String(className)}" is not one of ${Object.keys(DIFFUSERS_CLASSES).join(', ')}`);
+    const classes = Object.keys(DIFFUSERS_CLASSES).join(', ');
+    throw new SamplerError(`scheduler_config.json: _class_name "${String(className)}" is not one of ${classes}`);
   }
   for (const [key, allowed] of Object.entries(SUPPORTED)) {
     const v = cfg[key];

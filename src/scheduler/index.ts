@@ -15,7 +15,7 @@ import { A1111_CONVENTIONS } from './conventions.js';
 import { sliceSchedule } from './k-diffusion.js';
 import { LmsSampler } from './lms.js';
 import { alphasCumprod, alphasCumprodFloat32, sigmaTable, TRAIN_STEPS } from './schedule.js';
-import { sigmaSchedule, spacedTimesteps } from './spacing.js';
+import { integerTimesteps, sigmaSchedule } from './spacing.js';
 import { SamplerError, type Sampler, type SamplerConfig } from './types.js';
 
 export type { EpsFn, NoiseFn, Sampler, SamplerConfig } from './types.js';
@@ -45,7 +45,15 @@ export {
   type StartScale,
   type TimestepSpacing,
 } from './conventions.js';
-export { ddimTimesteps, ddpmTimesteps, roundHalfEven, sigmaSchedule, spacedTimesteps, type SigmaSchedule } from './spacing.js';
+export {
+  ddimTimesteps,
+  ddpmTimesteps,
+  integerTimesteps,
+  roundHalfEven,
+  sigmaSchedule,
+  spacedTimesteps,
+  type SigmaSchedule,
+} from './spacing.js';
 export { samplerSigmas } from './k-diffusion.js';
 export { TorchGenerator } from './torch-generator.js';
 export { NOISE_SOURCES, createGenerator, torchNoise, type NoiseGenerator, type NoiseSource } from './noise.js';
@@ -70,10 +78,10 @@ export function createSampler(cfg: SamplerConfig): Sampler {
   const abar = c.precision === 'float32' ? alphasCumprodFloat32() : alphasCumprod();
   const { name, steps, strength } = cfg;
   const spacing = { stepsOffset: c.stepsOffset, trainSteps: abar.length };
-  if (name === 'ddpm') return new DdpmSampler(abar, spacedTimesteps(c.ddpm, steps, spacing), strength);
+  if (name === 'ddpm') return new DdpmSampler(abar, integerTimesteps(c.ddpm, steps, spacing), strength);
   if (name === 'ddim') {
     const previous = c.ddim === 'uniform' ? 'listed' : { stride: Math.floor(abar.length / steps) }; // CompVis : diffusers
-    return new DdimSampler(abar, spacedTimesteps(c.ddim, steps, spacing), previous, strength);
+    return new DdimSampler(abar, integerTimesteps(c.ddim, steps, spacing), previous, strength);
   }
   const rules = name === 'dpmpp_2m' ? c.dpmSolver : c.sigma;
   const schedule = sliceSchedule(sigmaSchedule(sigmaTable(abar), steps, cfg.karras ?? false, rules, c), strength);

@@ -103,7 +103,10 @@ export function defaultSigmas(table: SigmaTable, n: number): Float64Array {
   return out;
 }
 
-/** Karras et al. 2022 eq. 5 (k-diffusion `get_sigmas_karras`): sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, i < n. */
+/**
+ * Karras et al. 2022 eq. 5 (k-diffusion `get_sigmas_karras`), from sigmaHi down to sigmaLo:
+ * sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, i < n.
+ */
 export function karrasRange(sigmaLo: number, sigmaHi: number, n: number, rho = 7): Float64Array {
   const minInvRho = sigmaLo ** (1 / rho);
   const maxInvRho = sigmaHi ** (1 / rho);

@@ -72,10 +72,16 @@ export function spacedTimesteps(spacing: TimestepSpacing, n: number, o: SpacingO
   const bad = ts.find((t) => !(t >= 0 && t <= T - 1));
   if (bad !== undefined) {
     const extra = spacing === 'leading' ? ` + steps_offset ${offset}` : '';
-    throw new SamplerError(`steps: ${spacing}${extra} spacing of ${n} steps gives timestep ${bad}, outside 0..${T - 1}; choose another step count`);
+    throw new SamplerError(
+      `steps: ${spacing}${extra} spacing of ${n} steps gives timestep ${bad}, outside 0..${T - 1}; choose another step count`,
+    );
   }
   return ts;
 }
+
+/** The integer timesteps of DDIM and DDPM: linspace rounded half to even (diffusers' np.linspace(...).round()). */
+export const integerTimesteps = (spacing: TimestepSpacing, n: number, o: SpacingOptions = {}): number[] =>
+  spacedTimesteps(spacing, n, o).map(roundHalfEven);
 
 /** CompVis DDIM "uniform" timesteps, descending: range(0, 1000, 1000 // n) + 1, at most 999 (more than n when n does not divide 1000). */
 export const ddimTimesteps = (n: number, trainSteps = TRAIN_STEPS): number[] => spacedTimesteps('uniform', n, { trainSteps });
@@ -115,7 +121,7 @@ export function sigmaSchedule(
   const round = (t: number): number => (rules.timesteps === 'rounded' ? roundHalfEven(t) : t);
   const f32 = (x: number): number => (c.precision === 'float32' ? Math.fround(x) : x);
   const spaced = (kDiffusion && rules.spacing === 'linspace'
-    ? kDiffusionLinspace(steps, tMax)
+    ? kDiffusionLinspace(rules.points === 'n+1' ? steps + 1 : steps, tMax).slice(0, steps)
     : spacedTimesteps(rules.spacing, steps, { stepsOffset: c.stepsOffset, points: rules.points, trainSteps: tMax + 1 })
   ).map((t) => f32(round(t)));
   let sigmas = spaced.map((t) => (kDiffusion ? tToSigma(table, t) : linearSigma(table, t)));
