@@ -1,6 +1,7 @@
 /**
  * The SDXL UNet (per-level transformer depth, head width 64-style heads, Linear projections, label_emb fed by the
- * micro-conditioning) and VAE against the sdxl fixture parts (tests/fixtures/sdxl/{unet,vae}), on the cpu backend.
+ * micro-conditioning), VAE and whole txt2img from the single fp16 file (three samplers with diffusers' semantics)
+ * against the sdxl fixture parts (tests/fixtures/sdxl/{unet,vae,pipeline}), on the cpu backend.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
@@ -17,10 +18,10 @@ beforeAll(async () => {
 });
 
 describe('SDXL UNet and VAE against the fixture', () => {
-  it.each(['unet', 'vae'])('%s: every case within tolerance', async (part) => {
+  it.each(['unet', 'vae', 'pipeline'])('%s: every case within tolerance', async (part) => {
     const results = await runPart(DIR, part, { backend: 'cpu' });
     expect(results.filter((r) => !r.passed), JSON.stringify(results)).toEqual([]);
-    expect(results.length).toBeGreaterThanOrEqual(part === 'unet' ? 5 : 1);
+    expect(results.length).toBeGreaterThanOrEqual({ unet: 5, vae: 1, pipeline: 18 }[part] ?? 1);
   }, 300_000);
 });
 

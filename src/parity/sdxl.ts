@@ -7,7 +7,7 @@
  *                 `../tokenizer/` folder. `ids_2_diffusers` (diffusers' `!` handling) is not followed.
  * text_encoders/  fixture.json + io.safetensors: both encoders on the pipeline's single file, from the stored ids
  *                 (each output) and from the prompts (tokenizers + SdxlTextEncoder: ids, context, text_embeds).
- * unet/, vae/     sdxl-networks.ts.
+ * unet/, vae/     sdxl-networks.ts; pipeline/: sdxl-pipeline.ts.
  */
 import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -22,6 +22,7 @@ import { SafetensorsFile } from '../weights/safetensors.js';
 import type { TensorSource } from '../weights/types.js';
 import { withinTolerance } from './compare.js';
 import { runUnet, runVae } from './sdxl-networks.js';
+import { runPipeline } from './sdxl-pipeline.js';
 import type { CaseResult, KindRunner, ParityOptions } from './types.js';
 
 const KIND = 'sdxl';
@@ -142,7 +143,7 @@ const runTextEncoders: PartRunner = async (dir, opts) => {
 };
 
 /** The parts this project runs so far, by sub-folder name. */
-export const PARTS: Readonly<Record<string, PartRunner>> = { tokenizer: runTokenizer, text_encoders: runTextEncoders, unet: runUnet, vae: runVae };
+export const PARTS: Readonly<Record<string, PartRunner>> = { tokenizer: runTokenizer, text_encoders: runTextEncoders, unet: runUnet, vae: runVae, pipeline: runPipeline };
 
 /** One part of an sdxl fixture folder (`dir` is the sdxl folder); an unknown part is one failed result. */
 export async function runPart(dir: string, part: string, opts: ParityOptions): Promise<CaseResult[]> {

@@ -10,6 +10,7 @@
  */
 import * as tf from '../backend/tf.js';
 import type { ClipTextEncoder } from '../clip/index.js';
+import type { SdxlTextEncoder } from '../clip/sdxl-text.js';
 import type { ClipTokenizer } from '../tokenizer/index.js';
 import { timestepEmbedding, type Conditioning } from '../unet/index.js';
 import { ShapeError } from '../nn/errors.js';
@@ -50,4 +51,67 @@ export function sdxlAddedEmbedding(pooled: tf.Tensor2D, timeIds: readonly (reado
     const features = tf.reshape(timestepEmbedding(timeIds.flat(), dim), [b, 6 * dim]);
     return tf.concat([pooled, features], 1) as tf.Tensor2D;
   });
+}
+
+/** A generation's texts. `negative` is null when none was given: SD 1.x encodes "" then, SDXL base uses zeros. */
+export interface Prompts {
+  readonly prompt: string;
+  readonly negative: string | null;
+}
+
+/** SDXL's size and crop conditioning, in pixels (the pipeline defaults: [H, W], [0, 0], [H, W]). */
+export interface MicroConditioning {
+  readonly originalSize: readonly [number, number];
+  readonly cropTopLeft: readonly [number, number];
+  readonly targetSize: readonly [number, number];
+}
+
+/** Text -> the UNet's Conditioning, for one model family. */
+export interface TextConditioner {
+  /** Batch 2 ([uncond, cond]) with guidance, batch 1 ([cond]) without. */
+  encode(prompts: Prompts, o: { readonly guidance: boolean; readonly clipSkip: number; readonly micro: MicroConditioning }): Conditioning;
+  dispose(): void;
+}
+
+/** SD 1.x: the context of [negative, prompt] (negative "" when none was given). */
+export class Sd1Conditioner implements TextConditioner {
+  constructor(readonly text: Sd1TextEncoder) {}
+
+  encode(p: Prompts, o: { readonly guidance: boolean; readonly clipSkip: number }): Conditioning {
+    return sd1Conditioning(this.text, o.guidance ? [p.negative ?? '', p.prompt] : [p.prompt], o.clipSkip);
+  }
+
+  dispose(): void {
+    this.text.clip.dispose();
+  }
+}
+
+/**
+ * SDXL: context = both encoders' penultimate states side by side [B, 77, 2048]; added = [pooled text of encoder 2,
+ * F(size and crop ids)] [B, 2816], the same ids for both halves. No negative prompt: zero context and pooled
+ * (force_zeros_for_empty_prompt); an explicit "" is encoded. clipSkip does not apply (SDXL takes the penultimate).
+ */
+export class SdxlConditioner implements TextConditioner {
+  constructor(readonly text: SdxlTextEncoder, readonly timeEmbedDim: number) {}
+
+  encode(p: Prompts, o: { readonly guidance: boolean; readonly micro: MicroConditioning }): Conditioning {
+    const cond = this.text.encode([p.prompt]);
+    const { originalSize, cropTopLeft, targetSize } = o.micro;
+    const ids = [...originalSize, ...cropTopLeft, ...targetSize];
+    if (!o.guidance) {
+      const added = sdxlAddedEmbedding(cond.pooled, [ids], this.timeEmbedDim);
+      cond.pooled.dispose();
+      return { context: cond.context, added };
+    }
+    const neg = this.text.encodeNegative(p.negative === null ? null : [p.negative], 1);
+    const context = tf.concat([neg.context, cond.context]) as tf.Tensor3D;
+    const pooled = tf.concat([neg.pooled, cond.pooled]) as tf.Tensor2D;
+    const added = sdxlAddedEmbedding(pooled, [ids, ids], this.timeEmbedDim);
+    tf.dispose([neg.context, neg.pooled, cond.context, cond.pooled, pooled]);
+    return { context, added };
+  }
+
+  dispose(): void {
+    this.text.dispose();
+  }
 }

@@ -19,29 +19,33 @@ import { basename, dirname, extname, resolve } from 'node:path';
 import { existsSync, statSync } from 'node:fs';
 import * as tf from '../backend/tf.js';
 import { ClipTextEncoder } from '../clip/index.js';
+import { SdxlTextEncoder } from '../clip/sdxl-text.js';
 import { UNet, disposeConditioning, type Conditioning } from '../unet/index.js';
 import { Vae, downsampleFactor } from '../vae/index.js';
 import { ClipTokenizer, findTokenizer } from '../tokenizer/index.js';
-import { createSampler, TorchGenerator, torchNoise, type NoiseFn, type Sampler } from '../scheduler/index.js';
+import { createSampler, TorchGenerator, torchNoise, type NoiseFn, type Sampler, type SamplerConfig } from '../scheduler/index.js';
 import { openWeights } from '../weights/open.js';
 import { withLoraFiles, type LoraSpec } from '../lora/index.js';
 import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
 import type { GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
-import { checkCheckpointFits, ConfigError, SD15_PIPELINE, type PipelineConfig } from './config.js';
+import { checkCheckpointFits, ConfigError, familyOf, SD15_PIPELINE, type AnyPipelineConfig, type PipelineConfig } from './config.js';
 import { ShapeError } from '../nn/errors.js';
-import { sd1Conditioning } from './conditioning.js';
+import { Sd1Conditioner, SdxlConditioner, sd1Conditioning, type MicroConditioning, type Prompts, type TextConditioner } from './conditioning.js';
+import { detectFamily, type ModelFamily } from './families.js';
+import { SDXL_BASE_PIPELINE, type SdxlPipelineConfig } from './sdxl-config.js';
 import { denoise, guidedEps, throwIfAborted } from './denoise.js';
 import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
 
 export { AbortError } from './denoise.js';
-export { SD15_PIPELINE, pipelineConfigFromLdm, readPipelineConfig, type PipelineConfig } from './config.js';
+export { SD15_PIPELINE, familyOf, pipelineConfigFromLdm, readPipelineConfig, type AnyPipelineConfig, type PipelineConfig } from './config.js';
+export { SDXL_BASE_PIPELINE, sdxlConfigFromJson, type SdxlPipelineConfig } from './sdxl-config.js';
 
 export interface LoadOptions {
   /** A .safetensors or .ckpt file, or a diffusers folder. */
   readonly weights: string;
-  /** Default: SD 1.5's. */
-  readonly config?: PipelineConfig;
+  /** Default: the family's (SD 1.5's, SDXL base's), the family recognised from the checkpoint's keys. */
+  readonly config?: AnyPipelineConfig;
   /** A tokenizer file or folder; default: looked for next to the weights, then in ./weights. */
   readonly tokenizer?: string;
   /** LoRA files merged into the text encoder and UNet weights as they load (src/lora), with their multipliers. */
@@ -56,8 +60,10 @@ export function tokenizerCandidates(weights: string): string[] {
 }
 
 /** What a model of this config allows: its native size as default, clip skip up to its text-encoder depth. */
-export function limitsFor(cfg: PipelineConfig): ParamLimits {
-  return { width: cfg.width, height: cfg.height, minSize: Math.min(64, cfg.width, cfg.height), clipLayers: cfg.clip.layers };
+export function limitsFor(cfg: AnyPipelineConfig): ParamLimits {
+  const family = familyOf(cfg);
+  const clipLayers = 'family' in cfg ? cfg.text.clipL.layers : cfg.clip.layers;
+  return { family, width: cfg.width, height: cfg.height, minSize: Math.min(64, cfg.width, cfg.height), clipLayers };
 }
 
 /** A tf.Tensor4D NHWC [1, H, W, 3] in [-1, 1] from RGB bytes. */
@@ -77,39 +83,55 @@ export class StableDiffusion {
   private disposed = false;
 
   private constructor(
-    readonly config: PipelineConfig,
+    readonly config: AnyPipelineConfig,
     /** The weights file's name without extension, written into the PNG parameters. */
     readonly modelName: string,
-    private readonly tokenizer: ClipTokenizer,
-    private readonly clip: ClipTextEncoder,
+    /** The family's text -> conditioning (conditioning.ts). */
+    private readonly text: TextConditioner,
     private readonly unet: UNet,
     private readonly vae: Vae,
   ) {}
 
+  /** Opens the weights, recognises the family from their keys, and loads the family's networks. */
   static async load(o: LoadOptions): Promise<StableDiffusion> {
-    const config = o.config ?? SD15_PIPELINE;
     const tokenizer = ClipTokenizer.fromFile(o.tokenizer ?? findTokenizer(tokenizerCandidates(o.weights)));
     const src = openWeights(o.weights);
     try {
-      checkCheckpointFits(src, config);
+      const family = detectFamily(src);
+      if (o.config !== undefined && familyOf(o.config) !== family) {
+        throw new ConfigError(`${o.weights}: the checkpoint is ${family === 'sdxl' ? 'SDXL' : 'SD 1.x'}, but the config given is for ${familyOf(o.config) === 'sdxl' ? 'SDXL' : 'SD 1.x'}`);
+      }
       const name = basename(o.weights, extname(o.weights));
       const weights = withLoraFiles(src, o.loras ?? []);
-      return StableDiffusion.loadModels(weights, config, (clip, unet, vae) => new StableDiffusion(config, name, tokenizer, clip, unet, vae));
+      if (family === 'sdxl') {
+        const config = (o.config ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
+        const text = () => new SdxlConditioner(SdxlTextEncoder.load(weights, tokenizer, config.text), config.timeEmbedDim);
+        return StableDiffusion.loadModels(weights, config, text, (t, unet, vae) => new StableDiffusion(config, name, t, unet, vae));
+      }
+      const config = (o.config ?? SD15_PIPELINE) as PipelineConfig;
+      checkCheckpointFits(src, config);
+      const text = () => new Sd1Conditioner({ tokenizer, clip: ClipTextEncoder.load(weights, config.clip) });
+      return StableDiffusion.loadModels(weights, config, text, (t, unet, vae) => new StableDiffusion(config, name, t, unet, vae));
     } finally {
       src.close();
     }
   }
 
-  /** Loads the three networks; frees those already loaded when a later one fails. */
-  private static loadModels<T>(src: TensorSource, cfg: PipelineConfig, make: (c: ClipTextEncoder, u: UNet, v: Vae) => T): T {
+  /** Loads the text encoders, the UNet and the VAE; frees those already loaded when a later one fails. */
+  private static loadModels<T>(
+    src: TensorSource,
+    cfg: AnyPipelineConfig,
+    text: () => TextConditioner,
+    make: (t: TextConditioner, u: UNet, v: Vae) => T,
+  ): T {
     const loaded: { dispose(): void }[] = [];
     try {
-      const clip = ClipTextEncoder.load(src, cfg.clip);
-      loaded.push(clip);
+      const t = text();
+      loaded.push(t);
       const unet = UNet.load(src, cfg.unet);
       loaded.push(unet);
       const vae = Vae.load(src, cfg.vae);
-      return make(clip, unet, vae);
+      return make(t, unet, vae);
     } catch (e) {
       for (const m of loaded) m.dispose();
       if (e instanceof ShapeError) throw new ConfigError(e.message);
@@ -117,18 +139,27 @@ export class StableDiffusion {
     }
   }
 
+  get family(): ModelFamily {
+    return familyOf(this.config);
+  }
+
   get limits(): ParamLimits {
     return limitsFor(this.config);
   }
 
-  /** The conditioning of `texts`: context [texts.length, 77, C]. */
+  /** SD 1.x: the conditioning of `texts`, context [texts.length, 77, C] (the fixtures compare it). */
   encodeText(texts: readonly string[], clipSkip: number): Conditioning {
-    return sd1Conditioning({ tokenizer: this.tokenizer, clip: this.clip }, texts, clipSkip);
+    if (!(this.text instanceof Sd1Conditioner)) throw new ConfigError('encodeText: SD 1.x only; use encodePrompts');
+    return sd1Conditioning(this.text.text, texts, clipSkip);
   }
 
-  /** CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance. */
-  encodePrompts(r: ResolvedParams): Conditioning {
-    return this.encodeText(usesGuidance(r) ? [r.negativePrompt, r.prompt] : [r.prompt], r.clipSkip);
+  /**
+   * CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance. `negative`
+   * null: none was given (SD 1.x encodes "", SDXL base uses zeros); default: the resolved negative prompt.
+   */
+  encodePrompts(r: ResolvedParams, negative: string | null = r.negativePrompt, micro: MicroConditioning = defaultMicro(r)): Conditioning {
+    const prompts: Prompts = { prompt: r.prompt, negative };
+    return this.text.encode(prompts, { guidance: usesGuidance(r), clipSkip: r.clipSkip, micro });
   }
 
   /** image NHWC [1, H, W, 3] in [-1, 1] -> init latent [1, h, w, 4] = (mean + std * noise) * scale_factor. */
@@ -186,7 +217,7 @@ export class StableDiffusion {
     const perImage = probe.totalSteps;
     probe.dispose();
     const total = perImage * r.batch;
-    const cond = this.encodePrompts(r);
+    const cond = this.encodePrompts(r, p.negativePrompt ?? null);
     const initImage = init === null ? null : rgbToTensor(init);
     const images: GeneratedImage[] = [];
     try {
@@ -202,8 +233,10 @@ export class StableDiffusion {
     return { images, params: r };
   }
 
-  private samplerConfig(r: ResolvedParams) {
-    return { name: r.sampler, steps: r.steps, karras: r.karras, strength: r.strength ?? undefined };
+  /** The sampler of `r` under this model's conventions (SD 1.x: A1111 / k-diffusion; SDXL: diffusers). */
+  samplerConfig(r: ResolvedParams): SamplerConfig {
+    const conventions = 'conventions' in this.config ? this.config.conventions : undefined;
+    return { name: r.sampler, steps: r.steps, karras: r.karras, strength: r.strength ?? undefined, conventions };
   }
 
   private async generateOne(
@@ -247,8 +280,13 @@ export class StableDiffusion {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
-    this.clip.dispose();
+    this.text.dispose();
     this.unet.dispose();
     this.vae.dispose();
   }
+}
+
+/** SDXL's pipeline defaults: original size = target size = the image's, no crop. */
+function defaultMicro(r: ResolvedParams): MicroConditioning {
+  return { originalSize: [r.height, r.width], cropTopLeft: [0, 0], targetSize: [r.height, r.width] };
 }

@@ -9,7 +9,7 @@ import { dirname, extname, join } from 'node:path';
 import type { CommandModule } from 'yargs';
 import { BACKENDS, initBackend, type BackendName } from '../../backend/select.js';
 import { SAMPLERS, type GenerateParams, type SamplerName } from '../../pipeline/api.js';
-import { limitsFor, readPipelineConfig, SD15_PIPELINE, StableDiffusion, type PipelineConfig } from '../../pipeline/pipeline.js';
+import { limitsFor, readPipelineConfig, SD15_PIPELINE, StableDiffusion, type AnyPipelineConfig } from '../../pipeline/pipeline.js';
 import { resolveParams } from '../../pipeline/params.js';
 import { TokenizerError } from '../../tokenizer/index.js';
 import { UsageError } from '../errors.js';
@@ -106,7 +106,7 @@ export function outputPath(out: string, seed: number): string {
   return path;
 }
 
-async function loadModel(args: Args, config: PipelineConfig): Promise<StableDiffusion> {
+async function loadModel(args: Args, config: AnyPipelineConfig | undefined): Promise<StableDiffusion> {
   try {
     return await StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer });
   } catch (e) {
@@ -146,15 +146,15 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('prompt', { alias: 'p', type: 'string', demandOption: true, describe: 'what to draw' })
       .option('negative-prompt', { alias: 'n', type: 'string', describe: 'what to steer away from (the CFG uncond)' })
       .option('weights', { type: 'string', default: DEFAULT_WEIGHTS, describe: '.safetensors / .ckpt file or diffusers folder' })
-      .option('config', { type: 'string', describe: 'pipeline config JSON (LDM names, as tests/fixtures/pipeline/fixture.json); default: SD 1.5' })
+      .option('config', { type: 'string', describe: 'pipeline config JSON (as the fixtures\' fixture.json "config"); default: the family\'s (SD 1.5, SDXL base), recognised from the weights' })
       .option('tokenizer', { type: 'string', describe: 'tokenizer file or folder; default: next to the weights, then ./weights' })
       .option('seed', { type: 'number', describe: '0..2^32-1; default random (printed). Image i of a batch uses seed + i' })
       .option('steps', { type: 'number', describe: 'denoising steps (default 20)' })
       .option('cfg', { coerce: (v: unknown) => v, describe: 'classifier-free guidance scale (default 7.5); --no-cfg: off' })
       .option('sampler', { choices: SAMPLERS, describe: 'sampler (default euler_a)' })
       .option('karras', { type: 'boolean', describe: 'Karras sigmas (sigma samplers)' })
-      .option('width', { alias: 'W', type: 'number', describe: 'pixels, a multiple of 8 (default: the model\'s, 512)' })
-      .option('height', { alias: 'H', type: 'number', describe: 'pixels, a multiple of 8 (default: the model\'s, 512)' })
+      .option('width', { alias: 'W', type: 'number', describe: 'pixels, a multiple of 8 (default: the model\'s: 512 for SD 1.x, 1024 for SDXL)' })
+      .option('height', { alias: 'H', type: 'number', describe: 'pixels, a multiple of 8 (default: the model\'s: 512 for SD 1.x, 1024 for SDXL)' })
       .option('clip-skip', { type: 'number', describe: '1 = last text-encoder layer (default), 2 = penultimate' })
       .option('init-image', { type: 'string', describe: 'img2img: a PNG or JPEG, resized to width x height' })
       .option('strength', { type: 'number', describe: 'img2img: how much to change the image, (0, 1] (default 0.75)' })
@@ -163,10 +163,11 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
       .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' }) as never,
   handler: async (args) => {
-    const config = args.config !== undefined ? readPipelineConfig(args.config) : SD15_PIPELINE;
-    // Validate every parameter before the slow part; the resolved seed is the one generated with.
+    const config = args.config !== undefined ? readPipelineConfig(args.config) : undefined;
+    // Validate every parameter before the slow part; the resolved seed is the one generated with. The model's
+    // family (its default size) is known once it is loaded; sizes are checked against it again then.
     const params = toParams(args);
-    const { seed } = resolveParams(params, limitsFor(config));
+    const { seed } = resolveParams(params, limitsFor(config ?? SD15_PIPELINE));
     checkWeights(args.weights);
     await initBackend({ backend: args.backend, threads: args.threads });
     const sd = await loadModel(args, config);
