@@ -378,10 +378,10 @@ describe('diffusers folder', () => {
       parts.set(d.component, [...(parts.get(d.component) ?? []), [d.key, { dtype: info.dtype, shape }, ref.bytes(name)]]);
     }
     ref.close();
-    const files: Record<Component, string> = { unet: 'diffusion_pytorch_model.bin', vae: 'diffusion_pytorch_model.safetensors', text_encoder: 'model.safetensors' };
+    const files: Partial<Record<Component, string>> = { unet: 'diffusion_pytorch_model.bin', vae: 'diffusion_pytorch_model.safetensors', text_encoder: 'model.safetensors' };
     for (const [c, tensors] of parts) {
       mkdirSync(join(dir, c), { recursive: true });
-      const path = join(dir, c, files[c]);
+      const path = join(dir, c, files[c] ?? '');
       if (c === 'unet') {
         const ckpt = tensors.map(([name, info, data]) => ({ name, dtype: info.dtype as CkptTensor['dtype'], shape: info.shape, data }));
         writeFileSync(path, buildCheckpoint(ckpt));
@@ -441,8 +441,9 @@ describe('diffusers folder', () => {
     expect(m.get('first_stage_model.encoder.mid.attn_1.proj_out.bias')?.linearAsConv).toBe(false);
   });
 
-  it('refuses a UNet key with no SD 1.x name, and a folder missing a component', () => {
-    expect(() => diffusersToOriginal('unet', ['add_embedding.linear_1.weight'], 'unet')).toThrow(/has no SD 1\.x original name/);
+  it('refuses a UNet key with no original name, and a folder missing a component', () => {
+    expect(() => diffusersToOriginal('unet', ['class_embedding.linear_1.weight'], 'unet')).toThrow(/has no original \(SD 1\.x or SDXL\) name/);
+    expect(diffusersToOriginal('unet', ['add_embedding.linear_1.weight'], 'unet').has('model.diffusion_model.label_emb.0.0.weight')).toBe(true); // SDXL
     const partial = join(tmp, 'partial');
     mkdirSync(join(partial, 'unet'), { recursive: true });
     expect(() => openWeights(partial)).toThrow(/diffusers folder has no unet weights/);

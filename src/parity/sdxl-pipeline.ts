@@ -1,10 +1,12 @@
 /**
- * Parity for the `pipeline` part of the `sdxl` fixture kind: tiny SDXL txt2img from the original single file
- * (model-fp16.safetensors) through StableDiffusion (the family recognised from the keys, the fixture's config),
- * with diffusers' scheduler semantics for SDXL. Per case: the negative embeddings (encoded, or zeros when none is
- * given), x_T = the seed's first torch.randn, the scaled start latent, the final latent and the image (NHWC).
+ * Parity for the `pipeline` part of the `sdxl` fixture kind: tiny SDXL txt2img through StableDiffusion (the family
+ * recognised from the keys, the fixture's config), with diffusers' scheduler semantics for SDXL, from each source
+ * the fixture has: the original single file (model-fp16.safetensors) and the diffusers folder (diffusers/, shown
+ * under the single file's names by weights/diffusers.ts). Per case: the negative embeddings (encoded, or zeros when
+ * none is given), x_T = the seed's first torch.randn, the scaled start latent, the final latent and the image (NHWC).
+ * Case names say the source: `pipeline/single_file/euler/latent`, `pipeline/diffusers/euler/latent`.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as tf from '../backend/tf.js';
 import { initBackend } from '../backend/select.js';
@@ -34,6 +36,7 @@ interface PipelineCase {
 }
 
 interface PipelineFixture {
+  readonly checkpoints?: { readonly single_file?: readonly { readonly file: string }[]; readonly diffusers?: string };
   readonly config: Record<string, unknown> & { prompt: string; width: number; height: number };
   readonly tolerance: { embeds: number; latent: number; image: number };
   readonly cases: readonly PipelineCase[];
@@ -41,21 +44,42 @@ interface PipelineFixture {
 
 const nchw = (x: tf.Tensor4D): Float32Array => tf.tidy(() => tf.transpose(x, [0, 3, 1, 2])).dataSync() as Float32Array;
 
+/** The weights the fixture lists (`checkpoints`), each a named source: its single files, then its diffusers folder. */
+function sources(dir: string, fixture: PipelineFixture): [string, string][] {
+  const singles = fixture.checkpoints?.single_file ?? [{ file: 'model-fp16.safetensors' }];
+  const out: [string, string][] = singles.map(({ file }, i) => [i === 0 ? 'single_file' : file, join(dir, file)]);
+  const folder = fixture.checkpoints?.diffusers;
+  if (folder !== undefined && existsSync(join(dir, folder))) out.push(['diffusers', join(dir, folder)]);
+  return out;
+}
+
 export async function runPipeline(dir: string, opts: ParityOptions): Promise<CaseResult[]> {
   await initBackend({ backend: opts.backend, log: null });
   const fixture = JSON.parse(readFileSync(join(dir, 'fixture.json'), 'utf8')) as PipelineFixture;
-  const tol = fixture.tolerance;
   const io = SafetensorsFile.open(join(dir, 'io.safetensors'));
+  try {
+    const results: CaseResult[] = [];
+    for (const [source, weights] of sources(dir, fixture)) results.push(...(await runSource(source, weights, dir, fixture, io)));
+    return results;
+  } finally {
+    io.close();
+  }
+}
+
+async function runSource(source: string, weights: string, dir: string, fixture: PipelineFixture, io: SafetensorsFile): Promise<CaseResult[]> {
+  const tol = fixture.tolerance;
   const results: CaseResult[] = [];
   const compare = (name: string, got: ArrayLike<number>, key: string, t: number) => {
     const r = withinTolerance(Float32Array.from(got), io.float32(key), t);
-    results.push({ kind: KIND, name: `pipeline/${name}`, passed: r.passed, maxRelError: r.maxRelError, tolerance: t });
+    results.push({ kind: KIND, name: `pipeline/${source}/${name}`, passed: r.passed, maxRelError: r.maxRelError, tolerance: t });
   };
   let sd: StableDiffusion | null = null;
   try {
     sd = await StableDiffusion.load({
-      weights: join(dir, 'model-fp16.safetensors'),
+      weights,
       config: sdxlConfigFromJson(fixture.config),
+      // the folder's tokenizer/ and tokenizer_2/ leave out vocab.json + merges.txt (the fixture's diffusers_has_vocab):
+      // both sources read the top-level tokenizer fixture, whose files they are
       tokenizer: join(dir, '..', '..', 'tokenizer'),
     });
     const { prompt, width, height } = fixture.config;
@@ -94,10 +118,9 @@ export async function runPipeline(dir: string, opts: ParityOptions): Promise<Cas
     }
     return results;
   } catch (e) {
-    return [...results, { kind: KIND, name: 'pipeline/*', passed: false, detail: e instanceof Error ? e.message : String(e) }];
+    return [...results, { kind: KIND, name: `pipeline/${source}/*`, passed: false, detail: e instanceof Error ? e.message : String(e) }];
   } finally {
     sd?.dispose();
-    io.close();
   }
 }
 

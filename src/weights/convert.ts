@@ -52,7 +52,7 @@ export function convertWeights(input: string, output: string, opts: ConvertOptio
 function refuseOverwrite(src: TensorSource, input: string, output: string, force: boolean): void {
   if (!existsSync(output)) return;
   const out = realpathSync(output);
-  const inputs = src instanceof DiffusersFolder ? Object.values(src.files) : [input];
+  const inputs = src instanceof DiffusersFolder ? Object.values(src.files).filter((p) => p !== undefined) : [input];
   if (inputs.some((p) => realpathSync(p) === out) || resolve(input) === resolve(output)) {
     throw new WeightsError(`${output}: is the input being converted; write the output to another file`);
   }

@@ -1,13 +1,18 @@
 /**
- * Key names of the two SD 1.x checkpoint layouts and the map between them.
+ * Key names of the two checkpoint layouts of SD 1.x and SDXL and the map between them.
  *
- * - original (CompVis single file): `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE),
- *   `cond_stage_model.transformer.text_model.*` (CLIP text encoder).
- * - diffusers (a folder): `unet/`, `vae/`, `text_encoder/`, each with its own names.
+ * - original (CompVis / sgm single file): `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), and
+ *   SD 1.x: `cond_stage_model.transformer.text_model.*` (CLIP text encoder);
+ *   SDXL: `conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L, the same HF names) and
+ *   `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG, open_clip names).
+ * - diffusers (a folder): `unet/`, `vae/`, `text_encoder/` (and SDXL's `text_encoder_2/`), each with its own names.
  *
- * The map is the one diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py applies, with the
- * block counts read from the keys instead of hard-coded, so small test models map too. Diffusers' VAE mid
- * attention uses linear q/k/v/out weights [out, in]; the original uses 1x1 convs [out, in, 1, 1].
+ * The map is the one diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py (and _sdxl.py) applies,
+ * with the block counts read from the keys instead of hard-coded, so small test models map too. Three tensors are
+ * not copies: diffusers' VAE mid attention uses linear q/k/v/out weights [out, in] where the original uses 1x1
+ * convs [out, in, 1, 1]; encoder 2's q/k/v projections are separate where open_clip stacks them in one
+ * `attn.in_proj_weight` [3w, w]; and its `text_projection.weight` [proj, w] is a Linear weight where open_clip
+ * keeps `text_projection` [w, proj] for `x @ P`.
  */
 import { WeightsError } from './types.js';
 
@@ -28,14 +33,30 @@ export const UNET_PREFIX = `${SD1_PREFIXES.unet}.`;
 export const VAE_PREFIX = `${SD1_PREFIXES.vae}.`;
 export const TEXT_PREFIX = `${SD1_PREFIXES.textModule}.`;
 
-export type Component = 'unet' | 'vae' | 'text_encoder';
+/** The same for SDXL base (sgm's DiffusionEngine: `conditioner.embedders.{0,1}`); UNet and VAE as SD 1.x. */
+export const SDXL_PREFIXES = Object.freeze({
+  unet: SD1_PREFIXES.unet,
+  vae: SD1_PREFIXES.vae,
+  textModule1: 'conditioner.embedders.0.transformer',
+  text2: 'conditioner.embedders.1.model',
+});
+
+export type Component = 'unet' | 'vae' | 'text_encoder' | 'text_encoder_2';
+
+/** Which original layout a diffusers folder maps to: SD 1.x, or SDXL base (a folder with `text_encoder_2/`). */
+export type FolderFamily = 'sd1' | 'sdxl';
 
 /** Where one original-layout tensor lives in a diffusers folder. */
 export interface DiffusersName {
   readonly component: Component;
+  /** The diffusers tensor (the first of `stack`). */
   readonly key: string;
   /** The diffusers tensor is [out, in]; the original is [out, in, 1, 1] (VAE mid attention q/k/v/proj_out). */
   readonly linearAsConv: boolean;
+  /** The original is these diffusers tensors stacked on axis 0, in order (open_clip's q; k; v `in_proj`). */
+  readonly stack?: readonly string[];
+  /** The original is the transpose of this 2-D diffusers tensor (open_clip's `text_projection`). */
+  readonly transpose?: boolean;
 }
 
 /** How a block's inner names change: original first segments <-> diffusers ones. */
@@ -73,6 +94,7 @@ function unetPairs(s: Structure): PrefixPair[] {
   const r1 = s.resBlocks + 1;
   const pairs = [
     p('time_embed.0.', 'time_embedding.linear_1.'), p('time_embed.2.', 'time_embedding.linear_2.'),
+    p('label_emb.0.0.', 'add_embedding.linear_1.'), p('label_emb.0.2.', 'add_embedding.linear_2.'), // SDXL
     p('input_blocks.0.0.', 'conv_in.'), p('out.0.', 'conv_norm_out.'), p('out.2.', 'conv_out.'),
     p('middle_block.0.', 'mid_block.resnets.0.', 'unet-resnet'), p('middle_block.1.', 'mid_block.attentions.0.'),
     p('middle_block.2.', 'mid_block.resnets.1.', 'unet-resnet'),
@@ -199,20 +221,91 @@ function rename(key: string, pairs: readonly PrefixPair[], from: 'original' | 'd
 }
 
 /**
- * The original names of one diffusers component's keys: original name -> diffusers key. Throws for a key
- * with no SD 1.x original name (the folder holds another architecture).
+ * HF CLIPTextModel keys as the text encoders' files hold them: `text_model.*` (and encoder 2's `text_projection.weight`);
+ * transformers 4.5x saves the encoder without the `text_model.` module, which is put back here.
  */
-export function diffusersToOriginal(component: Component, keys: readonly string[], where: string): Map<string, DiffusersName> {
+function hfTextKey(key: string): string {
+  return /^(embeddings|encoder|final_layer_norm)\./.test(key) ? `text_model.${key}` : key;
+}
+
+/** HF CLIPTextModel -> open_clip names, inside one encoder layer (`text_model.encoder.layers.N.`). */
+const OPEN_CLIP_LAYER: ReadonlyArray<readonly [string, string]> = [
+  ['layer_norm1.', 'ln_1.'], ['layer_norm2.', 'ln_2.'], ['self_attn.out_proj.', 'attn.out_proj.'],
+  ['mlp.fc1.', 'mlp.c_fc.'], ['mlp.fc2.', 'mlp.c_proj.'],
+];
+const OPEN_CLIP_TOP: ReadonlyArray<readonly [string, string]> = [
+  ['text_model.embeddings.token_embedding.weight', 'token_embedding.weight'],
+  ['text_model.embeddings.position_embedding.weight', 'positional_embedding'],
+  ['text_model.final_layer_norm.weight', 'ln_final.weight'],
+  ['text_model.final_layer_norm.bias', 'ln_final.bias'],
+];
+const HF_LAYER = /^text_model\.encoder\.layers\.(\d+)\.(.*)$/;
+const HF_QKV = /^self_attn\.[qkv]_proj\.(weight|bias)$/;
+
+/**
+ * SDXL's text_encoder_2 (HF CLIPTextModelWithProjection) under open_clip's names (`conditioner.embedders.1.model.*`):
+ * q/k/v stacked into `attn.in_proj_weight` / `in_proj_bias`, `text_projection` transposed, `position_ids` (a buffer
+ * open_clip does not keep) dropped. Throws for a key with no open_clip name, or a layer missing one of q, k, v.
+ */
+function openClipNames(keys: readonly string[], where: string): Map<string, DiffusersName> {
+  const prefix = `${SDXL_PREFIXES.text2}.`;
+  const byHf = new Map(keys.map((k) => [hfTextKey(k), k]));
+  const out = new Map<string, DiffusersName>();
+  const put = (name: string, d: Omit<DiffusersName, 'component' | 'linearAsConv'>) => {
+    const prev = out.get(prefix + name);
+    if (prev !== undefined) throw new WeightsError(`${where}: text_encoder_2 keys ${prev.key} and ${d.key} both map to ${prefix}${name}`);
+    out.set(prefix + name, { component: 'text_encoder_2', linearAsConv: false, ...d });
+  };
+  for (const [hf, key] of byHf) {
+    if (hf === 'text_model.embeddings.position_ids') continue;
+    if (hf === 'text_projection.weight') {
+      put('text_projection', { key, transpose: true });
+      continue;
+    }
+    const top = OPEN_CLIP_TOP.find(([h]) => h === hf);
+    if (top !== undefined) {
+      put(top[1], { key });
+      continue;
+    }
+    const m = HF_LAYER.exec(hf);
+    if (m !== null && Number(m[1]) >= MAX_BLOCKS) throw new WeightsError(`${where}: tensor ${key}: layer index ${m[1]} is past ${MAX_BLOCKS - 1}; no Stable Diffusion text encoder has that many`);
+    const layer = m === null ? undefined : OPEN_CLIP_LAYER.find(([h]) => m[2].startsWith(h));
+    if (m !== null && layer !== undefined) {
+      put(`transformer.resblocks.${m[1]}.${layer[1]}${m[2].slice(layer[0].length)}`, { key });
+      continue;
+    }
+    const qkv = m === null ? null : HF_QKV.exec(m[2]);
+    if (m === null || qkv === null) throw new WeightsError(`${where}: text_encoder_2 key ${key} has no open_clip name: not SDXL's CLIPTextModelWithProjection`);
+    if (!m[2].startsWith('self_attn.q_proj.')) continue; // k and v are stacked with q
+    const parts = ['q', 'k', 'v'].map((x) => `text_model.encoder.layers.${m[1]}.self_attn.${x}_proj.${qkv[1]}`);
+    const stack = parts.map((hfPart) => {
+      const k = byHf.get(hfPart);
+      if (k === undefined) throw new WeightsError(`${where}: text_encoder_2 has ${key} but no ${hfPart} to stack with it`);
+      return k;
+    });
+    put(`transformer.resblocks.${m[1]}.attn.in_proj_${qkv[1]}`, { key, stack });
+  }
+  return out;
+}
+
+/**
+ * The original names of one diffusers component's keys: original name -> diffusers key. `family` says which
+ * single file the folder stands for (it places text encoder 1). Throws for a key with no original name (the folder
+ * holds another architecture).
+ */
+export function diffusersToOriginal(component: Component, keys: readonly string[], where: string, family: FolderFamily = 'sd1'): Map<string, DiffusersName> {
+  if (component === 'text_encoder_2') return openClipNames(keys, where);
   const out = new Map<string, DiffusersName>();
   const pairs = component === 'unet' ? unetPairs(diffusersUnetStructure(keys)) : vaePairs(diffusersVaeStructure(keys));
+  const textPrefix = family === 'sdxl' ? `${SDXL_PREFIXES.textModule1}.` : TEXT_PREFIX;
   for (const key of keys) {
     let name: string;
     let linearAsConv = false;
     if (component === 'text_encoder') {
-      name = TEXT_PREFIX + key;
+      name = textPrefix + hfTextKey(key);
     } else {
       const r = rename(key, pairs, 'diffusers');
-      if (r === null) throw new WeightsError(`${where}: ${component} key ${key} has no SD 1.x original name: not an SD 1.x ${component}`);
+      if (r === null) throw new WeightsError(`${where}: ${component} key ${key} has no original (SD 1.x or SDXL) name: not a Stable Diffusion ${component}`);
       name = (component === 'unet' ? UNET_PREFIX : VAE_PREFIX) + r.key;
       linearAsConv = VAE_LINEAR_AS_CONV.has(r.inner) && key.endsWith('.weight');
     }
@@ -224,7 +317,8 @@ export function diffusersToOriginal(component: Component, keys: readonly string[
 
 /**
  * The forward map (original single-file names -> diffusers folder names), the inverse of diffusersToOriginal.
- * Keys of neither network (alphas_cumprod, model_ema.*) map to nothing. Used to check the map by round trip.
+ * Keys of neither network (alphas_cumprod, model_ema.*) map to nothing, nor do SDXL's text encoders (LoRA names
+ * for them are not diffusers paths). Used to check the map by round trip and to name LoRA targets.
  */
 export function originalToDiffusers(keys: readonly string[]): Map<string, DiffusersName> {
   const strip = (prefix: string) => keys.filter((k) => k.startsWith(prefix)).map((k) => k.slice(prefix.length));

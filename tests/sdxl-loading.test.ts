@@ -1,0 +1,124 @@
+/**
+ * Loading SDXL base from its two layouts: the diffusers folder (tests/fixtures/sdxl/pipeline/diffusers, a copy of
+ * the reference fixture's) seen under the original single file's names (src/weights/diffusers.ts, layout.ts), with
+ * the same shapes and values as model-fp16.safetensors; the pipeline fixture from both sources; refusals.
+ */
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { runPart } from '../src/parity/sdxl.js';
+import { diffusersToOriginal } from '../src/weights/layout.js';
+import { detectLayout, openWeights, weightsFormat } from '../src/weights/open.js';
+import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
+import type { TensorSource } from '../src/weights/types.js';
+
+const PIPELINE = 'tests/fixtures/sdxl/pipeline';
+const SINGLE = `${PIPELINE}/model-fp16.safetensors`;
+const FOLDER = `${PIPELINE}/diffusers`;
+/** The single file's non-weights (fixtures/README.md, SDXL): a diffusers folder has none of them. */
+const NON_WEIGHTS = [
+  'conditioner.embedders.0.transformer.text_model.embeddings.position_ids',
+  'conditioner.embedders.1.model.logit_scale',
+  'denoiser.sigmas',
+];
+
+const tmp = mkdtempSync(join(tmpdir(), 'sd-sdxl-loading-'));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+/** Every key of `ref` but the non-weights is in `src` with the same shape and float32 values, and nothing else is. */
+function expectSameWeights(src: TensorSource, ref: TensorSource): void {
+  const weights = ref.keys().filter((k) => !NON_WEIGHTS.includes(k));
+  expect(src.keys().sort()).toEqual(weights.sort());
+  for (const k of weights) {
+    expect(src.info(k).shape, k).toEqual(ref.info(k).shape);
+    const [a, b] = [src.float32(k), ref.float32(k)];
+    expect(Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength)), k).toBe(true);
+  }
+}
+
+/** A copy of the fixture's folder whose text encoders are rewritten by `edit` (name -> new name, or null to drop). */
+function folderWithTextEncoders(name: string, edit: (key: string) => string | null): string {
+  const dir = join(tmp, name);
+  for (const c of ['unet', 'vae']) {
+    mkdirSync(join(dir, c), { recursive: true });
+    copyFileSync(join(FOLDER, c, 'diffusion_pytorch_model.safetensors'), join(dir, c, 'diffusion_pytorch_model.safetensors'));
+  }
+  for (const c of ['text_encoder', 'text_encoder_2']) {
+    mkdirSync(join(dir, c), { recursive: true });
+    const src = SafetensorsFile.open(join(FOLDER, c, 'model.safetensors'));
+    const renamed = new Map<string, string>();
+    for (const k of src.keys()) {
+      const to = edit(k);
+      if (to !== null) renamed.set(to, k);
+    }
+    writeSafetensors(join(dir, c, 'model.safetensors'), [...renamed].map(([to, k]) => [to, src.info(k)] as const), (to) => src.bytes(renamed.get(to) ?? ''));
+    src.close();
+  }
+  writeFileSync(join(dir, 'model_index.json'), '{"_class_name": "StableDiffusionXLPipeline"}');
+  return dir;
+}
+
+describe('SDXL diffusers folder under the original single-file names', () => {
+  it('shows every weight of model-fp16.safetensors with its shape and float32 values', () => {
+    const src = openWeights(FOLDER);
+    const ref = openWeights(SINGLE);
+    expect(weightsFormat(src)).toBe('diffusers-folder');
+    expect(detectLayout(src)).toBe('diffusers');
+    expectSameWeights(src, ref);
+    src.close();
+    ref.close();
+  });
+
+  it('stacks encoder 2 q/k/v into in_proj and transposes text_projection, byte for byte', () => {
+    const src = openWeights(FOLDER);
+    const ref = openWeights(SINGLE);
+    for (const k of ['conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight', 'conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias', 'conditioner.embedders.1.model.text_projection']) {
+      expect(src.info(k), k).toEqual(ref.info(k));
+      expect(Buffer.from(src.bytes(k)).equals(Buffer.from(ref.bytes(k))), k).toBe(true);
+    }
+    expect(src.info('conditioner.embedders.1.model.text_projection').shape).toEqual([8, 6]); // [w, projection_dim]
+    expect(src.info('model.diffusion_model.label_emb.0.0.weight').shape).toEqual([128, 54]); // add_embedding.linear_1
+    src.close();
+    ref.close();
+  });
+
+  it('reads text encoders saved without the text_model. module (recent transformers)', () => {
+    const dir = folderWithTextEncoders('no-text-model', (k) => k.replace(/^text_model\./, ''));
+    const src = openWeights(dir);
+    const ref = openWeights(SINGLE);
+    expectSameWeights(src, ref);
+    src.close();
+    ref.close();
+  });
+
+  it('ignores position_ids in encoder 2 (open_clip keeps no such buffer)', () => {
+    const m = diffusersToOriginal('text_encoder_2', ['text_model.embeddings.position_ids', 'text_model.final_layer_norm.weight'], 'te2');
+    expect([...m.keys()]).toEqual(['conditioner.embedders.1.model.ln_final.weight']);
+  });
+
+  it('refuses a layer missing k, a key with no open_clip name, and absurd layer indices', () => {
+    const dir = folderWithTextEncoders('no-k', (k) => (k === 'text_model.encoder.layers.1.self_attn.k_proj.weight' ? null : k));
+    expect(() => openWeights(dir)).toThrow(/has text_model\.encoder\.layers\.1\.self_attn\.q_proj\.weight but no text_model\.encoder\.layers\.1\.self_attn\.k_proj\.weight/);
+    expect(() => diffusersToOriginal('text_encoder_2', ['text_model.vision.weight'], 'te2')).toThrow(/text_encoder_2 key text_model\.vision\.weight has no open_clip name/);
+    expect(() => diffusersToOriginal('text_encoder_2', ['text_model.encoder.layers.99999999999.mlp.fc1.weight'], 'te2')).toThrow(/layer index 99999999999 is past 1023/);
+  });
+
+  it('refuses a folder with text_encoder_2/ but no text_encoder/ as an SDXL refiner', () => {
+    const dir = join(tmp, 'refiner');
+    for (const c of ['unet', 'vae', 'text_encoder_2']) mkdirSync(join(dir, c), { recursive: true });
+    writeFileSync(join(dir, 'model_index.json'), '{"_class_name": "StableDiffusionXLImg2ImgPipeline"}');
+    expect(() => openWeights(dir)).toThrow(/SDXL refiner checkpoints are not supported yet/);
+  });
+});
+
+describe('the sdxl pipeline fixture from both sources', () => {
+  it('passes every case from the single file and from the diffusers folder (cpu)', async () => {
+    const results = await runPart('tests/fixtures/sdxl', 'pipeline', { backend: 'cpu' });
+    for (const r of results) expect(r.passed, `${r.name}: ${r.detail ?? r.maxRelError}`).toBe(true);
+    const single = results.filter((r) => r.name.startsWith('pipeline/single_file/'));
+    const folder = results.filter((r) => r.name.startsWith('pipeline/diffusers/'));
+    expect(single.length).toBeGreaterThan(10);
+    expect(folder.map((r) => r.name.replace('/diffusers/', '/'))).toEqual(single.map((r) => r.name.replace('/single_file/', '/')));
+  }, 300_000);
+});
