@@ -11,6 +11,7 @@ import { DTYPE_BYTES, decodeToFloat32, isFloatDType, type DType } from './dtypes
 import { checkTensorBytes } from './files.js';
 import { PickleDict, PickleGlobal, PickleObject, unpickle, type PickleHooks, type PickleValue } from './pickle.js';
 import { WeightsError, WeightsLimitError, count, type TensorInfo, type TensorSource } from './types.js';
+import { printable } from './printable.js';
 import { ZipArchive } from './zip.js';
 
 /** torch storage classes -> safetensors dtype names. */
@@ -220,12 +221,20 @@ function stateDictTensors(path: string, root: PickleValue): Map<string, TensorRe
   const inner = root.items.get('state_dict');
   const dict = inner instanceof PickleDict ? inner : root;
   const out = new Map<string, TensorRef>();
-  for (const [name, value] of dict.items) {
-    if (typeof name !== 'string' || !(value instanceof TensorRef)) continue;
+  const add = (name: string, value: TensorRef) => {
+    if (out.has(name)) throw new WeightsError(`${path}: tensor ${printable(name)} is named twice (once in a nested dict): not a state dict`);
     checkContiguous(path, name, value);
     out.set(name, value);
+  };
+  for (const [name, value] of dict.items) {
+    if (typeof name !== 'string') continue;
+    if (value instanceof TensorRef) add(name, value);
+    // One level of plain dicts of tensors, named `part.key`: tencent's IP-Adapter .bin is {'image_proj': {...}, 'ip_adapter': {...}}
+    else if (inner === undefined && value instanceof PickleDict) {
+      for (const [key, t] of value.items) if (typeof key === 'string' && t instanceof TensorRef) add(`${name}.${key}`, t);
+    }
   }
-  if (out.size === 0) throw new WeightsError(`${path}: the checkpoint holds no tensors (neither at top level nor under "state_dict")`);
+  if (out.size === 0) throw new WeightsError(`${path}: the checkpoint holds no tensors (neither at top level, nor under "state_dict", nor in a dict of tensors)`);
   return out;
 }
 
