@@ -1,13 +1,17 @@
 /**
  * Loading SDXL base from its two layouts: the diffusers folder (tests/fixtures/sdxl/pipeline/diffusers, a copy of
  * the reference fixture's) seen under the original single file's names (src/weights/diffusers.ts, layout.ts), with
- * the same shapes and values as model-fp16.safetensors; the pipeline fixture from both sources; refusals.
+ * the same shapes and values as model-fp16.safetensors; the pipeline fixture from both sources; refusals; `sd inspect`
+ * (family, parameters per network) and `sd convert` (folder -> file, --half) on both.
  */
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { familyOf, formatSummary } from '../src/cli/commands/inspect.js';
 import { runPart } from '../src/parity/sdxl.js';
+import { convertWeights } from '../src/weights/convert.js';
+import { summarizeWeights } from '../src/weights/inspect.js';
 import { diffusersToOriginal } from '../src/weights/layout.js';
 import { detectLayout, openWeights, weightsFormat } from '../src/weights/open.js';
 import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
@@ -121,4 +125,59 @@ describe('the sdxl pipeline fixture from both sources', () => {
     expect(single.length).toBeGreaterThan(10);
     expect(folder.map((r) => r.name.replace('/diffusers/', '/'))).toEqual(single.map((r) => r.name.replace('/single_file/', '/')));
   }, 300_000);
+});
+
+describe('sd inspect and sd convert for SDXL', () => {
+  it('inspect names the family and counts each network, the same for the single file and the folder', () => {
+    const lines: string[] = [];
+    for (const path of [SINGLE, FOLDER]) {
+      const src = openWeights(path);
+      const s = summarizeWeights(src);
+      expect(familyOf(src, s)).toBe('SDXL base');
+      expect(s.numelByPart).toMatchObject({ unet: 932_292, vae: 367_527, text_encoder: 198_680, text_encoder_2: 398_560 });
+      lines.push(formatSummary(path, s, false, familyOf(src, s)).split('\n').find((l) => l.startsWith('parameters:')) ?? '');
+      src.close();
+    }
+    expect(lines[0]).toBe('parameters: 1,897,059 (unet 932,292, vae 367,527, text encoder 1 198,680, text encoder 2 398,560)');
+    expect(lines[1]).toBe(lines[0]);
+    const sd1 = openWeights('tests/fixtures/pipeline/model.safetensors');
+    expect(familyOf(sd1, summarizeWeights(sd1))).toBe('SD 1.x');
+    sd1.close();
+  });
+
+  it('inspect says what a checkpoint of an unsupported family is', () => {
+    const path = join(tmp, 'refiner.safetensors');
+    writeSafetensors(path, [['conditioner.embedders.0.model.ln_final.weight', { dtype: 'F32', shape: [2] }]], () => new Float32Array(2));
+    const src = openWeights(path);
+    expect(familyOf(src, summarizeWeights(src))).toBe('not supported: SDXL refiner checkpoints are not supported yet (only SDXL base 1.0)');
+    src.close();
+  });
+
+  it('convert: the folder -> one file under the single file\'s names; fp32 -> --half gives the fp16 file back', () => {
+    const ref = openWeights(SINGLE);
+    const fromFolder = join(tmp, 'from-folder.safetensors');
+    expect(convertWeights(FOLDER, fromFolder).tensors).toBe(ref.keys().length - NON_WEIGHTS.length);
+    const got = openWeights(fromFolder);
+    expectSameWeights(got, ref);
+    expect(got.info('conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight')).toEqual({ dtype: 'F16', shape: [24, 8] });
+    got.close();
+
+    const fp32 = join(tmp, 'sdxl-fp32.safetensors');
+    const floats = ref.keys().filter((k) => ref.info(k).dtype === 'F16');
+    writeSafetensors(fp32, ref.keys().map((k) => [k, floats.includes(k) ? { dtype: 'F32', shape: ref.info(k).shape } : ref.info(k)] as const), (k) => (floats.includes(k) ? ref.float32(k) : ref.bytes(k)));
+    const half = join(tmp, 'sdxl-half.safetensors');
+    expect(convertWeights(fp32, half, { half: true }).tensors).toBe(ref.keys().length);
+    const back = openWeights(half);
+    for (const k of ref.keys()) {
+      expect(back.info(k), k).toEqual(ref.info(k));
+      expect(Buffer.from(back.bytes(k)).equals(Buffer.from(ref.bytes(k))), k).toBe(true);
+    }
+    back.close();
+    const again = join(tmp, 'folder-half.safetensors');
+    convertWeights(FOLDER, again, { half: true });
+    const h = openWeights(again);
+    expect(h.keys().every((k) => h.info(k).dtype === 'F16')).toBe(true);
+    h.close();
+    ref.close();
+  });
 });

@@ -1,13 +1,23 @@
 /**
  * What a weight source holds, for `sd inspect`: every tensor (name, dtype, shape), the file format, the key
- * layout, and parameter counts per network (UNet, VAE, text encoder; the rest, e.g. alphas_cumprod, apart).
+ * layout, and parameter counts per network (UNet, VAE, text encoder, SDXL's second text encoder; the rest, e.g.
+ * alphas_cumprod and the non-weights under a network's prefix, apart). The model family is the pipeline's to say
+ * (pipeline/families.ts; `sd inspect` asks it).
  */
 import { detectLayout, weightsFormat, type CheckpointLayout, type WeightsFormat } from './open.js';
-import { TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX } from './layout.js';
+import { SDXL_PREFIXES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX } from './layout.js';
 import type { DType } from './dtypes.js';
 import type { TensorSource } from './types.js';
 
-export type Part = 'unet' | 'vae' | 'text_encoder' | 'other';
+export type Part = 'unet' | 'vae' | 'text_encoder' | 'text_encoder_2' | 'other';
+
+/**
+ * Keys under a network's prefix that are not its weights: CLIP's `position_ids` buffer (0..76), open_clip's
+ * contrastive `logit_scale`.
+ */
+const NOT_WEIGHTS = /(\.embeddings\.position_ids|\.logit_scale)$/;
+const SDXL_TEXT_1 = `${SDXL_PREFIXES.textModule1}.`;
+const SDXL_TEXT_2 = `${SDXL_PREFIXES.text2}.`;
 
 export interface TensorSummary {
   readonly name: string;
@@ -23,20 +33,22 @@ export interface WeightsSummary {
   readonly tensors: readonly TensorSummary[];
   /** Elements per part; `other` holds buffers and bookkeeping (alphas_cumprod, model_ema.*, ...). */
   readonly numelByPart: Readonly<Record<Part, number>>;
-  /** Parameters of the three networks together. */
+  /** Parameters of the networks together. */
   readonly parameters: number;
   readonly dtypes: Readonly<Partial<Record<DType, number>>>;
 }
 
 export function partOf(name: string): Part {
+  if (NOT_WEIGHTS.test(name)) return 'other';
   if (name.startsWith(UNET_PREFIX)) return 'unet';
   if (name.startsWith(VAE_PREFIX)) return 'vae';
-  if (name.startsWith(TEXT_PREFIX)) return 'text_encoder';
+  if (name.startsWith(TEXT_PREFIX) || name.startsWith(SDXL_TEXT_1)) return 'text_encoder';
+  if (name.startsWith(SDXL_TEXT_2)) return 'text_encoder_2';
   return 'other';
 }
 
 export function summarizeWeights(src: TensorSource): WeightsSummary {
-  const numelByPart: Record<Part, number> = { unet: 0, vae: 0, text_encoder: 0, other: 0 };
+  const numelByPart: Record<Part, number> = { unet: 0, vae: 0, text_encoder: 0, text_encoder_2: 0, other: 0 };
   const dtypes: Partial<Record<DType, number>> = {};
   const tensors = src.keys().map((name): TensorSummary => {
     const { dtype, shape } = src.info(name);
@@ -51,7 +63,7 @@ export function summarizeWeights(src: TensorSource): WeightsSummary {
     layout: detectLayout(src),
     tensors,
     numelByPart,
-    parameters: numelByPart.unet + numelByPart.vae + numelByPart.text_encoder,
+    parameters: numelByPart.unet + numelByPart.vae + numelByPart.text_encoder + numelByPart.text_encoder_2,
     dtypes,
   };
 }

@@ -1,5 +1,11 @@
-/** `sd inspect PATH [--summary]`: list the tensors of a weight file or diffusers folder, its format and layout. */
+/**
+ * `sd inspect PATH [--summary]`: list the tensors of a weight file or diffusers folder, its format, layout, model
+ * family (pipeline/families.ts: SD 1.x, SDXL base, or what it is and that it is not supported) and parameters per
+ * network.
+ */
 import type { CommandModule } from 'yargs';
+import { ConfigError } from '../../nn/errors.js';
+import { detectFamily, type ModelFamily } from '../../pipeline/families.js';
 import { openWeights } from '../../weights/open.js';
 import { summarizeWeights, type WeightsSummary } from '../../weights/inspect.js';
 import { printable } from '../../weights/printable.js';
@@ -19,7 +25,8 @@ export const inspectCommand: CommandModule<object, Args> = {
   handler: (args) => {
     const src = openWeights(args.path);
     try {
-      process.stdout.write(formatSummary(args.path, summarizeWeights(src), !(args.summary ?? false)));
+      const summary = summarizeWeights(src);
+      process.stdout.write(formatSummary(args.path, summary, !(args.summary ?? false), familyOf(src, summary)));
     } finally {
       src.close();
     }
@@ -28,7 +35,39 @@ export const inspectCommand: CommandModule<object, Args> = {
 
 const count = (n: number) => n.toLocaleString('en-US');
 
-export function formatSummary(path: string, s: WeightsSummary, withTensors: boolean): string {
+const LAYOUT_NAMES: Readonly<Record<WeightsSummary['layout'], string>> = {
+  'sd1-original': 'original single file (CompVis / sgm names)',
+  diffusers: 'diffusers',
+  unknown: 'unknown',
+};
+
+const FAMILY_NAMES: Readonly<Record<ModelFamily, string>> = { sd1: 'SD 1.x', sdxl: 'SDXL base' };
+
+/**
+ * The family line: detectFamily's answer, its refusal (a checkpoint of a family the engine does not run), or
+ * none for a file with no UNet or text encoder under the original names (a LoRA, a single diffusers component).
+ */
+export function familyOf(src: Parameters<typeof detectFamily>[0], s: WeightsSummary): string {
+  try {
+    const family = FAMILY_NAMES[detectFamily(src)];
+    if (s.numelByPart.unet + s.numelByPart.text_encoder + s.numelByPart.text_encoder_2 > 0) return family;
+    return 'none recognised (no UNet or text encoder under the original single-file names)';
+  } catch (e) {
+    if (e instanceof ConfigError) return `not supported: ${e.message.slice(src.path.length + 2)}`;
+    throw e;
+  }
+}
+
+/** Parameters of each network the file has, SDXL's two text encoders apart. */
+function networks(s: WeightsSummary): string {
+  const p = s.numelByPart;
+  const parts: [string, number][] = [['unet', p.unet], ['vae', p.vae]];
+  if (p.text_encoder_2 > 0) parts.push(['text encoder 1', p.text_encoder], ['text encoder 2', p.text_encoder_2]);
+  else parts.push(['text encoder', p.text_encoder]);
+  return parts.map(([name, n]) => `${name} ${count(n)}`).join(', ');
+}
+
+export function formatSummary(path: string, s: WeightsSummary, withTensors: boolean, family?: string): string {
   const lines: string[] = [];
   if (withTensors) {
     // Names come from the file: escaped, so none can move the cursor or reverse the text after it.
@@ -41,10 +80,11 @@ export function formatSummary(path: string, s: WeightsSummary, withTensors: bool
   lines.push(
     `file:       ${printable(path)}`,
     `format:     ${s.format}`,
-    `layout:     ${s.layout}${s.layout === 'diffusers' && s.format === 'diffusers-folder' ? ' (shown under the original single-file names)' : ''}`,
+    `layout:     ${LAYOUT_NAMES[s.layout]}${s.layout === 'diffusers' && s.format === 'diffusers-folder' ? ' (shown under the original single-file names)' : ''}`,
+    ...(family === undefined ? [] : [`family:     ${family}`]),
     `tensors:    ${s.tensors.length} (${dtypes})`,
-    `parameters: ${count(s.parameters)} (unet ${count(s.numelByPart.unet)}, vae ${count(s.numelByPart.vae)}, text encoder ${count(s.numelByPart.text_encoder)})`,
-    `other:      ${count(s.numelByPart.other)} values outside the three networks (e.g. alphas_cumprod, model_ema.*)`,
+    `parameters: ${count(s.parameters)} (${networks(s)})`,
+    `other:      ${count(s.numelByPart.other)} values outside the networks (e.g. alphas_cumprod, model_ema.*, position_ids)`,
   );
   return lines.join('\n') + '\n';
 }
