@@ -2,16 +2,21 @@
  * Loading SDXL base from its two layouts: the diffusers folder (tests/fixtures/sdxl/pipeline/diffusers, a copy of
  * the reference fixture's) seen under the original single file's names (src/weights/diffusers.ts, layout.ts), with
  * the same shapes and values as model-fp16.safetensors; the pipeline fixture from both sources; refusals; `sd inspect`
- * (family, parameters per network) and `sd convert` (folder -> file, --half) on both.
+ * (family, parameters per network) and `sd convert` (folder -> file, --half) on both; `sd random-weights --model
+ * sdxl` (the full-size shape map without writing 10 GB; writing on the fixture's tiny config).
  */
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { initBackend } from '../src/backend/select.js';
 import { familyOf, formatSummary } from '../src/cli/commands/inspect.js';
+import { randomModelShapes, randomWeightsCommand } from '../src/cli/commands/random-weights.js';
 import { runPart } from '../src/parity/sdxl.js';
+import { detectFamily } from '../src/pipeline/families.js';
+import { StableDiffusion, sdxlConfigFromJson } from '../src/pipeline/pipeline.js';
 import { convertWeights } from '../src/weights/convert.js';
-import { summarizeWeights } from '../src/weights/inspect.js';
+import { partOf, summarizeWeights } from '../src/weights/inspect.js';
 import { diffusersToOriginal } from '../src/weights/layout.js';
 import { detectLayout, openWeights, weightsFormat } from '../src/weights/open.js';
 import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
@@ -179,5 +184,49 @@ describe('sd inspect and sd convert for SDXL', () => {
     expect(h.keys().every((k) => h.info(k).dtype === 'F16')).toBe(true);
     h.close();
     ref.close();
+  });
+});
+
+describe('sd random-weights --model sdxl', () => {
+  const fixtureConfig = (JSON.parse(readFileSync(`${PIPELINE}/fixture.json`, 'utf8')) as { config: Record<string, unknown> }).config;
+
+  it('full size: SDXL base under the single file\'s names, UNet exactly 2,567,463,684 parameters (shape map only)', () => {
+    const shapes = randomModelShapes('sdxl');
+    const numel: Record<string, number> = {};
+    for (const [k, shape] of shapes) numel[partOf(k)] = (numel[partOf(k)] ?? 0) + shape.reduce((a, d) => a * d, 1);
+    expect(numel).toEqual({ unet: 2_567_463_684, text_encoder: 123_060_480, text_encoder_2: 694_659_840, vae: 83_653_863 });
+    expect(shapes.size).toBe(2513); // sd_xl_base_1.0.safetensors' 2,515 less position_ids and logit_scale
+    expect(shapes.get('conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight')).toEqual([3840, 1280]);
+    expect(shapes.get('conditioner.embedders.1.model.text_projection')).toEqual([1280, 1280]);
+    expect(shapes.get('model.diffusion_model.label_emb.0.0.weight')).toEqual([1280, 2816]);
+    expect(shapes.get('model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight')).toEqual([1280, 2048]);
+    const keys = [...shapes.keys()];
+    expect(detectFamily({ path: 'random', keys: () => keys } as unknown as TensorSource)).toBe('sdxl');
+    expect(randomModelShapes('sd15').size).toBeLessThan(shapes.size);
+  });
+
+  it('a tiny config gives exactly the fixture single file\'s weights and shapes', () => {
+    const shapes = randomModelShapes('sdxl', sdxlConfigFromJson(fixtureConfig));
+    const ref = openWeights(SINGLE);
+    const weights = ref.keys().filter((k) => !NON_WEIGHTS.includes(k));
+    expect([...shapes.keys()].sort()).toEqual(weights.sort());
+    for (const k of weights) expect(shapes.get(k), k).toEqual(ref.info(k).shape);
+    ref.close();
+  });
+
+  it('writes a tiny SDXL (fp16) that the pipeline loads as SDXL', async () => {
+    const config = join(tmp, 'tiny-sdxl.json');
+    writeFileSync(config, JSON.stringify(fixtureConfig));
+    const out = join(tmp, 'tiny-sdxl-random.safetensors');
+    const write = randomWeightsCommand.handler as (a: object) => void;
+    write({ out, model: 'sdxl', config, half: true, seed: 3, force: false });
+    const src = openWeights(out);
+    expect(src.keys().every((k) => src.info(k).dtype === 'F16')).toBe(true);
+    expect(familyOf(src, summarizeWeights(src))).toBe('SDXL base');
+    src.close();
+    await initBackend({ backend: 'cpu', log: null });
+    const sd = await StableDiffusion.load({ weights: out, config: sdxlConfigFromJson(fixtureConfig), tokenizer: 'tests/fixtures/tokenizer' });
+    sd.dispose();
+    expect(() => write({ out, model: 'sdxl', config, half: true, seed: 3, force: false })).toThrow(/exists: pass --force/);
   });
 });

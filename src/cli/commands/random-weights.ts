@@ -1,13 +1,37 @@
-/** `sd random-weights --out FILE [--half] [--config FILE] [--seed N]`: a full-size checkpoint of random weights. */
+/**
+ * `sd random-weights --out FILE [--model sd15|sdxl] [--half] [--config FILE] [--seed N]`: a full-size checkpoint of
+ * random weights in the original single-file layout, for memory and speed tests where real weights cannot be had.
+ * The keys and shapes are what the loaders read (each network's expectedShapes probe): SD 1.5, or SDXL base
+ * (sd_xl_base_1.0.safetensors: both text encoders, the 2,567,463,684-parameter UNet, the VAE). `--config` takes an
+ * SDXL pipeline config in the fixtures' JSON format (sdxlConfigFromJson) instead of SDXL base's, e.g. a tiny one.
+ */
 import type { CommandModule } from 'yargs';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { sdxlTextShapes } from '../../clip/sdxl-text.js';
+import { SDXL_BASE_PIPELINE, sdxlConfigFromJson, type SdxlPipelineConfig } from '../../pipeline/pipeline.js';
 import { sd15Shapes } from '../../pipeline/shapes.js';
+import { expectedShapes as unetShapes } from '../../unet/index.js';
+import { expectedShapes as vaeShapes } from '../../vae/index.js';
 import { writeRandomCheckpoint } from '../../weights/random.js';
 import { UsageError } from '../errors.js';
 import { ProgressBar } from '../progress.js';
 
+export const RANDOM_MODELS = ['sd15', 'sdxl'] as const;
+export type RandomModel = (typeof RANDOM_MODELS)[number];
+
+/** Every key an SDXL single file holds for its networks (non-weights left out), with its PyTorch shape. */
+export function sdxlShapes(cfg: SdxlPipelineConfig = SDXL_BASE_PIPELINE): Map<string, number[]> {
+  return new Map([...sdxlTextShapes(cfg.text), ...unetShapes(cfg.unet), ...vaeShapes(cfg.vae)]);
+}
+
+/** The tensors `sd random-weights --model` writes. */
+export const randomModelShapes = (model: RandomModel, sdxl?: SdxlPipelineConfig): Map<string, number[]> =>
+  model === 'sdxl' ? sdxlShapes(sdxl) : sd15Shapes();
+
 interface Args {
   out: string;
+  model: RandomModel;
+  config?: string;
   half: boolean;
   seed: number;
   force: boolean;
@@ -15,20 +39,24 @@ interface Args {
 
 export const randomWeightsCommand: CommandModule<object, Args> = {
   command: 'random-weights',
-  describe: 'write a full-size SD 1.5 checkpoint of random weights (original key names) for memory and speed tests',
+  describe: 'write a full-size SD 1.5 or SDXL base checkpoint of random weights (original key names) for memory and speed tests',
   builder: (y) =>
     y
       .option('out', { type: 'string', demandOption: true, describe: 'the .safetensors file to write' })
+      .option('model', { choices: RANDOM_MODELS, default: 'sd15' as RandomModel, describe: 'SD 1.5, or SDXL base 1.0 (~10.3 GB of UNet in fp32)' })
+      .option('config', { type: 'string', describe: 'with --model sdxl: a pipeline config JSON (the fixtures\' format) instead of SDXL base\'s' })
       .option('half', { type: 'boolean', default: false, describe: 'store fp16 instead of fp32' })
       .option('seed', { type: 'number', default: 0 })
       .option('force', { type: 'boolean', default: false, describe: 'overwrite OUT if it exists' }) as never,
   handler: (args) => {
     if (existsSync(args.out) && !args.force) throw new UsageError(`${args.out} exists: pass --force to overwrite it`);
-    const shapes = sd15Shapes();
+    if (args.config !== undefined && args.model !== 'sdxl') throw new UsageError('--config is for --model sdxl');
+    const sdxl = args.config === undefined ? undefined : sdxlConfigFromJson(JSON.parse(readFileSync(args.config, 'utf8')) as unknown, args.config);
+    const shapes = randomModelShapes(args.model, sdxl);
     const bar = new ProgressBar('random weights (tensors)', shapes.size);
     writeRandomCheckpoint(args.out, shapes, { half: args.half, seed: args.seed, onTensor: (done) => bar.update(done) });
     bar.finish();
     const params = [...shapes.values()].reduce((a, s) => a + s.reduce((x, d) => x * d, 1), 0);
-    process.stdout.write(`${args.out}: ${shapes.size} tensors, ${(params / 1e6).toFixed(1)} M parameters, ${args.half ? 'fp16' : 'fp32'}\n`);
+    process.stdout.write(`${args.out}: ${args.model}, ${shapes.size} tensors, ${(params / 1e6).toFixed(1)} M parameters, ${args.half ? 'fp16' : 'fp32'}\n`);
   },
 };
