@@ -32,9 +32,35 @@ describe('resolveParams', () => {
       clipSkip: 1,
       strength: null,
       batch: 1,
+      noise: 'cpu',
+      promptSyntax: 'a1111',
+      conventions: 'a1111',
+      originalSize: [512, 512],
+      cropTopLeft: [0, 0],
+      targetSize: [512, 512],
     });
     expect(Object.isFrozen(r)).toBe(true);
     expect(resolveParams({ prompt: '' }, TINY).width).toBe(32);
+  });
+
+  it('takes noise, prompt syntax and conventions by name; conventions default to the model source', () => {
+    const r = resolveParams({ prompt: 'x', noise: 'gpu', promptSyntax: 'plain', conventions: 'diffusers' });
+    expect([r.noise, r.promptSyntax, r.conventions]).toEqual(['gpu', 'plain', 'diffusers']);
+    expect(resolveParams({ prompt: 'x' }, { ...TINY, conventions: 'diffusers' }).conventions).toBe('diffusers');
+    for (const [field, value] of [['noise', 'cuda'], ['promptSyntax', 'compel'], ['conventions', 'comfy']] as const) {
+      expect(() => resolveParams({ prompt: 'x', [field]: value } as never)).toThrow(new RegExp(`^${field}: must be one of`));
+    }
+  });
+
+  it('takes SDXL size conditioning (defaults [H, W], [0, 0], [H, W]) and refuses it for SD 1.x', () => {
+    const sdxl = { family: 'sdxl' as const, width: 1024, height: 1024, minSize: 64, clipLayers: 12 };
+    const r = resolveParams({ prompt: 'x', width: 768, height: 1024 }, sdxl);
+    expect([r.originalSize, r.cropTopLeft, r.targetSize]).toEqual([[1024, 768], [0, 0], [1024, 768]]);
+    const s = resolveParams({ prompt: 'x', originalSize: [2048, 1536], cropTopLeft: [16, 0], targetSize: [1024, 1024] }, sdxl);
+    expect([s.originalSize, s.cropTopLeft, s.targetSize]).toEqual([[2048, 1536], [16, 0], [1024, 1024]]);
+    expect(() => resolveParams({ prompt: 'x', originalSize: [0, 10] }, sdxl)).toThrow(/^originalSize: must be two integers in 1\.\.16384/);
+    expect(() => resolveParams({ prompt: 'x', cropTopLeft: [1.5, 0] }, sdxl)).toThrow(/^cropTopLeft: must be two integers/);
+    expect(() => resolveParams({ prompt: 'x', targetSize: [512, 512] })).toThrow(/^targetSize: applies to SDXL models only/);
   });
 
   it('draws a random seed in range when none is given', () => {

@@ -7,6 +7,12 @@
  *   Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
  *
  * The negative-prompt line is left out when it is empty; settings are `Key: value` pairs joined by ", ".
+ *
+ * What decides the random numbers and the sampler's path is recorded too, so the image can be made again: the
+ * noise source as A1111 writes its RNG setting (`RNG: CPU` for torch's CPU generator, nothing for its default
+ * "GPU"; it also writes `RNG: NV`, the same numbers as GPU), `Conventions: diffusers` (nothing for A1111's),
+ * `Prompt syntax: plain` (nothing for A1111's), and SDXL's size conditioning when it is not the default
+ * (`Original size: WxH`, `Crop top: T`, `Crop left: L`, `Target size: WxH`, sizes written as Size is).
  */
 
 /** What an image was made with (the pipeline's ResolvedParams fits), with this image's own seed. */
@@ -25,6 +31,16 @@ export interface ImageParameters {
   readonly strength: number | null;
   /** The weights file's base name, without extension. */
   readonly model?: string;
+  /** 'cpu' or 'gpu' (absent: not recorded). */
+  readonly noise?: string;
+  /** 'a1111' or 'diffusers'. */
+  readonly conventions?: string;
+  /** 'a1111' or 'plain'. */
+  readonly promptSyntax?: string;
+  /** SDXL: [height, width], [top, left], [height, width]. */
+  readonly originalSize?: readonly [number, number];
+  readonly cropTopLeft?: readonly [number, number];
+  readonly targetSize?: readonly [number, number];
 }
 
 /** Our sampler names -> the web UI's labels (its "Karras" variants append " Karras"). */
@@ -60,10 +76,44 @@ export function formatParameters(p: ImageParameters): string {
   if (p.model !== undefined) settings.push(['Model', settingValue(p.model)]);
   if (p.strength !== null) settings.push(['Denoising strength', p.strength]);
   if (p.clipSkip > 1) settings.push(['Clip skip', p.clipSkip]);
+  settings.push(...sourceSettings(p));
   const lines = [p.prompt];
   if (p.negativePrompt !== '') lines.push(`Negative prompt: ${p.negativePrompt}`);
   lines.push(settings.map(([k, v]) => `${k}: ${v}`).join(', '));
   return lines.join('\n');
+}
+
+const isSize = (hw: readonly [number, number] | undefined, p: ImageParameters) => hw === undefined || (hw[0] === p.height && hw[1] === p.width);
+
+/** The settings that say where the random numbers and the sampler's path came from (see the header). */
+function sourceSettings(p: ImageParameters): [string, string | number][] {
+  const out: [string, string | number][] = [];
+  if (p.noise === 'cpu') out.push(['RNG', 'CPU']);
+  if (p.conventions !== undefined && p.conventions !== 'a1111') out.push(['Conventions', settingValue(p.conventions)]);
+  if (p.promptSyntax !== undefined && p.promptSyntax !== 'a1111') out.push(['Prompt syntax', settingValue(p.promptSyntax)]);
+  if (!isSize(p.originalSize, p)) out.push(['Original size', `${p.originalSize![1]}x${p.originalSize![0]}`]);
+  if (p.cropTopLeft !== undefined && p.cropTopLeft[0] !== 0) out.push(['Crop top', p.cropTopLeft[0]]);
+  if (p.cropTopLeft !== undefined && p.cropTopLeft[1] !== 0) out.push(['Crop left', p.cropTopLeft[1]]);
+  if (!isSize(p.targetSize, p)) out.push(['Target size', `${p.targetSize![1]}x${p.targetSize![0]}`]);
+  return out;
+}
+
+/** What a parameters text says about its random numbers, conventions and prompt syntax, A1111's defaults when silent. */
+export interface GenerationSources {
+  /** `RNG: CPU` -> 'cpu'; absent, `GPU` or `NV` (A1111's CUDA-compatible generator) -> 'gpu'. */
+  readonly noise: 'cpu' | 'gpu';
+  readonly conventions: 'a1111' | 'diffusers';
+  readonly promptSyntax: 'a1111' | 'plain';
+}
+
+export function generationSources(settings: Readonly<Record<string, string>>): GenerationSources {
+  const rng = (settings.RNG ?? 'GPU').toUpperCase();
+  if (!['CPU', 'GPU', 'NV'].includes(rng)) throw new RangeError(`parameters: RNG ${JSON.stringify(settings.RNG)}; expected CPU, GPU or NV`);
+  const conventions = settings.Conventions ?? 'a1111';
+  if (conventions !== 'a1111' && conventions !== 'diffusers') throw new RangeError(`parameters: Conventions ${JSON.stringify(conventions)}; expected a1111 or diffusers`);
+  const promptSyntax = settings['Prompt syntax'] ?? 'a1111';
+  if (promptSyntax !== 'a1111' && promptSyntax !== 'plain') throw new RangeError(`parameters: Prompt syntax ${JSON.stringify(promptSyntax)}; expected a1111 or plain`);
+  return { noise: rng === 'CPU' ? 'cpu' : 'gpu', conventions, promptSyntax };
 }
 
 export interface ParsedParameters {

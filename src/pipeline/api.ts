@@ -3,9 +3,20 @@
  * The implementation is in ./pipeline.ts; validation of every field in ./params.ts.
  */
 
-import type { SamplerName } from '../scheduler/index.js';
+import type { NoiseSource, SamplerName } from '../scheduler/index.js';
 
-export { SAMPLERS, type SamplerName } from '../scheduler/index.js';
+export { SAMPLERS, NOISE_SOURCES, type NoiseSource, type SamplerName } from '../scheduler/index.js';
+
+/** How prompts are read: A1111's syntax (emphasis, BREAK, chunks past 75 tokens, <lora:> tags), or as plain text. */
+export const PROMPT_SYNTAXES = ['a1111', 'plain'] as const;
+export type PromptSyntax = (typeof PROMPT_SYNTAXES)[number];
+
+/** Whose sampler conventions a seed reproduces (scheduler/conventions.ts). */
+export const CONVENTION_NAMES = ['a1111', 'diffusers'] as const;
+export type ConventionsName = (typeof CONVENTION_NAMES)[number];
+
+/** [height, width] or [top, left], in pixels. */
+export type PixelPair = readonly [number, number];
 
 /** What a caller asks for. Everything but the prompt has a default (see DEFAULT_PARAMS). */
 export interface GenerateParams {
@@ -30,6 +41,18 @@ export interface GenerateParams {
   readonly strength?: number;
   /** Images in one call; image i uses seed + i. */
   readonly batch?: number;
+  /** Random numbers: 'cpu' torch's CPU generator (default; diffusers, ComfyUI), 'gpu' torch's CUDA one (A1111). */
+  readonly noise?: NoiseSource;
+  /** Default 'a1111'. SDXL prompts are read as plain text whatever this says. */
+  readonly promptSyntax?: PromptSyntax;
+  /** Default: the model source's (a diffusers folder: diffusers; a single file: A1111 for SD 1.x, diffusers for SDXL). */
+  readonly conventions?: ConventionsName;
+  /** SDXL micro-conditioning: [height, width], default [height, width] of the image. */
+  readonly originalSize?: PixelPair;
+  /** SDXL micro-conditioning: [top, left], default [0, 0]. */
+  readonly cropTopLeft?: PixelPair;
+  /** SDXL micro-conditioning: [height, width], default [height, width] of the image. */
+  readonly targetSize?: PixelPair;
 }
 
 /** Every field resolved: what was actually run, enough to run it again. */
@@ -47,6 +70,12 @@ export interface ResolvedParams {
   readonly clipSkip: number;
   readonly strength: number | null;
   readonly batch: number;
+  readonly noise: NoiseSource;
+  readonly promptSyntax: PromptSyntax;
+  readonly conventions: ConventionsName;
+  readonly originalSize: PixelPair;
+  readonly cropTopLeft: PixelPair;
+  readonly targetSize: PixelPair;
 }
 
 export interface GeneratedImage {

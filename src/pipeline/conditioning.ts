@@ -6,14 +6,20 @@
  * SDXL's added embedding (pooled text and the size / crop micro-conditioning) is built here too (sdxlAddedEmbedding).
  *
  * With classifier-free guidance the texts are [negative prompt, prompt], encoded as one batch of 2, so the
- * conditioning's batch lines up with the guided noise predictor's [uncond, cond] (denoise.ts).
+ * conditioning's batch lines up with the guided noise predictor's [uncond, cond] (denoise.ts). SD 1.x prompts in
+ * A1111's syntax (a1111-prompt.ts) may give the two different token counts (77 per chunk of 75 tokens); then, as
+ * A1111 does by default, they are not padded: the conditioning is the prompt's alone and carries the negative
+ * prompt's as `uncond`, and the UNet runs on each separately.
  */
 import * as tf from '../backend/tf.js';
 import type { ClipTextEncoder } from '../clip/index.js';
 import type { SdxlTextEncoder } from '../clip/sdxl-text.js';
 import type { ClipTokenizer } from '../tokenizer/index.js';
-import { timestepEmbedding, type Conditioning } from '../unet/index.js';
+import { disposeConditioning, timestepEmbedding, type Conditioning } from '../unet/index.js';
 import { ShapeError } from '../nn/errors.js';
+import { extractLoraTags } from '../lora/tags.js';
+import { CHUNK_LENGTH, encodeA1111Prompt } from './a1111-prompt.js';
+import type { PromptSyntax } from './api.js';
 
 /** What SD 1.x encodes text with. */
 export interface Sd1TextEncoder {
@@ -66,19 +72,64 @@ export interface MicroConditioning {
   readonly targetSize: readonly [number, number];
 }
 
+/**
+ * What guidance runs on: batch 2 ([uncond, cond]) in one, or (`uncond` given) the prompt's conditioning of batch 1
+ * and the negative prompt's beside it, when their token counts differ.
+ */
+export type GuidedConditioning = Conditioning & { readonly uncond?: Conditioning };
+
+export function disposeGuided(c: GuidedConditioning): void {
+  disposeConditioning(c);
+  if (c.uncond !== undefined) disposeConditioning(c.uncond);
+}
+
+export interface EncodeOptions {
+  readonly guidance: boolean;
+  readonly clipSkip: number;
+  readonly micro: MicroConditioning;
+  /** Default 'plain'. */
+  readonly promptSyntax?: PromptSyntax;
+  /** Where a warning goes (a prompt cut at 77 tokens). */
+  readonly warn?: (message: string) => void;
+}
+
 /** Text -> the UNet's Conditioning, for one model family. */
 export interface TextConditioner {
-  /** Batch 2 ([uncond, cond]) with guidance, batch 1 ([cond]) without. */
-  encode(prompts: Prompts, o: { readonly guidance: boolean; readonly clipSkip: number; readonly micro: MicroConditioning }): Conditioning;
+  /** Batch 2 ([uncond, cond]) with guidance (or cond with `uncond` beside it), batch 1 ([cond]) without. */
+  encode(prompts: Prompts, o: EncodeOptions): GuidedConditioning;
   dispose(): void;
 }
 
-/** SD 1.x: the context of [negative, prompt] (negative "" when none was given). */
+/**
+ * SD 1.x. 'plain': the context of [negative, prompt] (negative "" when none was given), each cut at 77 tokens.
+ * 'a1111': the prompt without its <lora:...> tags (they are applied at load), each text through encodeA1111Prompt;
+ * equal lengths batched as above, different ones side by side (A1111's default padding 'none').
+ */
 export class Sd1Conditioner implements TextConditioner {
   constructor(readonly text: Sd1TextEncoder) {}
 
-  encode(p: Prompts, o: { readonly guidance: boolean; readonly clipSkip: number }): Conditioning {
-    return sd1Conditioning(this.text, o.guidance ? [p.negative ?? '', p.prompt] : [p.prompt], o.clipSkip);
+  encode(p: Prompts, o: EncodeOptions): GuidedConditioning {
+    const texts = o.guidance ? [p.negative ?? '', p.prompt] : [p.prompt];
+    if (o.promptSyntax !== 'a1111') {
+      for (const t of texts) this.warnIfCut(t, o.warn);
+      return sd1Conditioning(this.text, texts, o.clipSkip);
+    }
+    const { tokenizer, clip } = this.text;
+    const cond = encodeA1111Prompt(tokenizer, clip, extractLoraTags(p.prompt).prompt, { clipSkip: o.clipSkip });
+    if (!o.guidance) return { context: cond };
+    const uncond = encodeA1111Prompt(tokenizer, clip, p.negative ?? '', { clipSkip: o.clipSkip });
+    if (uncond.shape[1] !== cond.shape[1]) return { context: cond, uncond: { context: uncond } };
+    const context = tf.concat([uncond, cond]) as tf.Tensor3D; // [2, 77k, C]
+    tf.dispose([uncond, cond]);
+    return { context };
+  }
+
+  /** Plain prompts are cut after 75 tokens (CLIP's 77 positions with start and end): say so. */
+  private warnIfCut(text: string, warn: ((message: string) => void) | undefined): void {
+    const n = this.text.tokenizer.bpe(text).length;
+    if (n > CHUNK_LENGTH && warn !== undefined) {
+      warn(`prompt of ${n} tokens cut after the first ${CHUNK_LENGTH} (--prompt-syntax plain); a1111 syntax encodes all of it: ${JSON.stringify(text.slice(0, 60))}...`);
+    }
   }
 
   dispose(): void {
@@ -94,7 +145,7 @@ export class Sd1Conditioner implements TextConditioner {
 export class SdxlConditioner implements TextConditioner {
   constructor(readonly text: SdxlTextEncoder, readonly timeEmbedDim: number) {}
 
-  encode(p: Prompts, o: { readonly guidance: boolean; readonly micro: MicroConditioning }): Conditioning {
+  encode(p: Prompts, o: EncodeOptions): Conditioning {
     const cond = this.text.encode([p.prompt]);
     const { originalSize, cropTopLeft, targetSize } = o.micro;
     const ids = [...originalSize, ...cropTopLeft, ...targetSize];

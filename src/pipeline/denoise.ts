@@ -5,15 +5,17 @@
  *   eps = eps_uncond + scale * (eps_cond - eps_uncond)
  *
  * uncond and cond run as one UNet forward on a batch of 2 (the conditioning batched [uncond, cond]: negative
- * prompt, then prompt; pipeline/conditioning.ts builds it).
+ * prompt, then prompt; pipeline/conditioning.ts builds it), or as two forwards when their contexts differ in
+ * length (A1111 prompts of different chunk counts: the conditioning then carries `uncond` beside it).
  * Without guidance (off, or scale 1, which gives eps_cond exactly) one forward on the prompt alone.
  *
  * The loop is an async generator that yields after every step, so the caller shows progress and can stop;
  * each step runs in one tf.tidy, none spans an await. Latents are NHWC [B, h, w, 4].
  */
 import * as tf from '../backend/tf.js';
-import type { Conditioning, UNet } from '../unet/index.js';
+import type { UNet } from '../unet/index.js';
 import type { EpsFn, NoiseFn, Sampler } from '../scheduler/index.js';
+import type { GuidedConditioning } from './conditioning.js';
 
 /** generate() was cancelled through its AbortSignal; every tensor it held has been freed. */
 export class AbortError extends Error {
@@ -28,16 +30,20 @@ export function throwIfAborted(signal: AbortSignal | undefined): void {
 }
 
 /**
- * The guided noise predictor. cond: batch 2 (uncond, cond) when scale is a number, batch 1 when null.
+ * The guided noise predictor. cond: batch 2 (uncond, cond) when scale is a number, batch 1 when null; or, with
+ * `cond.uncond` given, cond and uncond of batch 1 each (two forwards).
  * x: [1, h, w, 4] -> eps [1, h, w, 4].
  */
-export function guidedEps(unet: UNet, cond: Conditioning, scale: number | null): EpsFn {
+export function guidedEps(unet: UNet, cond: GuidedConditioning, scale: number | null): EpsFn {
+  const { uncond } = cond;
   if (scale === null) return (x, t) => unet.forward(x, t, cond);
+  const guide = (epsUncond: tf.Tensor, epsCond: tf.Tensor) => tf.add<tf.Tensor4D>(epsUncond, tf.mul(tf.sub(epsCond, epsUncond), scale));
+  if (uncond !== undefined) return (x, t) => tf.tidy(() => guide(unet.forward(x, t, uncond), unet.forward(x, t, cond)));
   return (x, t) =>
     tf.tidy(() => {
       const both = unet.forward(tf.concat([x, x]), t, cond); // [2, h, w, 4]
       const [epsUncond, epsCond] = tf.split(both, 2);
-      return tf.add(epsUncond, tf.mul(tf.sub(epsCond, epsUncond), scale));
+      return guide(epsUncond, epsCond);
     });
 }
 

@@ -3,7 +3,18 @@
  * filled in, and the result frozen as ResolvedParams (what was run, enough to run it again). A bad field is a
  * ParamError naming the field and its allowed range; the CLI prints it, the server answers 400 with it.
  */
-import { ParamError, SAMPLERS, type GenerateParams, type ResolvedParams, type SamplerName } from './api.js';
+import {
+  CONVENTION_NAMES,
+  NOISE_SOURCES,
+  ParamError,
+  PROMPT_SYNTAXES,
+  SAMPLERS,
+  type ConventionsName,
+  type GenerateParams,
+  type PixelPair,
+  type ResolvedParams,
+  type SamplerName,
+} from './api.js';
 
 export const MAX_PROMPT_CHARS = 4000;
 export const MAX_SEED = 2 ** 32 - 1;
@@ -25,6 +36,8 @@ export interface ParamLimits {
   readonly minSize: number;
   /** Text-encoder layers: clip skip is 1 .. layers-1. */
   readonly clipLayers: number;
+  /** The conventions a request without any gets: the model source's (absent: 'a1111'). */
+  readonly conventions?: ConventionsName;
 }
 
 export const SD15_LIMITS: ParamLimits = Object.freeze({ width: 512, height: 512, minSize: 64, clipLayers: 12 });
@@ -61,7 +74,13 @@ export const DEFAULTS = Object.freeze({
   /** img2img: the web UI's default denoising strength. */
   strength: 0.75,
   batch: 1,
+  /** torch's CPU generator: the seeds of diffusers (with a CPU generator), ComfyUI and A1111's "RNG: CPU". */
+  noise: 'cpu' as const,
+  promptSyntax: 'a1111' as const,
 });
+
+/** Largest SDXL original / target size and crop offset, in pixels (the model saw up to a few thousand). */
+export const MAX_MICRO_SIZE = 16384;
 
 function string(field: string, v: unknown, fallback: string): string {
   if (v === undefined) return fallback;
@@ -107,6 +126,37 @@ function sampler(v: unknown): SamplerName {
   return v as SamplerName;
 }
 
+function oneOf<T extends string>(field: string, v: unknown, fallback: T, choices: readonly T[]): T {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'string' || !(choices as readonly string[]).includes(v)) {
+    throw new ParamError(field, `must be one of ${choices.join(', ')}, got ${JSON.stringify(v)}`);
+  }
+  return v as T;
+}
+
+/** Two integers in min..MAX_MICRO_SIZE: SDXL's [height, width] or [top, left]. */
+function pixelPair(field: string, v: unknown, fallback: PixelPair, min: number): PixelPair {
+  if (v === undefined) return fallback;
+  const ok = Array.isArray(v) && v.length === 2 && v.every((n) => typeof n === 'number' && Number.isInteger(n) && n >= min && n <= MAX_MICRO_SIZE);
+  if (!ok) throw new ParamError(field, `must be two integers in ${min}..${MAX_MICRO_SIZE}, got ${JSON.stringify(v)}`);
+  return Object.freeze([v[0], v[1]] as [number, number]);
+}
+
+/** SDXL's micro-conditioning: defaults [H, W], [0, 0], [H, W]; refused for SD 1.x, whose UNet takes none. */
+function micro(p: GenerateParams, limits: ParamLimits, height: number, width: number): Pick<ResolvedParams, 'originalSize' | 'cropTopLeft' | 'targetSize'> {
+  if ((limits.family ?? 'sd1') !== 'sdxl') {
+    for (const field of ['originalSize', 'cropTopLeft', 'targetSize'] as const) {
+      if (p[field] !== undefined) throw new ParamError(field, 'applies to SDXL models only (SD 1.x has no size conditioning)');
+    }
+  }
+  const size = Object.freeze([height, width] as const);
+  return {
+    originalSize: pixelPair('originalSize', p.originalSize, size, 1),
+    cropTopLeft: pixelPair('cropTopLeft', p.cropTopLeft, Object.freeze([0, 0] as const), 0),
+    targetSize: pixelPair('targetSize', p.targetSize, size, 1),
+  };
+}
+
 /** A seed drawn uniformly from 0 .. 2^32-1, used when the caller gives none (and reported back). */
 export function randomSeed(): number {
   return Math.floor(Math.random() * (MAX_SEED + 1));
@@ -131,6 +181,8 @@ function strength(p: GenerateParams): number | null {
 export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMITS): ResolvedParams {
   if (typeof p !== 'object' || p === null) throw new ParamError('params', 'must be an object with at least a prompt');
   if (p.prompt === undefined) throw new ParamError('prompt', 'is required (a string, may be empty)');
+  const width = size('width', p.width, limits.width, limits);
+  const height = size('height', p.height, limits.height, limits);
   return Object.freeze({
     prompt: string('prompt', p.prompt, ''),
     negativePrompt: string('negativePrompt', p.negativePrompt, DEFAULTS.negativePrompt),
@@ -140,11 +192,15 @@ export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMI
     cfg: boolean('cfg', p.cfg, DEFAULTS.cfg),
     sampler: sampler(p.sampler),
     karras: boolean('karras', p.karras, DEFAULTS.karras),
-    width: size('width', p.width, limits.width, limits),
-    height: size('height', p.height, limits.height, limits),
+    width,
+    height,
     clipSkip: integer('clipSkip', p.clipSkip, DEFAULTS.clipSkip, 1, limits.clipLayers - 1),
     strength: strength(p),
     batch: integer('batch', p.batch, DEFAULTS.batch, 1, MAX_BATCH),
+    noise: oneOf('noise', p.noise, DEFAULTS.noise, NOISE_SOURCES),
+    promptSyntax: oneOf('promptSyntax', p.promptSyntax, DEFAULTS.promptSyntax, PROMPT_SYNTAXES),
+    conventions: oneOf('conventions', p.conventions, limits.conventions ?? 'a1111', CONVENTION_NAMES),
+    ...micro(p, limits, height, width),
   });
 }
 

@@ -8,30 +8,56 @@
  * img2img starts instead from the init image: [-1, 1] --VAE encoder--> moments; mean + std * posterior noise,
  * times scale_factor, is the init latent, which the sampler noises to its first step.
  *
- * Random numbers: image i of a batch uses its own TorchGenerator(seed + i), drawing the start noise, then each
- * step's noise (euler_a, ddpm), as the fixtures do, so a seed gives the same noise as CompVis/diffusers with a
- * CPU generator. The VAE posterior sample of img2img has a generator of its own, seeded with the bitwise
- * complement of the image seed, so the sampler's draws stay those of the seed.
+ * Random numbers: image i of a batch uses its own generator seeded with seed + i (`noise`: torch's CPU one, as
+ * CompVis, diffusers with a CPU generator and ComfyUI; or torch's CUDA one, as A1111 on NVIDIA), drawing the start
+ * noise, then each step's noise (euler_a, ddpm). img2img's VAE posterior sample: under diffusers' conventions the
+ * same generator's first draw (then the start noise), as diffusers; under A1111's a torch CPU generator of its
+ * own, seeded with the bitwise complement of the image seed, so the sampler's draws stay those of the seed.
+ *
+ * Conventions (scheduler/conventions.ts) default by model source: a diffusers folder's scheduler_config.json,
+ * else A1111's for SD 1.x and the family config's (diffusers') for SDXL. Prompts (SD 1.x) follow A1111's syntax
+ * by default (a1111-prompt.ts); SDXL's are read as plain text.
  *
  * Latents are NHWC [B, H/8, W/8, c], c the VAE's latent channels; h, w below are latent sizes.
  */
-import { basename, dirname, extname, resolve } from 'node:path';
-import { existsSync, statSync } from 'node:fs';
+import { basename, dirname, extname, join, resolve } from 'node:path';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import * as tf from '../backend/tf.js';
 import { ClipTextEncoder } from '../clip/index.js';
 import { SdxlTextEncoder } from '../clip/sdxl-text.js';
-import { UNet, disposeConditioning, type Conditioning } from '../unet/index.js';
+import { UNet, type Conditioning } from '../unet/index.js';
 import { Vae, downsampleFactor } from '../vae/index.js';
 import { ClipTokenizer, findTokenizer } from '../tokenizer/index.js';
-import { createSampler, TorchGenerator, torchNoise, type NoiseFn, type Sampler, type SamplerConfig } from '../scheduler/index.js';
+import {
+  A1111_CONVENTIONS,
+  conventionsFromSchedulerConfig,
+  createGenerator,
+  createSampler,
+  DIFFUSERS_CONVENTIONS,
+  TorchGenerator,
+  torchNoise,
+  type NoiseFn,
+  type Sampler,
+  type SamplerConfig,
+  type SamplerConventions,
+} from '../scheduler/index.js';
 import { openWeights } from '../weights/open.js';
-import { withLoraFiles, type LoraSpec } from '../lora/index.js';
+import { extractLoraTags, withLoraFiles, type LoraSpec } from '../lora/index.js';
 import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
-import type { GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
+import type { ConventionsName, GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
 import { checkCheckpointFits, ConfigError, familyOf, SD15_PIPELINE, type AnyPipelineConfig, type PipelineConfig } from './config.js';
 import { ShapeError } from '../nn/errors.js';
-import { Sd1Conditioner, SdxlConditioner, sd1Conditioning, type MicroConditioning, type Prompts, type TextConditioner } from './conditioning.js';
+import {
+  disposeGuided,
+  Sd1Conditioner,
+  SdxlConditioner,
+  sd1Conditioning,
+  type GuidedConditioning,
+  type MicroConditioning,
+  type Prompts,
+  type TextConditioner,
+} from './conditioning.js';
 import { detectFamily, type ModelFamily } from './families.js';
 import { SDXL_BASE_PIPELINE, type SdxlPipelineConfig } from './sdxl-config.js';
 import { denoise, guidedEps, throwIfAborted } from './denoise.js';
@@ -48,9 +74,34 @@ export interface LoadOptions {
   readonly config?: AnyPipelineConfig;
   /** A tokenizer file or folder; default: looked for next to the weights, then in ./weights. */
   readonly tokenizer?: string;
-  /** LoRA files merged into the text encoder and UNet weights as they load (src/lora), with their multipliers. */
+  /**
+   * LoRA files merged into the text encoder and UNet weights as they load (src/lora), with their multipliers. Left
+   * out, the model takes none and a prompt's <lora:...> tags are stripped with a warning that they were not applied.
+   */
   readonly loras?: readonly LoraSpec[];
+  /** Where warnings go (a prompt cut at 77 tokens, LoRA tags not applied); default: stderr. */
+  readonly warn?: (message: string) => void;
 }
+
+/** The sampler conventions used under the name 'diffusers', and the default name, by model source. */
+interface SourceConventions {
+  readonly diffusers: SamplerConventions;
+  readonly default: ConventionsName;
+}
+
+/** A diffusers folder with scheduler/scheduler_config.json: its conventions (and the default); else the family's. */
+export function sourceConventions(weights: string, cfg: AnyPipelineConfig): SourceConventions {
+  const path = join(weights, 'scheduler', 'scheduler_config.json');
+  if (existsSync(weights) && statSync(weights).isDirectory() && existsSync(path)) {
+    return { diffusers: conventionsFromSchedulerConfig(JSON.parse(readFileSync(path, 'utf8'))).conventions, default: 'diffusers' };
+  }
+  const family = 'conventions' in cfg ? cfg.conventions : A1111_CONVENTIONS;
+  return { diffusers: family.name === 'diffusers' ? family : DIFFUSERS_CONVENTIONS, default: family.name === 'diffusers' ? 'diffusers' : 'a1111' };
+}
+
+const stderrWarn = (message: string): void => {
+  process.stderr.write(`sd: warning: ${message}\n`);
+};
 
 /** Where a tokenizer is looked for when none is given: next to the weights (and in a diffusers folder), then ./weights. */
 export function tokenizerCandidates(weights: string): string[] {
@@ -63,7 +114,8 @@ export function tokenizerCandidates(weights: string): string[] {
 export function limitsFor(cfg: AnyPipelineConfig): ParamLimits {
   const family = familyOf(cfg);
   const clipLayers = 'family' in cfg ? cfg.text.clipL.layers : cfg.clip.layers;
-  return { family, width: cfg.width, height: cfg.height, minSize: Math.min(64, cfg.width, cfg.height), clipLayers };
+  const conventions: ConventionsName = 'conventions' in cfg && cfg.conventions.name === 'diffusers' ? 'diffusers' : 'a1111';
+  return { family, width: cfg.width, height: cfg.height, minSize: Math.min(64, cfg.width, cfg.height), clipLayers, conventions };
 }
 
 /** A tf.Tensor4D NHWC [1, H, W, 3] in [-1, 1] from RGB bytes. */
@@ -90,6 +142,11 @@ export class StableDiffusion {
     private readonly text: TextConditioner,
     private readonly unet: UNet,
     private readonly vae: Vae,
+    /** What 'a1111' / 'diffusers' conventions mean for this model, and which one a request gets by default. */
+    readonly conventions: SourceConventions,
+    private readonly warn: (message: string) => void,
+    /** Whether LoRAs were given at load: without, a prompt's <lora:...> tags get a warning. */
+    private readonly lorasGiven: boolean,
   ) {}
 
   /** Opens the weights, recognises the family from their keys, and loads the family's networks. */
@@ -103,15 +160,20 @@ export class StableDiffusion {
       }
       const name = basename(o.weights, extname(o.weights));
       const weights = withLoraFiles(src, o.loras ?? []);
+      const warn = o.warn ?? stderrWarn;
+      const make = (config: AnyPipelineConfig) => {
+        const conventions = sourceConventions(o.weights, config);
+        return (t: TextConditioner, unet: UNet, vae: Vae) => new StableDiffusion(config, name, t, unet, vae, conventions, warn, o.loras !== undefined);
+      };
       if (family === 'sdxl') {
         const config = (o.config ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
         const text = () => new SdxlConditioner(SdxlTextEncoder.load(weights, tokenizer, config.text), config.timeEmbedDim);
-        return StableDiffusion.loadModels(weights, config, text, (t, unet, vae) => new StableDiffusion(config, name, t, unet, vae));
+        return StableDiffusion.loadModels(weights, config, text, make(config));
       }
       const config = (o.config ?? SD15_PIPELINE) as PipelineConfig;
       checkCheckpointFits(src, config);
       const text = () => new Sd1Conditioner({ tokenizer, clip: ClipTextEncoder.load(weights, config.clip) });
-      return StableDiffusion.loadModels(weights, config, text, (t, unet, vae) => new StableDiffusion(config, name, t, unet, vae));
+      return StableDiffusion.loadModels(weights, config, text, make(config));
     } finally {
       src.close();
     }
@@ -144,7 +206,7 @@ export class StableDiffusion {
   }
 
   get limits(): ParamLimits {
-    return limitsFor(this.config);
+    return { ...limitsFor(this.config), conventions: this.conventions.default };
   }
 
   /** SD 1.x: the conditioning of `texts`, context [texts.length, 77, C] (the fixtures compare it). */
@@ -154,12 +216,19 @@ export class StableDiffusion {
   }
 
   /**
-   * CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance. `negative`
+   * CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance; SD 1.x
+   * prompts in A1111 syntax of different token counts: the prompt's, with the negative's as `uncond`. `negative`
    * null: none was given (SD 1.x encodes "", SDXL base uses zeros); default: the resolved negative prompt.
+   * Dispose with disposeGuided.
    */
-  encodePrompts(r: ResolvedParams, negative: string | null = r.negativePrompt, micro: MicroConditioning = defaultMicro(r)): Conditioning {
+  encodePrompts(r: ResolvedParams, negative: string | null = r.negativePrompt, micro: MicroConditioning = microOf(r)): GuidedConditioning {
     const prompts: Prompts = { prompt: r.prompt, negative };
-    return this.text.encode(prompts, { guidance: usesGuidance(r), clipSkip: r.clipSkip, micro });
+    const promptSyntax = this.family === 'sd1' ? r.promptSyntax : 'plain';
+    if (promptSyntax === 'a1111' && !this.lorasGiven) {
+      const tags = extractLoraTags(r.prompt).loras;
+      if (tags.length > 0) this.warn(`LoRA tags not applied (${tags.map((t) => `<lora:${t.name}>`).join(', ')}): this model was loaded without LoRAs`);
+    }
+    return this.text.encode(prompts, { guidance: usesGuidance(r), clipSkip: r.clipSkip, micro, promptSyntax, warn: this.warn });
   }
 
   /** image NHWC [1, H, W, 3] in [-1, 1] -> init latent [1, h, w, 4] = (mean + std * noise) * scale_factor. */
@@ -185,7 +254,7 @@ export class StableDiffusion {
    */
   async sampleLatent(o: {
     readonly sampler: Sampler;
-    readonly cond: Conditioning;
+    readonly cond: GuidedConditioning;
     readonly guidanceScale: number | null;
     readonly noise: NoiseFn;
     readonly latentShape: readonly [number, number, number, number];
@@ -227,36 +296,39 @@ export class StableDiffusion {
         images.push(await this.generateOne(r, (r.seed + i) >>> 0, cond, initImage, o.signal, onStep));
       }
     } finally {
-      disposeConditioning(cond);
+      disposeGuided(cond);
       initImage?.dispose();
     }
     return { images, params: r };
   }
 
-  /** The sampler of `r` under this model's conventions (SD 1.x: A1111 / k-diffusion; SDXL: diffusers). */
+  /** The sampler of `r` under its conventions: A1111's (k-diffusion), or diffusers' (this model's scheduler config). */
   samplerConfig(r: ResolvedParams): SamplerConfig {
-    const conventions = 'conventions' in this.config ? this.config.conventions : undefined;
+    const conventions = r.conventions === 'diffusers' ? this.conventions.diffusers : A1111_CONVENTIONS;
     return { name: r.sampler, steps: r.steps, karras: r.karras, strength: r.strength ?? undefined, conventions };
   }
 
   private async generateOne(
     r: ResolvedParams,
     seed: number,
-    cond: Conditioning,
+    cond: GuidedConditioning,
     initImage: tf.Tensor4D | null,
     signal: AbortSignal | undefined,
     onStep: (step: number) => void,
   ): Promise<GeneratedImage> {
     const f = downsampleFactor(this.config.vae);
     const latentShape = [1, r.height / f, r.width / f, this.config.vae.embedDim] as const;
-    const initLatent = initImage === null ? undefined : this.encodeImage(initImage, torchNoise(new TorchGenerator(~seed >>> 0)));
+    const noise = torchNoise(createGenerator(r.noise, seed));
+    // diffusers draws the posterior sample from the one generator, before the start noise; A1111's has its own.
+    const posterior = r.conventions === 'diffusers' ? noise : torchNoise(new TorchGenerator(~seed >>> 0));
+    const initLatent = initImage === null ? undefined : this.encodeImage(initImage, posterior);
     let latent: tf.Tensor4D;
     try {
       latent = await this.sampleLatent({
         sampler: createSampler(this.samplerConfig(r)),
         cond,
         guidanceScale: usesGuidance(r) ? r.cfgScale : null,
-        noise: torchNoise(new TorchGenerator(seed)),
+        noise,
         latentShape,
         initLatent,
         signal,
@@ -273,7 +345,12 @@ export class StableDiffusion {
     } finally {
       image.dispose();
     }
-    const png = await encodePng({ rgb, width: r.width, height: r.height }, { ...r, seed, model: this.modelName });
+    const png = await encodePng({ rgb, width: r.width, height: r.height }, {
+      ...r,
+      seed,
+      model: this.modelName,
+      promptSyntax: this.family === 'sd1' ? r.promptSyntax : undefined, // SDXL prompts are plain text
+    });
     return { png, rgb, seed };
   }
 
@@ -286,7 +363,7 @@ export class StableDiffusion {
   }
 }
 
-/** SDXL's pipeline defaults: original size = target size = the image's, no crop. */
-function defaultMicro(r: ResolvedParams): MicroConditioning {
-  return { originalSize: [r.height, r.width], cropTopLeft: [0, 0], targetSize: [r.height, r.width] };
+/** SDXL's size and crop conditioning of `r` (defaults: original size = target size = the image's, no crop). */
+function microOf(r: ResolvedParams): MicroConditioning {
+  return { originalSize: r.originalSize, cropTopLeft: r.cropTopLeft, targetSize: r.targetSize };
 }
