@@ -14,6 +14,7 @@ import { familyOf, formatSummary } from '../src/cli/commands/inspect.js';
 import { randomModelShapes, randomWeightsCommand } from '../src/cli/commands/random-weights.js';
 import { runPart } from '../src/parity/sdxl.js';
 import { detectFamily } from '../src/pipeline/families.js';
+import { resolveParams } from '../src/pipeline/params.js';
 import { StableDiffusion, sdxlConfigFromJson } from '../src/pipeline/pipeline.js';
 import { convertWeights } from '../src/weights/convert.js';
 import { partOf, summarizeWeights } from '../src/weights/inspect.js';
@@ -228,5 +229,48 @@ describe('sd random-weights --model sdxl', () => {
     const sd = await StableDiffusion.load({ weights: out, config: sdxlConfigFromJson(fixtureConfig), tokenizer: 'tests/fixtures/tokenizer' });
     sd.dispose();
     expect(() => write({ out, model: 'sdxl', config, half: true, seed: 3, force: false })).toThrow(/exists: pass --force/);
+  });
+});
+
+describe('SDXL refusals', () => {
+  const fixtureConfig = (JSON.parse(readFileSync(`${PIPELINE}/fixture.json`, 'utf8')) as { config: Record<string, unknown> }).config;
+  const load = (weights: string) => StableDiffusion.load({ weights, config: sdxlConfigFromJson(fixtureConfig), tokenizer: 'tests/fixtures/tokenizer' });
+
+  /** The fixture file without `drop`, or with `reshape`'s shape reversed (same bytes). */
+  function broken(name: string, edit: { drop?: string; reshape?: string }): string {
+    const ref = SafetensorsFile.open(SINGLE);
+    const path = join(tmp, `${name}.safetensors`);
+    const infos = ref.keys().filter((k) => k !== edit.drop).map((k) => {
+      const info = ref.info(k);
+      return [k, k === edit.reshape ? { dtype: info.dtype, shape: [...info.shape].reverse() } : info] as const;
+    });
+    writeSafetensors(path, infos, (k) => ref.bytes(k));
+    ref.close();
+    return path;
+  }
+
+  it('a missing or mis-shaped tensor of any network is named, with its expected shape', async () => {
+    await initBackend({ backend: 'cpu', log: null });
+    const cases: [string, { drop?: string; reshape?: string }, RegExp][] = [
+      ['no-label-emb', { drop: 'model.diffusion_model.label_emb.0.2.bias' }, /missing tensor model\.diffusion_model\.label_emb\.0\.2\.bias \[128\]/],
+      ['no-unet-proj', { drop: 'model.diffusion_model.output_blocks.2.1.proj_out.weight' }, /missing tensor model\.diffusion_model\.output_blocks\.2\.1\.proj_out\.weight \[32, 32\]/],
+      ['no-te2-bias', { drop: 'conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_bias' }, /missing conditioner\.embedders\.1\.model\.transformer\.resblocks\.1\.attn\.in_proj_bias \[24\]/],
+      ['te2-projection', { reshape: 'conditioner.embedders.1.model.text_projection' }, /conditioner\.embedders\.1\.model\.text_projection: expected \[8, 6\], got \[6, 8\]/],
+      ['te1-fc1', { reshape: 'conditioner.embedders.0.transformer.text_model.encoder.layers.2.mlp.fc1.weight' }, /conditioner\.embedders\.0\.transformer\.text_model\.encoder\.layers\.2\.mlp\.fc1\.weight: expected \[16, 4\], got \[4, 16\]/],
+      ['vae-conv', { reshape: 'first_stage_model.decoder.up.0.block.0.conv1.weight' }, /first_stage_model\.decoder\.up\.0\.block\.0\.conv1\.weight: expected \[32, 32, 3, 3\], got \[3, 3, 32, 32\]/],
+    ];
+    for (const [name, edit, message] of cases) await expect(load(broken(name, edit)), name).rejects.toThrow(message);
+  });
+
+  it('a size that is not a multiple of 8 is refused with the field named', async () => {
+    await initBackend({ backend: 'cpu', log: null });
+    const sd = await load(SINGLE);
+    try {
+      expect(() => resolveParams({ prompt: 'x', width: 1000, height: 1020 }, sd.limits)).toThrow(/height: must be a multiple of 8/);
+      expect(() => resolveParams({ prompt: 'x', width: 1001, height: 1024 }, sd.limits)).toThrow(/width: must be a multiple of 8/);
+      expect(resolveParams({ prompt: 'x', width: 832, height: 1216 }, sd.limits)).toMatchObject({ width: 832, height: 1216 });
+    } finally {
+      sd.dispose();
+    }
   });
 });
