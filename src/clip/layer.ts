@@ -2,7 +2,8 @@
  * One CLIP text transformer layer (HF CLIPEncoderLayer), pre-LayerNorm:
  *   h = x + out_proj(causal self-attention(layer_norm1(x)))      q/k/v/out projections with biases, 1/sqrt(d) scale
  *   y = h + fc2(act(fc1(layer_norm2(h))))                          act: QuickGELU in OpenAI CLIP
- * x, y: [B, N, width]. open_clip's ResidualAttentionBlock is the same layer (exact GELU in ViT-bigG).
+ * x, y: [B, N, width]. open_clip's ResidualAttentionBlock is the same layer (exact GELU in ViT-bigG); the vision
+ * tower's layers (clip/vision.ts) are too, with non-causal attention (`causal: false`).
  * Weights (names.ts): `encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}.*`
  * (HF), `transformer.resblocks.{i}.{ln_1, attn.in_proj (q; k; v), attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}` (open_clip).
  */
@@ -25,9 +26,15 @@ export class ClipEncoderLayer {
     private readonly layerNorm2: LayerNorm,
     private readonly fc1: Linear,
     private readonly fc2: Linear,
+    private readonly causal: boolean,
   ) {}
 
-  static load(p: WeightView, cfg: ClipConfig, names: ClipLayerNames = HF_CLIP_NAMES.layer): ClipEncoderLayer {
+  static load(
+    p: WeightView,
+    cfg: ClipConfig,
+    names: ClipLayerNames = HF_CLIP_NAMES.layer,
+    { causal = true }: { causal?: boolean } = {},
+  ): ClipEncoderLayer {
     const w = cfg.width;
     const eps = { eps: cfg.layerNormEps };
     const { qkv } = names;
@@ -45,6 +52,7 @@ export class ClipEncoderLayer {
       LayerNorm.load(p.child(names.layerNorm2), w, eps),
       Linear.load(p.child(names.fc1), w, cfg.mlpWidth),
       Linear.load(p.child(names.fc2), cfg.mlpWidth, w),
+      causal,
     );
   }
 
@@ -55,9 +63,9 @@ export class ClipEncoderLayer {
     });
   }
 
-  /** Each token attends to itself and the tokens before it. */
+  /** Each token attends to itself and the tokens before it (text), or to every token (vision). */
   private selfAttention(x: tf.Tensor3D): tf.Tensor3D {
-    const o = attention(this.q.apply(x), this.k.apply(x), this.v.apply(x), this.heads, { causal: true });
+    const o = attention(this.q.apply(x), this.k.apply(x), this.v.apply(x), this.heads, { causal: this.causal });
     return this.out.apply(o);
   }
 
