@@ -26,6 +26,9 @@ const MODEL = ['--weights', join(FIX, 'model.safetensors'), '--config', join(FIX
 /** The fixture's seeded txt2img case: ddpm, seed 42, 10 steps, cfg 7.5, empty negative prompt. */
 const DDPM = ['--prompt', fixture.config.prompt, '--seed', '42', '--steps', '10', '--cfg', '7.5', '--sampler', 'ddpm', '--width', '32', '--height', '32'];
 
+/** DDPM without its prompt and steps. */
+const SMALL = DDPM.slice(2).filter((_, i, a) => a[i] !== '--steps' && a[i - 1] !== '--steps');
+
 const work = mkdtempSync(join(tmpdir(), 'sd-generate-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
@@ -49,7 +52,7 @@ describe('sd generate', () => {
     const a = readFileSync(join(out, '42.png'));
     const b = readFileSync(join(out, '42-1.png'));
     expect(a.equals(b)).toBe(true);
-    expect(readPngParameters(a)).toMatch(/^a botanical illustration of a fern\nSteps: 10, Sampler: DDPM, CFG scale: 7.5, Seed: 42, Size: 32x32, Model: model$/);
+    expect(readPngParameters(a)).toMatch(/^a botanical illustration of a fern\nSteps: 10, Sampler: DDPM, CFG scale: 7.5, Seed: 42, Size: 32x32, Model: model, RNG: CPU$/);
 
     const { data, info } = await sharp(a).raw().toBuffer({ resolveWithObject: true });
     expect([info.width, info.height, info.channels]).toEqual([32, 32, 3]);
@@ -60,6 +63,24 @@ describe('sd generate', () => {
     const { passed, maxRelError } = withinTolerance(Float32Array.from(data, (v) => v / 255), expected, tol);
     expect(maxRelError).toBeLessThanOrEqual(tol);
     expect(passed).toBe(true);
+  });
+
+  it('takes --noise, --conventions, --prompt-syntax and --lora-dir, records them, and skips an unknown LoRA with a warning', () => {
+    const out = join(work, 'gpu.png');
+    const prompt = 'a (fern:1.2) <lora:nowhere:0.8>';
+    const r = sd([...MODEL, ...SMALL, '--prompt', prompt, '--noise', 'gpu', '--conventions', 'diffusers', '--lora-dir', work, '--steps', '2', '--out', out]);
+    expect(r.code).toBe(0);
+    expect(r.stderr).toMatch(/sd: warning: no LoRA named "nowhere" in .*; <lora:nowhere> skipped/);
+    const text = readPngParameters(readFileSync(out)) ?? '';
+    expect(text).toMatch(/^a \(fern:1\.2\) <lora:nowhere:0\.8>\nSteps: 2, Sampler: DDPM, .*Conventions: diffusers$/);
+    expect(text).not.toMatch(/RNG/);
+    const plain = sd([...MODEL, ...SMALL, '--prompt', 'a <lora:x>', '--prompt-syntax', 'plain', '--steps', '1', '--out', join(work, 'plain.png')]);
+    expect(plain.code).toBe(0);
+    expect(readPngParameters(readFileSync(join(work, 'plain.png')))).toMatch(/RNG: CPU, Prompt syntax: plain$/);
+    const noDir = sd([...MODEL, '--prompt', 'a <lora:x>', '--target-size', '32,32', '--steps', '1']);
+    expect(noDir.code).toBe(1);
+    expect(noDir.stderr).toMatch(/warning: LoRA tags not applied \(<lora:x>\): give --lora-dir/);
+    expect(noDir.stderr).toMatch(/targetSize: applies to SDXL models only/);
   });
 
   it('says where to put missing weights and how to get them', () => {

@@ -8,7 +8,19 @@ import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'no
 import { dirname, extname, join } from 'node:path';
 import type { CommandModule } from 'yargs';
 import { BACKENDS, initBackend, type BackendName } from '../../backend/select.js';
-import { SAMPLERS, type GenerateParams, type SamplerName } from '../../pipeline/api.js';
+import {
+  CONVENTION_NAMES,
+  NOISE_SOURCES,
+  PROMPT_SYNTAXES,
+  SAMPLERS,
+  type ConventionsName,
+  type GenerateParams,
+  type NoiseSource,
+  type PixelPair,
+  type PromptSyntax,
+  type SamplerName,
+} from '../../pipeline/api.js';
+import { extractLoraTags, LoraError, resolveLora, type LoraSpec } from '../../lora/index.js';
 import { limitsFor, readPipelineConfig, SD15_PIPELINE, StableDiffusion, type AnyPipelineConfig } from '../../pipeline/pipeline.js';
 import { resolveParams } from '../../pipeline/params.js';
 import { TokenizerError } from '../../tokenizer/index.js';
@@ -35,6 +47,13 @@ interface Args {
   'init-image'?: string;
   strength?: number;
   batch?: number;
+  noise?: NoiseSource;
+  'prompt-syntax'?: PromptSyntax;
+  conventions?: ConventionsName;
+  'lora-dir'?: string;
+  'original-size'?: string;
+  'crop-top-left'?: string;
+  'target-size'?: string;
   out: string;
   backend?: BackendName;
   threads?: number;
@@ -57,6 +76,14 @@ function readInitImage(path: string | undefined): Uint8Array | undefined {
   return readFileSync(path);
 }
 
+/** "1024,768" -> [1024, 768]; left out: undefined. */
+function pair(flag: string, v: string | undefined): PixelPair | undefined {
+  if (v === undefined) return undefined;
+  const m = /^\s*(\d+)\s*[,x]\s*(\d+)\s*$/.exec(String(v));
+  if (m === null) throw new UsageError(`--${flag} needs two integers, e.g. 1024,1024, got ${JSON.stringify(v)}`);
+  return [Number(m[1]), Number(m[2])];
+}
+
 export function toParams(args: Args): GenerateParams {
   if (args.strength !== undefined && args['init-image'] === undefined) throw new UsageError('--strength applies to img2img only: add --init-image FILE');
   return {
@@ -73,8 +100,42 @@ export function toParams(args: Args): GenerateParams {
     initImage: readInitImage(args['init-image']),
     strength: args.strength,
     batch: args.batch,
+    noise: args.noise,
+    promptSyntax: args['prompt-syntax'],
+    conventions: args.conventions,
+    originalSize: pair('original-size', args['original-size']),
+    cropTopLeft: pair('crop-top-left', args['crop-top-left']),
+    targetSize: pair('target-size', args['target-size']),
   };
 }
+
+/**
+ * The LoRAs a prompt's <lora:NAME:TE:UNET> tags name (A1111 syntax only), found in --lora-dir; a name not there is
+ * skipped with a warning, and without --lora-dir every tag is. The tags are stripped from the prompt either way.
+ */
+export function promptLoras(args: Pick<Args, 'prompt' | 'prompt-syntax' | 'lora-dir'>, warn: (message: string) => void): LoraSpec[] {
+  if (args['prompt-syntax'] === 'plain') return [];
+  const { loras } = extractLoraTags(args.prompt);
+  const dir = args['lora-dir'];
+  if (loras.length > 0 && dir === undefined) {
+    warn(`LoRA tags not applied (${loras.map((t) => `<lora:${t.name}>`).join(', ')}): give --lora-dir FOLDER to apply them`);
+    return [];
+  }
+  const specs: LoraSpec[] = [];
+  for (const tag of loras) {
+    try {
+      specs.push({ path: resolveLora(dir as string, tag.name), te: tag.te, unet: tag.unet });
+    } catch (e) {
+      if (!(e instanceof LoraError)) throw e;
+      warn(`${e.message}; <lora:${tag.name}> skipped`);
+    }
+  }
+  return specs;
+}
+
+const warnStderr = (message: string): void => {
+  process.stderr.write(`sd: warning: ${message}\n`);
+};
 
 function checkWeights(path: string): void {
   if (!existsSync(path)) throw new UsageError(`weights not found: ${path}; ${GET_WEIGHTS}`);
@@ -108,7 +169,8 @@ export function outputPath(out: string, seed: number): string {
 
 async function loadModel(args: Args, config: AnyPipelineConfig | undefined): Promise<StableDiffusion> {
   try {
-    return await StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer });
+    const loras = promptLoras(args, warnStderr);
+    return await StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer, loras, warn: warnStderr });
   } catch (e) {
     if (e instanceof TokenizerError && args.tokenizer === undefined) {
       throw new TokenizerError(`${e.message}; \`sd download --only bpe_simple_vocab_16e6.txt.gz\` fetches it into weights/`);
@@ -159,6 +221,13 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('init-image', { type: 'string', describe: 'img2img: a PNG or JPEG, resized to width x height' })
       .option('strength', { type: 'number', describe: 'img2img: how much to change the image, (0, 1] (default 0.75)' })
       .option('batch', { type: 'number', describe: 'images to make, 1..8 (default 1)' })
+      .option('noise', { choices: NOISE_SOURCES, describe: "random numbers: cpu = torch's CPU generator (default; diffusers, ComfyUI), gpu = torch's CUDA one (A1111's default)" })
+      .option('prompt-syntax', { choices: PROMPT_SYNTAXES, describe: "a1111 (default): (emphasis:1.2), [less], BREAK, past 75 tokens, <lora:...>; plain: text, cut at 75 tokens. SDXL: plain" })
+      .option('conventions', { choices: CONVENTION_NAMES, describe: "sampler conventions: a1111 (k-diffusion) or diffusers; default: a diffusers folder's, else a1111 for SD 1.x, diffusers for SDXL" })
+      .option('lora-dir', { type: 'string', describe: 'folder of LoRA files the prompt\'s <lora:NAME:WEIGHT> tags are looked up in' })
+      .option('original-size', { type: 'string', describe: 'SDXL size conditioning H,W (default: the image size)' })
+      .option('crop-top-left', { type: 'string', describe: 'SDXL crop conditioning T,L (default 0,0)' })
+      .option('target-size', { type: 'string', describe: 'SDXL target size conditioning H,W (default: the image size)' })
       .option('out', { alias: 'o', type: 'string', default: 'outputs', describe: 'a folder (images named <seed>.png) or a .png path' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
       .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' }) as never,
@@ -167,7 +236,9 @@ export const generateCommand: CommandModule<object, Args> = {
     // Validate every parameter before the slow part; the resolved seed is the one generated with. The model's
     // family (its default size) is known once it is loaded; sizes are checked against it again then.
     const params = toParams(args);
-    const { seed } = resolveParams(params, limitsFor(config ?? SD15_PIPELINE));
+    // SDXL's size conditioning waits for the family too.
+    const early = { ...params, originalSize: undefined, cropTopLeft: undefined, targetSize: undefined };
+    const { seed } = resolveParams(early, limitsFor(config ?? SD15_PIPELINE));
     checkWeights(args.weights);
     await initBackend({ backend: args.backend, threads: args.threads });
     const sd = await loadModel(args, config);
