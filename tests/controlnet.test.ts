@@ -272,6 +272,24 @@ describe('ControlNet residuals', () => {
     }
   });
 
+  it('computes the same residuals with its weights streamed (wasm\'s residency) as resident, and reads the latent alone under an inpainting base', () => {
+    const path = join(FIXTURE, 'control_tiny.safetensors');
+    const streamed = loadControlNet(path, UNET_CFG, { residency: 'streamed' });
+    const inpaintBase = loadControlNet(path, { ...UNET_CFG, inChannels: 9 });
+    try {
+      expect(streamed.hostBytes).toBeGreaterThan(0);
+      expect(inpaintBase.config.unet.inChannels).toBe(4);
+      const a = streamed.forward(x, 400, { context }, hint, 0.8);
+      const b = inpaintBase.forward(x, 400, { context }, hint, 0.8);
+      expect(residualValues(a).map(bits)).toEqual(residualValues(b).map(bits));
+      disposeResiduals(a);
+      disposeResiduals(b);
+    } finally {
+      streamed.dispose();
+      inpaintBase.dispose();
+    }
+  });
+
   it('frees every tensor it makes (forward, guided eps with the window)', () => {
     const net = loadControlNet(join(FIXTURE, 'control_tiny.safetensors'), UNET_CFG);
     try {

@@ -27,9 +27,13 @@ export interface ControlNetConfig {
 export type HintBlockConfig = Pick<ControlNetConfig, 'hintChannels' | 'hintBlockChannels'>;
 export const SD_HINT_BLOCK: HintBlockConfig = Object.freeze({ hintChannels: 3, hintBlockChannels: Object.freeze([16, 32, 96, 256]) });
 
-/** A ControlNet for a base model with UNet config `unet`, with lllyasviel's hint block unless told otherwise. */
+/**
+ * A ControlNet for a base model with UNet config `unet`, with lllyasviel's hint block unless told otherwise. It reads
+ * the latent alone, even where the base UNet takes more input channels (an inpainting UNet's 9: latent, mask,
+ * masked-image latent), so its input width is the latent's, the UNet's output width.
+ */
 export function controlNetConfig(unet: UNetConfig, hint: Partial<HintBlockConfig> = {}): ControlNetConfig {
-  return validateControlNetConfig({ unet, ...SD_HINT_BLOCK, ...hint });
+  return validateControlNetConfig({ unet: { ...unet, inChannels: unet.outChannels }, ...SD_HINT_BLOCK, ...hint });
 }
 
 export const SD15_CONTROLNET: ControlNetConfig = controlNetConfig(SD15_UNET);
