@@ -104,6 +104,38 @@ describe('server with the fixture model', () => {
     expect(await readdir(outDir)).toContain(`${String(a.json.uid)}.png`);
   });
 
+  it('POST /inference: noise, conventions and prompt_syntax pass to the pipeline, are answered and recorded; the prompt kept as given', async () => {
+    const prompt = 'a (fern:1.3), [ink] <lora:nope:0.5>';
+    const body = { prompt, seed: 11, steps: 2, sampler: 'euler_a', width: 32, height: 32, noise: 'gpu', conventions: 'diffusers', prompt_syntax: 'a1111' };
+    const a = await call('POST', '/inference', body);
+    expect(a.status).toBe(200);
+    expect(a.json.parameters).toMatchObject({ prompt, noise: 'gpu', conventions: 'diffusers', prompt_syntax: 'a1111' });
+    expect(a.json.parameters).not.toHaveProperty('original_size'); // SD 1.x: no size conditioning
+    const png = Buffer.from(String(a.json.image), 'base64');
+    const direct = await engine.generate({ prompt, seed: 11, steps: 2, sampler: 'euler_a', noise: 'gpu', conventions: 'diffusers' });
+    expect(png.equals(direct.images[0].png)).toBe(true);
+    const cpu = await engine.generate({ prompt, seed: 11, steps: 2, sampler: 'euler_a', noise: 'cpu', conventions: 'diffusers' });
+    expect(Buffer.from(cpu.images[0].rgb).equals(Buffer.from(direct.images[0].rgb))).toBe(false);
+    const text = readPngParameters(png) ?? '';
+    expect(text.split('\n')[0]).toBe(prompt);
+    expect(parseParameters(text).settings).toMatchObject({ Conventions: 'diffusers' });
+    expect(parseParameters(text).settings).not.toHaveProperty('RNG'); // A1111 writes nothing for its GPU default
+  });
+
+  it('POST /inference: 400 for an unknown noise source, SDXL sizes on an SD 1.x model and a size not a multiple of 8', async () => {
+    for (const [field, body] of [
+      ['noise', { prompt: 'x', noise: 'cuda' }],
+      ['conventions', { prompt: 'x', conventions: 'comfy' }],
+      ['original_size', { prompt: 'x', original_size: [1024] }],
+      ['originalSize', { prompt: 'x', original_size: [1024, 1024] }],
+      ['width', { prompt: 'x', width: 30 }],
+    ] as const) {
+      const r = await call('POST', '/inference', body);
+      expect(r.status, field).toBe(400);
+      expect(String(r.json.message), field).toContain(field);
+    }
+  });
+
   it('POST /jobs -> 202 {id}; GET /jobs/:id until succeeded with the result', async () => {
     const posted = await call('POST', '/jobs', { prompt: 'a fern', uid: 'job-1', steps: 2, seed: 3 });
     expect(posted.status).toBe(202);

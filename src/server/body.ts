@@ -8,9 +8,22 @@
  * too), the server's bounds on the work of one request, and every uploaded image (../image/upload.ts).
  */
 import type { FastifyInstance } from 'fastify';
-import { SAMPLERS, type GenerateParams, type ResolvedParams, type SamplerName } from '../pipeline/api.js';
+import {
+  CONVENTION_NAMES,
+  NOISE_SOURCES,
+  PROMPT_SYNTAXES,
+  SAMPLERS,
+  type ConventionsName,
+  type GenerateParams,
+  type NoiseSource,
+  type PixelPair,
+  type PromptSyntax,
+  type ResolvedParams,
+  type SamplerName,
+} from '../pipeline/api.js';
 import {
   MAX_CFG_SCALE,
+  MAX_MICRO_SIZE,
   MAX_PROMPT_CHARS,
   MAX_SEED,
   MAX_SIZE,
@@ -42,10 +55,20 @@ export interface InferenceBody {
   readonly height?: number;
   /** img2img: a PNG or JPEG file, base64 (a `data:image/...;base64,` prefix is accepted). */
   readonly init_image?: string;
+  /** 'cpu' (default) or 'gpu' random numbers. */
+  readonly noise?: NoiseSource;
+  readonly prompt_syntax?: PromptSyntax;
+  /** Default: the loaded model's. */
+  readonly conventions?: ConventionsName;
+  /** SDXL: [height, width], [top, left], [height, width] (diffusers' names). */
+  readonly original_size?: PixelPair;
+  readonly crops_coords_top_left?: PixelPair;
+  readonly target_size?: PixelPair;
 }
 
 const text = { type: 'string', maxLength: MAX_PROMPT_CHARS } as const;
 const size = { type: 'integer', minimum: 8, maximum: MAX_SIZE, multipleOf: 8 } as const;
+const pair = (minimum: number) => ({ type: 'array', minItems: 2, maxItems: 2, items: { type: 'integer', minimum, maximum: MAX_MICRO_SIZE } }) as const;
 
 export const INFERENCE_BODY_SCHEMA = Object.freeze({
   type: 'object',
@@ -65,6 +88,12 @@ export const INFERENCE_BODY_SCHEMA = Object.freeze({
     width: size,
     height: size,
     init_image: { type: 'string', minLength: 1 },
+    noise: { type: 'string', enum: NOISE_SOURCES },
+    prompt_syntax: { type: 'string', enum: PROMPT_SYNTAXES },
+    conventions: { type: 'string', enum: CONVENTION_NAMES },
+    original_size: pair(1),
+    crops_coords_top_left: pair(0),
+    target_size: pair(1),
   },
 });
 
@@ -103,6 +132,12 @@ export function toGenerateParams(b: InferenceBody): GenerateParams {
     height: b.height,
     strength: b.strength,
     initImage: b.init_image !== undefined ? decodeBase64Image(b.init_image) : undefined,
+    noise: b.noise,
+    promptSyntax: b.prompt_syntax,
+    conventions: b.conventions,
+    originalSize: b.original_size,
+    cropTopLeft: b.crops_coords_top_left,
+    targetSize: b.target_size,
   };
 }
 
@@ -119,9 +154,17 @@ export interface AnsweredParameters {
   readonly width: number;
   readonly height: number;
   readonly strength?: number;
+  readonly noise: NoiseSource;
+  readonly prompt_syntax: PromptSyntax;
+  readonly conventions: ConventionsName;
+  /** SDXL's size conditioning, each given when it is not the default ([height, width], [0, 0], [height, width]). */
+  readonly original_size?: PixelPair;
+  readonly crops_coords_top_left?: PixelPair;
+  readonly target_size?: PixelPair;
 }
 
 export function toAnsweredParameters(r: ResolvedParams): AnsweredParameters {
+  const isSize = (p: PixelPair) => p[0] === r.height && p[1] === r.width;
   return {
     prompt: r.prompt,
     negative_prompt: r.negativePrompt,
@@ -134,6 +177,12 @@ export function toAnsweredParameters(r: ResolvedParams): AnsweredParameters {
     width: r.width,
     height: r.height,
     ...(r.strength !== null ? { strength: r.strength } : {}),
+    noise: r.noise,
+    prompt_syntax: r.promptSyntax,
+    conventions: r.conventions,
+    ...(isSize(r.originalSize) ? {} : { original_size: r.originalSize }),
+    ...(r.cropTopLeft[0] === 0 && r.cropTopLeft[1] === 0 ? {} : { crops_coords_top_left: r.cropTopLeft }),
+    ...(isSize(r.targetSize) ? {} : { target_size: r.targetSize }),
   };
 }
 

@@ -22,6 +22,7 @@ interface Args {
   tokenizer?: string;
   outputs: string;
   'api-key'?: string;
+  'api-auth'?: string;
   'max-queue': number;
   concurrency: number;
   'job-ttl': number;
@@ -48,6 +49,7 @@ export const serveCommand: CommandModule<object, Args> = {
       .option('tokenizer', { type: 'string', describe: 'tokenizer file or folder; default: next to the weights, then ./weights' })
       .option('outputs', { type: 'string', default: 'outputs', describe: 'folder for <uid>.png + <uid>.json of every result' })
       .option('api-key', { type: 'string', describe: 'require Authorization: Bearer KEY on every route but /health (default: SD_API_KEY)' })
+      .option('api-auth', { type: 'string', describe: "A1111's user:pass[,user2:pass2]: accept HTTP Basic too (default: SD_API_AUTH)" })
       .option('max-queue', { type: 'number', default: DEFAULT_SERVER.maxQueue, describe: 'jobs that may wait, not counting running ones; beyond: 429' })
       .option('concurrency', { type: 'number', default: DEFAULT_SERVER.concurrency, describe: 'generations run at the same time' })
       .option('job-ttl', { type: 'number', default: DEFAULT_SERVER.jobTtlS, describe: 'seconds a finished job stays readable at GET /jobs/:id' })
@@ -62,11 +64,14 @@ export const serveCommand: CommandModule<object, Args> = {
     checkArgs(args);
     const bounds = boundsOf(args);
     const apiKey = args['api-key'] ?? (process.env.SD_API_KEY || null);
+    const apiAuth = args['api-auth'] ?? (process.env.SD_API_AUTH || null);
     const server = await SdServer.start(
       {
-        loadEngine: () => loadEngine(args, (line) => server.app.log.info(line)),
+        loadEngine: () => loadEngine(args, (line) => server.app.log.info(line), (line) => server.app.log.warn(line)),
         outputs: args.outputs,
         apiKey,
+        apiAuth,
+        weights: args.weights,
         maxQueue: args['max-queue'],
         concurrency: args.concurrency,
         jobTtlS: args['job-ttl'],
@@ -78,7 +83,7 @@ export const serveCommand: CommandModule<object, Args> = {
       { port: args.port, host: args.host },
     );
     server.app.log.info({ url: server.url, auth: apiKey !== null, outputs: server.outputs.dir }, 'listening; loading the model');
-    const warning = noAuthWarning(args.host, apiKey);
+    const warning = noAuthWarning(args.host, apiKey ?? apiAuth);
     if (warning !== null) server.app.log.warn({ host: args.host }, warning);
     stopOnSignals(server);
     server.ready().catch(() => {
@@ -87,11 +92,12 @@ export const serveCommand: CommandModule<object, Args> = {
   },
 };
 
-async function loadEngine(args: Args, log: (line: string) => void): Promise<Engine> {
+/** `warn`: the model's warnings (a prompt cut at 77 tokens, LoRA tags the server does not apply) go to the log. */
+async function loadEngine(args: Args, log: (line: string) => void, warn: (line: string) => void): Promise<Engine> {
   const choice = await initBackend({ backend: args.backend, log: null });
   log(describeChoice(choice));
   const config = args.config !== undefined ? readPipelineConfig(args.config) : undefined;
-  return StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer });
+  return StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer, warn });
 }
 
 /** First signal: graceful shutdown; a second one: cancel the running job now. Exit 0 once stopped. */
