@@ -27,17 +27,49 @@ export interface ExtraKeyValue {
   readonly toV: Linear;
 }
 
-/** CompVis CrossAttention; self-attention when no context is given. [B, N, C] -> [B, N, C] */
-class CrossAttention {
+/**
+ * CompVis CrossAttention; self-attention when no context is given. [B, N, C] -> [B, N, C]
+ * An adapter attaches key/value projections for its token set (attachExtra) and owns them: detachExtra gives
+ * the layer back as it was loaded, and dispose leaves them to the adapter.
+ */
+export class CrossAttention {
+  /** One per extra token set of the conditioning; none until an adapter attaches them. */
+  private readonly extraKV: ExtraKeyValue[] = [];
+
   private constructor(
     readonly toQ: Linear,
     readonly toK: Linear,
     readonly toV: Linear,
     readonly toOut: Linear,
     readonly heads: number,
-    /** One per extra token set of the conditioning; none until an adapter provides them. */
-    readonly extra: readonly ExtraKeyValue[],
   ) {}
+
+  get extra(): readonly ExtraKeyValue[] {
+    return this.extraKV;
+  }
+
+  /** Query width (C) and context width this layer's projections take. */
+  get widths(): { readonly dim: number; readonly contextDim: number } {
+    return { dim: this.toQ.outFeatures, contextDim: this.toK.inFeatures };
+  }
+
+  /** Adds the projections of one more extra token set: [tokenDim] -> [C], loaded for the same execution path. */
+  attachExtra(kv: ExtraKeyValue): void {
+    const { dim } = this.widths;
+    for (const m of [kv.toK, kv.toV]) {
+      if (m.outFeatures !== dim) throw new ShapeError(`CrossAttention: extra key/value projections must give ${dim} channels, got ${m.outFeatures}`);
+      if (m.native !== this.toQ.native) throw new ShapeError('CrossAttention: extra key/value projections must be loaded for the same backend path (native kernels or TensorFlow ops) as the UNet');
+    }
+    if (kv.toK.inFeatures !== kv.toV.inFeatures) throw new ShapeError(`CrossAttention: to_k_ip takes ${kv.toK.inFeatures} channels but to_v_ip ${kv.toV.inFeatures}`);
+    this.extraKV.push(kv);
+  }
+
+  /** Removes the projections attached as `kv` (not disposed: they are the adapter's). */
+  detachExtra(kv: ExtraKeyValue): void {
+    const at = this.extraKV.indexOf(kv);
+    if (at < 0) throw new Error('CrossAttention.detachExtra: these projections are not attached here');
+    this.extraKV.splice(at, 1);
+  }
 
   static load(p: WeightView, dim: number, contextDim: number, heads: number): CrossAttention {
     return new CrossAttention(
@@ -46,7 +78,6 @@ class CrossAttention {
       Linear.load(p.child('to_v'), contextDim, dim, { bias: false }),
       Linear.load(p.child('to_out.0'), dim, dim),
       heads,
-      [],
     );
   }
 
@@ -64,7 +95,7 @@ class CrossAttention {
   }
 
   dispose(): void {
-    for (const m of [this.toQ, this.toK, this.toV, this.toOut, ...this.extra.flatMap((e) => [e.toK, e.toV])]) m.dispose();
+    for (const m of [this.toQ, this.toK, this.toV, this.toOut]) m.dispose();
   }
 }
 
@@ -165,6 +196,11 @@ export class SpatialTransformer {
     const projOut = project('proj_out');
     const onHost = p.native ? spatialTransformerOnHost({ norm, projIn, blocks, projOut }) : null;
     return new SpatialTransformer(norm, projIn, blocks, projOut, onHost);
+  }
+
+  /** The cross-attention (attn2) of each transformer block, in order: where an adapter's projections attach. */
+  get crossAttentions(): readonly CrossAttention[] {
+    return this.blocks.map((b) => b.attn2);
   }
 
   /** x [B, H, W, C] and its conditioning (context [B, N, contextDim], extra token sets) -> [B, H, W, C] */

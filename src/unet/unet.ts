@@ -26,6 +26,7 @@ import { WeightView, checkCheckpoint, probeShapes } from '../nn/weight-view.js';
 import { WeightsError, type TensorSource } from '../weights/types.js';
 import { SD1_PREFIXES } from '../weights/layout.js';
 import { heldBlocks, loadUNetBlocks, ResStage, type UNetBlocks } from './blocks.js';
+import type { CrossAttention, ExtraKeyValue } from './transformer.js';
 import type { Conditioning } from './conditioning.js';
 import { SD15_UNET, unetBlockPlan, validateConfig, type UNetConfig } from './config.js';
 
@@ -148,6 +149,53 @@ export class UNet {
       expect(r.down[i], spec.kind === 'down' ? spec.ch : spec.cout, `down[${i}]`);
     });
     expect(r.middle, plan.middle.channels, 'middle');
+  }
+
+  /**
+   * Every cross-attention (attn2) layer, in diffusers' `attn_processors` order, the order IP-Adapter files number
+   * them (`ip_adapter.1, 3, 5, ...`): the input blocks, then the output blocks, then the middle block LAST
+   * (module registration order, not data flow); within a transformer, its blocks in order. Resident UNets only:
+   * a streamed block is rebuilt from the checkpoint at every use, so nothing attached to it would stay.
+   */
+  crossAttentions(): CrossAttention[] {
+    if (this.residency === 'streamed') {
+      throw new ShapeError("UNet: adapters with their own attention weights (IP-Adapter) need the UNet's weights resident; this one is streamed (wasm's default): load it with residency 'resident'");
+    }
+    const { input, middle, output } = this.blocks;
+    const of = (m: unknown) => (m instanceof ResStage && m.attn !== null ? m.attn.crossAttentions : []);
+    return [
+      ...input.flatMap((h) => h.use(of)),
+      ...output.flatMap((h) => h.use(of)),
+      ...middle.use((m) => (m.attn === null ? [] : m.attn.crossAttentions)),
+    ];
+  }
+
+  /**
+   * Attaches one extra token set's key/value projections, one per cross-attention layer in crossAttentions()
+   * order; the conditioning then carries that many more `extraTokens`. The projections stay the caller's.
+   */
+  attachExtraKeyValues(layers: readonly ExtraKeyValue[]): void {
+    const targets = this.crossAttentions();
+    if (layers.length !== targets.length) {
+      throw new ShapeError(`UNet: ${layers.length} extra key/value projections given for its ${targets.length} cross-attention layers`);
+    }
+    const done: number[] = [];
+    try {
+      targets.forEach((a, i) => {
+        a.attachExtra(layers[i]);
+        done.push(i);
+      });
+    } catch (e) {
+      for (const i of done) targets[i].detachExtra(layers[i]);
+      throw e;
+    }
+  }
+
+  /** Removes the projections attachExtraKeyValues attached (the same list); the UNet is then as loaded. */
+  detachExtraKeyValues(layers: readonly ExtraKeyValue[]): void {
+    const targets = this.crossAttentions();
+    if (layers.length !== targets.length) throw new ShapeError(`UNet: ${layers.length} projections to detach from ${targets.length} layers`);
+    targets.forEach((a, i) => a.detachExtra(layers[i]));
   }
 
   dispose(): void {
