@@ -18,7 +18,9 @@ import {
   checkControlUnit, controlActive, controlResiduals, controlScales, controlledEps, disposeResiduals, type ControlUnit,
 } from '../src/controlnet/guidance.js';
 import { controlNetDiffusersToOriginal } from '../src/controlnet/keys.js';
+import { hintFromEdges, hintFromRgb } from '../src/controlnet/hint.js';
 import { ControlNet, expectedControlNetShapes } from '../src/controlnet/model.js';
+import { controlHint } from '../src/image/canny.js';
 import { run } from '../src/parity/controlnet.js';
 import { formatResult } from '../src/parity/runner.js';
 import { UNet, unetConfigFromLdm, type UNetConfig, type UNetResiduals } from '../src/unet/index.js';
@@ -304,6 +306,21 @@ describe('ControlNet residuals', () => {
     } finally {
       net.dispose();
     }
+  });
+});
+
+describe('hint', () => {
+  it('is HWC3(edges) / 255 in NHWC, the transpose of controlHint\'s planar values; an image / 255 as it is', () => {
+    const edges = Uint8Array.from({ length: 6 }, (_, i) => (i % 2 === 0 ? 255 : 0));
+    const h = hintFromEdges(edges, 3, 2);
+    const planar = tf.tensor4d(controlHint(edges), [1, 3, 2, 3]);
+    const want = tf.transpose(planar, [0, 2, 3, 1]);
+    expect(h.shape).toEqual([1, 2, 3, 3]);
+    expect(h.dataSync()).toEqual(want.dataSync());
+    const rgb = hintFromRgb(Uint8Array.of(0, 51, 255), 1, 1);
+    expect(Array.from(rgb.dataSync())).toEqual([0, Math.fround(51 / 255), 1]);
+    expect(() => hintFromEdges(edges, 4, 2)).toThrow(/not a 4x2 edge map/);
+    tf.dispose([h, planar, want, rgb]);
   });
 });
 

@@ -7,7 +7,7 @@ export {
   validateControlNetConfig, type ControlNetConfig, type DiffusersControlNetJson, type HintBlockConfig, type HintConvSpec,
 } from './config.js';
 export { ControlNet, expectedControlNetShapes, type ControlNetLoadOptions } from './model.js';
-export { HintEncoder } from './hint.js';
+export { HintEncoder, hintFromEdges, hintFromRgb } from './hint.js';
 export { controlNetDiffusersToOriginal, isDiffusersControlNet } from './keys.js';
 export { loadControlNet, openControlNet, type ControlNetFormat, type OpenedControlNet } from './files.js';
 export {

@@ -9,7 +9,8 @@
  *   unit/eps_no_control   the UNet alone
  *   multi/*           derived here: two ControlNets (the .safetensors at 0.5 and the diffusers folder at 0.3) summed
  *                     equal one at 0.8, residual by residual (residuals are linear in the scale)
- *   CASE/edges, hint  canny() of the source image (0 differing pixels) and controlHint of it vs the stored hint
+ *   CASE/edges, hint  canny() of the source image (0 differing pixels) and controlHint of it vs the stored hint;
+ *                     the run itself takes hintFromEdges (the same values, NHWC)
  *   CASE/window       controlActive per step vs `control_applied` and `control_scale_per_step`
  *   CASE/step_i, latent, image   DDIM with CFG, the ControlNet on both halves inside the window; x_T from
  *                     TorchGenerator(seed), checked against the stored one                       (tolerance.latent, .image)
@@ -31,6 +32,7 @@ import {
 import { controlNetDiffusersToOriginal } from '../controlnet/keys.js';
 import { openControlNet } from '../controlnet/files.js';
 import { controlActive, controlledEps, controlResiduals, controlScales, disposeResiduals, type ControlUnit } from '../controlnet/guidance.js';
+import { hintFromEdges } from '../controlnet/hint.js';
 import { ControlNet, expectedControlNetShapes } from '../controlnet/model.js';
 import { maxRelError, withinTolerance } from './compare.js';
 import type { CaseResult, KindRunner } from './types.js';
@@ -233,7 +235,7 @@ async function e2eResults(c: E2eCase, net: ControlNet, unet: UNet, vae: Vae, io:
   const windowOk = applied.join() === c.control_applied.join() && scales.join() === c.control_scale_per_step.join();
   out.push({ kind: KIND, name: `${name}/window`, passed: windowOk, detail: `active on steps [${applied.flatMap((a, i) => (a ? [i] : [])).join(', ')}]` });
 
-  const hint = tf.tidy(() => tf.transpose(tf.tensor4d(planar, [1, 3, hh, hw]), [0, 2, 3, 1]));
+  const hint = hintFromEdges(edges, hw, hh);
   const cond: Conditioning = { context: context(io, 'uncond', 'cond') };
   const sampler = createSampler({ name: c.sampler, steps: n });
   let x: tf.Tensor4D | null = null;
