@@ -1,9 +1,14 @@
 /**
- * `npm run bench -- [--backend tensorflow|wasm|cpu] [--json] [--runs N] [--cache DIR] [--full [--generations N] [--steps S]]`
+ * `npm run bench -- [--model sd15|sdxl] [--backend tensorflow|wasm|cpu] [--json] [--runs N] [--cache DIR]
+ *   [--full [--generations N] [--steps S]]`
  *
- * Full-size SD 1.5 on random weights (generated once by `sd random-weights`, cached in DIR): load time of each file
- * format, text encoding, one UNet CFG step (batch 2, 64x64 latent), one VAE decode (64x64 latent -> 512x512), and a
- * whole 512x512 txt2img at 20 steps (projected from the parts unless --full), peak RSS, and the wasm heap.
+ * A full-size model on random weights (generated once by `sd random-weights`, cached in DIR). SD 1.5: load time of
+ * each file format (fp32, fp16), text encoding, one UNet CFG step (batch 2, 64x64 latent), one VAE decode (64x64
+ * latent -> 512x512), and a whole 512x512 txt2img at 20 steps (projected from the parts unless --full), peak RSS,
+ * and the wasm heap. SDXL base: the same at 1024x1024 (both text encoders, a 128x128 latent, the added embedding),
+ * loading measured on the fp16 file only (how SDXL is distributed; the fp32 one would be another 14 GB of disk);
+ * `--config FILE` (a pipeline config in the fixtures' JSON format) runs it on another size, e.g. a tiny one.
+ * GFLOP/s divide the configs' useful FLOPs (unetFlop, vaeDecodeFlop) by the measured time.
  * --full then loads the whole pipeline (StableDiffusion, the fp16 file) and runs N generations of S steps
  * (default 3 of 20) one after another, recording each one's time, RSS and live tensor count afterwards: the
  * measured txt2img time is the median, and the three series show whether memory grows from one to the next.
@@ -11,34 +16,132 @@
  */
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import * as tf from '../src/backend/tf.js';
 import { BACKENDS, initBackend, type BackendName } from '../src/backend/select.js';
 import { wasmHeapBytes } from '../src/backend/heap.js';
 import { ClipTextEncoder, SD15_CLIP } from '../src/clip/index.js';
-import { SD15_UNET, UNet } from '../src/unet/index.js';
-import { SD15_VAE, Vae } from '../src/vae/index.js';
-import { sd15Shapes } from '../src/pipeline/shapes.js';
+import { SdxlTextEncoder } from '../src/clip/sdxl-text.js';
+import { SD15_UNET, UNet, type UNetConfig } from '../src/unet/index.js';
+import { SD15_VAE, Vae, type VaeConfig } from '../src/vae/index.js';
+import { randomModelShapes, RANDOM_MODELS, type RandomModel } from '../src/cli/commands/random-weights.js';
+import { ClipTokenizer } from '../src/tokenizer/index.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
-import { StableDiffusion } from '../src/pipeline/pipeline.js';
+import { SDXL_BASE_PIPELINE, StableDiffusion, sdxlConfigFromJson, type SdxlPipelineConfig } from '../src/pipeline/pipeline.js';
 import { kernelsProblem } from '../src/backend/kernels.js';
 
 /**
- * Useful FLOPs (multiply-adds x 2) of the measured work, SD 1.5 at 512x512: see the issue's ceiling figures. They
- * count direct convolutions, so with Winograd (native kernels) the GFLOP/s shown are effective rates.
+ * Useful FLOPs (2 x multiply-adds of the convolutions, linears and attention products; norms, activations and the
+ * time embedding left out) of one UNet forward and one VAE decode, from the configs: what "GFLOP/s effective" divides.
+ * They count direct convolutions, so with Winograd (native kernels) the rates shown are effective ones. SD 1.5 gives
+ * 1.61e12 for a CFG step at 512x512 (batch 2) and 2.52e12 for a decode, the figures this bench used before.
  */
-const UNET_CFG_STEP_FLOP = 1.61e12;
-const VAE_DECODE_FLOP = 2.52e12;
+function unetFlop(cfg: UNetConfig, h: number, w: number, batch: number, tokens = 77): number {
+  let macs = 0;
+  const conv = (k: number, cin: number, cout: number, n: number) => (macs += k * k * cin * cout * n);
+  const resnet = (cin: number, c: number, n: number) => {
+    conv(3, cin, c, n);
+    conv(3, c, c, n);
+    if (cin !== c) conv(1, cin, c, n);
+  };
+  // proj_in/out, then per block: q,k,v,out (self) + q,out (cross) + GEGLU (c -> 8c, 4c -> c): 18 c^2 a token,
+  // the scores and weighted sums of both attentions, and the cross-attention k, v of the text tokens
+  const transformer = (c: number, depth: number, n: number) => {
+    if (depth === 0) return;
+    macs += 2 * c * c * n + depth * (18 * n * c * c + 2 * n * n * c + 2 * n * tokens * c + 2 * tokens * cfg.contextDim * c);
+  };
+  const ch = cfg.channelMult.map((m) => m * cfg.modelChannels);
+  const levels = ch.length;
+  const area = (i: number) => (h >> i) * (w >> i);
+  conv(3, cfg.inChannels, cfg.modelChannels, area(0));
+  const skips = [cfg.modelChannels];
+  let cin = cfg.modelChannels;
+  for (let i = 0; i < levels; i++) {
+    for (let j = 0; j < cfg.numResBlocks; j++) {
+      resnet(cin, ch[i], area(i));
+      transformer(ch[i], cfg.transformerDepth[i], area(i));
+      cin = ch[i];
+      skips.push(cin);
+    }
+    if (i < levels - 1) {
+      conv(3, cin, cin, area(i + 1));
+      skips.push(cin);
+    }
+  }
+  const last = levels - 1;
+  resnet(cin, cin, area(last));
+  transformer(cin, cfg.middleTransformerDepth, area(last));
+  resnet(cin, cin, area(last));
+  for (let i = last; i >= 0; i--) {
+    for (let j = 0; j <= cfg.numResBlocks; j++) {
+      resnet(cin + (skips.pop() ?? 0), ch[i], area(i));
+      transformer(ch[i], cfg.transformerDepth[i], area(i));
+      cin = ch[i];
+    }
+    if (i > 0) conv(3, cin, cin, area(i - 1));
+  }
+  conv(3, cfg.modelChannels, cfg.outChannels, area(0));
+  return 2 * macs * batch;
+}
+
+function vaeDecodeFlop(cfg: VaeConfig, h: number, w: number): number {
+  let macs = 0;
+  let n = h * w;
+  const conv = (k: number, cin: number, cout: number) => (macs += k * k * cin * cout * n);
+  const resnet = (cin: number, c: number) => {
+    conv(3, cin, c);
+    conv(3, c, c);
+    if (cin !== c) conv(1, cin, c);
+  };
+  const ch = cfg.chMult.map((m) => m * cfg.ch);
+  let c = ch[ch.length - 1];
+  conv(1, cfg.embedDim, cfg.embedDim);
+  conv(3, cfg.zChannels, c);
+  resnet(c, c);
+  macs += 4 * c * c * n + 2 * n * n * c; // the mid block's single-head attention
+  resnet(c, c);
+  for (let i = ch.length - 1; i >= 0; i--) {
+    for (let j = 0; j <= cfg.numResBlocks; j++) {
+      resnet(c, ch[i]);
+      c = ch[i];
+    }
+    if (i > 0) {
+      n *= 4;
+      conv(3, c, c);
+    }
+  }
+  conv(3, c, cfg.outChannels);
+  return 2 * macs;
+}
+
+/** What differs between the models: the networks' configs and the image size. */
+interface BenchModel {
+  readonly unet: UNetConfig;
+  readonly vae: VaeConfig;
+  /** SDXL's pipeline config (its text encoders; the UNet and VAE above are its own). */
+  readonly sdxl?: SdxlPipelineConfig;
+  readonly width: number;
+  readonly height: number;
+  /** The files whose reading is timed. */
+  readonly dtypes: readonly ('fp32' | 'fp16')[];
+}
+
+function benchModel(name: RandomModel, sdxl: SdxlPipelineConfig = SDXL_BASE_PIPELINE): BenchModel {
+  if (name === 'sd15') return { unet: SD15_UNET, vae: SD15_VAE, width: 512, height: 512, dtypes: ['fp32', 'fp16'] };
+  return { unet: sdxl.unet, vae: sdxl.vae, sdxl, width: sdxl.width, height: sdxl.height, dtypes: ['fp16'] };
+}
 
 const args = await yargs(hideBin(process.argv))
+  .option('model', { choices: RANDOM_MODELS, default: 'sd15' as RandomModel })
+  .option('config', { type: 'string', describe: 'with --model sdxl: a pipeline config JSON (the fixtures\' format), e.g. a tiny one to try the bench' })
   .option('backend', { choices: BACKENDS })
   .option('json', { type: 'boolean', default: false })
   .option('runs', { type: 'number', default: 2, describe: 'timed runs of each part after one warm-up' })
   .option('cache', { type: 'string', default: '.cache/bench' })
-  .option('full', { type: 'boolean', default: false, describe: 'also run whole 512x512 txt2img generations through the pipeline' })
+  .option('full', { type: 'boolean', default: false, describe: 'also run whole txt2img generations (512x512; SDXL 1024x1024) through the pipeline' })
   .option('generations', { type: 'number', default: 3, describe: 'with --full: generations in a row' })
   .option('steps', { type: 'number', default: 20, describe: 'with --full: steps per generation' })
   .strict()
@@ -65,12 +168,21 @@ function peakRssMb(): number {
   return m !== null ? Number(m[1]) / 1024 : process.memoryUsage().rss / 2 ** 20;
 }
 
+if (args.config !== undefined && args.model !== 'sdxl') throw new Error('--config is for --model sdxl');
+const sdxlConfig = args.config === undefined ? undefined : sdxlConfigFromJson(JSON.parse(readFileSync(args.config, 'utf8')) as unknown, args.config);
+const model = benchModel(args.model, sdxlConfig);
+const { width, height } = model;
+const [lh, lw] = [height / 8, width / 8];
+const latentSize = `${lh}x${lw}`;
+/** The cached file's name: the model, or the config file it was made from. */
+const weightsName = args.config === undefined ? args.model : `${args.model}-${basename(args.config, '.json')}`;
+
 function ensureWeights(half: boolean): string {
   mkdirSync(args.cache, { recursive: true });
-  const path = join(args.cache, `sd15-random-${half ? 'fp16' : 'fp32'}.safetensors`);
+  const path = join(args.cache, `${weightsName}-random-${half ? 'fp16' : 'fp32'}.safetensors`);
   if (!existsSync(path)) {
     say(`writing ${path} (once; cached for later runs)`);
-    writeRandomCheckpoint(path, sd15Shapes(), {
+    writeRandomCheckpoint(path, randomModelShapes(args.model, model.sdxl), {
       half,
       onTensor: (d, n) => {
         if (d % 200 === 0 || d === n) say(`  ${d}/${n} tensors`);
@@ -109,11 +221,11 @@ function readAll(path: string): { seconds: number; mbPerS: number } {
 }
 
 const choice = await initBackend({ backend: args.backend as BackendName | undefined });
-const fp32 = ensureWeights(false);
+const fp32 = model.dtypes.includes('fp32') ? ensureWeights(false) : null;
 const fp16 = ensureWeights(true);
 
 say('load: reading every tensor of each file');
-const readFp32 = readAll(fp32);
+const readFp32 = fp32 === null ? null : readAll(fp32);
 const readFp16 = readAll(fp16);
 
 const loadPeakRss = peakRssMb();
@@ -121,31 +233,55 @@ if (typeof globalThis.gc === 'function') globalThis.gc();
 resetPeakRss();
 
 const src = SafetensorsFile.open(fp16);
-const ids = tf.tensor2d([...Array(2)].flatMap(() => [49406, 320, 1125, 49407, ...Array(73).fill(49407)]), [2, 77], 'int32');
+
+const tokenizer = ClipTokenizer.fromFile('tests/fixtures/tokenizer');
+const prompts = ['a lighthouse on a cliff at dawn', 'blurry'];
 
 say('text encoder');
 let t0 = performance.now();
-const clip = ClipTextEncoder.load(src, SD15_CLIP);
-const clipLoad = (performance.now() - t0) / 1000;
-const encoded = clip.forward(ids);
-encoded.penultimate.dispose();
-const context = encoded.hidden;
-const textEncode = await time('text encode (batch 2)', args.runs, async () => {
-  const y = clip.forward(ids);
-  await y.hidden.data();
-  tf.dispose([y.hidden, y.penultimate]);
-});
-clip.dispose();
+let clipLoad: number;
+let context: tf.Tensor3D;
+let added: tf.Tensor2D | undefined;
+let textEncode: number;
+if (model.sdxl !== undefined) {
+  const text = SdxlTextEncoder.load(src, tokenizer, model.sdxl.text);
+  clipLoad = (performance.now() - t0) / 1000;
+  const first = text.encode(prompts);
+  context = first.context;
+  // the pooled text and 6 x 256 Fourier features of the sizes: random here, the UNet's cost is the same
+  added = tf.tidy(() => tf.concat([first.pooled, tf.randomNormal([2, model.unet.addedEmbeddingDim - first.pooled.shape[1]])], 1) as tf.Tensor2D);
+  first.pooled.dispose();
+  textEncode = await time('text encode (both encoders, batch 2)', args.runs, async () => {
+    const y = text.encode(prompts);
+    await y.context.data();
+    tf.dispose([y.context, y.pooled]);
+  });
+  text.dispose();
+} else {
+  const ids = tf.tensor2d(prompts.flatMap((p) => tokenizer.encode(p)), [2, 77], 'int32');
+  const clip = ClipTextEncoder.load(src, SD15_CLIP);
+  clipLoad = (performance.now() - t0) / 1000;
+  const encoded = clip.forward(ids);
+  encoded.penultimate.dispose();
+  context = encoded.hidden;
+  textEncode = await time('text encode (batch 2)', args.runs, async () => {
+    const y = clip.forward(ids);
+    await y.hidden.data();
+    tf.dispose([y.hidden, y.penultimate]);
+  });
+  clip.dispose();
+  ids.dispose();
+}
 
 say('UNet');
 t0 = performance.now();
-const unet = UNet.load(src, SD15_UNET);
+const unet = UNet.load(src, model.unet);
 const unetLoad = (performance.now() - t0) / 1000;
 const unetHostBytes = unet.hostBytes;
 say(`UNet weights ${unet.residency}${unet.residency === 'streamed' ? ` from ${(unetHostBytes / 1e9).toFixed(2)} GB of host memory` : ''}`);
-const x = tf.randomNormal([2, 64, 64, 4]) as tf.Tensor4D;
-const unetStep = await time('UNet CFG step (batch 2, 64x64)', args.runs, async () => {
-  const y = unet.forward(x, [500, 500], { context });
+const x = tf.randomNormal([2, lh, lw, 4]) as tf.Tensor4D;
+const unetStep = await time(`UNet CFG step (batch 2, ${latentSize})`, args.runs, async () => {
+  const y = unet.forward(x, [500, 500], added === undefined ? { context } : { context, added });
   await y.data();
   y.dispose();
 });
@@ -153,17 +289,17 @@ unet.dispose();
 
 say('VAE');
 t0 = performance.now();
-const vae = Vae.load(src, SD15_VAE);
+const vae = Vae.load(src, model.vae);
 const vaeLoad = (performance.now() - t0) / 1000;
-const z = tf.randomNormal([1, 64, 64, 4]) as tf.Tensor4D;
-const vaeDecode = await time('VAE decode (64x64 latent)', args.runs, async () => {
+const z = tf.randomNormal([1, lh, lw, 4]) as tf.Tensor4D;
+const vaeDecode = await time(`VAE decode (${latentSize} latent)`, args.runs, async () => {
   const y = vae.decode(z);
   await y.data();
   y.dispose();
 });
 vae.dispose();
 src.close();
-tf.dispose([ids, context, x, z]);
+tf.dispose([context, x, z, ...(added === undefined ? [] : [added])]);
 
 /** One generation after another on the whole pipeline: time, then RSS and live tensors once it is done. */
 interface Generation {
@@ -175,13 +311,14 @@ interface Generation {
 
 async function fullGenerations(): Promise<Generation[]> {
   say(`full: loading the pipeline from ${fp16}`);
-  const sd = await StableDiffusion.load({ weights: fp16, tokenizer: 'tests/fixtures/tokenizer' });
+  // the family from the keys; a --config's sizes from it
+  const sd = await StableDiffusion.load({ weights: fp16, tokenizer: 'tests/fixtures/tokenizer', ...(sdxlConfig === undefined ? {} : { config: sdxlConfig }) });
   const out: Generation[] = [];
   try {
     for (let g = 0; g < args.generations; g++) {
       const t = performance.now();
       await sd.generate(
-        { prompt: 'a lighthouse on a cliff at dawn', negativePrompt: 'blurry', seed: 1 + g, steps: args.steps, width: 512, height: 512 },
+        { prompt: prompts[0], negativePrompt: prompts[1], seed: 1 + g, steps: args.steps, width, height },
         { onProgress: (i, n) => i % 5 === 0 && say(`full: generation ${g + 1}/${args.generations} step ${i}/${n}`) },
       );
       const m = tf.memory();
@@ -198,22 +335,31 @@ const generations = args.full ? await fullGenerations() : [];
 const measured = generations.length > 0 ? generations.map((g) => g.seconds).sort((a, b) => a - b)[generations.length >> 1] : null;
 
 const cpu = cpus()[0]?.model ?? 'unknown';
+const unetFlops = unetFlop(model.unet, lh, lw, 2);
+const vaeFlops = vaeDecodeFlop(model.vae, lh, lw);
 const result = {
+  model: args.model,
+  config: args.config ?? null,
+  width,
+  height,
   backend: choice.name,
   threads: choice.threads ?? cpus().length,
   cpu,
   text_encode_s: textEncode,
   unet_cfg_step_s: unetStep,
-  unet_gflops: UNET_CFG_STEP_FLOP / unetStep / 1e9,
+  unet_cfg_step_tflop: unetFlops / 1e12,
+  unet_gflops: unetFlops / unetStep / 1e9,
   vae_decode_s: vaeDecode,
-  vae_gflops: VAE_DECODE_FLOP / vaeDecode / 1e9,
+  vae_decode_tflop: vaeFlops / 1e12,
+  vae_gflops: vaeFlops / vaeDecode / 1e9,
   native_kernels: kernelsProblem() ?? 'in use',
-  txt2img_512_20_steps_s: measured !== null && args.steps === 20 ? measured : textEncode + 20 * unetStep + vaeDecode,
+  /** txt2img at the model's size (512x512 for SD 1.5, 1024x1024 for SDXL), 20 steps. */
+  txt2img_20_steps_s: measured !== null && args.steps === 20 ? measured : textEncode + 20 * unetStep + vaeDecode,
   txt2img_projected: measured === null || args.steps !== 20,
   generations,
   model_load_s: { clip: clipLoad, unet: unetLoad, vae: vaeLoad },
-  load_mb_per_s: readFp32.mbPerS,
-  load_fp32_s: readFp32.seconds,
+  load_mb_per_s: readFp32?.mbPerS ?? null,
+  load_fp32_s: readFp32?.seconds ?? null,
   load_fp16_mb_per_s: readFp16.mbPerS,
   load_fp16_s: readFp16.seconds,
   unet_residency: unet.residency,
@@ -227,20 +373,21 @@ if (args.json) {
   process.stdout.write(JSON.stringify(result) + '\n');
 } else {
   const rows: [string, string][] = [
+    ['model', `${args.model === 'sdxl' ? `SDXL${args.config === undefined ? ' base' : ` (${args.config})`}` : 'SD 1.5'} (random weights), ${width}x${height}`],
     ['backend', `${result.backend} (${result.threads} threads) on ${cpu}`],
-    ['text encode (batch 2)', `${textEncode.toFixed(2)} s`],
-    ['UNet CFG step (batch 2, 64x64)', `${unetStep.toFixed(2)} s (${result.unet_gflops.toFixed(0)} GFLOP/s effective)`],
-    ['VAE decode (64x64 latent)', `${vaeDecode.toFixed(2)} s (${result.vae_gflops.toFixed(0)} GFLOP/s effective)`],
+    [args.model === 'sdxl' ? 'text encode (both encoders, batch 2)' : 'text encode (batch 2)', `${textEncode.toFixed(2)} s`],
+    [`UNet CFG step (batch 2, ${latentSize})`, `${unetStep.toFixed(2)} s (${result.unet_cfg_step_tflop.toFixed(2)} TFLOP, ${result.unet_gflops.toFixed(0)} GFLOP/s effective)`],
+    [`VAE decode (${latentSize} latent)`, `${vaeDecode.toFixed(2)} s (${result.vae_decode_tflop.toFixed(2)} TFLOP, ${result.vae_gflops.toFixed(0)} GFLOP/s effective)`],
     ['native kernels', result.native_kernels],
-    [`txt2img 512x512, 20 steps${result.txt2img_projected ? ' (projected)' : ' (measured, median)'}`, `${result.txt2img_512_20_steps_s.toFixed(1)} s`],
+    [`txt2img ${width}x${height}, 20 steps${result.txt2img_projected ? ' (projected from the parts)' : ' (measured, median)'}`, `${result.txt2img_20_steps_s.toFixed(1)} s`],
     ...generations.map((g, i): [string, string] => [
       `  generation ${i + 1} (${args.steps} steps)`,
       `${g.seconds.toFixed(1)} s; after it: RSS ${g.rss_mb.toFixed(0)} MB, ${g.tensors} tensors (${g.tensor_mb.toFixed(0)} MB)`,
     ]),
-    ['read fp32 file (every tensor to float32)', `${readFp32.seconds.toFixed(1)} s, ${readFp32.mbPerS.toFixed(0)} MB/s`],
+    ...(readFp32 === null ? [] : [['read fp32 file (every tensor to float32)', `${readFp32.seconds.toFixed(1)} s, ${readFp32.mbPerS.toFixed(0)} MB/s`] as [string, string]]),
     ['read fp16 file (every tensor to float32)', `${readFp16.seconds.toFixed(1)} s, ${readFp16.mbPerS.toFixed(0)} MB/s`],
     ['UNet weights', result.unet_residency === 'streamed' ? `streamed per block from ${(unetHostBytes / 1e9).toFixed(2)} GB host copy` : 'resident'],
-    ['model load clip / unet / vae (fp16 file)', `${clipLoad.toFixed(1)} / ${unetLoad.toFixed(1)} / ${vaeLoad.toFixed(1)} s`],
+    ['model load text / unet / vae (fp16 file)', `${clipLoad.toFixed(1)} / ${unetLoad.toFixed(1)} / ${vaeLoad.toFixed(1)} s`],
     ['peak RSS (models; reading files)', `${result.peak_rss_mb.toFixed(0)} MB; ${loadPeakRss.toFixed(0)} MB`],
   ];
   if (result.peak_wasm_heap_mb !== null) rows.push(['peak wasm heap', `${result.peak_wasm_heap_mb.toFixed(0)} MB`]);
