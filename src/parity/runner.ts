@@ -20,6 +20,7 @@ const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
   canny: () => import('./canny.js'),
   lora: () => import('./lora.js'),
   sdxl: () => import('./sdxl.js'),
+  controlnet: () => import('./controlnet.js'),
   'prompt-weights': () => import('./prompt-weights.js'),
 };
 
