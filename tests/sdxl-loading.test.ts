@@ -219,8 +219,8 @@ describe('sd random-weights --model sdxl', () => {
     const config = join(tmp, 'tiny-sdxl.json');
     writeFileSync(config, JSON.stringify(fixtureConfig));
     const out = join(tmp, 'tiny-sdxl-random.safetensors');
-    const write = randomWeightsCommand.handler as (a: object) => void;
-    write({ out, model: 'sdxl', config, half: true, seed: 3, force: false });
+    const write = randomWeightsCommand.handler as (a: object) => Promise<void>;
+    await write({ out, model: 'sdxl', config, half: true, seed: 3, force: false });
     const src = openWeights(out);
     expect(src.keys().every((k) => src.info(k).dtype === 'F16')).toBe(true);
     expect(familyOf(src, summarizeWeights(src))).toBe('SDXL base');
@@ -228,7 +228,7 @@ describe('sd random-weights --model sdxl', () => {
     await initBackend({ backend: 'cpu', log: null });
     const sd = await StableDiffusion.load({ weights: out, config: sdxlConfigFromJson(fixtureConfig), tokenizer: 'tests/fixtures/tokenizer' });
     sd.dispose();
-    expect(() => write({ out, model: 'sdxl', config, half: true, seed: 3, force: false })).toThrow(/exists: pass --force/);
+    await expect(write({ out, model: 'sdxl', config, half: true, seed: 3, force: false })).rejects.toThrow(/exists: pass --force/);
   });
 });
 

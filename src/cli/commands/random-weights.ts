@@ -7,6 +7,7 @@
  */
 import type { CommandModule } from 'yargs';
 import { existsSync, readFileSync } from 'node:fs';
+import { currentBackend, initBackend } from '../../backend/select.js';
 import { sdxlTextShapes } from '../../clip/sdxl-text.js';
 import { SDXL_BASE_PIPELINE, sdxlConfigFromJson, type SdxlPipelineConfig } from '../../pipeline/pipeline.js';
 import { sd15Shapes } from '../../pipeline/shapes.js';
@@ -48,9 +49,11 @@ export const randomWeightsCommand: CommandModule<object, Args> = {
       .option('half', { type: 'boolean', default: false, describe: 'store fp16 instead of fp32' })
       .option('seed', { type: 'number', default: 0 })
       .option('force', { type: 'boolean', default: false, describe: 'overwrite OUT if it exists' }) as never,
-  handler: (args) => {
+  handler: async (args) => {
     if (existsSync(args.out) && !args.force) throw new UsageError(`${args.out} exists: pass --force to overwrite it`);
     if (args.config !== undefined && args.model !== 'sdxl') throw new UsageError('--config is for --model sdxl');
+    // the shape probes build their (empty) models on a backend: the lightest, unless one is in use already
+    if (currentBackend() === null) await initBackend({ backend: 'cpu', log: null });
     const sdxl = args.config === undefined ? undefined : sdxlConfigFromJson(JSON.parse(readFileSync(args.config, 'utf8')) as unknown, args.config);
     const shapes = randomModelShapes(args.model, sdxl);
     const bar = new ProgressBar('random weights (tensors)', shapes.size);
