@@ -13,6 +13,7 @@ import { initBackend } from '../src/backend/select.js';
 import { ClipVisionEncoder, clipVisionConfigFromJson, expectedVisionShapes } from '../src/clip/vision.js';
 import { IpAdapter } from '../src/ip-adapter/adapter.js';
 import { decodePhoto, preprocessClipImage, shortestSideSize } from '../src/ip-adapter/preprocess.js';
+import { ipAdapterTokens, loadImageEncoder } from '../src/ip-adapter/tokens.js';
 import { resizeBicubicPillow } from '../src/ip-adapter/resize.js';
 import { ConfigError, ShapeError } from '../src/nn/errors.js';
 import { maxRelError } from '../src/parity/compare.js';
@@ -88,8 +89,9 @@ describe('preprocessing', () => {
     for (const [h, w] of [[3, 4], [15, 20]]) expect(new Set(resizeBicubicPillow(flat, 7, 9, 1, h, w))).toEqual(new Set([200]));
   });
 
-  it('refuses a file that is not an image', async () => {
+  it('refuses a file that is not an image, and a photo over the pixel limit', async () => {
     await expect(decodePhoto(new Uint8Array([1, 2, 3, 4]))).rejects.toThrow(/cannot decode as PNG, JPEG or WebP/);
+    await expect(decodePhoto(readFileSync(join(DIR, 'photo.png')), { maxPixels: 4000 })).rejects.toThrow(/pixel limit/);
   });
 });
 
@@ -225,6 +227,38 @@ describe('attached to the UNet', () => {
     expect(() => adapter.attach(streamed)).toThrow(/need the UNet's weights resident; this one is streamed/);
     adapter.dispose();
     streamed.dispose();
+  });
+});
+
+describe('from a photo to the CFG token set', () => {
+  it('gives [negative; photo] tokens with the scale, from an image_encoder folder, leaking no tensors', async () => {
+    const enc = loadImageEncoder(join(DIR, 'image_encoder'));
+    for (const [file, photoKey, negKey] of [[BASIC[0], 'ip_tokens', 'ip_tokens_uncond'], [PLUS[1], 'plus_tokens', 'plus_tokens_uncond']]) {
+      const adapter = IpAdapter.open(join(DIR, file));
+      const before = tf.memory().numTensors;
+      const { tokens, scale } = await ipAdapterTokens(adapter, enc, readFileSync(join(DIR, 'photo.png')), 0.6);
+      expect(scale).toBe(0.6);
+      const [neg, photo] = tf.split(tokens, 2);
+      // from our own resize: within the encoder's tolerance, as the pixels match exactly
+      expect(maxRelError(neg.dataSync(), io.float32(negKey))).toBeLessThanOrEqual(TOL.image_proj);
+      expect(maxRelError(photo.dataSync(), io.float32(photoKey))).toBeLessThanOrEqual(TOL.image_proj);
+      tf.dispose([tokens, neg, photo]);
+      expect(tf.memory().numTensors).toBe(before);
+      adapter.dispose();
+    }
+    enc.dispose();
+  });
+
+  it('open, attach, a forward with image tokens, detach and dispose leak no tensors', () => {
+    const [lat, context, tokens] = [nhwc('unet_x'), stored('unet_text') as tf.Tensor3D, stored('unet_plus_tokens') as tf.Tensor3D];
+    const before = tf.memory().numTensors;
+    const adapter = IpAdapter.open(join(DIR, PLUS[0]));
+    adapter.attach(unet);
+    unet.forward(lat, Array.from(io.float32('unet_t')), { context, extraTokens: [{ tokens, scale: 1 }] }).dispose();
+    adapter.dispose(); // detaches
+    expect(tf.memory().numTensors).toBe(before);
+    expect(unet.crossAttentions().every((a) => a.extra.length === 0)).toBe(true);
+    tf.dispose([lat, context, tokens]);
   });
 });
 

@@ -5,9 +5,9 @@
  *   image_encoder  the stored pixel_values (and zeros) -> image_embeds, pooled, last_hidden_state, penultimate
  *   image_proj     basic and Plus, each from .safetensors and .bin: photo tokens and the negative tokens
  *   unet_eps       batch [cond, uncond] with the image tokens attached, per ip scale; detached = the plain UNet
- *   txt2img        photo.png -> preprocess -> encoder -> tokens -> CFG sampling ([uncond text + negative tokens,
- *                  cond text + photo tokens], ip scale on both halves) -> VAE; the text embeddings are the stored
- *                  text_uncond / text_cond; x_T and the sampler's noise come from the io file
+ *   txt2img        photo.png -> ipAdapterTokens (preprocess, encoder, [negative; photo] tokens) -> CFG sampling
+ *                  ([uncond text + negative tokens, cond text + photo tokens], ip scale on both halves) -> VAE;
+ *                  the text embeddings are the stored text_uncond / text_cond; x_T and the noise from the io file
  * Arrays are NCHW in io.safetensors and NHWC here. The denoising loop is pipeline/denoise.ts's, from its pieces.
  */
 import { readFileSync } from 'node:fs';
@@ -25,6 +25,7 @@ import { pipelineConfigFromLdm, type PipelineConfig } from '../pipeline/config.j
 import { denoise, guidedEps } from '../pipeline/denoise.js';
 import { IpAdapter } from '../ip-adapter/adapter.js';
 import { decodePhoto, preprocessClipImage } from '../ip-adapter/preprocess.js';
+import { ipAdapterTokens } from '../ip-adapter/tokens.js';
 import { withinTolerance } from './compare.js';
 import type { CaseResult, KindRunner } from './types.js';
 
@@ -199,13 +200,10 @@ async function txt2imgCase(c: Ctx, unet: UNet, vae: Vae, cfg: PipelineConfig, tc
   const name = `txt2img/${tc.adapter}/${tc.sampler}_${tc.steps}`;
   const tol = c.fx.tolerance;
   const adapter = IpAdapter.open(join(c.dir, tc.adapter));
-  const photo = await decodePhoto(readFileSync(join(c.dir, 'photo.png')));
-  const { pixels } = preprocessClipImage(photo, c.encoder.cfg.imageSize);
-  const features = c.encoder.forward(pixels);
-  const tokens = tf.tidy(() => tf.concat([adapter.negativeTokens(c.encoder), adapter.imageTokens(features)]) as tf.Tensor3D);
-  tf.dispose([pixels, ...Object.values(features)]);
+  const extra = await ipAdapterTokens(adapter, c.encoder, readFileSync(join(c.dir, 'photo.png')), tc.ip_scale);
+  const { tokens } = extra;
   const context = tf.tidy(() => tf.concat([stored(c.io, 'text_uncond'), stored(c.io, 'text_cond')]) as tf.Tensor3D);
-  const cond = { context, extraTokens: [{ tokens, scale: tc.ip_scale }] };
+  const cond = { context, extraTokens: [extra] };
   const sampler = createSampler({ name: tc.sampler, steps: tc.steps, karras: tc.karras ?? false });
   let latent: tf.Tensor4D | null = null;
   try {
