@@ -308,6 +308,16 @@ export class StableDiffusion {
     return { name: r.sampler, steps: r.steps, karras: r.karras, strength: r.strength ?? undefined, conventions };
   }
 
+  /**
+   * The random numbers of one image: `noise` (the start noise, then each step's) from r.noise's generator seeded
+   * with `seed`; `posterior` (img2img's VAE sample): under diffusers' conventions the same generator, drawn first,
+   * as diffusers does; under A1111's a torch CPU generator seeded with ~seed (A1111's own is not seeded at all).
+   */
+  imageNoise(r: ResolvedParams, seed: number): { readonly noise: NoiseFn; readonly posterior: NoiseFn } {
+    const noise = torchNoise(createGenerator(r.noise, seed));
+    return { noise, posterior: r.conventions === 'diffusers' ? noise : torchNoise(new TorchGenerator(~seed >>> 0)) };
+  }
+
   private async generateOne(
     r: ResolvedParams,
     seed: number,
@@ -318,9 +328,7 @@ export class StableDiffusion {
   ): Promise<GeneratedImage> {
     const f = downsampleFactor(this.config.vae);
     const latentShape = [1, r.height / f, r.width / f, this.config.vae.embedDim] as const;
-    const noise = torchNoise(createGenerator(r.noise, seed));
-    // diffusers draws the posterior sample from the one generator, before the start noise; A1111's has its own.
-    const posterior = r.conventions === 'diffusers' ? noise : torchNoise(new TorchGenerator(~seed >>> 0));
+    const { noise, posterior } = this.imageNoise(r, seed);
     const initLatent = initImage === null ? undefined : this.encodeImage(initImage, posterior);
     let latent: tf.Tensor4D;
     try {
