@@ -1,0 +1,136 @@
+/**
+ * A1111's txt2img and img2img bodies (modules/api/models.py: StableDiffusionTxt2ImgProcessingAPI and
+ * StableDiffusionImg2ImgProcessingAPI) -> what this server generates: one GenerateParams per image.
+ *
+ * Defaults are A1111's API defaults (steps 50, cfg_scale 7, sampler "Euler", seed -1 = random), except the size:
+ * absent, it is the model's native size (512x512 for SD 1.x, as A1111's). A width or height that is not a multiple
+ * of 8 is rounded down, as A1111's latent size is. Image i of batch_size x n_iter gets seed + i. Fields this
+ * server has no use for are ignored (A1111's whole field set arrives from most clients, nulls included);
+ * `denoising_strength` is read by img2img only. What would change the image and cannot be done here answers 422
+ * naming the field: hires fix, tiling, an inpainting mask, a script.
+ */
+import { MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, MAX_CFG_SCALE, MAX_SIZE, MAX_BATCH } from '../../pipeline/params.js';
+import type { GenerateParams } from '../../pipeline/api.js';
+import { asBody, bool, invalid, list, num, obj, str, strOrNull, type Body } from './fields.js';
+import { chooseSampler, type SamplerChoice } from './names.js';
+import type { Settings } from './options.js';
+
+export type A1111Mode = 'txt2img' | 'img2img';
+
+/** One request, translated and checked for form (the model's ranges are checked later, by resolveParams). */
+export interface A1111Generation {
+  readonly mode: A1111Mode;
+  readonly prompt: string;
+  readonly negativePrompt: string;
+  /** The seed of image 0 (a random one when the request said -1 or nothing). */
+  readonly seed: number;
+  readonly subseed: number;
+  readonly steps: number;
+  readonly cfgScale: number;
+  readonly width: number;
+  readonly height: number;
+  readonly sampler: SamplerChoice;
+  readonly batchSize: number;
+  readonly nIter: number;
+  /** img2img: the first of `init_images`, base64 as sent. */
+  readonly initImage: string | null;
+  readonly strength: number | null;
+  readonly overrideSettings: Body;
+  readonly includeInitImages: boolean;
+}
+
+/** Most images one request may ask for (batch_size * n_iter): the pipeline's batch bound. */
+export const MAX_IMAGES = MAX_BATCH;
+
+const randomSeed = (): number => Math.floor(Math.random() * (MAX_SEED + 1));
+
+/** -1 (or absent) is "random"; anything else must be a seed. */
+function seedOf(b: Body, field: string): number {
+  const s = num(b, field, -1, { integer: true, min: -1, max: MAX_SEED });
+  return s === -1 ? randomSeed() : s;
+}
+
+/** A1111 sizes: any integer, the latent is size // 8. */
+function sizeOf(b: Body, field: string, fallback: number): number {
+  const v = num(b, field, fallback, { integer: true, min: 8, max: MAX_SIZE });
+  return Math.floor(v / 8) * 8;
+}
+
+export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: number; height: number }): A1111Generation {
+  const b = asBody(raw);
+  refuseUnsupported(b, mode);
+  const sampler = chooseSampler(strOrNull(b, 'sampler_name') ?? strOrNull(b, 'sampler_index'), strOrNull(b, 'scheduler'));
+  const batchSize = num(b, 'batch_size', 1, { integer: true, min: 1, max: MAX_IMAGES });
+  const nIter = num(b, 'n_iter', 1, { integer: true, min: 1, max: MAX_IMAGES });
+  if (batchSize * nIter > MAX_IMAGES) throw invalid('batch_size', `batch_size x n_iter is ${batchSize * nIter} images, over this server's limit of ${MAX_IMAGES} per request`);
+  const initImages = mode === 'img2img' ? list(b, 'init_images') : [];
+  if (mode === 'img2img' && initImages.length === 0) throw invalid('init_images', 'img2img needs one image (a base64 PNG, JPEG or WebP)');
+  if (mode === 'img2img' && typeof initImages[0] !== 'string') throw invalid('init_images', 'must be a list of base64 strings');
+  return {
+    mode,
+    prompt: str(b, 'prompt', '', MAX_PROMPT_CHARS),
+    negativePrompt: str(b, 'negative_prompt', '', MAX_PROMPT_CHARS),
+    seed: seedOf(b, 'seed'),
+    subseed: seedOf(b, 'subseed'),
+    steps: num(b, 'steps', 50, { integer: true, min: 1, max: MAX_STEPS }),
+    cfgScale: num(b, 'cfg_scale', 7, { min: 0, max: MAX_CFG_SCALE }),
+    width: sizeOf(b, 'width', native.width),
+    height: sizeOf(b, 'height', native.height),
+    sampler,
+    batchSize,
+    nIter,
+    initImage: mode === 'img2img' ? (initImages[0] as string) : null,
+    strength: mode === 'img2img' ? num(b, 'denoising_strength', 0.75, { min: 0, max: 1 }) : null,
+    overrideSettings: obj(b, 'override_settings'),
+    includeInitImages: bool(b, 'include_init_images', false),
+  };
+}
+
+/** Features that change the image and that this server does not have: 422 naming the field, not a silent ignore. */
+function refuseUnsupported(b: Body, mode: A1111Mode): void {
+  if (mode === 'txt2img' && bool(b, 'enable_hr', false)) throw invalid('enable_hr', 'hires fix is not supported by this server; send enable_hr: false');
+  if (bool(b, 'tiling', false)) throw invalid('tiling', 'tiling is not supported by this server');
+  if (mode === 'img2img' && b.mask !== undefined && b.mask !== null && b.mask !== '') {
+    throw invalid('mask', 'inpainting is not supported yet by this server; send no mask');
+  }
+  const script = strOrNull(b, 'script_name');
+  if (script !== null && script !== '' && script.toLowerCase() !== 'none') throw invalid('script_name', `no script ${JSON.stringify(script)} on this server (GET /sdapi/v1/scripts lists none)`);
+  const scripts = Object.keys(obj(b, 'alwayson_scripts'));
+  if (scripts.length > 0) throw invalid(`alwayson_scripts.${scripts[0]}`, `no script ${JSON.stringify(scripts[0])} on this server (GET /sdapi/v1/scripts lists none)`);
+}
+
+/** Image i of the request: seed + i, as A1111 numbers a batch. */
+export const imageSeed = (g: A1111Generation, i: number): number => (g.seed + i) >>> 0;
+
+export const imageCount = (g: A1111Generation): number => g.batchSize * g.nIter;
+
+/** The pipeline's parameters of image i; `initImage` is the checked bytes of the upload. */
+export function toGenerateParams(g: A1111Generation, s: Settings, i: number, initImage?: Uint8Array): GenerateParams {
+  return {
+    prompt: g.prompt,
+    negativePrompt: g.negativePrompt,
+    seed: imageSeed(g, i),
+    steps: g.steps,
+    cfgScale: g.cfgScale,
+    sampler: g.sampler.sampler,
+    karras: g.sampler.karras,
+    width: g.width,
+    height: g.height,
+    clipSkip: s.clipSkip,
+    noise: s.noise,
+    ...(initImage !== undefined ? { initImage, strength: g.strength ?? undefined } : {}),
+  };
+}
+
+/** ParamError fields (the pipeline's names) as an A1111 body names them. */
+export const A1111_FIELD: Readonly<Record<string, string>> = Object.freeze({
+  negativePrompt: 'negative_prompt',
+  cfgScale: 'cfg_scale',
+  cfg: 'cfg_scale',
+  clipSkip: 'CLIP_stop_at_last_layers',
+  initImage: 'init_images',
+  init_image: 'init_images',
+  strength: 'denoising_strength',
+  batch: 'batch_size',
+  sampler: 'sampler_name',
+});
