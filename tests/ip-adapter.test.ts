@@ -5,7 +5,8 @@
  * unchanged bit for bit, and the refusals: an adapter whose layer count or widths do not fit the UNet, a Plus
  * adapter without the penultimate features, a streamed UNet. The whole fixture runs through the parity runner.
  */
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
@@ -23,7 +24,9 @@ import { UNet } from '../src/unet/unet.js';
 import { openWeights } from '../src/weights/open.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import type { TensorSource } from '../src/weights/types.js';
+import { ZipArchive } from '../src/weights/zip.js';
 import { MemorySource } from './helpers.js';
+import { buildZip } from './zip-builder.js';
 
 const DIR = 'tests/fixtures/ip-adapter';
 const BASIC = ['ip-adapter_sd15.safetensors', 'ip-adapter_sd15.bin'];
@@ -143,6 +146,23 @@ describe('adapters', () => {
       for (const k of s.keys()) expect(p.float32(k)).toEqual(s.float32(k));
       s.close();
       p.close();
+    }
+  });
+
+  it('the restricted unpickler still refuses anything but tensors in the nested dicts', () => {
+    // the basic .bin with its tensor rebuild global renamed (same length): everything else as torch.save wrote it
+    const zip = ZipArchive.open(join(DIR, BASIC[1]));
+    const files = zip.names().map((name) => {
+      const data = Buffer.from(zip.readEntry(name));
+      return { name, data: name.endsWith('data.pkl') ? Buffer.from(data.toString('latin1').replace('torch._utils', 'subprocess__'), 'latin1') : data };
+    });
+    zip.close();
+    const dir = mkdtempSync(join(tmpdir(), 'ip-bin-'));
+    try {
+      writeFileSync(join(dir, 'hostile.bin'), buildZip(files));
+      expect(() => openWeights(join(dir, 'hostile.bin'))).toThrow(/refusing pickle global subprocess__/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 
