@@ -19,7 +19,7 @@ import * as tf from '../backend/tf.js';
 import { initBackend } from '../backend/select.js';
 import { ClipTextEncoder } from '../clip/index.js';
 import { UNet, disposeConditioning } from '../unet/index.js';
-import { createSampler, TorchGenerator, torchNoise, type NoiseFn } from '../scheduler/index.js';
+import { createSampler } from '../scheduler/index.js';
 import { pipelineConfigFromLdm, StableDiffusion, type PipelineConfig } from '../pipeline/pipeline.js';
 import { extractLoraTags, loraTargets, readLora, resolveLora, withLoras, type AppliedLora, type LoraFile } from '../lora/index.js';
 import { openWeights } from '../weights/open.js';
@@ -27,11 +27,11 @@ import { SafetensorsFile } from '../weights/safetensors.js';
 import { decodeInt64 } from '../weights/dtypes.js';
 import type { TensorSource } from '../weights/types.js';
 import { maxRelError, withinTolerance } from './compare.js';
+import { checkedTorchDraws } from './draws.js';
 import type { CaseResult, KindRunner } from './types.js';
 
 const KIND = 'lora';
 /** One draw of the seeded generator vs the listed tensor: both are torch.randn float32 values. */
-const NOISE_TOLERANCE = 1e-6;
 
 interface FixtureLora {
   readonly file: string;
@@ -214,24 +214,7 @@ function syntaxCase(c: SyntaxCase): CaseResult[] {
 }
 
 /** TorchGenerator(seed) as generate() draws it, each draw checked against x_T and then the listed noise. */
-function checkedNoise(io: SafetensorsFile, c: Txt2ImgCase): { noise: NoiseFn; problems: () => string | undefined } {
-  const listed = [c.x_T, ...c.noise];
-  const problems: string[] = [];
-  const draw = torchNoise(new TorchGenerator(c.seed));
-  let n = 0;
-  const noise: NoiseFn = (shape) => {
-    const t = draw(shape) as tf.Tensor4D;
-    const key = listed[n++];
-    if (key === undefined) problems.push(`draw ${n - 1} has no listed noise`);
-    else {
-      const err = maxRelError(nchwValues(t), io.float32(key));
-      if (err > NOISE_TOLERANCE) problems.push(`TorchGenerator(${c.seed}) draw ${n - 1} differs from ${key} (rel err ${err.toExponential(2)})`);
-    }
-    return t;
-  };
-  const done = () => (n !== listed.length ? [...problems, `${n} draws, the case lists ${listed.length}`] : problems);
-  return { noise, problems: () => (done().length > 0 ? done().join('; ') : undefined) };
-}
+const checkedNoise = (io: SafetensorsFile, c: Txt2ImgCase) => checkedTorchDraws(io, c.seed, [c.x_T, ...c.noise], { allListed: true });
 
 /** The prompt's tags against the case: clean text, and each tag resolved in the fixture folder to the case's LoRA. */
 function txt2imgTags(ctx: Context, c: Txt2ImgCase): { result: CaseResult; specs: { path: string; te: number; unet: number }[] } {

@@ -16,16 +16,16 @@ import { join } from 'node:path';
 import * as tf from '../backend/tf.js';
 import { SafetensorsFile } from '../weights/safetensors.js';
 import { disposeConditioning } from '../unet/index.js';
-import { createSampler, TorchGenerator, torchNoise, type NoiseFn } from '../scheduler/index.js';
+import { createSampler, type NoiseFn } from '../scheduler/index.js';
 import type { SamplerName } from '../pipeline/api.js';
 import { pipelineConfigFromLdm, StableDiffusion, type PipelineConfig } from '../pipeline/pipeline.js';
-import { maxRelError, withinTolerance } from './compare.js';
+import { withinTolerance } from './compare.js';
+import { checkedTorchDraws } from './draws.js';
 import type { CaseResult, KindRunner } from './types.js';
 
 const KIND = 'pipeline';
 const MODEL_FILES = ['model.safetensors', 'model-fp16.safetensors', 'model.ckpt'] as const;
 /** One draw of the seeded generator vs the listed tensor: both are torch.randn float32 values. */
-const NOISE_TOLERANCE = 1e-6;
 /** fp16 weights (2^-11 relative rounding per weight, through every layer) vs the fp32 reference encoding. */
 const TEXT_TOLERANCE_FP16 = 2e-3;
 
@@ -75,22 +75,7 @@ function compared(name: string, actual: ArrayLike<number>, expected: ArrayLike<n
  */
 function caseNoise(io: SafetensorsFile, c: FixtureCase): { noise: NoiseFn; problems: () => string | undefined } {
   const listed = c.noise ?? [];
-  const problems: string[] = [];
-  if (c.seed !== undefined) {
-    const draw = torchNoise(new TorchGenerator(c.seed));
-    let n = 0;
-    const noise: NoiseFn = (shape) => {
-      const t = draw(shape) as tf.Tensor4D;
-      const key = listed[n++];
-      if (key === undefined) problems.push(`draw ${n - 1} has no listed noise`);
-      else {
-        const err = maxRelError(nchwValues(t), io.float32(key));
-        if (err > NOISE_TOLERANCE) problems.push(`TorchGenerator(${c.seed}) draw ${n - 1} differs from ${key} (rel err ${err.toExponential(2)})`);
-      }
-      return t;
-    };
-    return { noise, problems: () => (problems.length > 0 ? problems.join('; ') : undefined) };
-  }
+  if (c.seed !== undefined) return checkedTorchDraws(io, c.seed, listed);
   const queue = ['x_T', ...listed];
   const noise: NoiseFn = (shape) => {
     const key = queue.shift();
