@@ -1,11 +1,12 @@
 /**
  * The routes of the server, their schemas, and the two gates every request passes first:
- * bearer auth (every route but /health) and "is the model loaded" (503 on the work routes until it is).
+ * auth (every route but /health, both dialects: the Bearer key, or A1111's HTTP Basic of ./a1111/auth.ts)
+ * and "is the model loaded" (503 on the work routes until it is).
  */
-import { createHash, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { INFERENCE_BODY_SCHEMA, JOB_ID_SCHEMA, type InferenceBody } from './body.js';
+import { INFERENCE_BODY_SCHEMA, JOB_ID_SCHEMA, JSON_LIMITS, type InferenceBody } from './body.js';
 import { HttpError, errorBody } from './errors.js';
+import { basicAllowed, basicCredentials, sameSecret, type BasicCredentials } from './a1111/auth.js';
 import { isFinished } from './jobs.js';
 import type { Engine } from './engine.js';
 import type { JobQueue } from './jobs.js';
@@ -22,6 +23,8 @@ export interface RouteHost {
 
 export interface RouteOptions {
   readonly apiKey: string | null;
+  /** --api-auth users; empty: no Basic auth. */
+  readonly apiAuth?: readonly BasicCredentials[];
 }
 
 /** Routes that need the model: 503 while it loads (checked before the body is even read). */
@@ -32,18 +35,31 @@ interface JobParams {
   readonly id: string;
 }
 
-export function registerRoutes(app: FastifyInstance, server: RouteHost, o: RouteOptions): void {
+/**
+ * The gates of every route of both dialects (on the root instance): auth, the 503 while the model loads, and the
+ * 404 (413 first when its body is larger than a body-less route may send: the JSON guards are each dialect's own).
+ */
+export function registerGates(app: FastifyInstance, server: RouteHost, o: RouteOptions): void {
   app.addHook('onRequest', async (request) => {
     const route = request.routeOptions.url;
-    if (o.apiKey !== null && (route === undefined || !OPEN_ROUTES.has(route))) checkBearer(request, o.apiKey);
+    const auth = o.apiKey !== null || (o.apiAuth ?? []).length > 0;
+    if (auth && (route === undefined || !OPEN_ROUTES.has(route))) checkAuth(request, o.apiKey, o.apiAuth ?? []);
     if (route !== undefined && WORK_ROUTES.has(route) && (server.state === 'loading' || server.state === 'failed')) {
       server.assertAccepting();
+    }
+    const length = Number(request.headers['content-length'] ?? 0);
+    if (route === undefined && length > JSON_LIMITS.bytesWithoutBody) {
+      throw new HttpError(413, `body: Content-Length ${length} is over the limit of ${JSON_LIMITS.bytesWithoutBody} bytes for ${request.method} ${request.url}`, 'body');
     }
   });
 
   app.setNotFoundHandler((request, reply) => {
     void reply.code(404).send(errorBody(404, `no route ${request.method} ${request.url}`));
   });
+}
+
+/** Our dialect's routes (/inference, /jobs, /health), in a scope of their own with ../body.ts's JSON guards. */
+export function registerRoutes(app: FastifyInstance, server: RouteHost): void {
 
   app.get('/health', async (_request, reply) => {
     const h = server.health();
@@ -80,15 +96,20 @@ export function registerRoutes(app: FastifyInstance, server: RouteHost, o: Route
   });
 }
 
-/** Constant-time comparison of `Authorization: Bearer <key>` (hashed first, so lengths leak nothing). */
-function checkBearer(request: FastifyRequest, apiKey: string): void {
+/**
+ * `Authorization: Bearer <key>` compared in constant time (hashed first, so lengths leak nothing), or, with
+ * --api-auth, `Basic base64(user:pass)`. The 401 challenges with Basic when Basic users exist (A1111 clients
+ * show a login), else with Bearer.
+ */
+function checkAuth(request: FastifyRequest, apiKey: string | null, users: readonly BasicCredentials[]): void {
   const header = request.headers.authorization ?? '';
   const given = /^Bearer\s+(.+)$/i.exec(header)?.[1]?.trim() ?? '';
-  const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
-  if (given === '' || !timingSafeEqual(digest(given), digest(apiKey))) {
-    const why = given === '' ? 'missing Authorization: Bearer <key> header' : 'wrong API key';
-    throw new HttpError(401, `unauthorized: ${why}`, undefined, { 'www-authenticate': 'Bearer' });
-  }
+  if (apiKey !== null && given !== '' && sameSecret(given, apiKey)) return;
+  const basic = basicCredentials(header);
+  if (users.length > 0 && basic !== null && basicAllowed(basic, users)) return;
+  const expected = [apiKey !== null ? 'Bearer <key>' : null, users.length > 0 ? 'Basic <user:password>' : null].filter((s) => s !== null).join(' or ');
+  const why = given === '' && basic === null ? `missing Authorization: ${expected} header` : given !== '' ? 'wrong API key' : 'wrong user or password';
+  throw new HttpError(401, `unauthorized: ${why}`, undefined, { 'www-authenticate': users.length > 0 ? 'Basic realm="sd serve"' : 'Bearer' });
 }
 
 function findJob(server: RouteHost, id: string): ServerJob {

@@ -10,17 +10,21 @@
  * Life cycle: `SdServer.start` listens at once and loads the model in the background (503 on /health
  * and on the work routes until it is in memory). `shutdown()` (SIGTERM/SIGINT) refuses new work with 503,
  * cancels the queued jobs, lets the running one finish for `graceS` seconds then aborts it, closes.
- * Routes, schemas and auth are in ./routes.ts; the queue in ./jobs.ts; files in ./outputs.ts.
+ * Routes, schemas and auth are in ./routes.ts; the queue in ./jobs.ts; files in ./outputs.ts; the A1111 dialect
+ * (/sdapi/v1/*, same queue, outputs and auth) in ./a1111/.
  */
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import type { GenerateParams } from '../pipeline/api.js';
+import { a1111Routes } from './a1111/routes.js';
+import { parseApiAuth } from './a1111/auth.js';
 import { checkRequest, guardJsonBodies, toAnsweredParameters, type InferenceBody, type RequestBounds } from './body.js';
 import type { Engine } from './engine.js';
 import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './errors.js';
 import { JobQueue, QueueFullError, isFinished, type JobContext } from './jobs.js';
 import { OutputStore } from './outputs.js';
-import { registerRoutes } from './routes.js';
+import { registerGates, registerRoutes } from './routes.js';
 import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
 
 export interface ServerOptions {
@@ -30,6 +34,10 @@ export interface ServerOptions {
   readonly outputs: string;
   /** Require `Authorization: Bearer <apiKey>` on every route but /health; null/undefined: no auth. */
   readonly apiKey?: string | null;
+  /** A1111's --api-auth "user:pass[,user2:pass2]": HTTP Basic accepted (on every route but /health) besides the key. */
+  readonly apiAuth?: string | null;
+  /** The weights path, for A1111's /sdapi/v1/sd-models and sd_model_checkpoint. */
+  readonly weights?: string | null;
   /** Jobs that may wait (the running ones not counted); default 8. */
   readonly maxQueue?: number;
   /** Generations run at the same time; default 1. */
@@ -64,6 +72,7 @@ export class SdServer {
   private loading: Promise<void> = Promise.resolve();
   private closing: Promise<void> | null = null;
   readonly queue: JobQueue<WorkItem, InferenceResult>;
+  private readonly running = new Set<ServerJob>();
 
   private constructor(
     readonly app: FastifyInstance,
@@ -97,8 +106,14 @@ export class SdServer {
     });
     app.setErrorHandler(errorHandler(bodyLimit));
     const server = new SdServer(app, outputs, o);
-    registerRoutes(app, server, { apiKey: o.apiKey ?? null });
-    guardJsonBodies(app, bodyLimit);
+    const apiAuth = parseApiAuth(o.apiAuth ?? '');
+    registerGates(app, server, { apiKey: o.apiKey ?? null, apiAuth });
+    // Each dialect in its own scope, with its own JSON guards (the A1111 room takes large bodies on its own routes).
+    await app.register(async (ours) => {
+      registerRoutes(ours, server);
+      guardJsonBodies(ours, bodyLimit);
+    });
+    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0 });
     await app.listen({ port: listen.port, host: listen.host });
     server.loading = server.load();
     return server;
@@ -149,16 +164,30 @@ export class SdServer {
   async admit(body: InferenceBody): Promise<ServerJob> {
     const engine = this.assertAccepting();
     const { params, resolved } = await checkRequest(body, engine.limits, this.o.bounds);
-    this.assertAccepting(); // shutdown may have begun while the image was decoded
-    const uid = body.uid ?? randomUUID();
+    return this.enqueue(body.uid ?? randomUUID(), { ...params, seed: resolved.seed });
+  }
+
+  /** Queue params already checked (admit's checks, or the A1111 room's): 503 when stopping, 409 for a taken uid, 429 when full. */
+  enqueue(uid: string, params: GenerateParams): ServerJob {
+    this.assertAccepting(); // shutdown may have begun while an image was decoded
     this.outputs.reserve(uid);
     try {
-      return this.queue.submit({ uid, params: { ...params, seed: resolved.seed } });
+      return this.queue.submit({ uid, params });
     } catch (e) {
       this.outputs.release(uid);
       if (e instanceof QueueFullError) throw new HttpError(429, e.message, undefined, { 'retry-after': String(e.retryAfterS) });
       throw e;
     }
+  }
+
+  /** The bounds given at start (the model family's fill in the rest). */
+  get requestBounds(): Partial<RequestBounds> {
+    return this.o.bounds ?? {};
+  }
+
+  /** The jobs running now, whichever route queued them. */
+  runningJobs(): readonly ServerJob[] {
+    return [...this.running];
   }
 
   /**
@@ -220,6 +249,8 @@ export class SdServer {
 
   private onJobChange(job: ServerJob): void {
     const { id, status } = job;
+    if (status === 'running') this.running.add(job);
+    else this.running.delete(job);
     if (!isFinished(status)) {
       this.app.log.info({ job: id, uid: job.input.uid, status }, `job ${status}`);
       return;
