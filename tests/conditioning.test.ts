@@ -132,6 +132,23 @@ describe('Conditioning through the UNet', () => {
     disposeConditioning(both);
   });
 
+  it('runs cond and uncond of different context lengths as two forwards, the same as the batch when they match', () => {
+    const lat = keep(tf.tensor4d(rand(H * W * 4), [1, H, W, 4]));
+    const ctx = (n: number, b: number) => keep(tf.tensor3d(rand(n * 16).map((v) => v * (b + 1)), [1, n, 16]));
+    const emb = keep(tf.tensor2d(rand(8), [1, 8]));
+    const [u5, c5] = [{ context: ctx(5, 0), added: emb }, { context: ctx(5, 1), added: emb }];
+    const both = concatConditioning([u5, c5]);
+    const batched = values(guidedEps(unet, both, 7.5)(lat, 400));
+    const apart = values(guidedEps(unet, { ...c5, uncond: u5 }, 7.5)(lat, 400));
+    expect(maxRelError(apart, batched)).toBeLessThan(1e-5);
+    const c10 = { context: ctx(10, 1), added: emb }; // cond twice as long as uncond: no batch could hold them
+    const guided = values(guidedEps(unet, { ...c10, uncond: u5 }, 7.5)(lat, 400));
+    const u = values(unet.forward(lat, 400, u5));
+    const c = values(unet.forward(lat, 400, c10));
+    expect(maxRelError(guided, u.map((v, i) => v + 7.5 * (c[i] - v)))).toBeLessThan(1e-5);
+    disposeConditioning(both);
+  });
+
   it('leaks no tensors', () => {
     const [lat, ctx, emb] = [x(), context(), added()];
     const r = residuals(() => 1);
