@@ -18,10 +18,11 @@ const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
   unet: () => import('./unet.js'),
   pipeline: () => import('./pipeline.js'),
   canny: () => import('./canny.js'),
+  controlnet: () => import('./controlnet.js'),
   lora: () => import('./lora.js'),
   sdxl: () => import('./sdxl.js'),
-  controlnet: () => import('./controlnet.js'),
   'prompt-weights': () => import('./prompt-weights.js'),
+  'ip-adapter': () => import('./ip-adapter.js'),
 };
 
 export const KNOWN_KINDS = Object.keys(RUNNERS);
