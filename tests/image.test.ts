@@ -5,7 +5,7 @@ import { decodeImage, encodePng, ImageError, readPngParameters } from '../src/im
 import { readImageHeader, sniffFormat } from '../src/image/header.js';
 import { readChunks, stripPngMetadata } from '../src/image/png-chunks.js';
 import { DecodeBudget, decodeUploadedImage } from '../src/image/upload.js';
-import { formatParameters, parseParameters, type ImageParameters } from '../src/image/parameters.js';
+import { formatParameters, generationSources, parseParameters, type ImageParameters } from '../src/image/parameters.js';
 
 const PARAMS: ImageParameters = {
   prompt: 'a botanical illustration of a fern',
@@ -54,6 +54,21 @@ describe('A1111 parameters text', () => {
   it('omits an empty negative prompt, adds strength, clip skip, karras, model', () => {
     const text = formatParameters({ ...PARAMS, negativePrompt: '', sampler: 'dpmpp_2m', karras: true, strength: 0.6, clipSkip: 2, model: 'v1-5' });
     expect(text).toBe('a botanical illustration of a fern\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 16x8, Model: v1-5, Denoising strength: 0.6, Clip skip: 2');
+  });
+
+  it("records the noise source as A1111's RNG setting, the conventions, the prompt syntax and SDXL's sizes when not default, and reads them back", () => {
+    const defaults = { ...PARAMS, noise: 'gpu', conventions: 'a1111', promptSyntax: 'a1111', originalSize: [8, 16], cropTopLeft: [0, 0], targetSize: [8, 16] } as const;
+    expect(formatParameters(defaults)).toBe(formatParameters(PARAMS));
+    const text = formatParameters({ ...defaults, noise: 'cpu', conventions: 'diffusers', promptSyntax: 'plain', originalSize: [1024, 768], cropTopLeft: [0, 32], targetSize: [8, 8] });
+    expect(text.split('\n').pop()).toBe(
+      'Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 16x8, RNG: CPU, Conventions: diffusers, Prompt syntax: plain, ' +
+        'Original size: 768x1024, Crop left: 32, Target size: 8x8',
+    );
+    expect(generationSources(parseParameters(text).settings)).toEqual({ noise: 'cpu', conventions: 'diffusers', promptSyntax: 'plain' });
+    // A1111's own: no RNG for its GPU default, NV for its CUDA-compatible generator (the same numbers)
+    expect(generationSources({}).noise).toBe('gpu');
+    expect(generationSources({ RNG: 'NV' })).toEqual({ noise: 'gpu', conventions: 'a1111', promptSyntax: 'a1111' });
+    expect(() => generationSources({ RNG: 'XPU' })).toThrow(/RNG "XPU"; expected CPU, GPU or NV/);
   });
 
   it('parses back what it writes, including multi-line prompts and quoted values', () => {
