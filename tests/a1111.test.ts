@@ -177,18 +177,19 @@ describe('A1111 API: clients as they are', () => {
     expect(info).not.toHaveProperty('interrupted');
   });
 
-  it('Open WebUI: options -> sd-models -> set the model -> txt2img with batch_size 2 and scheduler karras', async () => {
-    const options = await call(open, 'GET', '/sdapi/v1/options');
+  it('Open WebUI: options -> sd-models -> set the model (the whole options dict posted back) -> txt2img with batch_size 2', async () => {
+    const OWUI = { authorization: 'Basic ' }; // get_automatic1111_api_auth() with an empty AUTOMATIC1111_API_AUTH
+    const options = await call(open, 'GET', '/sdapi/v1/options', undefined, OWUI);
     expect(options.json).toMatchObject({ sd_model_checkpoint: 'model.safetensors', CLIP_stop_at_last_layers: 1, samples_format: 'png' });
     const models = await call(open, 'GET', '/sdapi/v1/sd-models');
     const model = (models.json as unknown as Record<string, unknown>[])[0];
     expect(Object.keys(model).sort()).toEqual(['config', 'filename', 'hash', 'model_name', 'sha256', 'title']);
     expect(model).toMatchObject({ title: 'model.safetensors', model_name: 'model' });
-    expect((await call(open, 'POST', '/sdapi/v1/options', { sd_model_checkpoint: model.title })).status).toBe(200);
+    expect((await call(open, 'POST', '/sdapi/v1/options', { ...options.json, sd_model_checkpoint: model.title }, OWUI)).status).toBe(200);
     const a = await call(open, 'POST', '/sdapi/v1/txt2img', {
       prompt: 'a fern', batch_size: 2, width: 32, height: 32, steps: 1, negative_prompt: 'blurry', cfg_scale: 7,
       sampler_name: 'DPM++ 2M', scheduler: 'karras',
-    });
+    }, OWUI);
     const { pngs, info, texts } = read(a);
     expect(pngs).toHaveLength(2);
     const seed = Number(info.seed);
