@@ -10,6 +10,7 @@ import { readPngParameters } from '../../image/codec.js';
 import type { InferenceResult } from '../work.js';
 import type { Body } from './fields.js';
 import type { ModelInfo, Settings } from './options.js';
+import { timestamp } from './progress.js';
 import { imageCount, imageSeed, type A1111Generation } from './request.js';
 
 /** The fields of modules/api/models.py's processing models, with their defaults (extensions' fields left out). */
@@ -91,7 +92,7 @@ export function infoOf(g: A1111Generation, m: Made): Record<string, unknown> {
     index_of_first_image: 0,
     infotexts,
     styles: [],
-    job_timestamp: m.startedAt.toISOString(),
+    job_timestamp: timestamp(m.startedAt),
     clip_skip: m.settings.clipSkip,
     is_using_inpainting_conditioning: false,
     version: 'sd-ts',

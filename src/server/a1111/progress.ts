@@ -28,7 +28,7 @@ export const INTERRUPTED = 'interrupted';
 export const SKIPPED = 'skipped';
 
 /** A1111's job_timestamp: local time as YYYYMMDDhhmmss. */
-function timestamp(d: Date): string {
+export function timestamp(d: Date): string {
   const p = (n: number): string => String(n).padStart(2, '0');
   return `${d.getFullYear()}${p(d.getMonth() + 1)}${p(d.getDate())}${p(d.getHours())}${p(d.getMinutes())}${p(d.getSeconds())}`;
 }
