@@ -18,6 +18,7 @@ const RUNNERS: Readonly<Record<string, () => Promise<{ run: KindRunner }>>> = {
   unet: () => import('./unet.js'),
   pipeline: () => import('./pipeline.js'),
   canny: () => import('./canny.js'),
+  inpaint: () => import('./inpaint.js'),
   controlnet: () => import('./controlnet.js'),
   lora: () => import('./lora.js'),
   sdxl: () => import('./sdxl.js'),
