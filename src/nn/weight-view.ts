@@ -111,7 +111,7 @@ export class WeightView {
     }
     if (!this.src.has(key)) {
       throw new WeightsError(
-        `${this.src.path}: missing tensor ${key} [${shape.join(', ')}]; is this a Stable Diffusion 1.x checkpoint with the original key names?`,
+        `${this.src.path}: missing tensor ${key} [${shape.join(', ')}]; the checkpoint does not hold the model the config describes (its family, its size, or the original key names)`,
       );
     }
     const got = this.src.info(key).shape;
