@@ -44,3 +44,6 @@ export function source(shapes: Record<string, number[]>): MemorySource {
   return new MemorySource(m);
 }
 
+
+/** `png` with `extra` chunks (pngChunk) inserted right after IHDR, which ends at byte 33. */
+export const withChunks = (png: Buffer, extra: readonly Buffer[]): Buffer => Buffer.concat([png.subarray(0, 33), ...extra, png.subarray(33)]);

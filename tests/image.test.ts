@@ -3,7 +3,8 @@ import { describe, expect, it } from 'vitest';
 import sharp from 'sharp';
 import { decodeImage, encodePng, ImageError, readPngParameters } from '../src/image/codec.js';
 import { readImageHeader, sniffFormat } from '../src/image/header.js';
-import { readChunks, stripPngMetadata } from '../src/image/png-chunks.js';
+import { pngChunk, readChunks, stripPngMetadata } from '../src/image/png-chunks.js';
+import { withChunks } from './helpers.js';
 import { DecodeBudget, decodeUploadedImage } from '../src/image/upload.js';
 import { formatParameters, generationSources, parseParameters, type ImageParameters } from '../src/image/parameters.js';
 
@@ -129,18 +130,6 @@ describe('PNG encode / decode', () => {
     expect(() => readPngParameters(Buffer.from('nope'))).toThrow(ImageError);
   });
 });
-
-function pngChunk(type: string, data: Buffer): Buffer {
-  const out = Buffer.alloc(12 + data.length);
-  out.writeUInt32BE(data.length, 0);
-  out.write(type, 4, 'latin1');
-  data.copy(out, 8);
-  out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
-  return out;
-}
-
-/** `png` with `extra` chunks right after IHDR (which ends at byte 33). */
-const withChunks = (png: Buffer, extra: Buffer[]): Buffer => Buffer.concat([png.subarray(0, 33), ...extra, png.subarray(33)]);
 
 const solid = (width: number, height: number, channels: 3 | 4 = 3) =>
   sharp({ create: { width, height, channels, background: channels === 4 ? '#3a7a' : '#3a7' } });

@@ -10,6 +10,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { crc32, deflateSync } from 'node:zlib';
+import { pngChunk } from '../src/image/png-chunks.js';
+import { withChunks } from './helpers.js';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { initBackend } from '../src/backend/select.js';
@@ -74,18 +76,6 @@ function expectRefusal(a: Answer, status: number, field: string, says: RegExp): 
   expect(String(a.json.message)).toMatch(new RegExp(`^${field}: `));
   expect(String(a.json.message)).toMatch(says);
 }
-
-function pngChunk(type: string, data: Buffer): Buffer {
-  const out = Buffer.alloc(12 + data.length);
-  out.writeUInt32BE(data.length, 0);
-  out.write(type, 4, 'latin1');
-  data.copy(out, 8);
-  out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
-  return out;
-}
-
-/** `png` with `extra` chunks inserted right after IHDR (which ends at byte 33). */
-const withChunks = (png: Buffer, extra: Buffer[]): Buffer => Buffer.concat([png.subarray(0, 33), ...extra, png.subarray(33)]);
 
 const rgbPng = (width = 32, height = 32): Promise<Buffer> =>
   sharp({ create: { width, height, channels: 3, background: '#3a7' } }).png().toBuffer();

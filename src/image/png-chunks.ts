@@ -99,7 +99,8 @@ export function stripPngMetadata(png: Uint8Array, caps = PNG_METADATA_CAPS): Buf
   return Buffer.concat(kept);
 }
 
-function chunk(type: string, data: Buffer): Buffer {
+/** One PNG chunk: length, type, data, and the CRC-32 of type and data. */
+export function pngChunk(type: string, data: Buffer): Buffer {
   const out = Buffer.alloc(12 + data.length);
   out.writeUInt32BE(data.length, 0);
   out.write(type, 4, 'latin1');
@@ -112,9 +113,9 @@ const isLatin1 = (s: string): boolean => [...s].every((ch) => ch.codePointAt(0)!
 
 /** tEXt: keyword NUL text (Latin-1); iTXt: keyword NUL 0 0 "" NUL "" NUL text (UTF-8, uncompressed). */
 function textChunk(keyword: string, text: string): Buffer {
-  if (isLatin1(text)) return chunk('tEXt', Buffer.concat([Buffer.from(keyword, 'latin1'), Buffer.from([0]), Buffer.from(text, 'latin1')]));
+  if (isLatin1(text)) return pngChunk('tEXt', Buffer.concat([Buffer.from(keyword, 'latin1'), Buffer.from([0]), Buffer.from(text, 'latin1')]));
   const head = Buffer.concat([Buffer.from(keyword, 'latin1'), Buffer.from([0, 0, 0, 0, 0])]);
-  return chunk('iTXt', Buffer.concat([head, Buffer.from(text, 'utf8')]));
+  return pngChunk('iTXt', Buffer.concat([head, Buffer.from(text, 'utf8')]));
 }
 
 /** The PNG with a text chunk `keyword` inserted right after IHDR (readers that stop early still see it). */
