@@ -4,6 +4,7 @@
  */
 
 import type { NoiseSource, SamplerName } from '../scheduler/index.js';
+import type { LoraSpec } from '../lora/types.js';
 
 export { SAMPLERS, NOISE_SOURCES, type NoiseSource, type SamplerName } from '../scheduler/index.js';
 
@@ -17,6 +18,40 @@ export type ConventionsName = (typeof CONVENTION_NAMES)[number];
 
 /** [height, width] or [top, left], in pixels. */
 export type PixelPair = readonly [number, number];
+
+/** How a control image becomes a ControlNet's hint: Canny edges of it (ControlNet's annotator), or the image as given. */
+export const CONTROL_PREPROCESSORS = ['canny', 'none'] as const;
+export type ControlPreprocess = (typeof CONTROL_PREPROCESSORS)[number];
+
+/** One ControlNet of a request; several at once sum their residuals (src/controlnet). */
+export interface ControlNetParams {
+  /** A ControlNet file (lllyasviel's .pth/.safetensors, a diffusers file) or diffusers folder, by path; cached once loaded. */
+  readonly model: string;
+  /** The control image, an encoded PNG or JPEG; resized to width x height. */
+  readonly image: Uint8Array;
+  /** Default 'canny'. */
+  readonly preprocess?: ControlPreprocess;
+  /** Canny's hysteresis thresholds, default 100 and 200. */
+  readonly low?: number;
+  readonly high?: number;
+  /** Residual scale ("conditioning scale", A1111's weight), default 1. */
+  readonly scale?: number;
+  /** The fraction of the steps in which it is active, default 0 .. 1 (the fixture's window rule). */
+  readonly start?: number;
+  readonly end?: number;
+}
+
+/** An IP-Adapter of a request (src/ip-adapter). */
+export interface IpAdapterParams {
+  /** The adapter file (.safetensors, or tencent's .bin), by path; cached once loaded. */
+  readonly model: string;
+  /** The photo, an encoded PNG or JPEG. */
+  readonly image: Uint8Array;
+  /** Scale of the image tokens' attention, default 1. */
+  readonly scale?: number;
+  /** The CLIP vision encoder's folder (transformers' image_encoder/); default: looked for next to the adapter. */
+  readonly imageEncoder?: string;
+}
 
 /** What a caller asks for. Everything but the prompt has a default (see DEFAULT_PARAMS). */
 export interface GenerateParams {
@@ -39,6 +74,14 @@ export interface GenerateParams {
   readonly initImage?: Uint8Array;
   /** img2img: how much of the schedule to run, (0, 1]. */
   readonly strength?: number;
+  /** Inpainting (with initImage): an encoded PNG or JPEG, white = repaint, black = keep; binarised at 0.5. */
+  readonly mask?: Uint8Array;
+  /** ControlNets guiding the UNet, in order. */
+  readonly controlNets?: readonly ControlNetParams[];
+  /** An IP-Adapter conditioning on a photo. */
+  readonly ipAdapter?: IpAdapterParams;
+  /** LoRAs for this request (paths and multipliers); the model switches to them and back without reloading. */
+  readonly loras?: readonly LoraSpec[];
   /** Images in one call; image i uses seed + i. */
   readonly batch?: number;
   /** Random numbers: 'cpu' torch's CPU generator (default; diffusers, ComfyUI), 'gpu' torch's CUDA one (A1111). */
