@@ -1,8 +1,9 @@
 /**
  * Full-size checkpoints of random weights, for measuring memory and speed where real weights cannot be had.
  * Same key names and shapes as a real SD 1.x checkpoint (the models' expectedShapes), values chosen so that
- * activations stay in a sane range through the whole network: normalisation weights 1 and biases 0,
- * other weights N(0, 1/fan_in) (fan_in = product of all dims but the first), so each layer roughly keeps its
+ * activations stay in a sane range through the whole network: normalisation weights 1 (every 1-D `.weight`: only
+ * norms have one, whatever their key is called, e.g. a ResBlock's `in_layers.0` or a Resampler's `layers.0.1.0`)
+ * and biases 0, other weights N(0, 1/fan_in) (fan_in = product of all dims but the first), so each layer roughly keeps its
  * input's scale. Deterministic for a seed.
  */
 import { encodeFloat16 } from './dtypes.js';
@@ -37,7 +38,7 @@ function hashKey(key: string, seed: number): number {
 export function randomTensor(key: string, shape: readonly number[], seed = 0): Float32Array {
   const n = shape.reduce((a, d) => a * d, 1);
   const out = new Float32Array(n);
-  const isNorm = /norm|ln_|layer_norm/.test(key) && shape.length === 1;
+  const isNorm = shape.length === 1 && (/norm|ln_|layer_norm/.test(key) || key.endsWith('.weight'));
   if (isNorm) {
     if (key.endsWith('.weight')) out.fill(1);
     return out;

@@ -4,6 +4,8 @@
  * The keys and shapes are what the loaders read (each network's expectedShapes probe): SD 1.5, or SDXL base
  * (sd_xl_base_1.0.safetensors: both text encoders, the 2,567,463,684-parameter UNet, the VAE). `--config` takes an
  * SDXL pipeline config in the fixtures' JSON format (sdxlConfigFromJson) instead of SDXL base's, e.g. a tiny one.
+ * Adapters (random-adapters.ts): `--model controlnet-sd15 | ip-adapter-sd15 | ip-adapter-plus-sd15` write one
+ * .safetensors file in tencent's / lllyasviel's layout, `--model clip-vision-h` the image_encoder/ folder OUT.
  */
 import type { CommandModule } from 'yargs';
 import { existsSync, readFileSync } from 'node:fs';
@@ -15,6 +17,7 @@ import { expectedShapes as unetShapes } from '../../unet/index.js';
 import { expectedShapes as vaeShapes } from '../../vae/index.js';
 import { writeRandomCheckpoint } from '../../weights/random.js';
 import { UsageError } from '../errors.js';
+import { ADAPTER_MODELS, isAdapterModel, writeRandomAdapter, type AdapterModel } from '../random-adapters.js';
 import { ProgressBar } from '../progress.js';
 
 export const RANDOM_MODELS = ['sd15', 'sdxl'] as const;
@@ -31,7 +34,7 @@ export const randomModelShapes = (model: RandomModel, sdxl?: SdxlPipelineConfig)
 
 interface Args {
   out: string;
-  model: RandomModel;
+  model: RandomModel | AdapterModel;
   config?: string;
   half: boolean;
   seed: number;
@@ -43,8 +46,12 @@ export const randomWeightsCommand: CommandModule<object, Args> = {
   describe: 'write a full-size SD 1.5 or SDXL base checkpoint of random weights (original key names) for memory and speed tests',
   builder: (y) =>
     y
-      .option('out', { type: 'string', demandOption: true, describe: 'the .safetensors file to write' })
-      .option('model', { choices: RANDOM_MODELS, default: 'sd15' as RandomModel, describe: 'SD 1.5, or SDXL base 1.0 (~10.3 GB of UNet in fp32)' })
+      .option('out', { type: 'string', demandOption: true, describe: 'the .safetensors file to write (clip-vision-h: the image_encoder folder)' })
+      .option('model', {
+        choices: [...RANDOM_MODELS, ...ADAPTER_MODELS],
+        default: 'sd15' as RandomModel,
+        describe: 'SD 1.5, SDXL base 1.0 (~10.3 GB of UNet in fp32), or an adapter: ControlNet SD 1.5 (1.4 GB), CLIP ViT-H/14 image encoder (2.5 GB), IP-Adapter SD 1.5 basic or Plus',
+      })
       .option('config', { type: 'string', describe: 'with --model sdxl: a pipeline config JSON (the fixtures\' format) instead of SDXL base\'s' })
       .option('half', { type: 'boolean', default: false, describe: 'store fp16 instead of fp32' })
       .option('seed', { type: 'number', default: 0 })
@@ -54,6 +61,7 @@ export const randomWeightsCommand: CommandModule<object, Args> = {
     if (args.config !== undefined && args.model !== 'sdxl') throw new UsageError('--config is for --model sdxl');
     // the shape probes build their (empty) models on a backend: the lightest, unless one is in use already
     if (currentBackend() === null) await initBackend({ backend: 'cpu', log: null });
+    if (isAdapterModel(args.model)) return writeAdapter(args.model, args);
     const sdxl = args.config === undefined ? undefined : sdxlConfigFromJson(JSON.parse(readFileSync(args.config, 'utf8')) as unknown, args.config);
     const shapes = randomModelShapes(args.model, sdxl);
     const bar = new ProgressBar('random weights (tensors)', shapes.size);
@@ -63,3 +71,19 @@ export const randomWeightsCommand: CommandModule<object, Args> = {
     process.stdout.write(`${args.out}: ${args.model}, ${shapes.size} tensors, ${(params / 1e6).toFixed(1)} M parameters, ${args.half ? 'fp16' : 'fp32'}\n`);
   },
 };
+
+/** `--model` an adapter: its file (or the image encoder's folder) in the layout people download. */
+function writeAdapter(model: AdapterModel, args: Args): void {
+  let bar: ProgressBar | null = null;
+  const { file, shapes } = writeRandomAdapter(model, args.out, {
+    half: args.half,
+    seed: args.seed,
+    onTensor: (done, total) => {
+      bar ??= new ProgressBar('random weights (tensors)', total);
+      bar.update(done);
+    },
+  });
+  (bar as ProgressBar | null)?.finish();
+  const params = [...shapes.values()].reduce((a, s) => a + s.reduce((x, d) => x * d, 1), 0);
+  process.stdout.write(`${file}: ${model}, ${shapes.size} tensors, ${(params / 1e6).toFixed(1)} M parameters, ${args.half ? 'fp16' : 'fp32'}\n`);
+}
