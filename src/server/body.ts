@@ -12,6 +12,7 @@ import {
   CONVENTION_NAMES,
   NOISE_SOURCES,
   PROMPT_SYNTAXES,
+  ParamError,
   SAMPLERS,
   type ConventionsName,
   type GenerateParams,
@@ -34,12 +35,15 @@ import {
   type WorkBounds,
 } from '../pipeline/params.js';
 import { DEFAULT_UPLOAD_LIMITS, DecodeBudget, decodeUploadedImage } from '../image/upload.js';
+import { ADAPTER_PROPERTIES, adapterEcho, bodyFieldOf, checkAdapterImages, toAdapterParams, type AdapterBody, type AdapterEcho } from './adapters.js';
 import { HttpError } from './errors.js';
+import type { ModelDirs } from './models-dir.js';
 
 /** uid: names the output files `<uid>.png` and `<uid>.json`, so only characters safe in any file name. */
 export const UID_PATTERN = '^[A-Za-z0-9_-]{1,64}$';
 
-export interface InferenceBody {
+/** The fields of ./adapters.ts (controlnet, mask, ip_adapter, loras) are in AdapterBody. */
+export interface InferenceBody extends AdapterBody {
   readonly prompt: string;
   readonly uid?: string;
   readonly seed?: number;
@@ -94,6 +98,7 @@ export const INFERENCE_BODY_SCHEMA = Object.freeze({
     original_size: pair(1),
     crops_coords_top_left: pair(0),
     target_size: pair(1),
+    ...ADAPTER_PROPERTIES,
   },
 });
 
@@ -108,17 +113,17 @@ export const JOB_ID_SCHEMA = Object.freeze({
 const BASE64 = /^[A-Za-z0-9+/\-_]+={0,2}$/;
 const DATA_URL = /^data:[a-z]+\/[a-z0-9.+-]+;base64,/i;
 
-/** The bytes of `init_image`; 400 when it is not base64 at all (what the bytes are is sharp's to say). */
-export function decodeBase64Image(s: string): Uint8Array {
+/** The bytes of an image field (`init_image` unless named); 400 when it is not base64 at all (what the bytes are is sharp's to say). */
+export function decodeBase64Image(s: string, field = 'init_image'): Uint8Array {
   const b64 = s.replace(DATA_URL, '').replace(/\s+/g, '');
-  if (!BASE64.test(b64)) throw new HttpError(400, 'init_image: not base64 (A-Z, a-z, 0-9, +, /, = padding)', 'init_image');
+  if (!BASE64.test(b64)) throw new HttpError(400, `${field}: not base64 (A-Z, a-z, 0-9, +, /, = padding)`, field);
   const bytes = Buffer.from(b64, 'base64');
-  if (bytes.length === 0) throw new HttpError(400, 'init_image: decodes to no bytes', 'init_image');
+  if (bytes.length === 0) throw new HttpError(400, `${field}: decodes to no bytes`, field);
   return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.length);
 }
 
-/** The pipeline's view of a (schema-checked) body; `uid` is the server's and not passed on. */
-export function toGenerateParams(b: InferenceBody): GenerateParams {
+/** The pipeline's view of a (schema-checked) body; `uid` is the server's and not passed on. Model names resolve in `models`. */
+export function toGenerateParams(b: InferenceBody, models: ModelDirs = {}): GenerateParams {
   return {
     prompt: b.prompt,
     negativePrompt: b.negative_prompt,
@@ -138,11 +143,12 @@ export function toGenerateParams(b: InferenceBody): GenerateParams {
     originalSize: b.original_size,
     cropTopLeft: b.crops_coords_top_left,
     targetSize: b.target_size,
+    ...toAdapterParams(b, models, decodeBase64Image),
   };
 }
 
-/** What was run, in the request's names: POST it back (with the same init_image) to get the same image. */
-export interface AnsweredParameters {
+/** What was run, in the request's names: POST it back (with the same init_image, mask and adapter images) to get the same image. */
+export interface AnsweredParameters extends AdapterEcho {
   readonly prompt: string;
   readonly negative_prompt: string;
   readonly seed: number;
@@ -163,7 +169,8 @@ export interface AnsweredParameters {
   readonly target_size?: PixelPair;
 }
 
-export function toAnsweredParameters(r: ResolvedParams): AnsweredParameters {
+/** `echo`: what the request's adapter fields add (checkRequest's), which ResolvedParams does not name as the request does. */
+export function toAnsweredParameters(r: ResolvedParams, echo: AdapterEcho = {}): AnsweredParameters {
   const isSize = (p: PixelPair) => p[0] === r.height && p[1] === r.width;
   return {
     prompt: r.prompt,
@@ -183,6 +190,7 @@ export function toAnsweredParameters(r: ResolvedParams): AnsweredParameters {
     ...(isSize(r.originalSize) ? {} : { original_size: r.originalSize }),
     ...(r.cropTopLeft[0] === 0 && r.cropTopLeft[1] === 0 ? {} : { crops_coords_top_left: r.cropTopLeft }),
     ...(isSize(r.targetSize) ? {} : { target_size: r.targetSize }),
+    ...echo,
   };
 }
 
@@ -231,22 +239,39 @@ export function checkWork(r: ResolvedParams, b: WorkBounds): void {
 }
 
 export interface CheckedRequest {
-  /** What the job runs: the request's params with every uploaded image replaced by its checked bytes. */
+  /** What the job runs: the request's params with every uploaded image replaced by its checked bytes, model names by paths. */
   readonly params: GenerateParams;
   readonly resolved: ResolvedParams;
+  /** The adapter fields as the answered `parameters` echo them (toAnsweredParameters). */
+  readonly echo: AdapterEcho;
 }
 
-/** Everything about a (schema-checked) body that is checked before it is queued; any failure is a 4xx. */
-export async function checkRequest(body: InferenceBody, limits: ParamLimits, o: Partial<RequestBounds> = {}): Promise<CheckedRequest> {
+/**
+ * Everything about a (schema-checked) body that is checked before it is queued; any failure is a 4xx. Model
+ * names resolve in `models` (the server's --controlnet-dir, --ip-adapter-dir, --lora-dir) before any image is decoded.
+ */
+export async function checkRequest(body: InferenceBody, limits: ParamLimits, o: Partial<RequestBounds> = {}, models: ModelDirs = {}): Promise<CheckedRequest> {
   const b = resolveBounds(o, limits);
-  const params = toGenerateParams(body);
-  const resolved = resolveParams(params, limits);
+  const params = toGenerateParams(body, models);
+  const resolved = resolveNamed(params, limits);
   checkWork(resolved, b);
-  if (params.initImage === undefined) return { params, resolved };
+  const echo = adapterEcho(body);
   const upload = { maxPixels: b.maxImagePixels, maxDecodeBytes: b.maxDecodeBytes };
   const budget = new DecodeBudget(b.maxDecodeBytes); // shared by all the images of this request
-  const init = await decodeUploadedImage(params.initImage, 'init_image', upload, budget);
-  return { params: { ...params, initImage: init.bytes }, resolved };
+  const initImage = params.initImage !== undefined ? (await decodeUploadedImage(params.initImage, 'init_image', upload, budget)).bytes : undefined;
+  const checked = await checkAdapterImages({ ...params, ...(initImage !== undefined ? { initImage } : {}) }, upload, budget);
+  return { params: checked, resolved, echo };
+}
+
+/** resolveParams, its ParamError naming the field as the body does (`controlnet[0].scale`, not `controlNets[0].scale`). */
+function resolveNamed(p: GenerateParams, limits: ParamLimits): ResolvedParams {
+  try {
+    return resolveParams(p, limits);
+  } catch (e) {
+    if (!(e instanceof ParamError) || bodyFieldOf(e.field) === e.field) throw e;
+    const field = bodyFieldOf(e.field);
+    throw new HttpError(400, `${field}: ${e.message.startsWith(`${e.field}: `) ? e.message.slice(e.field.length + 2) : e.message}`, field);
+  }
 }
 
 /** Bounds on a JSON body, checked on the raw text before JSON.parse (an 18 MiB `[[[[...` blocked the loop 4-6 s). */

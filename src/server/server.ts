@@ -21,6 +21,8 @@ import { a1111Routes } from './a1111/routes.js';
 import { parseApiAuth } from './a1111/auth.js';
 import { checkRequest, guardJsonBodies, toAnsweredParameters, type InferenceBody, type RequestBounds } from './body.js';
 import type { Engine } from './engine.js';
+import type { AdapterEcho } from './adapters.js';
+import type { ModelDirs } from './models-dir.js';
 import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './errors.js';
 import { JobQueue, QueueFullError, isFinished, type JobContext } from './jobs.js';
 import { OutputStore } from './outputs.js';
@@ -50,6 +52,8 @@ export interface ServerOptions {
   readonly bodyLimit?: number;
   /** What one request may ask for (pixels, steps * pixels, uploaded images); defaults: the model family's. */
   readonly bounds?: Partial<RequestBounds>;
+  /** The folders model names resolve in (--controlnet-dir, --ip-adapter-dir, --lora-dir, --image-encoder); absent: not offered. */
+  readonly models?: ModelDirs;
   /** fastify's logger option: false in tests, pino options or true otherwise. */
   readonly logger?: FastifyServerOptions['logger'];
   /** The backend name /health reports (known once the model loaded). */
@@ -113,7 +117,7 @@ export class SdServer {
       registerRoutes(ours, server);
       guardJsonBodies(ours, bodyLimit);
     });
-    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0 });
+    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0, models: o.models ?? {} });
     await app.listen({ port: listen.port, host: listen.host });
     server.loading = server.load();
     return server;
@@ -163,16 +167,16 @@ export class SdServer {
    */
   async admit(body: InferenceBody): Promise<ServerJob> {
     const engine = this.assertAccepting();
-    const { params, resolved } = await checkRequest(body, engine.limits, this.o.bounds);
-    return this.enqueue(body.uid ?? randomUUID(), { ...params, seed: resolved.seed });
+    const { params, resolved, echo } = await checkRequest(body, engine.limits, this.o.bounds, this.o.models);
+    return this.enqueue(body.uid ?? randomUUID(), { ...params, seed: resolved.seed }, echo);
   }
 
   /** Queue params already checked (admit's checks, or the A1111 room's): 503 when stopping, 409 for a taken uid, 429 when full. */
-  enqueue(uid: string, params: GenerateParams): ServerJob {
+  enqueue(uid: string, params: GenerateParams, echo?: AdapterEcho): ServerJob {
     this.assertAccepting(); // shutdown may have begun while an image was decoded
     this.outputs.reserve(uid);
     try {
-      return this.queue.submit({ uid, params });
+      return this.queue.submit({ uid, params, ...(echo !== undefined ? { echo } : {}) });
     } catch (e) {
       this.outputs.release(uid);
       if (e instanceof QueueFullError) throw new HttpError(429, e.message, undefined, { 'retry-after': String(e.retryAfterS) });
@@ -241,7 +245,7 @@ export class SdServer {
     const r = await this.engine.generate(item.params, { signal: ctx.signal, onProgress: ctx.onProgress });
     const image = r.images[0];
     if (image === undefined) throw new Error('the pipeline returned no image');
-    const parameters = toAnsweredParameters(r.params);
+    const parameters = toAnsweredParameters(r.params, item.echo);
     const createdAt = new Date().toISOString();
     await this.outputs.save(item.uid, image.png, { uid: item.uid, seed: image.seed, created_at: createdAt, parameters });
     return { message: 'success', uid: item.uid, image: image.png.toString('base64'), seed: image.seed, parameters };

@@ -3,6 +3,7 @@
  * what it answers, and the server's lifecycle states. server.ts runs jobs; routes.ts answers HTTP with them.
  */
 import type { GenerateParams } from '../pipeline/api.js';
+import type { AdapterEcho } from './adapters.js';
 import type { AnsweredParameters } from './body.js';
 import type { Job } from './jobs.js';
 
@@ -12,6 +13,8 @@ export type ServerState = 'loading' | 'ok' | 'failed' | 'stopping' | 'stopped';
 export interface WorkItem {
   readonly uid: string;
   readonly params: GenerateParams;
+  /** The request's adapter fields as its answer echoes them (names, not the paths params holds). */
+  readonly echo?: AdapterEcho;
 }
 
 /** The answer of POST /inference, and `result` of a succeeded job. */

@@ -20,6 +20,7 @@ import { DecodeBudget, decodeUploadedImage } from '../../image/upload.js';
 import { readPngParameters } from '../../image/codec.js';
 import { parseParameters } from '../../image/parameters.js';
 import type { Engine } from '../engine.js';
+import type { ModelDirs } from '../models-dir.js';
 import { HttpError, errorBody } from '../errors.js';
 import type { ServerJob, ServerState } from '../work.js';
 import { answerOf, type Made } from './answer.js';
@@ -46,6 +47,8 @@ export interface A1111RouteOptions {
   readonly weights: string | null;
   /** Whether --api-auth is set (cmd-flags says so, without the password). */
   readonly basicAuth: boolean;
+  /** The model folders (--controlnet-dir, --lora-dir, ...): alwayson_scripts.controlnet, <lora:> tags, the listings. */
+  readonly models?: ModelDirs;
 }
 
 const PREFIX = '/sdapi/v1';

@@ -1,0 +1,170 @@
+/**
+ * The model folders of `sd serve` (--controlnet-dir, --ip-adapter-dir, --lora-dir) and the one rule by which a
+ * request's model NAME becomes a file: a client never sends a path. A name is matched against what listing the
+ * folder finds (a file's name without its extension, case-insensitive as A1111 matches; a diffusers ControlNet
+ * folder's name; for LoRAs, failing that, kohya's `ss_output_name`), so `../x`, `/etc/passwd` or `a/b` can never
+ * name anything outside it. A symbolic link inside the folder is followed only when its target is inside it too.
+ * An unknown name answers 4xx naming it and a few of the folder's names; a kind whose folder was not given answers
+ * 4xx naming the flag that enables it.
+ */
+import { readdirSync, realpathSync, statSync } from 'node:fs';
+import { basename, extname, join, relative, sep } from 'node:path';
+import { SafetensorsFile } from '../weights/safetensors.js';
+import { HttpError } from './errors.js';
+
+export type ModelKind = 'controlnet' | 'ipAdapter' | 'lora';
+
+interface KindFacts {
+  /** The `sd serve` flag that names the folder. */
+  readonly flag: string;
+  readonly label: string;
+  /** File extensions, in order of preference when one name has several files. */
+  readonly extensions: readonly string[];
+  /** Whether a folder with a config.json is a model of its own (a diffusers ControlNetModel). */
+  readonly folders: boolean;
+}
+
+export const MODEL_KINDS: Readonly<Record<ModelKind, KindFacts>> = Object.freeze({
+  // sd-webui-controlnet's CN_MODEL_EXTS, .safetensors first.
+  controlnet: { flag: '--controlnet-dir', label: 'ControlNet', extensions: ['.safetensors', '.pth', '.pt', '.ckpt', '.bin'], folders: true },
+  ipAdapter: { flag: '--ip-adapter-dir', label: 'IP-Adapter', extensions: ['.safetensors', '.bin'], folders: false },
+  // src/lora/resolve.ts's LORA_EXTENSIONS.
+  lora: { flag: '--lora-dir', label: 'LoRA', extensions: ['.safetensors', '.pt', '.ckpt'], folders: false },
+});
+
+/** The folders the server was started with; null or absent: that kind of model is not offered. */
+export interface ModelDirs {
+  readonly controlnet?: string | null;
+  readonly ipAdapter?: string | null;
+  readonly lora?: string | null;
+  /** The CLIP vision encoder folder (transformers' image_encoder/) for every IP-Adapter; absent: the engine looks next to the adapter. */
+  readonly imageEncoder?: string | null;
+}
+
+export interface ModelEntry {
+  /** What a request names it by: the file name without its extension, or the folder's name. */
+  readonly name: string;
+  /** The real path (symbolic links resolved), inside the folder. */
+  readonly path: string;
+  /** The path relative to the folder, as found. */
+  readonly file: string;
+}
+
+/** Sub-folder depth searched and entries listed at most (model folders hold hundreds of files, a few levels deep). */
+const MAX_DEPTH = 8;
+const MAX_ENTRIES = 100_000;
+
+/** Every model of `kind` under `dir`, sorted by name; a folder that cannot be listed throws. */
+export function listModels(kind: ModelKind, dir: string): ModelEntry[] {
+  const facts = MODEL_KINDS[kind];
+  const root = realpathSync(dir);
+  const inside = (p: string): boolean => p === root || p.startsWith(root + sep);
+  const out: ModelEntry[] = [];
+  let seen = 0;
+  const walk = (d: string, depth: number): void => {
+    let entries;
+    try {
+      entries = readdirSync(d, { withFileTypes: true });
+    } catch (e) {
+      if (depth === 0) throw e;
+      return;
+    }
+    for (const e of entries.sort((a, b) => (a.name < b.name ? -1 : 1))) {
+      if (++seen > MAX_ENTRIES) return;
+      const found = join(d, e.name);
+      let real = found;
+      let isDir = e.isDirectory();
+      let isFile = e.isFile();
+      if (e.isSymbolicLink()) {
+        try {
+          real = realpathSync(found);
+          const s = statSync(real);
+          isDir = s.isDirectory();
+          isFile = s.isFile();
+        } catch {
+          continue; // a dangling link
+        }
+        if (!inside(real)) continue; // a link out of the folder names nothing
+      }
+      const file = relative(root, found);
+      if (isDir && facts.folders && isModelFolder(real)) out.push({ name: e.name, path: real, file });
+      else if (isDir && depth < MAX_DEPTH) walk(found, depth + 1);
+      else if (isFile && facts.extensions.includes(extname(e.name).toLowerCase())) out.push({ name: basename(e.name, extname(e.name)), path: real, file });
+    }
+  };
+  walk(root, 0);
+  const rank = (m: ModelEntry): number => facts.extensions.indexOf(extname(m.path).toLowerCase());
+  return out.sort((a, b) => (a.name.toLowerCase() < b.name.toLowerCase() ? -1 : a.name.toLowerCase() > b.name.toLowerCase() ? 1 : rank(a) - rank(b)));
+}
+
+/** A diffusers model folder: config.json and its weights beside it. */
+function isModelFolder(dir: string): boolean {
+  try {
+    return statSync(join(dir, 'config.json')).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/** The folder of `kind`, or `status` naming the field and the flag that would enable it. */
+export function modelDir(kind: ModelKind, dirs: ModelDirs, field: string, status = 400): string {
+  const dir = dirs[kind];
+  if (dir === undefined || dir === null || dir === '') {
+    const f = MODEL_KINDS[kind];
+    throw new HttpError(status, `${field}: this server offers no ${f.label} models; start sd serve with ${f.flag} DIR to enable them`, field);
+  }
+  return dir;
+}
+
+/**
+ * The path of the model `name` of `kind`: `status` (400 on our routes, 422 on A1111's) when the kind is not
+ * configured, the name is not a plain name, or nothing in the folder has it.
+ */
+export function resolveModel(kind: ModelKind, dirs: ModelDirs, name: string, field: string, status = 400): string {
+  const dir = modelDir(kind, dirs, field, status);
+  const facts = MODEL_KINDS[kind];
+  const shown = JSON.stringify(name.length > 80 ? `${name.slice(0, 80)}...` : name);
+  if (name.trim() === '' || /[\\/\0]/.test(name) || name === '.' || name === '..') {
+    throw new HttpError(status, `${field}: ${shown} is not a ${facts.label} name (a file name in the server's ${facts.flag}, without folders)`, field);
+  }
+  let models: ModelEntry[];
+  try {
+    models = listModels(kind, dir);
+  } catch (e) {
+    throw new HttpError(500, `${facts.flag} ${dir}: cannot list it (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+  }
+  const found = findByName(models, name, facts.extensions) ?? (kind === 'lora' ? findByOutputName(models, name) : null);
+  if (found !== null) return found.path;
+  const names = [...new Set(models.map((m) => m.name))];
+  const listed = names.length === 0 ? 'it holds none' : `it has ${names.slice(0, 20).join(', ')}${names.length > 20 ? `, ... (${names.length})` : ''}`;
+  throw new HttpError(status, `${field}: no ${facts.label} named ${shown} in this server's ${facts.flag}: ${listed}`, field);
+}
+
+/** By file name without extension (or with it), exact first, then ignoring case; the preferred extension wins. */
+function findByName(models: readonly ModelEntry[], name: string, extensions: readonly string[]): ModelEntry | null {
+  const withExt = extensions.includes(extname(name).toLowerCase()) ? basename(name, extname(name)) : null;
+  for (const same of [(a: string, b: string) => a === b, (a: string, b: string) => a.toLowerCase() === b.toLowerCase()]) {
+    const hit = models.find((m) => same(m.name, name)) ?? (withExt !== null ? models.find((m) => same(m.name, withExt) && same(extname(m.path), extname(name))) : undefined);
+    if (hit !== undefined) return hit;
+  }
+  return null;
+}
+
+/** A LoRA whose kohya metadata names it (`ss_output_name`, its training's output name), as A1111 aliases it. */
+function findByOutputName(models: readonly ModelEntry[], name: string): ModelEntry | null {
+  const hits = models.filter((m) => extname(m.path).toLowerCase() === '.safetensors' && safetensorsMetadata(m.path).get('ss_output_name') === name);
+  return hits.length === 1 ? hits[0] : null;
+}
+
+/** A safetensors file's `__metadata__`; empty when it has none or cannot be read. */
+export function safetensorsMetadata(path: string): ReadonlyMap<string, string> {
+  let f: SafetensorsFile | null = null;
+  try {
+    f = SafetensorsFile.open(path);
+    return f.metadata;
+  } catch {
+    return new Map();
+  } finally {
+    f?.close();
+  }
+}
