@@ -119,6 +119,30 @@ export interface ResolvedParams {
   readonly originalSize: PixelPair;
   readonly cropTopLeft: PixelPair;
   readonly targetSize: PixelPair;
+  /** The ControlNets run, in order (empty: none); their images are not repeated here. */
+  readonly controlNets: readonly ResolvedControlNet[];
+  /** The IP-Adapter run, or null; its photo is not repeated here. */
+  readonly ipAdapter: ResolvedIpAdapter | null;
+  /** Whether a mask was given (inpainting; the init image and strength are img2img's fields). */
+  readonly mask: boolean;
+}
+
+/** A ControlNet as run: every default filled in (thresholds null unless the preprocessor is canny). */
+export interface ResolvedControlNet {
+  readonly model: string;
+  readonly preprocess: ControlPreprocess;
+  readonly low: number | null;
+  readonly high: number | null;
+  readonly scale: number;
+  readonly start: number;
+  readonly end: number;
+}
+
+/** An IP-Adapter as run (imageEncoder: as given, or null when looked for next to the adapter). */
+export interface ResolvedIpAdapter {
+  readonly model: string;
+  readonly scale: number;
+  readonly imageEncoder: string | null;
 }
 
 export interface GeneratedImage {
@@ -132,6 +156,8 @@ export interface GeneratedImage {
 export interface GenerateResult {
   readonly images: readonly GeneratedImage[];
   readonly params: ResolvedParams;
+  /** Set when `stop` finished it early: the step (over the whole call) its last image was taken at. */
+  readonly stoppedAt?: number;
 }
 
 export interface GenerateOptions {
@@ -139,6 +165,34 @@ export interface GenerateOptions {
   readonly onProgress?: (step: number, total: number) => void;
   /** Cancels between steps; generate() then rejects with an AbortError and frees every tensor. */
   readonly signal?: AbortSignal;
+  // -- previews and early stop (server progress, sd generate --save-steps; ./preview.ts)
+  /** Make a preview of the step's predicted x0 every `every` steps (default 1; the last step always) and hand it to onPreview. */
+  readonly preview?: PreviewOptions;
+  readonly onPreview?: (p: StepPreview) => void | Promise<void>;
+  /** Finish early (A1111's interrupt): stop between steps; the image is the last step's predicted x0, decoded. */
+  readonly stop?: AbortSignal;
+}
+
+export const PREVIEW_DECODERS = ['approx', 'vae'] as const;
+/** 'approx': the latent-to-RGB linear approximation, at latent size; 'vae': a full VAE decode, at image size. */
+export type PreviewDecoder = (typeof PREVIEW_DECODERS)[number];
+
+export interface PreviewOptions {
+  readonly decoder: PreviewDecoder;
+  readonly every?: number;
+}
+
+/** One preview: bytes only (it crosses threads). step is 1-based over the whole call, as onProgress's. */
+export interface StepPreview {
+  readonly step: number;
+  readonly total: number;
+  /** Which image of the batch, 0-based. */
+  readonly image: number;
+  readonly decoder: PreviewDecoder;
+  /** RGB, row-major, width*height*3 bytes. */
+  readonly rgb: Uint8Array;
+  readonly width: number;
+  readonly height: number;
 }
 
 /** A parameter out of its allowed range, named with the range: the CLI prints it, the server answers 400. */

@@ -45,7 +45,9 @@ import { openWeights } from '../weights/open.js';
 import { extractLoraTags, withLoraFiles, type LoraSpec } from '../lora/index.js';
 import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
-import type { ConventionsName, GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, ResolvedParams } from './api.js';
+import type { ConventionsName, GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, PreviewDecoder, ResolvedParams } from './api.js';
+import { X0Tap } from '../scheduler/x0.js';
+import { approxRgb, rgbBytes } from './preview.js';
 import { checkCheckpointFits, ConfigError, familyOf, SD15_PIPELINE, type AnyPipelineConfig, type PipelineConfig } from './config.js';
 import { ShapeError } from '../nn/errors.js';
 import {
@@ -59,6 +61,7 @@ import {
   type TextConditioner,
 } from './conditioning.js';
 import { detectFamily, type ModelFamily } from './families.js';
+import { diffusersFolderConfig } from './diffusers-config.js';
 import { SDXL_BASE_PIPELINE, type SdxlPipelineConfig } from './sdxl-config.js';
 import { denoise, guidedEps, throwIfAborted } from './denoise.js';
 import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
@@ -70,7 +73,10 @@ export { SDXL_BASE_PIPELINE, sdxlConfigFromJson, type SdxlPipelineConfig } from 
 export interface LoadOptions {
   /** A .safetensors or .ckpt file, or a diffusers folder. */
   readonly weights: string;
-  /** Default: the family's (SD 1.5's, SDXL base's), the family recognised from the checkpoint's keys. */
+  /**
+   * Default: a diffusers folder's own (its config.json files, diffusers-config.ts), else the family's (SD 1.5's,
+   * SDXL base's), the family recognised from the checkpoint's keys.
+   */
   readonly config?: AnyPipelineConfig;
   /** A tokenizer file or folder; default: looked for next to the weights, then in ./weights. */
   readonly tokenizer?: string;
@@ -166,11 +172,11 @@ export class StableDiffusion {
         return (t: TextConditioner, unet: UNet, vae: Vae) => new StableDiffusion(config, name, t, unet, vae, conventions, warn, o.loras !== undefined);
       };
       if (family === 'sdxl') {
-        const config = (o.config ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
+        const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
         const text = () => new SdxlConditioner(SdxlTextEncoder.load(weights, tokenizer, config.text), config.timeEmbedDim);
         return StableDiffusion.loadModels(weights, config, text, make(config));
       }
-      const config = (o.config ?? SD15_PIPELINE) as PipelineConfig;
+      const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SD15_PIPELINE) as PipelineConfig;
       checkCheckpointFits(src, config);
       const text = () => new Sd1Conditioner({ tokenizer, clip: ClipTextEncoder.load(weights, config.clip) });
       return StableDiffusion.loadModels(weights, config, text, make(config));
@@ -261,20 +267,45 @@ export class StableDiffusion {
     readonly initLatent?: tf.Tensor4D;
     readonly signal?: AbortSignal;
     readonly onStep?: (step: number, total: number) => void;
-  }): Promise<tf.Tensor4D> {
+  } & X0Hooks): Promise<tf.Tensor4D> {
     const start = tf.tidy(() => o.sampler.start(tf.reshape(o.noise(o.latentShape), [...o.latentShape]), o.initLatent));
     const eps = guidedEps(this.unet, o.cond, o.guidanceScale);
+    // The predicted x0 of each step, when previews or an early stop may want it (../scheduler/x0.ts).
+    const tap = o.onX0 !== undefined || o.stop !== undefined ? new X0Tap(eps) : null;
     let latent = start;
+    let x0: tf.Tensor4D | null = null;
     try {
-      for await (const s of denoise(start, o.sampler, eps, o.noise, o.signal)) {
+      for await (const s of denoise(start, o.sampler, tap?.eps ?? eps, o.noise, o.signal)) {
         latent = s.latent;
         o.onStep?.(s.step, s.total);
+        if (tap === null) continue;
+        x0?.dispose();
+        x0 = tap.take();
+        if (x0 !== null) await o.onX0?.(x0, s.step, s.total);
+        if (o.stop?.aborted === true && s.step < s.total && x0 !== null) {
+          o.onStopped?.(s.step);
+          return x0; // leaving the loop frees the step's latent
+        }
       }
     } catch (e) {
       latent.dispose();
+      x0?.dispose();
       throw e;
+    } finally {
+      tap?.dispose();
     }
+    x0?.dispose();
     return latent;
+  }
+
+  /** A preview of latent-space `x0` [1, h, w, c]: RGB bytes and their size (./preview.ts). */
+  async previewOf(x0: tf.Tensor4D, decoder: PreviewDecoder): Promise<{ rgb: Uint8Array; width: number; height: number }> {
+    const image = decoder === 'vae' ? this.decodeLatent(x0) : approxRgb(x0, this.family);
+    try {
+      return { rgb: await rgbBytes(image), width: image.shape[2], height: image.shape[1] };
+    } finally {
+      image.dispose();
+    }
   }
 
   async generate(p: GenerateParams, o: GenerateOptions = {}): Promise<GenerateResult> {
@@ -289,17 +320,35 @@ export class StableDiffusion {
     const cond = this.encodePrompts(r, p.negativePrompt ?? null);
     const initImage = init === null ? null : rgbToTensor(init);
     const images: GeneratedImage[] = [];
+    let stoppedAt: number | undefined;
     try {
-      for (let i = 0; i < r.batch; i++) {
+      for (let i = 0; i < r.batch && stoppedAt === undefined; i++) {
         const done = i * perImage;
         const onStep = (step: number) => o.onProgress?.(done + step, total);
-        images.push(await this.generateOne(r, (r.seed + i) >>> 0, cond, initImage, o.signal, onStep));
+        const hooks: X0Hooks = {
+          onX0: this.previewHook(o, i, done, total),
+          stop: o.stop,
+          onStopped: (step) => (stoppedAt = done + step),
+        };
+        images.push(await this.generateOne(r, (r.seed + i) >>> 0, cond, initImage, o.signal, onStep, hooks));
       }
     } finally {
       disposeGuided(cond);
       initImage?.dispose();
     }
-    return { images, params: r };
+    return { images, params: r, ...(stoppedAt !== undefined ? { stoppedAt } : {}) };
+  }
+
+  /** onX0 for image `image` of a call: every `preview.every`-th step and the last, made and handed to onPreview. */
+  private previewHook(o: GenerateOptions, image: number, done: number, total: number): X0Hooks['onX0'] {
+    const { preview, onPreview } = o;
+    if (preview === undefined || onPreview === undefined) return undefined;
+    const every = Math.max(1, Math.floor(preview.every ?? 1));
+    return async (x0, step, perImage) => {
+      if (step % every !== 0 && step !== perImage) return;
+      const made = await this.previewOf(x0, preview.decoder);
+      await onPreview({ step: done + step, total, image, decoder: preview.decoder, ...made });
+    };
   }
 
   /** The sampler of `r` under its conventions: A1111's (k-diffusion), or diffusers' (this model's scheduler config). */
@@ -325,6 +374,7 @@ export class StableDiffusion {
     initImage: tf.Tensor4D | null,
     signal: AbortSignal | undefined,
     onStep: (step: number) => void,
+    hooks: X0Hooks = {},
   ): Promise<GeneratedImage> {
     const f = downsampleFactor(this.config.vae);
     const latentShape = [1, r.height / f, r.width / f, this.config.vae.embedDim] as const;
@@ -341,6 +391,7 @@ export class StableDiffusion {
         initLatent,
         signal,
         onStep,
+        ...hooks,
       });
     } finally {
       initLatent?.dispose();
@@ -369,6 +420,13 @@ export class StableDiffusion {
     this.unet.dispose();
     this.vae.dispose();
   }
+}
+
+/** What sampleLatent does with each step's predicted x0: a preview, an early stop (GenerateOptions.stop). */
+interface X0Hooks {
+  readonly onX0?: (x0: tf.Tensor4D, step: number, total: number) => Promise<void>;
+  readonly stop?: AbortSignal;
+  readonly onStopped?: (step: number) => void;
 }
 
 /** SDXL's size and crop conditioning of `r` (defaults: original size = target size = the image's, no crop). */
