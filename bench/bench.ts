@@ -13,6 +13,7 @@
  * (default 3 of 20) one after another, recording each one's time, RSS and live tensor count afterwards: the
  * measured txt2img time is the median, and the three series show whether memory grows from one to the next.
  * Prints a table, or one JSON object with --json. Progress goes to stderr.
+ * --controlnet, --ip-adapter [--image-encoder-config FILE]: the adapters' parts (adapters.ts) on the same UNet.
  */
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -32,6 +33,7 @@ import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
 import { SDXL_BASE_PIPELINE, StableDiffusion, sdxlConfigFromJson, type SdxlPipelineConfig } from '../src/pipeline/pipeline.js';
 import { kernelsProblem } from '../src/backend/kernels.js';
+import { adapterRows, benchControlNet, benchIpAdapter, type ControlNetBench, type IpAdapterBench } from './adapters.js';
 
 /**
  * Useful FLOPs (2 x multiply-adds of the convolutions, linears and attention products; norms, activations and the
@@ -144,6 +146,9 @@ const args = await yargs(hideBin(process.argv))
   .option('full', { type: 'boolean', default: false, describe: 'also run whole txt2img generations (512x512; SDXL 1024x1024) through the pipeline' })
   .option('generations', { type: 'number', default: 3, describe: 'with --full: generations in a row' })
   .option('steps', { type: 'number', default: 20, describe: 'with --full: steps per generation' })
+  .option('controlnet', { type: 'boolean', default: false, describe: 'also time a UNet + ControlNet CFG step (random ControlNet for this UNet)' })
+  .option('ip-adapter', { type: 'boolean', default: false, describe: 'also time the image encoder (ViT-H/14), the IP-Adapter tokens and a UNet step with them' })
+  .option('image-encoder-config', { type: 'string', describe: 'with --ip-adapter: a transformers image encoder config.json instead of ViT-H/14 (e.g. a tiny one)' })
   .strict()
   .parseAsync();
 
@@ -285,6 +290,16 @@ const unetStep = await time(`UNet CFG step (batch 2, ${latentSize})`, args.runs,
   await y.data();
   y.dispose();
 });
+let controlNetPart: ControlNetBench | null = null;
+let ipAdapterPart: IpAdapterBench | null = null;
+if (args.controlnet || args.ipAdapter) {
+  const setup = {
+    unet, x, cond: added === undefined ? { context } : { context, added }, plainStep: unetStep, cache: args.cache, modelName: weightsName,
+    imageEncoderConfig: args.imageEncoderConfig, runs: args.runs, time, say,
+  };
+  if (args.controlnet) controlNetPart = await benchControlNet(setup);
+  if (args.ipAdapter) ipAdapterPart = await benchIpAdapter(setup);
+}
 unet.dispose();
 
 say('VAE');
@@ -367,6 +382,8 @@ const result = {
   peak_rss_mb: peakRssMb(),
   peak_rss_reading_files_mb: loadPeakRss,
   peak_wasm_heap_mb: choice.name === 'wasm' ? peakHeap / 2 ** 20 : null,
+  controlnet: controlNetPart,
+  ip_adapter: ipAdapterPart,
 };
 
 if (args.json) {
@@ -391,6 +408,7 @@ if (args.json) {
     ['peak RSS (models; reading files)', `${result.peak_rss_mb.toFixed(0)} MB; ${loadPeakRss.toFixed(0)} MB`],
   ];
   if (result.peak_wasm_heap_mb !== null) rows.push(['peak wasm heap', `${result.peak_wasm_heap_mb.toFixed(0)} MB`]);
+  rows.push(...adapterRows(controlNetPart, ipAdapterPart, unetStep));
   const w = Math.max(...rows.map(([k]) => k.length));
   for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);
 }
