@@ -5,6 +5,7 @@
  * Logs are JSON lines (pino) on stdout. Without an API key on an address other machines can reach,
  * it warns at start that every route is open.
  */
+import { statSync } from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { BACKENDS, currentBackend, describeChoice, initBackend, type BackendName } from '../../backend/select.js';
 import { StableDiffusion, readPipelineConfig } from '../../pipeline/pipeline.js';
@@ -12,6 +13,7 @@ import { DEFAULT_SERVER, SdServer } from '../../server/server.js';
 import type { RequestBounds } from '../../server/body.js';
 import { DEFAULT_UPLOAD_LIMITS } from '../../image/upload.js';
 import type { Engine } from '../../server/engine.js';
+import type { ModelDirs } from '../../server/models-dir.js';
 import { UsageError } from '../errors.js';
 
 interface Args {
@@ -33,6 +35,10 @@ interface Args {
   'max-decode-mib': number;
   backend?: BackendName;
   'log-level': string;
+  'controlnet-dir'?: string;
+  'ip-adapter-dir'?: string;
+  'lora-dir'?: string;
+  'image-encoder'?: string;
 }
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -59,10 +65,15 @@ export const serveCommand: CommandModule<object, Args> = {
       .option('max-image-pixels', { type: 'string', default: String(DEFAULT_UPLOAD_LIMITS.maxPixels), describe: 'largest width*height of an uploaded image' })
       .option('max-decode-mib', { type: 'number', default: DEFAULT_UPLOAD_LIMITS.maxDecodeBytes / 2 ** 20, describe: 'MiB the uploaded images of one request may decode to' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
-      .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' }) as never,
+      .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
+      .option('controlnet-dir', { type: 'string', describe: 'folder of ControlNet files / diffusers folders requests name (controlnet[].model, A1111 alwayson_scripts.controlnet)' })
+      .option('ip-adapter-dir', { type: 'string', describe: 'folder of IP-Adapter files requests name (ip_adapter.model)' })
+      .option('lora-dir', { type: 'string', describe: 'folder of LoRA files requests name (loras[].name, <lora:NAME:W> prompt tags)' })
+      .option('image-encoder', { type: 'string', describe: "IP-Adapter's CLIP vision encoder folder (image_encoder/); default: looked for next to the adapter" }) as never,
   handler: async (args) => {
     checkArgs(args);
     const bounds = boundsOf(args);
+    const models = modelDirsOf(args);
     const apiKey = args['api-key'] ?? (process.env.SD_API_KEY || null);
     const apiAuth = args['api-auth'] ?? (process.env.SD_API_AUTH || null);
     const server = await SdServer.start(
@@ -77,6 +88,7 @@ export const serveCommand: CommandModule<object, Args> = {
         jobTtlS: args['job-ttl'],
         graceS: args.grace,
         bounds,
+        models,
         logger: { level: args['log-level'] },
         backend: () => currentBackend()?.name ?? null,
       },
@@ -157,5 +169,26 @@ function boundsOf(a: Args): Partial<RequestBounds> {
     ...(a['max-work'] !== undefined ? { maxWork: parseProduct('max-work', a['max-work']) } : {}),
     maxImagePixels: parseProduct('max-image-pixels', a['max-image-pixels']),
     maxDecodeBytes: Math.round(a['max-decode-mib'] * 2 ** 20),
+  };
+}
+
+/** The model folders of the flags, each checked to be a folder now rather than at the first request. */
+export function modelDirsOf(a: Pick<Args, 'controlnet-dir' | 'ip-adapter-dir' | 'lora-dir' | 'image-encoder'>): ModelDirs {
+  const folder = (flag: string, v: string | undefined): string | null => {
+    if (v === undefined || v === '') return null;
+    let isDir = false;
+    try {
+      isDir = statSync(v).isDirectory();
+    } catch {
+      throw new UsageError(`--${flag} ${v}: no such folder`);
+    }
+    if (!isDir) throw new UsageError(`--${flag} ${v}: not a folder`);
+    return v;
+  };
+  return {
+    controlnet: folder('controlnet-dir', a['controlnet-dir']),
+    ipAdapter: folder('ip-adapter-dir', a['ip-adapter-dir']),
+    lora: folder('lora-dir', a['lora-dir']),
+    imageEncoder: folder('image-encoder', a['image-encoder']),
   };
 }
