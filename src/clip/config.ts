@@ -81,3 +81,38 @@ export function clipConfigFromLdm(json: unknown): ClipConfig {
     ...(j.projection_dim === undefined ? {} : { projectionDim: positiveInt(j, 'projection_dim') }),
   });
 }
+
+/**
+ * HF CLIPTextConfig names (diffusers' text_encoder/config.json, and the fixtures' SDXL configs) -> ClipConfig;
+ * fields left out take `fallback`'s. `act` (the fixtures) or `hidden_act` (transformers).
+ */
+export function clipConfigFromHf(where: string, json: unknown, fallback: ClipConfig): ClipConfig {
+  if (json === undefined) return fallback;
+  if (typeof json !== 'object' || json === null) throw new ConfigError(`${where}: expected an object`);
+  const j = json as Record<string, unknown>;
+  const int = (field: string, v: unknown): number => {
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) throw new ConfigError(`${where}: "${field}" must be a positive integer, got ${JSON.stringify(v)}`);
+    return v;
+  };
+  const act = j.act ?? j.hidden_act ?? fallback.act;
+  if (act !== 'quick_gelu' && act !== 'gelu') throw new ConfigError(`${where}: "act" must be "quick_gelu" or "gelu", got ${JSON.stringify(act)}`);
+  const width = int('hidden_size', j.hidden_size ?? fallback.width);
+  const heads = int('num_attention_heads', j.num_attention_heads ?? fallback.heads);
+  if (width % heads !== 0) throw new ConfigError(`${where}: hidden_size ${width} must be a multiple of num_attention_heads ${heads}`);
+  // transformers writes projection_dim into every CLIPTextConfig; only a CLIPTextModelWithProjection (SDXL's
+  // second encoder: the role's default has one) has the text_projection it sizes
+  const architectures = Array.isArray(j.architectures) ? j.architectures : [];
+  const projected = fallback.projectionDim !== undefined || architectures.includes('CLIPTextModelWithProjection');
+  const projection = projected ? (j.projection_dim ?? fallback.projectionDim) : undefined;
+  return Object.freeze({
+    vocabSize: int('vocab_size', j.vocab_size ?? fallback.vocabSize),
+    width,
+    layers: int('num_hidden_layers', j.num_hidden_layers ?? fallback.layers),
+    heads,
+    contextLength: int('max_position_embeddings', j.max_position_embeddings ?? fallback.contextLength),
+    mlpWidth: int('intermediate_size', j.intermediate_size ?? fallback.mlpWidth),
+    layerNormEps: typeof j.layer_norm_eps === 'number' ? j.layer_norm_eps : fallback.layerNormEps,
+    act,
+    ...(projection === undefined ? {} : { projectionDim: int('projection_dim', projection) }),
+  });
+}

@@ -11,6 +11,7 @@
  */
 import { ConfigError } from '../nn/errors.js';
 import { SD15_UNET, validateConfig, type UNetConfig } from '../unet/config.js';
+import { unetConfigFromDiffusers, type DiffusersUNetJson } from '../unet/diffusers-config.js';
 
 /** Where lllyasviel's single files (control_v11p_sd15_canny.pth, ...) keep the ControlNet. */
 export const CONTROL_PREFIX = 'control_model';
@@ -71,30 +72,18 @@ export function validateControlNetConfig(cfg: ControlNetConfig): ControlNetConfi
   return Object.freeze({ unet, hintChannels: cfg.hintChannels, hintBlockChannels: Object.freeze([...cfg.hintBlockChannels]) });
 }
 
-/** The fields of a diffusers ControlNetModel `config.json` this project reads. */
-export interface DiffusersControlNetJson {
-  readonly in_channels?: number;
+/** The fields of a diffusers ControlNetModel `config.json` this project reads: its UNet encoder's, and the hint's. */
+export interface DiffusersControlNetJson extends DiffusersUNetJson {
   readonly conditioning_channels?: number;
   readonly conditioning_embedding_out_channels?: readonly number[];
-  readonly block_out_channels?: readonly number[];
-  readonly down_block_types?: readonly string[];
-  readonly layers_per_block?: number;
-  readonly attention_head_dim?: number | readonly number[];
-  readonly num_attention_heads?: number | readonly number[] | null;
-  readonly transformer_layers_per_block?: number | readonly number[];
-  readonly cross_attention_dim?: number;
-  readonly use_linear_projection?: boolean;
-  readonly addition_embed_type?: string | null;
-  readonly class_embed_type?: string | null;
   readonly controlnet_conditioning_channel_order?: string;
   readonly global_pool_conditions?: boolean;
-  readonly [other: string]: unknown;
 }
 
 /**
- * diffusers' ControlNetModel config -> ControlNetConfig. Its `attention_head_dim` is, for SD 1.x, the number of
- * heads (diffusers' historical naming; `num_attention_heads` wins where set). SDXL ControlNets
- * (addition_embed_type 'text_time') are refused by name until their added-embedding names are mapped.
+ * diffusers' ControlNetModel config -> ControlNetConfig: the encoder half's fields are a UNet's
+ * (unet/diffusers-config.ts). SDXL ControlNets (addition_embed_type 'text_time') are refused by name until their
+ * added-embedding names are mapped.
  */
 export function controlNetConfigFromDiffusers(json: DiffusersControlNetJson, where: string): ControlNetConfig {
   const fail = (what: string): never => {
@@ -106,27 +95,8 @@ export function controlNetConfigFromDiffusers(json: DiffusersControlNetJson, whe
     fail(`controlnet_conditioning_channel_order '${json.controlnet_conditioning_channel_order}' is not supported (only rgb)`);
   }
   if (json.global_pool_conditions === true) fail('global_pool_conditions (shuffle ControlNets) is not supported');
-  const blocks = json.block_out_channels ?? SD15_UNET.channelMult.map((m) => m * SD15_UNET.modelChannels);
-  const modelChannels = blocks[0];
-  if (blocks.some((b) => b % modelChannels !== 0)) fail(`block_out_channels [${blocks.join(', ')}] are not multiples of the first`);
-  const types = json.down_block_types ?? blocks.map((_, i) => (i < blocks.length - 1 ? 'CrossAttnDownBlock2D' : 'DownBlock2D'));
-  if (types.length !== blocks.length) fail(`down_block_types names ${types.length} levels, block_out_channels ${blocks.length}`);
-  const layers = json.transformer_layers_per_block ?? 1;
-  const depthAt = (level: number) => (typeof layers === 'number' ? layers : layers[level]);
-  const heads = json.num_attention_heads ?? json.attention_head_dim ?? 8;
-  return controlNetConfig({
-    inChannels: json.in_channels ?? 4,
-    outChannels: json.in_channels ?? 4,
-    modelChannels,
-    channelMult: blocks.map((b) => b / modelChannels),
-    numResBlocks: json.layers_per_block ?? 2,
-    transformerDepth: types.map((t, level) => (t.startsWith('CrossAttn') ? depthAt(level) : 0)),
-    middleTransformerDepth: depthAt(blocks.length - 1),
-    heads: { count: typeof heads === 'number' ? heads : [...heads] },
-    projection: json.use_linear_projection === true ? 'linear' : 'conv',
-    contextDim: json.cross_attention_dim ?? SD15_UNET.contextDim,
-    addedEmbeddingDim: 0,
-  }, {
+  const unet = unetConfigFromDiffusers({ ...json, out_channels: json.in_channels }, where);
+  return controlNetConfig(unet, {
     hintChannels: json.conditioning_channels ?? SD_HINT_BLOCK.hintChannels,
     hintBlockChannels: json.conditioning_embedding_out_channels ?? SD_HINT_BLOCK.hintBlockChannels,
   });

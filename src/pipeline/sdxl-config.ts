@@ -4,7 +4,7 @@
  * scale_factor, width, height}`.
  */
 import { SDXL_TEXT, type SdxlTextConfig } from '../clip/sdxl-text.js';
-import type { ClipConfig } from '../clip/index.js';
+import { clipConfigFromHf } from '../clip/config.js';
 import { ConfigError } from '../nn/errors.js';
 import { unetConfigFromLdm, validateConfig, type LdmUNetParams, type UNetConfig } from '../unet/index.js';
 import { SD15_VAE, vaeConfigFromLdm, type VaeConfig } from '../vae/index.js';
@@ -56,34 +56,6 @@ export const SDXL_BASE_PIPELINE: SdxlPipelineConfig = Object.freeze({
   conventions: DIFFUSERS_CONVENTIONS,
 });
 
-/** HF CLIPTextConfig names (as diffusers' text_encoder config.json files and the fixtures spell them) -> ClipConfig. */
-function clipFromHf(where: string, json: unknown, fallback: ClipConfig): ClipConfig {
-  if (json === undefined) return fallback;
-  if (typeof json !== 'object' || json === null) throw new ConfigError(`${where}: expected an object`);
-  const j = json as Record<string, unknown>;
-  const int = (field: string, v: unknown): number => {
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) throw new ConfigError(`${where}: "${field}" must be a positive integer, got ${JSON.stringify(v)}`);
-    return v;
-  };
-  const act = j.act ?? j.hidden_act ?? fallback.act;
-  if (act !== 'quick_gelu' && act !== 'gelu') throw new ConfigError(`${where}: "act" must be "quick_gelu" or "gelu", got ${JSON.stringify(act)}`);
-  const width = int('hidden_size', j.hidden_size ?? fallback.width);
-  const heads = int('num_attention_heads', j.num_attention_heads ?? fallback.heads);
-  if (width % heads !== 0) throw new ConfigError(`${where}: hidden_size ${width} must be a multiple of num_attention_heads ${heads}`);
-  const projection = j.projection_dim ?? fallback.projectionDim;
-  return Object.freeze({
-    vocabSize: int('vocab_size', j.vocab_size ?? fallback.vocabSize),
-    width,
-    layers: int('num_hidden_layers', j.num_hidden_layers ?? fallback.layers),
-    heads,
-    contextLength: int('max_position_embeddings', j.max_position_embeddings ?? fallback.contextLength),
-    mlpWidth: int('intermediate_size', j.intermediate_size ?? fallback.mlpWidth),
-    layerNormEps: typeof j.layer_norm_eps === 'number' ? j.layer_norm_eps : fallback.layerNormEps,
-    act,
-    ...(projection === undefined ? {} : { projectionDim: int('projection_dim', projection) }),
-  });
-}
-
 /** The fixtures' SDXL config format (see the header); missing sections take SDXL base's. */
 export function sdxlConfigFromJson(json: unknown, where = 'sdxl config'): SdxlPipelineConfig {
   if (typeof json !== 'object' || json === null) throw new ConfigError(`${where}: expected a JSON object`);
@@ -100,8 +72,8 @@ export function sdxlConfigFromJson(json: unknown, where = 'sdxl config'): SdxlPi
   return Object.freeze({
     family: 'sdxl',
     text: Object.freeze({
-      clipL: clipFromHf(`${where}: "text_encoder"`, j.text_encoder, SDXL_TEXT.clipL),
-      clipG: clipFromHf(`${where}: "text_encoder_2"`, j.text_encoder_2, SDXL_TEXT.clipG),
+      clipL: clipConfigFromHf(`${where}: "text_encoder"`, j.text_encoder, SDXL_TEXT.clipL),
+      clipG: clipConfigFromHf(`${where}: "text_encoder_2"`, j.text_encoder_2, SDXL_TEXT.clipG),
     }),
     unet: unet === undefined ? SDXL_BASE_UNET : unetConfigFromLdm(unet),
     vae: j.vae === undefined ? SDXL_BASE_PIPELINE.vae : vaeConfigFromLdm(j.vae),

@@ -81,3 +81,36 @@ export function vaeConfigFromLdm(json: unknown): VaeConfig {
     embedDim: positiveInt(j.embed_dim ?? zChannels, 'embed_dim'),
   });
 }
+
+/**
+ * diffusers' AutoencoderKL `config.json` -> VaeConfig: `block_out_channels` [128, 256, 512, 512] are ch 128 and
+ * chMult [1, 2, 4, 4], `layers_per_block` the resnets per encoder level, `latent_channels` both z and the latent.
+ * Its mid-block attention is the VAE's only attention (no attn_resolutions). The scale factor is the pipeline's.
+ */
+export function vaeConfigFromDiffusers(json: unknown, where: string): VaeConfig {
+  if (typeof json !== 'object' || json === null) throw new ConfigError(`${where}: expected a JSON object`);
+  const j = json as Record<string, unknown>;
+  if (j.mid_block_add_attention === false) throw new ConfigError(`${where}: mid_block_add_attention false is not supported`);
+  if (j.use_quant_conv === false || j.use_post_quant_conv === false) throw new ConfigError(`${where}: a VAE without quant_conv / post_quant_conv is not supported`);
+  if (j.norm_num_groups !== undefined && j.norm_num_groups !== 32) throw new ConfigError(`${where}: norm_num_groups ${String(j.norm_num_groups)} is not supported (32 only)`);
+  try {
+    const blocks = intList(j.block_out_channels ?? [128, 256, 512, 512], 'block_out_channels', false);
+    const ch = blocks[0];
+    if (blocks.some((b) => b % ch !== 0)) throw new ConfigError(`vae config: block_out_channels [${blocks.join(', ')}] are not multiples of the first`);
+    const latent = j.latent_channels ?? 4;
+    return vaeConfigFromLdm({
+      double_z: true,
+      z_channels: latent,
+      embed_dim: latent,
+      in_channels: j.in_channels ?? 3,
+      out_ch: j.out_channels ?? 3,
+      ch,
+      ch_mult: blocks.map((b) => b / ch),
+      num_res_blocks: j.layers_per_block ?? 2,
+      attn_resolutions: [],
+    });
+  } catch (e) {
+    if (e instanceof ConfigError) throw new ConfigError(`${where}: ${e.message}`);
+    throw e;
+  }
+}
