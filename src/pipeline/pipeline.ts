@@ -62,7 +62,6 @@ import {
 } from './conditioning.js';
 import { detectFamily, type ModelFamily } from './families.js';
 import { diffusersFolderConfig } from './diffusers-config.js';
-import { diffusersFolderConfig } from './diffusers-config.js';
 import { SDXL_BASE_PIPELINE, type SdxlPipelineConfig } from './sdxl-config.js';
 import { denoise, guidedEps, throwIfAborted } from './denoise.js';
 import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
