@@ -8,6 +8,7 @@ import { INFERENCE_BODY_SCHEMA, JOB_ID_SCHEMA, JSON_LIMITS, type InferenceBody }
 import { HttpError, errorBody } from './errors.js';
 import { basicAllowed, basicCredentials, sameSecret, type BasicCredentials } from './a1111/auth.js';
 import { isFinished } from './jobs.js';
+import { WEB_OPEN_ROUTES } from './web.js';
 import type { Engine } from './engine.js';
 import type { JobQueue } from './jobs.js';
 import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
@@ -29,7 +30,7 @@ export interface RouteOptions {
 
 /** Routes that need the model: 503 while it loads (checked before the body is even read). */
 const WORK_ROUTES = new Set(['/inference', '/jobs', '/jobs/:id']);
-const OPEN_ROUTES = new Set(['/health']);
+const OPEN_ROUTES = new Set(['/health', ...WEB_OPEN_ROUTES]); // the page asks for the key itself
 
 interface JobParams {
   readonly id: string;

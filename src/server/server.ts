@@ -6,6 +6,7 @@
  *   GET    /jobs/:id    {status: queued | running (step, total) | succeeded (result) | failed (error) | cancelled}
  *   DELETE /jobs/:id    cancel (a running job stops between two steps)
  *   GET    /health      {status: loading | ok | failed | stopping, ...}; 200 only when ok
+ *   GET    /            the web page (and /web/*, /info, the gallery at /outputs: ./web.ts)
  *
  * Life cycle: `SdServer.start` listens at once and loads the model in the background (503 on /health
  * and on the work routes until it is in memory). `shutdown()` (SIGTERM/SIGINT) refuses new work with 503,
@@ -27,6 +28,7 @@ import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './er
 import { JobQueue, QueueFullError, isFinished, type JobContext } from './jobs.js';
 import { OutputStore } from './outputs.js';
 import { registerGates, registerRoutes } from './routes.js';
+import { registerWebPage } from './web.js';
 import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
 
 export interface ServerOptions {
@@ -115,6 +117,7 @@ export class SdServer {
     // Each dialect in its own scope, with its own JSON guards (the A1111 room takes large bodies on its own routes).
     await app.register(async (ours) => {
       registerRoutes(ours, server);
+      registerWebPage(ours, server); // GET /, /web/*, /info, /outputs (./web.ts)
       guardJsonBodies(ours, bodyLimit);
     });
     await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0, models: o.models ?? {} });

@@ -1,0 +1,159 @@
+/**
+ * The outputs folder as a gallery, for the web page (and any client): behind the same auth as every API route.
+ *
+ *   GET /outputs?offset=0&limit=24   {items: [{uid, seed, created_at, parameters, url}], total, offset, next_offset}
+ *                                    newest first (by the png's modification time), at most MAX_PAGE items a page
+ *   GET /outputs/:uid.png            the image, as saved (its parameters chunk included)
+ *
+ * Only names of the outputs store's own form are listed or served (`<uid>.png` with its `<uid>.json`, uid as
+ * UID_PATTERN allows), so no request can name a file outside the folder. The sorted list of names is rebuilt only
+ * when the folder's modification time changes (a save adds two names), so a page read costs a readdir and stats
+ * only after new images.
+ */
+import * as fs from 'node:fs/promises';
+import * as path from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { UID_PATTERN } from './body.js';
+import { HttpError } from './errors.js';
+import type { OutputStore } from './outputs.js';
+
+export const GALLERY = Object.freeze({
+  /** Items of one page when the request names no limit. */
+  defaultPage: 24,
+  /** Most items of one page. */
+  maxPage: 100,
+  /** A sidecar larger than this is not parsed (the item is listed with null parameters). */
+  maxSidecarBytes: 256 * 1024,
+});
+
+export interface GalleryItem {
+  readonly uid: string;
+  readonly seed: number | null;
+  readonly created_at: string;
+  readonly parameters: Record<string, unknown> | null;
+  readonly url: string;
+}
+
+export interface GalleryPage {
+  readonly items: readonly GalleryItem[];
+  readonly total: number;
+  readonly offset: number;
+  /** null on the last page. */
+  readonly next_offset: number | null;
+}
+
+interface Entry {
+  readonly uid: string;
+  readonly mtimeMs: number;
+}
+
+const UID = new RegExp(UID_PATTERN.slice(1, -1));
+const PNG_NAME = new RegExp(`^(${UID.source})\\.png$`);
+const COUNT = /^[0-9]{1,7}$/;
+
+/** The folder's finished outputs, newest first; cached until the folder changes. */
+export class Gallery {
+  private cache: { readonly dirMtimeMs: number; readonly entries: readonly Entry[] } | null = null;
+
+  constructor(private readonly store: OutputStore) {}
+
+  async page(offset: number, limit: number): Promise<GalleryPage> {
+    const entries = await this.entries();
+    const slice = entries.slice(offset, offset + limit);
+    const items = await Promise.all(slice.map((e) => this.item(e)));
+    const end = offset + slice.length;
+    return { items, total: entries.length, offset, next_offset: end < entries.length ? end : null };
+  }
+
+  /** The png's path when `uid` is a finished output, else null. */
+  async imagePath(uid: string): Promise<string | null> {
+    if (!UID.test(uid)) return null;
+    const file = this.store.pngPath(uid);
+    try {
+      return (await fs.stat(file)).isFile() ? file : null;
+    } catch {
+      return null;
+    }
+  }
+
+  private async entries(): Promise<readonly Entry[]> {
+    const dirMtimeMs = (await fs.stat(this.store.dir)).mtimeMs;
+    if (this.cache !== null && this.cache.dirMtimeMs === dirMtimeMs) return this.cache.entries;
+    const names = new Set(await fs.readdir(this.store.dir));
+    const found: Entry[] = [];
+    for (const name of names) {
+      const uid = PNG_NAME.exec(name)?.[1];
+      if (uid === undefined || !names.has(`${uid}.json`)) continue;
+      try {
+        found.push({ uid, mtimeMs: (await fs.stat(path.join(this.store.dir, name))).mtimeMs });
+      } catch {
+        // removed meanwhile
+      }
+    }
+    found.sort((a, b) => b.mtimeMs - a.mtimeMs || (a.uid < b.uid ? -1 : 1));
+    this.cache = { dirMtimeMs, entries: found };
+    return found;
+  }
+
+  private async item(e: Entry): Promise<GalleryItem> {
+    const sidecar = await readSidecar(this.store.jsonPath(e.uid));
+    const parameters = isRecord(sidecar?.parameters) ? sidecar.parameters : null;
+    return {
+      uid: e.uid,
+      seed: typeof sidecar?.seed === 'number' ? sidecar.seed : null,
+      created_at: typeof sidecar?.created_at === 'string' ? sidecar.created_at : new Date(e.mtimeMs).toISOString(),
+      parameters,
+      url: `/outputs/${e.uid}.png`,
+    };
+  }
+}
+
+async function readSidecar(file: string): Promise<Record<string, unknown> | null> {
+  try {
+    if ((await fs.stat(file)).size > GALLERY.maxSidecarBytes) return null;
+    const v: unknown = JSON.parse(await fs.readFile(file, 'utf8'));
+    return isRecord(v) ? v : null;
+  } catch {
+    return null;
+  }
+}
+
+const isRecord = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/** `?offset=&limit=` as non-negative integers (query strings are strings: the server's JSON schemas do not coerce). */
+function count(name: string, v: unknown, fallback: number, min: number, max: number): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'string' || !COUNT.test(v) || Number(v) < min || Number(v) > max) {
+    throw new HttpError(400, `${name}: expected an integer in ${min}..${max}, got ${JSON.stringify(v)}`, name);
+  }
+  return Number(v);
+}
+
+interface GalleryQuery {
+  readonly offset?: string;
+  readonly limit?: string;
+}
+
+/** GET /outputs and GET /outputs/:uid.png. */
+export function registerGallery(app: FastifyInstance, store: OutputStore): void {
+  const gallery = new Gallery(store);
+
+  app.get<{ Querystring: GalleryQuery }>('/outputs', async (request, reply) => {
+    const q = request.query;
+    const offset = count('offset', q.offset, 0, 0, 9_999_999);
+    const limit = count('limit', q.limit, GALLERY.defaultPage, 1, GALLERY.maxPage);
+    return reply.header('cache-control', 'no-store').send(await gallery.page(offset, limit));
+  });
+
+  app.get<{ Params: { uid: string } }>('/outputs/:uid.png', async (request, reply) => {
+    const { uid } = request.params;
+    const file = await gallery.imagePath(uid);
+    if (file === null) throw new HttpError(404, `output ${uid}.png not found in the outputs folder`);
+    // Outputs are never overwritten (./outputs.ts), so a client may keep one for good; private: it may need the key.
+    return reply
+      .type('image/png')
+      .header('cache-control', 'private, max-age=31536000, immutable')
+      .header('x-content-type-options', 'nosniff')
+      .send(await fs.readFile(file));
+  });
+}
