@@ -109,7 +109,8 @@ function showGalleryItem(item, src) {
 function showProgress(job) {
   const bar = $('progress');
   if (job.status === 'queued') {
-    $('progress-label').textContent = job.position > 0 ? `Queued: ${job.position} job(s) ahead` : 'Queued: starting…';
+    // position: the 1-based place in line among the waiting jobs
+    $('progress-label').textContent = job.position > 1 ? `Queued: number ${job.position} in line` : 'Queued: next in line';
     bar.removeAttribute('value'); // indeterminate
     return;
   }
