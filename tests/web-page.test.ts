@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import { chromium, type Browser, type Page, type Response as PageResponse } from 'playwright-core';
 
 const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const FIX = path.join(ROOT, 'tests/fixtures/pipeline');
@@ -26,6 +26,9 @@ const REQUIRED = (process.env.SD_REQUIRE_CHROMIUM ?? '') !== '';
 const HAVE_CHROMIUM = existsSync(CHROMIUM);
 const SCREENSHOT = process.env.SD_WEB_SCREENSHOT ?? '';
 const KEY = 'web-test-key-9f2c';
+if (!HAVE_CHROMIUM && !REQUIRED) {
+  console.warn(`tests/web-page: the browser tests skip: no chromium at ${CHROMIUM} (apt-get install -y chromium, or SD_CHROMIUM=PATH; SD_REQUIRE_CHROMIUM=1 makes this a failure)`);
+}
 /** Steps of a page generation: enough that the progress shows between two steps on a fast machine. */
 const STEPS = 6;
 /** Milliseconds any one wait of the browser may take (the tiny model on a loaded 2-core machine: seconds a step). */
@@ -107,11 +110,17 @@ function watchErrors(page: Page): string[] {
 }
 
 /** Generate with the page as a user does; the progress it showed, and the result's uid. */
-async function generateOnPage(page: Page, prompt: string, seed: number, total: number | null = STEPS): Promise<{ uid: string; progress: string }> {
+async function generateOnPage(page: Page, prompt: string, seed: number, total: number | null = STEPS): Promise<{ uid: string; progress: string; previews: number }> {
   await page.getByLabel('Prompt', { exact: true }).fill(prompt);
   await page.getByLabel('Seed').fill(String(seed));
   await page.getByLabel('Steps').fill(String(STEPS));
   await page.getByLabel('Sampler').selectOption('euler');
+  // Where the server makes previews (GET /jobs/:id's `preview`), the page must show the ones it fetched.
+  let previews = 0;
+  const onResponse = (r: PageResponse): void => {
+    if (/\/jobs\/[^/]+\/preview\.png$/.test(new URL(r.url()).pathname) && r.status() === 200) previews += 1;
+  };
+  page.on('response', onResponse);
   await page.getByRole('button', { name: 'Generate' }).click();
   // The label while running reads "Step k of N"; polled every animation frame, so a step's state is seen.
   const seen = await page.waitForFunction(
@@ -128,8 +137,10 @@ async function generateOnPage(page: Page, prompt: string, seed: number, total: n
   const progress = String(await seen.jsonValue());
   await page.locator('#result-image[src^="data:image/png;base64,"]').waitFor({ state: 'visible', timeout: WAIT_MS });
   await page.locator('#progress-box').waitFor({ state: 'hidden', timeout: WAIT_MS });
+  page.off('response', onResponse);
+  if (previews > 0) await page.waitForFunction(() => document.getElementById('preview')?.getAttribute('src')?.startsWith('blob:') === true, undefined, { timeout: 10_000 });
   const uid = (await page.locator('#result-parameters dd[data-key="uid"]').textContent()) ?? '';
-  return { uid, progress };
+  return { uid, progress, previews };
 }
 
 const pngOf = (src: string | null): Buffer => Buffer.from((src ?? '').replace(/^data:image\/png;base64,/, ''), 'base64');

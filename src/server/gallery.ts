@@ -7,8 +7,8 @@
  *
  * Only names of the outputs store's own form are listed or served (`<uid>.png` with its `<uid>.json`, uid as
  * UID_PATTERN allows), so no request can name a file outside the folder. The sorted list of names is rebuilt only
- * when the folder's modification time changes (a save adds two names), so a page read costs a readdir and stats
- * only after new images.
+ * when the folder's modification time changes (a save adds two names), so a page read costs a readdir and a stat of
+ * every png only after new images.
  */
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
@@ -24,6 +24,8 @@ export const GALLERY = Object.freeze({
   maxPage: 100,
   /** A sidecar larger than this is not parsed (the item is listed with null parameters). */
   maxSidecarBytes: 256 * 1024,
+  /** Milliseconds after a change of the folder during which its listing is not cached. */
+  settleMs: 2000,
 });
 
 export interface GalleryItem {
@@ -78,7 +80,10 @@ export class Gallery {
 
   private async entries(): Promise<readonly Entry[]> {
     const dirMtimeMs = (await fs.stat(this.store.dir)).mtimeMs;
-    if (this.cache !== null && this.cache.dirMtimeMs === dirMtimeMs) return this.cache.entries;
+    // A folder changed within the last GALLERY.settleMs is read again: a file system with coarse times (whole
+    // seconds) could otherwise show two saves in one tick as one.
+    const settled = Date.now() - dirMtimeMs > GALLERY.settleMs;
+    if (this.cache !== null && this.cache.dirMtimeMs === dirMtimeMs && settled) return this.cache.entries;
     const names = new Set(await fs.readdir(this.store.dir));
     const found: Entry[] = [];
     for (const name of names) {
