@@ -7,7 +7,7 @@
 export { readLora, parseLora } from './format.js';
 export { kohyaName, peftName, loraTargets, sdxlEvidence, type LoraTarget } from './keys.js';
 export { addLoraDelta, misfit } from './merge.js';
-export { bindLora, withLoraFiles, withLoras, type BoundModule } from './source.js';
+export { bindLora, bindLoras, readLoras, withLoraFiles, withLoras, type BoundModule } from './source.js';
 export { extractLoraTags, type ExtraNetworkTag, type LoraTag, type PromptTags } from './tags.js';
 export { LORA_EXTENSIONS, resolveLora } from './resolve.js';
 export { LoraError } from './types.js';

@@ -43,9 +43,8 @@ export function bindLora(base: TensorSource, applied: AppliedLora, targets = lor
   });
 }
 
-/** `base` with `loras` merged into the weights they target; `base` itself when there are none. */
-export function withLoras(base: TensorSource, loras: readonly AppliedLora[]): TensorSource {
-  if (loras.length === 0) return base;
+/** Every module of `loras` bound to `base`, by the key each changes, in the order applied; LoraError as bindLora. */
+export function bindLoras(base: TensorSource, loras: readonly AppliedLora[]): Map<string, BoundModule[]> {
   const targets = loraTargets(base.keys());
   const byKey = new Map<string, BoundModule[]>();
   for (const applied of loras) {
@@ -55,12 +54,23 @@ export function withLoras(base: TensorSource, loras: readonly AppliedLora[]): Te
       byKey.set(bound.target, list);
     }
   }
-  return new LoraMergedSource(base, loras, byKey);
+  return byKey;
+}
+
+/** `base` with `loras` merged into the weights they target; `base` itself when there are none. */
+export function withLoras(base: TensorSource, loras: readonly AppliedLora[]): TensorSource {
+  if (loras.length === 0) return base;
+  return new LoraMergedSource(base, loras, bindLoras(base, loras));
+}
+
+/** Reads the file of each spec (LoraError naming a file that is not a LoRA). */
+export function readLoras(specs: readonly LoraSpec[]): AppliedLora[] {
+  return specs.map((s) => ({ lora: readLora(s.path), te: s.te, unet: s.unet }));
 }
 
 /** Reads each file of `specs` and applies them to `base` (StableDiffusion.load's `loras`). */
 export function withLoraFiles(base: TensorSource, specs: readonly LoraSpec[]): TensorSource {
-  return withLoras(base, specs.map((s) => ({ lora: readLora(s.path), te: s.te, unet: s.unet })));
+  return withLoras(base, readLoras(specs));
 }
 
 class LoraMergedSource implements TensorSource {

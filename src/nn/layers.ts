@@ -9,6 +9,7 @@
  *   Embedding  [num, dim] unchanged;                       apply: int32 ids [...] -> [..., dim]
  * Each apply runs in its own tf.tidy, so calling one outside a tidy leaks nothing but its result.
  * On wasm a Linear or Conv2d with a large weight is split over its inputs (see `inputSplits`).
+ * A Linear or Conv2d loaded from a logged view records how to load its weights again (reload.ts: per-request LoRAs).
  */
 import * as tf from '../backend/tf.js';
 import * as kernels from '../backend/kernels.js';
@@ -48,16 +49,28 @@ function channelSlice<T extends tf.Tensor>(x: T, index: number, count: number): 
   return tf.slice(x, x.shape.map((_, a) => (a === last ? index * width : 0)), x.shape.map((d, a) => (a === last ? width : d)));
 }
 
+/** A copy of the values a Linear or Conv2d computes with: its tensors', or its packed panels and bias. */
+function runValues(run: LinearRun | ConvRun): Float32Array[] {
+  const packed = (w: kernels.PackedWeight) => [w.panels.slice(), ...(w.bias === null ? [] : [w.bias.slice()])];
+  const copies = (tensors: tf.Tensor[]) => tensors.map((t) => Float32Array.from(t.dataSync()));
+  if ('panels' in run) return packed(run);
+  if ('packed' in run) return packed(run.packed);
+  if ('weights' in run) return copies(run.bias === null ? run.weights : [...run.weights, run.bias]);
+  return copies([...run.filters, run.bias]);
+}
+
+/**
+ * TensorFlow ops: the weight [in, out] as `weights` (one [in / splits, out] per slice of the inputs) and the bias; or
+ * the native kernels: the weight packed with its bias.
+ */
+type LinearRun = { weights: tf.Tensor2D[]; bias: tf.Tensor1D | null } | kernels.PackedWeight;
+
 /** y = x W + b, PyTorch nn.Linear. */
 export class Linear {
   private constructor(
     readonly inFeatures: number,
     readonly outFeatures: number,
-    /**
-     * TensorFlow ops: the weight [in, out] as `weights` (one [in / splits, out] per slice of the inputs) and the bias; or
-     * the native kernels: the weight packed with its bias.
-     */
-    private readonly run: { weights: tf.Tensor2D[]; bias: tf.Tensor1D | null } | kernels.PackedWeight,
+    private run: LinearRun,
   ) {}
 
   /** From a checkpoint weight [out, in] and bias [out]. `splits`: slices of the inputs (default `inputSplits`). */
@@ -75,8 +88,25 @@ export class Linear {
     inFeatures: number,
     outFeatures: number,
     count: number,
-    { bias = true, splits }: { bias?: boolean; splits?: number } = {},
+    opts: { bias?: boolean; splits?: number } = {},
   ): Linear[] {
+    const layers = Linear.blockRuns(p, inFeatures, outFeatures, count, opts).map((run) => new Linear(inFeatures, outFeatures, run));
+    p.reloadable('weight', (view) => {
+      const fresh = Linear.blockRuns(view, inFeatures, outFeatures, count, opts);
+      const old = layers.map((l, i) => l.swapRun(fresh[i]));
+      return () => layers.forEach((l, i) => Linear.disposeRun(l.swapRun(old[i])));
+    }, () => layers.flatMap((l) => runValues(l.run)));
+    return layers;
+  }
+
+  /** The weights of each block as this layer computes with them: TensorFlow tensors, or the kernels' packed weight. */
+  private static blockRuns(
+    p: WeightView,
+    inFeatures: number,
+    outFeatures: number,
+    count: number,
+    { bias = true, splits }: { bias?: boolean; splits?: number },
+  ): LinearRun[] {
     const rows = outFeatures * count;
     const blocks = Array.from({ length: count }, (_, index) => index);
     if (p.native) {
@@ -85,8 +115,7 @@ export class Linear {
       const size = outFeatures * inFeatures;
       return blocks.map((i) => {
         const blockBias = b === null ? null : b.slice(i * outFeatures, (i + 1) * outFeatures);
-        const packed = kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias);
-        return new Linear(inFeatures, outFeatures, packed);
+        return kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias);
       });
     }
     const n = splits ?? inputSplits(inFeatures, 1, outFeatures);
@@ -96,8 +125,21 @@ export class Linear {
         own(() => p.tensor('weight', [rows, inFeatures], { perm: [1, 0], parts: [...block, { axis: 1, index: slice, count: n }] }) as tf.Tensor2D),
       );
       const b = bias ? own(() => p.tensor('bias', [rows], { parts: block }) as tf.Tensor1D) : null;
-      return new Linear(inFeatures, outFeatures, { weights, bias: b });
+      return { weights, bias: b };
     });
+  }
+
+  /** Puts `run` in use (a reload, nn/reload.ts); returns the one in use before. */
+  private swapRun(run: LinearRun): LinearRun {
+    const old = this.run;
+    this.run = run;
+    return old;
+  }
+
+  private static disposeRun(run: LinearRun): void {
+    if ('panels' in run) return;
+    tf.dispose(run.weights);
+    run.bias?.dispose();
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */
@@ -126,9 +168,7 @@ export class Linear {
   }
 
   dispose(): void {
-    if ('panels' in this.run) return;
-    tf.dispose(this.run.weights);
-    this.run.bias?.dispose();
+    Linear.disposeRun(this.run);
   }
 }
 
@@ -156,40 +196,61 @@ function tfPadding([t, b, l, r]: Pad4, kernel: number, stride: number): TfPad {
   return [[0, 0], [t, b], [l, r], [0, 0]];
 }
 
+interface ConvOptions {
+  readonly stride?: number;
+  readonly padding?: ConvPadding;
+  readonly splits?: number;
+}
+
+/**
+ * TensorFlow ops: the filter HWIO [k, k, in, out] as `filters` (one [k, k, in / splits, out] per input slice) and the
+ * bias; or the native kernels: the packed weight and geometry.
+ */
+type ConvRun = { filters: tf.Tensor4D[]; bias: tf.Tensor1D; stride: number; pad: TfPad } | { packed: kernels.PackedWeight; geometry: kernels.ConvGeometry };
+
 /** PyTorch nn.Conv2d (square kernel, with bias) on NHWC tensors. */
 export class Conv2d {
   private constructor(
     readonly outChannels: number,
-    /**
-     * TensorFlow ops: the filter HWIO [k, k, in, out] as `filters` (one [k, k, in / splits, out] per input slice)
-     * and the bias; or the native kernels: the packed weight and geometry.
-     */
-    private readonly run: { filters: tf.Tensor4D[]; bias: tf.Tensor1D; stride: number; pad: TfPad } | {
-      packed: kernels.PackedWeight;
-      geometry: kernels.ConvGeometry;
-    },
+    private run: ConvRun,
   ) {}
 
-  static load(
-    p: WeightView,
-    cin: number,
-    cout: number,
-    kernel: number,
-    { stride = 1, padding = 'same-as-torch', splits }: { stride?: number; padding?: ConvPadding; splits?: number } = {},
-  ): Conv2d {
+  static load(p: WeightView, cin: number, cout: number, kernel: number, opts: ConvOptions = {}): Conv2d {
+    const layer = new Conv2d(cout, Conv2d.loadRun(p, cin, cout, kernel, opts));
+    p.reloadable('weight', (view) => {
+      const old = layer.swapRun(Conv2d.loadRun(view, cin, cout, kernel, opts));
+      return () => Conv2d.disposeRun(layer.swapRun(old));
+    }, () => runValues(layer.run));
+    return layer;
+  }
+
+  private static loadRun(p: WeightView, cin: number, cout: number, kernel: number, { stride = 1, padding = 'same-as-torch', splits }: ConvOptions): ConvRun {
     const pad = padSides(padding, kernel);
     if (p.native) {
       const geometry = { kernel, stride, pad };
       const format = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
       const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, format, p.array('bias', [cout]));
-      return new Conv2d(cout, { packed, geometry });
+      return { packed, geometry };
     }
     const count = splits ?? inputSplits(cin, kernel * kernel, cout);
     const filters = Array.from({ length: count }, (_, index) =>
       own(() => p.tensor('weight', [cout, cin, kernel, kernel], { perm: [2, 3, 1, 0], parts: [{ axis: 1, index, count }] }) as tf.Tensor4D),
     );
     const bias = own(() => p.tensor('bias', [cout]) as tf.Tensor1D);
-    return new Conv2d(cout, { filters, bias, stride, pad: tfPadding(pad, kernel, stride) });
+    return { filters, bias, stride, pad: tfPadding(pad, kernel, stride) };
+  }
+
+  /** Puts `run` in use (a reload, nn/reload.ts); returns the one in use before. */
+  private swapRun(run: ConvRun): ConvRun {
+    const old = this.run;
+    this.run = run;
+    return old;
+  }
+
+  private static disposeRun(run: ConvRun): void {
+    if ('packed' in run) return;
+    tf.dispose(run.filters);
+    run.bias.dispose();
   }
 
   /** Whether this layer was loaded for the native kernels (then applyHost works too). */
@@ -215,9 +276,7 @@ export class Conv2d {
   }
 
   dispose(): void {
-    if ('packed' in this.run) return;
-    tf.dispose(this.run.filters);
-    this.run.bias.dispose();
+    Conv2d.disposeRun(this.run);
   }
 }
 

@@ -15,6 +15,7 @@ import { laidOutShape, type Arrangement } from './arrangement.js';
 import { HostTensors } from './residency.js';
 import { useKernels } from '../backend/kernels.js';
 import { ShapeError } from './errors.js';
+import { LoggedSource, type LayerLog } from './reload.js';
 
 export { ConfigError, ShapeError } from './errors.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
@@ -40,11 +41,13 @@ export class WeightView {
     readonly native: boolean,
     /** A probe (WeightView.probe) records each key and shape asked for and hands back empty weights. */
     private readonly probed: Map<string, readonly number[]> | null,
+    /** Where layers record how to load their weights again (reload.ts): a view of a LoggedSource; else null. */
+    private readonly log: LayerLog | null = null,
   ) {}
 
   /** A view of `src` under `prefix` (e.g. 'model.diffusion_model'; '' for the whole file). */
   static root(src: TensorSource, prefix: string, { native = useKernels() }: ViewOptions = {}): WeightView {
-    return new WeightView(src, prefix, prefix, new Set(), native, null);
+    return new WeightView(src, prefix, prefix, new Set(), native, null, src instanceof LoggedSource ? src.log : null);
   }
 
   /**
@@ -64,7 +67,18 @@ export class WeightView {
 
   /** The view one level down: `${prefix}.${name}`. */
   child(name: string | number): WeightView {
-    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used, this.native, this.probed);
+    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used, this.native, this.probed, this.log);
+  }
+
+  /**
+   * A layer that read `name` says how to read its weights again from another source (reload.ts): `load` gets a
+   * view of that source at this prefix, with this view's execution (native or not); `values` copies what the layer
+   * holds now. Recorded only in a logged view.
+   */
+  reloadable(name: string, load: (view: WeightView) => () => void, values: () => Float32Array[]): void {
+    if (this.log === null) return;
+    const { prefix, native } = this;
+    this.log.record(this.key(name), { reload: (src) => load(WeightView.root(src, prefix, { native })), values });
   }
 
   /** The full checkpoint key of `name` under this view. */

@@ -1,0 +1,106 @@
+/**
+ * Layers that load their weights again from another source: how a loaded model takes per-request LoRAs without
+ * being loaded again (pipeline/lora-switch.ts).
+ *
+ * A model loaded from `log.source(src)` records, for each Linear and Conv2d weight it reads, how to load that
+ * layer's weights again from another TensorSource under the same key: the layer's own load code run again, in the
+ * same layout and for the same execution (TensorFlow ops, or the native kernels' packed panels). A reload puts the
+ * new weights in use and keeps the old ones as they are; its undo puts the old ones back and frees the new, so the
+ * base weights come back bit for bit with nothing repacked.
+ *
+ * The model files know nothing of this: Linear.load and Conv2d.load record themselves through their WeightView,
+ * and only when the view's source is a logged one.
+ */
+import type { TensorInfo, TensorSource } from '../weights/types.js';
+
+/** Loads a layer's weights again from `src` and puts them in use; returns what puts the previous ones back. */
+export type Reload = (src: TensorSource) => () => void;
+
+/** One layer's record: how to reload it, and a copy of the values it computes with now (its weights as held). */
+export interface LayerRecord {
+  readonly reload: Reload;
+  readonly values: () => Float32Array[];
+}
+
+export class LayerLog {
+  private readonly reloads = new Map<string, LayerRecord[]>();
+
+  /** `src` as models load from it: every Linear and Conv2d weight loaded from it is recorded here. */
+  source(src: TensorSource): TensorSource {
+    return new LoggedSource(src, this);
+  }
+
+  /** Called by the layers as they load. */
+  record(key: string, layer: LayerRecord): void {
+    const list = this.reloads.get(key) ?? [];
+    list.push(layer);
+    this.reloads.set(key, list);
+  }
+
+  /**
+   * A copy of what every recorded layer computes with, by key: its tensors' values, or its packed panels and bias
+   * on the native kernels. Two snapshots are equal byte for byte exactly when the layers hold the same weights.
+   */
+  snapshot(): Map<string, Float32Array[]> {
+    return new Map([...this.reloads].map(([key, layers]) => [key, layers.flatMap((l) => l.values())]));
+  }
+
+  /** Whether some loaded layer holds the weight `key`. */
+  has(key: string): boolean {
+    return this.reloads.has(key);
+  }
+
+  /**
+   * Every layer holding `key` loads it again from `src`; the result undoes all of them. A layer that fails leaves
+   * the ones before it undone, so either all hold the new weight or all the old.
+   */
+  reload(key: string, src: TensorSource): () => void {
+    const undos: (() => void)[] = [];
+    const undoAll = () => {
+      for (const undo of undos.splice(0).reverse()) undo();
+    };
+    try {
+      for (const { reload } of this.reloads.get(key) ?? []) undos.push(reload(src));
+    } catch (e) {
+      undoAll();
+      throw e;
+    }
+    return undoAll;
+  }
+}
+
+/** A TensorSource whose loads are logged: it serves `base` unchanged. */
+export class LoggedSource implements TensorSource {
+  constructor(
+    private readonly base: TensorSource,
+    readonly log: LayerLog,
+  ) {}
+
+  get path(): string {
+    return this.base.path;
+  }
+
+  keys(): string[] {
+    return this.base.keys();
+  }
+
+  has(key: string): boolean {
+    return this.base.has(key);
+  }
+
+  info(key: string): TensorInfo {
+    return this.base.info(key);
+  }
+
+  bytes(key: string): Uint8Array {
+    return this.base.bytes(key);
+  }
+
+  float32(key: string): Float32Array {
+    return this.base.float32(key);
+  }
+
+  close(): void {
+    this.base.close();
+  }
+}

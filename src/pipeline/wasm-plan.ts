@@ -1,0 +1,152 @@
+/**
+ * What a whole txt2img generation needs of the wasm backend's heap (wasm32: at most 4 GiB, and it never shrinks),
+ * projected from the configs before anything is loaded: per network its fp32 weights, whether they are resident
+ * or streamed (src/nn/residency.ts) and at what granularity, and per phase of a generation what is on the heap at
+ * its peak. Weights a network holds resident stay on the heap in every phase; streamed ones only while their unit
+ * (a layer, a block, the whole model) runs.
+ *
+ * Measured on tfjs-backend-wasm 4.22 (this repository's kernels, one thread), the constants below:
+ *   - a weight that has run once costs PACKED_WEIGHT_FACTOR x its bytes while it lives: XNNPACK keeps a packed
+ *     copy of every matMul / conv operand it has seen until the tensor is disposed (8 linears [1280, 5120],
+ *     200 MiB, grew the heap by 322 MiB more when they ran; a second round reused it)
+ *   - the VAE decoder: the heap after a decode is VAE_DECODE_BASE_FACTOR x the VAE's weights (the weights, the
+ *     packed convs) plus VAE_DECODE_BYTES_PER_PIXEL per output pixel (SD 1.x / SDXL VAE, 128x128 and 256x256
+ *     images: 810 and 1062 MiB; so 2.1 GiB at 512x512 and 5.9 GiB at 1024x1024 in one piece)
+ *   - the UNet's feature maps: every skip (batch 2) plus ACTIVATION_MAPS maps of its largest level and the GEGLU
+ *     of its largest attention level (an estimate, not a measurement; attention scores are sliced to 8 MiB)
+ */
+import { sdxlTextShapes } from '../clip/sdxl-text.js';
+import { expectedShapes as clipShapes } from '../clip/index.js';
+import { expectedShapes as unetShapes, unetBlockPlan, type UNetConfig } from '../unet/index.js';
+import { expectedShapes as vaeShapes } from '../vae/index.js';
+import type { AnyPipelineConfig } from './config.js';
+
+export const WASM_HEAP_LIMIT = 4 * 2 ** 30 - 2 ** 16;
+export const PACKED_WEIGHT_FACTOR = 2.6;
+export const VAE_DECODE_BASE_FACTOR = 2.28;
+export const VAE_DECODE_BYTES_PER_PIXEL = 5.1 * 1024;
+const ACTIVATION_MAPS = 8;
+
+/** How a network's weights are held on wasm: resident, or streamed one unit at a time. */
+export type Granularity = 'resident' | 'model' | 'block' | 'layer';
+
+export interface PlanChoices {
+  readonly text: Granularity; // 'model': the encoders built at each prompt; 'layer': one transformer layer at a time
+  readonly unet: Granularity; // 'block': one input/middle/output block; 'layer': one transformer block (or ResBlock)
+  readonly vae: Granularity;
+  /** The VAE decodes in tiles of at most this many output pixels a side (0: in one piece). */
+  readonly vaeTile: number;
+}
+
+/** What the code does on wasm now: SD 1.x text resident; SDXL's streamed whole (streamed-text.ts); UNet blocks. */
+export function currentChoices(cfg: AnyPipelineConfig): PlanChoices {
+  return { text: 'family' in cfg ? 'model' : 'resident', unet: 'block', vae: 'resident', vaeTile: 0 };
+}
+
+export interface NetworkPlan {
+  readonly name: 'text' | 'unet' | 'vae';
+  readonly granularity: Granularity;
+  readonly weightBytes: number; // fp32, on the heap when resident
+  readonly largestUnitBytes: number; // what one streamed unit puts on the heap
+  readonly largestUnit: string;
+}
+
+export interface PhasePlan {
+  readonly name: 'text encode' | 'UNet step' | 'VAE decode';
+  /** Heap at the phase's peak, and its parts. */
+  readonly bytes: number;
+  readonly parts: Readonly<Record<string, number>>;
+}
+
+export interface HeapPlan {
+  readonly width: number;
+  readonly height: number;
+  readonly networks: readonly NetworkPlan[];
+  readonly phases: readonly PhasePlan[];
+  readonly peakBytes: number;
+  readonly peakPhase: PhasePlan['name'];
+  readonly fits: boolean;
+}
+
+const numel = (s: readonly number[]) => s.reduce((a, d) => a * d, 1);
+
+/** Sums fp32 bytes per unit; `unitOf` names a key's unit. */
+function units(shapes: ReadonlyMap<string, readonly number[]>, unitOf: (key: string) => string): Map<string, number> {
+  const m = new Map<string, number>();
+  for (const [k, s] of shapes) m.set(unitOf(k), (m.get(unitOf(k)) ?? 0) + 4 * numel(s));
+  return m;
+}
+
+function network(name: NetworkPlan['name'], g: Granularity, shapes: ReadonlyMap<string, readonly number[]>): NetworkPlan {
+  const layer = /\.(?:encoder\.layers|resblocks|transformer_blocks)\.(\d+)\./;
+  const block = /\.((?:input|output)_blocks\.\d+|middle_block|time_embed|label_emb|out)\./;
+  const unitOf = (k: string): string => {
+    if (g === 'resident' || g === 'model') return 'the whole model';
+    const b = block.exec(k)?.[1].replace('label_emb', 'time_embed') ?? k.replace(/\.(?:layers|resblocks)\.\d+\..*$/, '').replace(/\.[^.]+$/, '');
+    if (g === 'block') return b;
+    const l = layer.exec(k);
+    return l === null ? `${b} (${name === 'unet' ? 'ResBlocks, proj_in/out' : 'embeddings, norms'})` : `${k.slice(0, l.index)}.${l[0].slice(1, -1)}`;
+  };
+  const u = units(shapes, unitOf);
+  const [largestUnit, largestUnitBytes] = [...u].reduce((a, b) => (b[1] > a[1] ? b : a));
+  return { name, granularity: g, weightBytes: [...u.values()].reduce((a, b) => a + b, 0), largestUnit, largestUnitBytes };
+}
+
+/** The UNet's feature maps at its peak (see the header): skips, ACTIVATION_MAPS maps of the largest level, GEGLU. */
+export function unetActivationBytes(cfg: UNetConfig, h: number, w: number, batch = 2): number {
+  const plan = unetBlockPlan(cfg);
+  let [hh, ww] = [h, w];
+  let skips = 0;
+  let largest = 0;
+  let geglu = 0;
+  for (const spec of plan.input) {
+    if (spec.kind === 'down') [hh, ww] = [Math.ceil(hh / 2), Math.ceil(ww / 2)];
+    const ch = spec.kind === 'down' ? spec.ch : spec.cout;
+    const map = 4 * batch * hh * ww * ch;
+    skips += map;
+    largest = Math.max(largest, map);
+    if (spec.kind === 'res' && spec.attention !== null) geglu = Math.max(geglu, 4 * batch * hh * ww * ch * 12); // proj to 8c, the gelu and the product at 4c
+  }
+  return skips + ACTIVATION_MAPS * largest + geglu;
+}
+
+/** The heap plan of a `width` x `height` txt2img with CFG (batch 2) under `choices` (default: what the code does). */
+export function wasmHeapPlan(cfg: AnyPipelineConfig, width: number, height: number, choices: PlanChoices = currentChoices(cfg)): HeapPlan {
+  const textShapes = 'family' in cfg ? sdxlTextShapes(cfg.text) : clipShapes(cfg.clip);
+  const text = network('text', choices.text, textShapes);
+  const unet = network('unet', choices.unet, unetShapes(cfg.unet));
+  const vae = network('vae', choices.vae, vaeShapes(cfg.vae));
+  const resident = (n: NetworkPlan) => (n.granularity === 'resident' ? n.weightBytes * PACKED_WEIGHT_FACTOR : 0);
+  const running = (n: NetworkPlan) => (n.granularity === 'resident' ? 0 : n.largestUnitBytes * PACKED_WEIGHT_FACTOR);
+  // the VAE's resident weights after its first decode (their packed convs stay with them)
+  const vaeHeld = choices.vae === 'resident' ? vae.weightBytes * VAE_DECODE_BASE_FACTOR : 0;
+  const tile = choices.vaeTile > 0 ? Math.min(choices.vaeTile, width) * Math.min(choices.vaeTile, height) : width * height;
+  const phase = (name: PhasePlan['name'], parts: Record<string, number>): PhasePlan => ({ name, parts, bytes: Object.values(parts).reduce((a, b) => a + b, 0) });
+  const phases = [
+    phase('text encode', { 'text weights': resident(text) + running(text), 'UNet resident': resident(unet), 'VAE resident': vaeHeld }),
+    phase('UNet step', {
+      'text resident': resident(text),
+      'UNet weights': resident(unet) + running(unet),
+      'VAE resident': vaeHeld,
+      'feature maps': unetActivationBytes(cfg.unet, height / 8, width / 8),
+    }),
+    phase('VAE decode', {
+      'text resident': resident(text),
+      'UNet resident': resident(unet),
+      'VAE weights': choices.vae === 'resident' ? vaeHeld : vae.largestUnitBytes * VAE_DECODE_BASE_FACTOR,
+      'feature maps': tile * VAE_DECODE_BYTES_PER_PIXEL,
+    }),
+  ];
+  const peak = phases.reduce((a, b) => (b.bytes > a.bytes ? b : a));
+  return { width, height, networks: [text, unet, vae], phases, peakBytes: peak.bytes, peakPhase: peak.name, fits: peak.bytes <= WASM_HEAP_LIMIT };
+}
+
+/** The plan as lines of text (GiB), for reports. */
+export function formatHeapPlan(p: HeapPlan): string[] {
+  const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
+  return [
+    ...p.networks.map((n) => `${n.name}: ${gib(n.weightBytes)} fp32, ${n.granularity}${n.granularity === 'resident' ? '' : `, largest unit ${n.largestUnit} ${gib(n.largestUnitBytes)}`}`),
+    ...p.phases.map((ph) => `${ph.name}: ${gib(ph.bytes)} (${Object.entries(ph.parts).filter(([, b]) => b > 0).map(([k, b]) => `${k} ${gib(b)}`).join(', ')})`),
+    `peak ${gib(p.peakBytes)} in ${p.peakPhase}: ${p.fits ? 'fits' : 'does not fit'} the 4 GiB heap`,
+  ];
+}
