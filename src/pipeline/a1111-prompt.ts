@@ -136,7 +136,7 @@ export function tokenizeLine(tokenizer: ClipTokenizer, line: string, opts: Parti
  * 'Original' restores the mean because weighting shifts it; A1111 calls that "likely not correct, but it seems to
  * work well to prevent artifacts".
  */
-function applyEmphasis(z: tf.Tensor3D, multipliers: tf.Tensor2D, emphasis: Emphasis): tf.Tensor3D {
+export function applyEmphasis(z: tf.Tensor3D, multipliers: tf.Tensor2D, emphasis: Emphasis): tf.Tensor3D {
   return tf.tidy(() => {
     if (emphasis === 'Ignore' || emphasis === 'None') return tf.clone(z);
     const weighted = tf.mul(z, tf.expandDims(multipliers, 2)) as tf.Tensor3D;

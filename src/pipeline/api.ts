@@ -86,7 +86,7 @@ export interface GenerateParams {
   readonly batch?: number;
   /** Random numbers: 'cpu' torch's CPU generator (default; diffusers, ComfyUI), 'gpu' torch's CUDA one (A1111). */
   readonly noise?: NoiseSource;
-  /** Default 'a1111'. SDXL prompts are read as plain text whatever this says. */
+  /** Default 'a1111' (SD 1.x and SDXL alike). */
   readonly promptSyntax?: PromptSyntax;
   /** Default: the model source's (a diffusers folder: diffusers; a single file: A1111 for SD 1.x, diffusers for SDXL). */
   readonly conventions?: ConventionsName;

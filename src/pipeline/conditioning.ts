@@ -13,12 +13,13 @@
  */
 import * as tf from '../backend/tf.js';
 import type { ClipTextEncoder } from '../clip/index.js';
-import type { SdxlTextEncoder } from '../clip/sdxl-text.js';
+import type { SdxlTextEmbedding, SdxlTextEncoder } from '../clip/sdxl-text.js';
 import type { ClipTokenizer } from '../tokenizer/index.js';
 import { disposeConditioning, timestepEmbedding, type Conditioning } from '../unet/index.js';
 import { ShapeError } from '../nn/errors.js';
 import { extractLoraTags } from '../lora/tags.js';
 import { CHUNK_LENGTH, encodeA1111Prompt } from './a1111-prompt.js';
+import { encodeA1111Sdxl } from './a1111-sdxl.js';
 import type { PromptSyntax } from './api.js';
 
 /** What SD 1.x encodes text with. */
@@ -139,16 +140,18 @@ export class Sd1Conditioner implements TextConditioner {
 
 /**
  * SDXL: context = both encoders' penultimate states side by side [B, 77, 2048]; added = [pooled text of encoder 2,
- * F(size and crop ids)] [B, 2816], the same ids for both halves. No negative prompt: zero context and pooled
+ * F(size and crop ids)] [B, 2816], the same ids for both halves. 'plain' prompts are cut at 77 tokens; 'a1111'
+ * ones are read as A1111 reads them (a1111-sdxl.ts). No negative prompt: zero context and pooled
  * (force_zeros_for_empty_prompt); an explicit "" is encoded. clipSkip does not apply (SDXL takes the penultimate).
  */
 export class SdxlConditioner implements TextConditioner {
   constructor(readonly text: SdxlTextEncoder, readonly timeEmbedDim: number) {}
 
-  encode(p: Prompts, o: EncodeOptions): Conditioning {
-    const cond = this.text.encode([p.prompt]);
+  encode(p: Prompts, o: EncodeOptions): GuidedConditioning {
     const { originalSize, cropTopLeft, targetSize } = o.micro;
     const ids = [...originalSize, ...cropTopLeft, ...targetSize];
+    if (o.promptSyntax === 'a1111') return this.encodeA1111(p, o.guidance, ids);
+    const cond = this.text.encode([p.prompt]);
     if (!o.guidance) {
       const added = sdxlAddedEmbedding(cond.pooled, [ids], this.timeEmbedDim);
       cond.pooled.dispose();
@@ -160,6 +163,26 @@ export class SdxlConditioner implements TextConditioner {
     const added = sdxlAddedEmbedding(pooled, [ids, ids], this.timeEmbedDim);
     tf.dispose([neg.context, neg.pooled, cond.context, cond.pooled, pooled]);
     return { context, added };
+  }
+
+  /**
+   * A1111's syntax (a1111-sdxl.ts), its <lora:...> tags stripped; a negative prompt of another chunk count stays
+   * beside the prompt's (A1111's padding 'none'), as for SD 1.x. No negative prompt: zeros, as above.
+   */
+  private encodeA1111(p: Prompts, guidance: boolean, ids: readonly number[]): GuidedConditioning {
+    const withAdded = ({ context, pooled }: SdxlTextEmbedding): Conditioning => {
+      const added = sdxlAddedEmbedding(pooled, [ids], this.timeEmbedDim);
+      pooled.dispose();
+      return { context, added };
+    };
+    const cond = withAdded(encodeA1111Sdxl(this.text, extractLoraTags(p.prompt).prompt));
+    if (!guidance) return cond;
+    const uncond = withAdded(p.negative === null ? this.text.encodeNegative(null, 1) : encodeA1111Sdxl(this.text, p.negative));
+    if (uncond.context.shape[1] !== cond.context.shape[1]) return { ...cond, uncond };
+    const both = { context: tf.concat([uncond.context, cond.context]) as tf.Tensor3D, added: tf.concat([uncond.added as tf.Tensor2D, cond.added as tf.Tensor2D]) as tf.Tensor2D };
+    disposeConditioning(uncond);
+    disposeConditioning(cond);
+    return both;
   }
 
   dispose(): void {

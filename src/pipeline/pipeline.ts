@@ -16,7 +16,7 @@
  *
  * Conventions (scheduler/conventions.ts) default by model source: a diffusers folder's scheduler_config.json,
  * else A1111's for SD 1.x and the family config's (diffusers') for SDXL. Prompts (SD 1.x) follow A1111's syntax
- * by default (a1111-prompt.ts); SDXL's are read as plain text.
+ * by default (a1111-prompt.ts, a1111-sdxl.ts), SDXL's too.
  *
  * Latents are NHWC [B, H/8, W/8, c], c the VAE's latent channels; h, w below are latent sizes.
  */
@@ -42,9 +42,7 @@ import {
   type SamplerConventions,
 } from '../scheduler/index.js';
 import { openWeights } from '../weights/open.js';
-import { extractLoraTags, readLoras, withLoras, type LoraSpec } from '../lora/index.js';
-import { LayerLog } from '../nn/reload.js';
-import { LoraSwitch } from './lora-switch.js';
+import { extractLoraTags, withLoraFiles, type LoraSpec } from '../lora/index.js';
 import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
 import type { ConventionsName, GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, PreviewDecoder, ResolvedParams } from './api.js';
@@ -155,8 +153,6 @@ export class StableDiffusion {
     private readonly warn: (message: string) => void,
     /** Whether LoRAs were given at load: without, a prompt's <lora:...> tags get a warning. */
     private readonly lorasGiven: boolean,
-    /** A request's LoRAs (GenerateParams.loras), switched on and off in the loaded layers (lora-switch.ts). */
-    readonly loras: LoraSwitch,
   ) {}
 
   /** Opens the weights, recognises the family from their keys, and loads the family's networks. */
@@ -169,14 +165,11 @@ export class StableDiffusion {
         throw new ConfigError(`${o.weights}: the checkpoint is ${family === 'sdxl' ? 'SDXL' : 'SD 1.x'}, but the config given is for ${familyOf(o.config) === 'sdxl' ? 'SDXL' : 'SD 1.x'}`);
       }
       const name = basename(o.weights, extname(o.weights));
-      const fixed = readLoras(o.loras ?? []);
-      const log = new LayerLog();
-      const weights = log.source(withLoras(src, fixed));
-      const loras = new LoraSwitch(o.weights, () => openWeights(o.weights), fixed, log);
+      const weights = withLoraFiles(src, o.loras ?? []);
       const warn = o.warn ?? stderrWarn;
       const make = (config: AnyPipelineConfig) => {
         const conventions = sourceConventions(o.weights, config);
-        return (t: TextConditioner, unet: UNet, vae: Vae) => new StableDiffusion(config, name, t, unet, vae, conventions, warn, o.loras !== undefined, loras);
+        return (t: TextConditioner, unet: UNet, vae: Vae) => new StableDiffusion(config, name, t, unet, vae, conventions, warn, o.loras !== undefined);
       };
       if (family === 'sdxl') {
         const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
@@ -236,8 +229,8 @@ export class StableDiffusion {
    */
   encodePrompts(r: ResolvedParams, negative: string | null = r.negativePrompt, micro: MicroConditioning = microOf(r)): GuidedConditioning {
     const prompts: Prompts = { prompt: r.prompt, negative };
-    const promptSyntax = this.family === 'sd1' ? r.promptSyntax : 'plain';
-    if (promptSyntax === 'a1111' && !this.lorasGiven && !this.loras.on) {
+    const promptSyntax = r.promptSyntax;
+    if (promptSyntax === 'a1111' && !this.lorasGiven) {
       const tags = extractLoraTags(r.prompt).loras;
       if (tags.length > 0) this.warn(`LoRA tags not applied (${tags.map((t) => `<lora:${t.name}>`).join(', ')}): this model was loaded without LoRAs`);
     }
@@ -315,18 +308,8 @@ export class StableDiffusion {
     }
   }
 
-  /** Runs with the request's LoRAs on (switched to if others were), the base weights when it has none. */
   async generate(p: GenerateParams, o: GenerateOptions = {}): Promise<GenerateResult> {
     if (this.disposed) throw new Error('StableDiffusion.generate: the model has been disposed');
-    const release = this.loras.use(p.loras ?? []);
-    try {
-      return await this.generateOnWeights(p, o);
-    } finally {
-      release();
-    }
-  }
-
-  private async generateOnWeights(p: GenerateParams, o: GenerateOptions): Promise<GenerateResult> {
     const r = resolveParams(p, this.limits);
     const init = p.initImage === undefined ? null : await decodeImage(p.initImage, r.width, r.height, 'init image');
     throwIfAborted(o.signal);
@@ -425,7 +408,7 @@ export class StableDiffusion {
       ...r,
       seed,
       model: this.modelName,
-      promptSyntax: this.family === 'sd1' ? r.promptSyntax : undefined, // SDXL prompts are plain text
+      promptSyntax: r.promptSyntax,
     });
     return { png, rgb, seed };
   }
@@ -433,7 +416,6 @@ export class StableDiffusion {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
-    this.loras.restore(); // the layers' own weights back in place, so that disposing them frees everything
     this.text.dispose();
     this.unet.dispose();
     this.vae.dispose();
