@@ -42,7 +42,9 @@ import {
   type SamplerConventions,
 } from '../scheduler/index.js';
 import { openWeights } from '../weights/open.js';
-import { extractLoraTags, withLoraFiles, type LoraSpec } from '../lora/index.js';
+import { extractLoraTags, readLoras, withLoras, type LoraSpec } from '../lora/index.js';
+import { LayerLog } from '../nn/reload.js';
+import { LoraSwitch } from './lora-switch.js';
 import type { TensorSource } from '../weights/types.js';
 import { decodeImage, encodePng, type RgbImage } from '../image/codec.js';
 import type { ConventionsName, GenerateOptions, GenerateParams, GenerateResult, GeneratedImage, PreviewDecoder, ResolvedParams } from './api.js';
@@ -153,6 +155,8 @@ export class StableDiffusion {
     private readonly warn: (message: string) => void,
     /** Whether LoRAs were given at load: without, a prompt's <lora:...> tags get a warning. */
     private readonly lorasGiven: boolean,
+    /** A request's LoRAs (GenerateParams.loras), switched on and off in the loaded layers (lora-switch.ts). */
+    readonly loras: LoraSwitch,
   ) {}
 
   /** Opens the weights, recognises the family from their keys, and loads the family's networks. */
@@ -165,11 +169,14 @@ export class StableDiffusion {
         throw new ConfigError(`${o.weights}: the checkpoint is ${family === 'sdxl' ? 'SDXL' : 'SD 1.x'}, but the config given is for ${familyOf(o.config) === 'sdxl' ? 'SDXL' : 'SD 1.x'}`);
       }
       const name = basename(o.weights, extname(o.weights));
-      const weights = withLoraFiles(src, o.loras ?? []);
+      const fixed = readLoras(o.loras ?? []);
+      const log = new LayerLog();
+      const weights = log.source(withLoras(src, fixed));
+      const loras = new LoraSwitch(o.weights, () => openWeights(o.weights), fixed, log);
       const warn = o.warn ?? stderrWarn;
       const make = (config: AnyPipelineConfig) => {
         const conventions = sourceConventions(o.weights, config);
-        return (t: TextConditioner, unet: UNet, vae: Vae) => new StableDiffusion(config, name, t, unet, vae, conventions, warn, o.loras !== undefined);
+        return (t: TextConditioner, unet: UNet, vae: Vae) => new StableDiffusion(config, name, t, unet, vae, conventions, warn, o.loras !== undefined, loras);
       };
       if (family === 'sdxl') {
         const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
@@ -230,7 +237,7 @@ export class StableDiffusion {
   encodePrompts(r: ResolvedParams, negative: string | null = r.negativePrompt, micro: MicroConditioning = microOf(r)): GuidedConditioning {
     const prompts: Prompts = { prompt: r.prompt, negative };
     const promptSyntax = r.promptSyntax;
-    if (promptSyntax === 'a1111' && !this.lorasGiven) {
+    if (promptSyntax === 'a1111' && !this.lorasGiven && !this.loras.on) {
       const tags = extractLoraTags(r.prompt).loras;
       if (tags.length > 0) this.warn(`LoRA tags not applied (${tags.map((t) => `<lora:${t.name}>`).join(', ')}): this model was loaded without LoRAs`);
     }
@@ -308,8 +315,18 @@ export class StableDiffusion {
     }
   }
 
+  /** Runs with the request's LoRAs on (switched to if others were), the base weights when it has none. */
   async generate(p: GenerateParams, o: GenerateOptions = {}): Promise<GenerateResult> {
     if (this.disposed) throw new Error('StableDiffusion.generate: the model has been disposed');
+    const release = this.loras.use(p.loras ?? []);
+    try {
+      return await this.generateOnWeights(p, o);
+    } finally {
+      release();
+    }
+  }
+
+  private async generateOnWeights(p: GenerateParams, o: GenerateOptions): Promise<GenerateResult> {
     const r = resolveParams(p, this.limits);
     const init = p.initImage === undefined ? null : await decodeImage(p.initImage, r.width, r.height, 'init image');
     throwIfAborted(o.signal);
@@ -416,6 +433,7 @@ export class StableDiffusion {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
+    this.loras.restore(); // the layers' own weights back in place, so that disposing them frees everything
     this.text.dispose();
     this.unet.dispose();
     this.vae.dispose();
