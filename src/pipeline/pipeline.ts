@@ -24,7 +24,7 @@ import { basename, dirname, extname, join, resolve } from 'node:path';
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import * as tf from '../backend/tf.js';
 import { ClipTextEncoder } from '../clip/index.js';
-import { SdxlTextEncoder } from '../clip/sdxl-text.js';
+import { sdxlTextConditioner } from './streamed-text.js';
 import { UNet, type Conditioning } from '../unet/index.js';
 import { Vae, downsampleFactor } from '../vae/index.js';
 import { ClipTokenizer, findTokenizer } from '../tokenizer/index.js';
@@ -55,7 +55,6 @@ import { ShapeError } from '../nn/errors.js';
 import {
   disposeGuided,
   Sd1Conditioner,
-  SdxlConditioner,
   sd1Conditioning,
   type GuidedConditioning,
   type MicroConditioning,
@@ -180,7 +179,7 @@ export class StableDiffusion {
       };
       if (family === 'sdxl') {
         const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SDXL_BASE_PIPELINE) as SdxlPipelineConfig;
-        const text = () => new SdxlConditioner(SdxlTextEncoder.load(weights, tokenizer, config.text), config.timeEmbedDim);
+        const text = () => sdxlTextConditioner(weights, tokenizer, config); // streamed on wasm, as the UNet
         return StableDiffusion.loadModels(weights, config, text, make(config));
       }
       const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SD15_PIPELINE) as PipelineConfig;
