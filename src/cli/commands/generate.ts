@@ -51,6 +51,7 @@ interface Args {
   'prompt-syntax'?: PromptSyntax;
   conventions?: ConventionsName;
   'lora-dir'?: string;
+  lora?: string[];
   'original-size'?: string;
   'crop-top-left'?: string;
   'target-size'?: string;
@@ -133,6 +134,26 @@ export function promptLoras(args: Pick<Args, 'prompt' | 'prompt-syntax' | 'lora-
   return specs;
 }
 
+const MULTIPLIER = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?$/i;
+
+/**
+ * One --lora value: FILE, FILE:M (text encoder and UNet both M) or FILE:TE:UNET, A1111's <lora:...:TE:UNET>
+ * order. Multipliers are read off the end, so a path may hold ':' itself (C:\loras\x.safetensors:0.8).
+ */
+export function loraFlag(value: string): LoraSpec {
+  const parts = value.split(':');
+  const numbers: number[] = [];
+  while (numbers.length < 2 && parts.length > 1 && MULTIPLIER.test(parts[parts.length - 1].trim())) numbers.unshift(Number(parts.pop()));
+  const path = parts.join(':');
+  if (!existsSync(path)) {
+    const tail = parts.length > 1 ? `; "${parts[parts.length - 1]}" after a ':' is not a multiplier either` : '';
+    throw new UsageError(`--lora ${value}: no file ${path}${tail} (FILE, FILE:MULTIPLIER or FILE:TE:UNET)`);
+  }
+  if (numbers.some((n) => !Number.isFinite(n))) throw new UsageError(`--lora ${value}: a multiplier is not a finite number`);
+  const te = numbers[0] ?? 1;
+  return { path, te, unet: numbers[1] ?? te };
+}
+
 const warnStderr = (message: string): void => {
   process.stderr.write(`sd: warning: ${message}\n`);
 };
@@ -167,9 +188,10 @@ export function outputPath(out: string, seed: number): string {
   return path;
 }
 
-async function loadModel(args: Args, config: AnyPipelineConfig | undefined): Promise<StableDiffusion> {
+/** `flagged`: the --lora files, merged as the model loads with those of the prompt's tags (one model, one image set). */
+async function loadModel(args: Args, config: AnyPipelineConfig | undefined, flagged: readonly LoraSpec[]): Promise<StableDiffusion> {
   try {
-    const loras = promptLoras(args, warnStderr);
+    const loras = [...flagged, ...promptLoras(args, warnStderr)];
     return await StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer, loras, warn: warnStderr });
   } catch (e) {
     if (e instanceof TokenizerError && args.tokenizer === undefined) {
@@ -225,6 +247,7 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('prompt-syntax', { choices: PROMPT_SYNTAXES, describe: "a1111 (default): (emphasis:1.2), [less], BREAK, past 75 tokens, <lora:...>; plain: text, cut at 75 tokens. SDXL: plain" })
       .option('conventions', { choices: CONVENTION_NAMES, describe: "sampler conventions: a1111 (k-diffusion) or diffusers; default: a diffusers folder's, else a1111 for SD 1.x, diffusers for SDXL" })
       .option('lora-dir', { type: 'string', describe: 'folder of LoRA files the prompt\'s <lora:NAME:WEIGHT> tags are looked up in' })
+      .option('lora', { type: 'string', array: true, describe: 'a LoRA file to apply, FILE[:MULTIPLIER] (default 1) or FILE:TE:UNET; repeatable, with the prompt\'s tags' })
       .option('original-size', { type: 'string', describe: 'SDXL size conditioning H,W (default: the image size)' })
       .option('crop-top-left', { type: 'string', describe: 'SDXL crop conditioning T,L (default 0,0)' })
       .option('target-size', { type: 'string', describe: 'SDXL target size conditioning H,W (default: the image size)' })
@@ -240,8 +263,9 @@ export const generateCommand: CommandModule<object, Args> = {
     const early = { ...params, originalSize: undefined, cropTopLeft: undefined, targetSize: undefined };
     const { seed } = resolveParams(early, limitsFor(config ?? SD15_PIPELINE));
     checkWeights(args.weights);
+    const loras = (args.lora ?? []).map(loraFlag); // a bad --lora fails before the backend starts
     await initBackend({ backend: args.backend, threads: args.threads });
-    const sd = await loadModel(args, config);
+    const sd = await loadModel(args, config, loras);
     const { signal, release } = abortOnSigint();
     const bar = lazyBar('sampling');
     try {
