@@ -33,6 +33,8 @@ import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
 import { SDXL_BASE_PIPELINE, StableDiffusion, sdxlConfigFromJson, type SdxlPipelineConfig } from '../src/pipeline/pipeline.js';
 import { kernelsProblem } from '../src/backend/kernels.js';
+import { SD15_PIPELINE } from '../src/pipeline/config.js';
+import { formatHeapPlan, wasmHeapPlan } from '../src/pipeline/wasm-plan.js';
 import { adapterRows, benchControlNet, benchIpAdapter, type ControlNetBench, type IpAdapterBench } from './adapters.js';
 
 /**
@@ -338,6 +340,7 @@ async function fullGenerations(): Promise<Generation[]> {
       );
       const m = tf.memory();
       out.push({ seconds: (performance.now() - t) / 1000, rss_mb: process.memoryUsage.rss() / 2 ** 20, tensors: m.numTensors, tensor_mb: m.numBytes / 2 ** 20 });
+      sampleHeap();
       say(`full: generation ${g + 1} ${out.at(-1)?.seconds.toFixed(1)} s, RSS ${out.at(-1)?.rss_mb.toFixed(0)} MB, ${m.numTensors} tensors`);
     }
   } finally {
@@ -382,6 +385,8 @@ const result = {
   peak_rss_mb: peakRssMb(),
   peak_rss_reading_files_mb: loadPeakRss,
   peak_wasm_heap_mb: choice.name === 'wasm' ? peakHeap / 2 ** 20 : null,
+  /** On wasm: the heap plan of a whole generation at this size, projected from the configs (src/pipeline/wasm-plan.ts). */
+  wasm_heap_plan: choice.name === 'wasm' ? wasmHeapPlan(model.sdxl ?? SD15_PIPELINE, width, height) : null,
   controlnet: controlNetPart,
   ip_adapter: ipAdapterPart,
 };
@@ -409,6 +414,7 @@ if (args.json) {
   ];
   if (result.peak_wasm_heap_mb !== null) rows.push(['peak wasm heap', `${result.peak_wasm_heap_mb.toFixed(0)} MB`]);
   rows.push(...adapterRows(controlNetPart, ipAdapterPart, unetStep));
+  if (result.wasm_heap_plan !== null) rows.push(...formatHeapPlan(result.wasm_heap_plan).map((l): [string, string] => ['wasm heap plan (projected)', l]));
   const w = Math.max(...rows.map(([k]) => k.length));
   for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);
 }
