@@ -12,11 +12,13 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FolderGallerySource } from '../src/server/gallery.js';
+import { OutputStore } from '../src/server/outputs.js';
 import { chromium, type Browser, type Page, type Response as PageResponse } from 'playwright-core';
 
 const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -144,6 +146,37 @@ async function generateOnPage(page: Page, prompt: string, seed: number, total: n
 }
 
 const pngOf = (src: string | null): Buffer => Buffer.from((src ?? '').replace(/^data:image\/png;base64,/, ''), 'base64');
+
+describe('FolderGallerySource: the outputs folder listed newest first, cached until the folder changes', () => {
+  it('lists only finished outputs, rereads a folder that changed, serves a cached listing of a settled one', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'sd-gallery-'));
+    try {
+      const store = await OutputStore.open(dir);
+      const source = new FolderGallerySource(store);
+      await store.save('first', Buffer.from('png-1'), { uid: 'first' });
+      await writeFile(path.join(dir, 'orphan.png'), 'no json'); // not an output: no sidecar
+      await writeFile(path.join(dir, '.first.png.tmp-0a1b'), 'temp');
+      expect((await source.list()).map((e) => e.uid)).toEqual(['first']);
+      const old = new Date(Date.now() - 60_000);
+      await utimes(path.join(dir, 'first.png'), old, old);
+      await store.save('second', Buffer.from('png-2'), { uid: 'second' });
+      expect((await source.list()).map((e) => e.uid)).toEqual(['second', 'first']);
+      expect((await source.read('second', 'png'))?.toString()).toBe('png-2');
+      expect(await source.read('third', 'png')).toBeNull();
+      // A folder settled (changed over GALLERY.settleMs ago) with the time the cache saw is served from the cache:
+      // a file slipped in with the folder's time put back is not seen (what the cache saves: the readdir).
+      await utimes(dir, old, old);
+      expect(await source.list()).toHaveLength(2);
+      await store.save('third', Buffer.from('png-3'), { uid: 'third' });
+      await utimes(dir, old, old);
+      expect(await source.list()).toHaveLength(2);
+      await utimes(dir, new Date(), new Date());
+      expect((await source.list()).map((e) => e.uid)).toContain('third');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
 
 describe('GET /outputs: the gallery over HTTP', () => {
   let serve: Serve;

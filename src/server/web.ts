@@ -20,7 +20,7 @@ import { SAMPLERS } from '../pipeline/api.js';
 import { DEFAULTS, MAX_CFG_SCALE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS } from '../pipeline/params.js';
 import type { Engine } from './engine.js';
 import { HttpError } from './errors.js';
-import { registerGallery } from './gallery.js';
+import { FolderGallerySource, registerGallery } from './gallery.js';
 import type { OutputStore } from './outputs.js';
 
 /** What the page's routes need of the server (SdServer is it). */
@@ -130,5 +130,5 @@ export function registerWebPage(app: FastifyInstance, host: WebHost, root = webR
 
   app.get('/info', async (_request, reply) => reply.header('cache-control', 'no-store').send(webInfo(host.assertAccepting())));
 
-  registerGallery(app, host.outputs);
+  registerGallery(app, new FolderGallerySource(host.outputs));
 }
