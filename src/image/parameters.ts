@@ -13,6 +13,15 @@
  * "GPU"; it also writes `RNG: NV`, the same numbers as GPU), `Conventions: diffusers` (nothing for A1111's),
  * `Prompt syntax: plain` (nothing for A1111's), and SDXL's size conditioning when it is not the default
  * (`Original size: WxH`, `Crop top: T`, `Crop left: L`, `Target size: WxH`, sizes written as Size is).
+ *
+ * Adapters as A1111's ControlNet extension (sd-webui-controlnet) writes its units, one quoted setting each, numbered
+ * from 0, so its "send to txt2img" restores them (the images themselves are not stored):
+ *   ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, Weight: 0.8, Resize Mode: Just Resize,
+ *                  Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1"
+ *   ControlNet 1: "Module: ip-adapter_clip_sd15, Model: ip-adapter_sd15, Weight: 0.6, Resize Mode: Just Resize,
+ *                  Guidance Start: 0, Guidance End: 1"                    (an IP-Adapter is a unit there too)
+ * Module is the preprocessor (`canny`, or `none` for an image used as it is); Model the file's name without
+ * extension. Inpainting adds `Mask blur: 0` (the mask is used as given, never blurred; A1111's default is 4).
  */
 
 /** What an image was made with (the pipeline's ResolvedParams fits), with this image's own seed. */
@@ -41,6 +50,31 @@ export interface ImageParameters {
   readonly originalSize?: readonly [number, number];
   readonly cropTopLeft?: readonly [number, number];
   readonly targetSize?: readonly [number, number];
+  /** ControlNet units, in order (their models by name). */
+  readonly controlNets?: readonly ControlUnitParameters[];
+  /** The IP-Adapter, written as the unit after the ControlNets. */
+  readonly ipAdapter?: IpAdapterParameters | null;
+  /** Whether an inpainting mask was used. */
+  readonly mask?: boolean;
+}
+
+export interface ControlUnitParameters {
+  /** The preprocessor: 'canny' or 'none'. */
+  readonly module: string;
+  readonly model: string;
+  readonly weight: number;
+  readonly start: number;
+  readonly end: number;
+  /** Canny's thresholds (A1111's Threshold A / B). */
+  readonly low?: number | null;
+  readonly high?: number | null;
+}
+
+export interface IpAdapterParameters {
+  readonly model: string;
+  readonly weight: number;
+  /** A1111's preprocessor name for the image encoder: 'ip-adapter_clip_sd15' (ViT-H, SD 1.x) or 'ip-adapter_clip_sdxl'. */
+  readonly module: string;
 }
 
 /** Our sampler names -> the web UI's labels (its "Karras" variants append " Karras"). */
@@ -77,6 +111,8 @@ export function formatParameters(p: ImageParameters): string {
   if (p.strength !== null) settings.push(['Denoising strength', p.strength]);
   if (p.clipSkip > 1) settings.push(['Clip skip', p.clipSkip]);
   settings.push(...sourceSettings(p));
+  if (p.mask === true) settings.push(['Mask blur', 0]);
+  settings.push(...adapterSettings(p));
   const lines = [p.prompt];
   if (p.negativePrompt !== '') lines.push(`Negative prompt: ${p.negativePrompt}`);
   lines.push(settings.map(([k, v]) => `${k}: ${v}`).join(', '));
@@ -95,6 +131,29 @@ function sourceSettings(p: ImageParameters): [string, string | number][] {
   if (p.cropTopLeft !== undefined && p.cropTopLeft[0] !== 0) out.push(['Crop top', p.cropTopLeft[0]]);
   if (p.cropTopLeft !== undefined && p.cropTopLeft[1] !== 0) out.push(['Crop left', p.cropTopLeft[1]]);
   if (!isSize(p.targetSize, p)) out.push(['Target size', `${p.targetSize![1]}x${p.targetSize![0]}`]);
+  return out;
+}
+
+/** One ControlNet extension unit: `"Key: value, ..."` (its values never hold quotes or commas: names are plain). */
+function unitSetting(u: ControlUnitParameters): string {
+  const parts: [string, string | number][] = [['Module', u.module], ['Model', u.model], ['Weight', u.weight], ['Resize Mode', 'Just Resize']];
+  if (u.low != null) parts.push(['Threshold A', u.low]);
+  if (u.high != null) parts.push(['Threshold B', u.high]);
+  parts.push(['Guidance Start', u.start], ['Guidance End', u.end]);
+  return JSON.stringify(parts.map(([k, v]) => `${k}: ${String(v).replace(/[,:"]/g, '_')}`).join(', '));
+}
+
+/** `ControlNet N: "..."` for each ControlNet, then the IP-Adapter as the next unit (see the header). */
+function adapterSettings(p: ImageParameters): [string, string][] {
+  const units: ControlUnitParameters[] = [...(p.controlNets ?? [])];
+  if (p.ipAdapter != null) units.push({ module: p.ipAdapter.module, model: p.ipAdapter.model, weight: p.ipAdapter.weight, start: 0, end: 1 });
+  return units.map((u, i) => [`ControlNet ${i}`, unitSetting(u)]);
+}
+
+/** The ControlNet extension units of a parsed settings line, in order: each unit's own `Key: value` pairs. */
+export function controlUnits(settings: Readonly<Record<string, string>>): Readonly<Record<string, string>>[] {
+  const out: Record<string, string>[] = [];
+  for (let i = 0; settings[`ControlNet ${i}`] !== undefined; i++) out.push(parseSettings(settings[`ControlNet ${i}`]));
   return out;
 }
 

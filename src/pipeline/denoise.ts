@@ -58,10 +58,13 @@ export interface DenoiseStep {
 /** Lets timers and I/O (an abort, an HTTP request) run between steps. */
 const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
+/** What runs on the latent after step i (0-based), e.g. inpainting's blend of the kept area; returns a new tensor. */
+export type AfterStep = (i: number, latent: tf.Tensor4D) => tf.Tensor4D;
+
 /**
- * Runs every step of `sampler` from `start` (taken over: it is disposed along the way). Yields after each step.
- * If the signal fires, or the caller stops iterating early, the current latent and the sampler are freed;
- * an abort throws AbortError from the generator.
+ * Runs every step of `sampler` from `start` (taken over: it is disposed along the way), then `afterStep` if given.
+ * Yields after each step. If the signal fires, or the caller stops iterating early, the current latent and the
+ * sampler are freed; an abort throws AbortError from the generator.
  */
 export async function* denoise(
   start: tf.Tensor4D,
@@ -69,13 +72,18 @@ export async function* denoise(
   eps: EpsFn,
   noise: NoiseFn,
   signal?: AbortSignal,
+  afterStep?: AfterStep,
 ): AsyncGenerator<DenoiseStep, void, void> {
   let x = start;
   let finished = false;
   try {
     for (let i = 0; i < sampler.totalSteps; i++) {
       throwIfAborted(signal);
-      const next = tf.tidy(() => sampler.step(i, x, eps, noise));
+      const cur = x;
+      const next = tf.tidy(() => {
+        const stepped = sampler.step(i, cur, eps, noise);
+        return afterStep === undefined ? stepped : afterStep(i, stepped);
+      });
       x.dispose();
       x = next;
       const last = i === sampler.totalSteps - 1;

@@ -4,6 +4,7 @@
  * ParamError naming the field and its allowed range; the CLI prints it, the server answers 400 with it.
  */
 import {
+  CONTROL_PREPROCESSORS,
   CONVENTION_NAMES,
   NOISE_SOURCES,
   ParamError,
@@ -12,6 +13,8 @@ import {
   type ConventionsName,
   type GenerateParams,
   type PixelPair,
+  type ResolvedControlNet,
+  type ResolvedIpAdapter,
   type ResolvedParams,
   type SamplerName,
 } from './api.js';
@@ -22,6 +25,12 @@ export const MAX_STEPS = 200;
 export const MAX_CFG_SCALE = 30;
 export const MAX_SIZE = 2048;
 export const MAX_BATCH = 8;
+/** ControlNets of one request: each costs about half a UNet forward per step. */
+export const MAX_CONTROLNETS = 4;
+/** Largest ControlNet / IP-Adapter scale (A1111's weight slider stops at 2). */
+export const MAX_ADAPTER_SCALE = 2;
+/** Canny thresholds are on |dx| + |dy| of a 3x3 Sobel of 8-bit pixels, at most 4 * 255 * 2. */
+export const MAX_CANNY_THRESHOLD = 2040;
 
 /** Model families whose default bounds differ; SDXL is to come. */
 export type ModelFamily = 'sd1' | 'sdxl';
@@ -73,6 +82,14 @@ export const DEFAULTS = Object.freeze({
   clipSkip: 1,
   /** img2img: the web UI's default denoising strength. */
   strength: 0.75,
+  /** ControlNet: Canny's thresholds (ControlNet's annotator and A1111's defaults), scale and window. */
+  controlPreprocess: 'canny' as const,
+  cannyLow: 100,
+  cannyHigh: 200,
+  controlScale: 1,
+  controlStart: 0,
+  controlEnd: 1,
+  ipScale: 1,
   batch: 1,
   /** torch's CPU generator: the seeds of diffusers (with a CPU generator), ComfyUI and A1111's "RNG: CPU". */
   noise: 'cpu' as const,
@@ -178,6 +195,67 @@ function strength(p: GenerateParams): number | null {
   return s;
 }
 
+function bytes(field: string, v: unknown, what: string): void {
+  if (!(v instanceof Uint8Array) || v.length === 0) throw new ParamError(field, `must be the bytes of ${what}`);
+}
+
+function path(field: string, v: unknown): string {
+  if (typeof v !== 'string' || v.trim() === '') throw new ParamError(field, `must be a file or folder path, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+/** One ControlNet: its file, image, preprocessor (thresholds only for canny, low <= high), scale and window start < end. */
+function controlNet(v: unknown, i: number): ResolvedControlNet {
+  const at = `controlNets[${i}]`;
+  if (typeof v !== 'object' || v === null) throw new ParamError(at, 'must be an object with at least model and image');
+  const c = v as Record<string, unknown>;
+  const model = path(`${at}.model`, c.model);
+  bytes(`${at}.image`, c.image, 'a PNG or JPEG control image');
+  const preprocess = oneOf(`${at}.preprocess`, c.preprocess, DEFAULTS.controlPreprocess, CONTROL_PREPROCESSORS);
+  let low: number | null = null;
+  let high: number | null = null;
+  if (preprocess === 'canny') {
+    low = number(`${at}.low`, c.low, DEFAULTS.cannyLow, 0, MAX_CANNY_THRESHOLD);
+    high = number(`${at}.high`, c.high, DEFAULTS.cannyHigh, 0, MAX_CANNY_THRESHOLD);
+    if (low > high) throw new ParamError(`${at}.low`, `must be at most high (${high}), got ${low}`);
+  } else {
+    for (const f of ['low', 'high'] as const) {
+      if (c[f] !== undefined) throw new ParamError(`${at}.${f}`, "is a Canny threshold: it applies to preprocess 'canny' only");
+    }
+  }
+  const scale = number(`${at}.scale`, c.scale, DEFAULTS.controlScale, 0, MAX_ADAPTER_SCALE);
+  const start = number(`${at}.start`, c.start, DEFAULTS.controlStart, 0, 1);
+  const end = number(`${at}.end`, c.end, DEFAULTS.controlEnd, 0, 1);
+  if (!(start < end)) throw new ParamError(`${at}.start`, `must be below end (${end}), got ${start}`);
+  return Object.freeze({ model, preprocess, low, high, scale, start, end });
+}
+
+function controlNets(v: unknown): readonly ResolvedControlNet[] {
+  if (v === undefined) return Object.freeze([]);
+  if (!Array.isArray(v)) throw new ParamError('controlNets', 'must be a list of ControlNets');
+  if (v.length > MAX_CONTROLNETS) throw new ParamError('controlNets', `at most ${MAX_CONTROLNETS} at once, got ${v.length}`);
+  return Object.freeze(v.map(controlNet));
+}
+
+function ipAdapter(v: unknown): ResolvedIpAdapter | null {
+  if (v === undefined) return null;
+  if (typeof v !== 'object' || v === null) throw new ParamError('ipAdapter', 'must be an object with at least model and image');
+  const a = v as Record<string, unknown>;
+  const model = path('ipAdapter.model', a.model);
+  bytes('ipAdapter.image', a.image, 'a PNG or JPEG photo');
+  const scale = number('ipAdapter.scale', a.scale, DEFAULTS.ipScale, 0, MAX_ADAPTER_SCALE);
+  const imageEncoder = a.imageEncoder === undefined ? null : path('ipAdapter.imageEncoder', a.imageEncoder);
+  return Object.freeze({ model, scale, imageEncoder });
+}
+
+/** Inpainting: a mask needs the init image it applies to. */
+function mask(p: GenerateParams): boolean {
+  if (p.mask === undefined) return false;
+  if (p.initImage === undefined) throw new ParamError('mask', 'needs the image it applies to: give an init image too');
+  bytes('mask', p.mask, 'a PNG or JPEG mask (white = repaint, black = keep)');
+  return true;
+}
+
 export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMITS): ResolvedParams {
   if (typeof p !== 'object' || p === null) throw new ParamError('params', 'must be an object with at least a prompt');
   if (p.prompt === undefined) throw new ParamError('prompt', 'is required (a string, may be empty)');
@@ -201,6 +279,9 @@ export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMI
     promptSyntax: oneOf('promptSyntax', p.promptSyntax, DEFAULTS.promptSyntax, PROMPT_SYNTAXES),
     conventions: oneOf('conventions', p.conventions, limits.conventions ?? 'a1111', CONVENTION_NAMES),
     ...micro(p, limits, height, width),
+    controlNets: controlNets(p.controlNets),
+    ipAdapter: ipAdapter(p.ipAdapter),
+    mask: mask(p),
   });
 }
 

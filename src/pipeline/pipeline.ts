@@ -36,6 +36,7 @@ import {
   DIFFUSERS_CONVENTIONS,
   TorchGenerator,
   torchNoise,
+  type EpsFn,
   type NoiseFn,
   type Sampler,
   type SamplerConfig,
@@ -64,8 +65,13 @@ import {
 import { detectFamily, type ModelFamily } from './families.js';
 import { diffusersFolderConfig } from './diffusers-config.js';
 import { SDXL_BASE_PIPELINE, type SdxlPipelineConfig } from './sdxl-config.js';
-import { denoise, guidedEps, throwIfAborted } from './denoise.js';
+import { denoise, guidedEps, throwIfAborted, type AfterStep } from './denoise.js';
 import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
+// -- ControlNet, IP-Adapter, inpainting (./control.ts, ./ip.ts, ./inpaint-run.ts, ./eps.ts)
+import { ControlNetCache } from './control.js';
+import { IpAdapterCache, withAdapter, withImageTokens } from './ip.js';
+import { withCheckpointInChannels } from './inpaint-run.js';
+import { adapterParameters, NO_ADAPTERS, prepareAdapters, sampleImage, type RequestAdapters } from './adapters.js';
 
 export { AbortError } from './denoise.js';
 export { SD15_PIPELINE, familyOf, pipelineConfigFromLdm, readPipelineConfig, type AnyPipelineConfig, type PipelineConfig } from './config.js';
@@ -158,6 +164,14 @@ export class StableDiffusion {
     readonly loras: LoraSwitch,
   ) {}
 
+  /** ControlNets and IP-Adapters loaded by requests, kept until the model is disposed. */
+  private controlCache: ControlNetCache | null = null;
+  private readonly ipCache = new IpAdapterCache();
+
+  private get controlNets(): ControlNetCache {
+    return (this.controlCache ??= new ControlNetCache(this.config.unet));
+  }
+
   /** Opens the weights, recognises the family from their keys, and loads the family's networks. */
   static async load(o: LoadOptions): Promise<StableDiffusion> {
     const tokenizer = ClipTokenizer.fromFile(o.tokenizer ?? findTokenizer(tokenizerCandidates(o.weights)));
@@ -182,7 +196,8 @@ export class StableDiffusion {
         const text = () => sdxlTextConditioner(weights, tokenizer, config); // streamed on wasm, as the UNet
         return StableDiffusion.loadModels(weights, config, text, make(config));
       }
-      const config = (o.config ?? diffusersFolderConfig(o.weights, family) ?? SD15_PIPELINE) as PipelineConfig;
+      // an inpainting checkpoint's 9-channel UNet widens the config (inpaint-run.ts)
+      const config = withCheckpointInChannels(src, (o.config ?? diffusersFolderConfig(o.weights, family) ?? SD15_PIPELINE) as PipelineConfig);
       checkCheckpointFits(src, config);
       const text = () => new Sd1Conditioner({ tokenizer, clip: ClipTextEncoder.load(weights, config.clip) });
       return StableDiffusion.loadModels(weights, config, text, make(config));
@@ -273,15 +288,15 @@ export class StableDiffusion {
     readonly initLatent?: tf.Tensor4D;
     readonly signal?: AbortSignal;
     readonly onStep?: (step: number, total: number) => void;
-  } & X0Hooks): Promise<tf.Tensor4D> {
-    const start = tf.tidy(() => o.sampler.start(tf.reshape(o.noise(o.latentShape), [...o.latentShape]), o.initLatent));
-    const eps = guidedEps(this.unet, o.cond, o.guidanceScale);
+  } & X0Hooks & AdapterHooks): Promise<tf.Tensor4D> {
+    const start = tf.tidy(() => o.sampler.start(o.startNoise ?? tf.reshape(o.noise(o.latentShape), [...o.latentShape]), o.initLatent));
+    const eps = o.eps ?? guidedEps(this.unet, o.cond, o.guidanceScale);
     // The predicted x0 of each step, when previews or an early stop may want it (../scheduler/x0.ts).
     const tap = o.onX0 !== undefined || o.stop !== undefined ? new X0Tap(eps) : null;
     let latent = start;
     let x0: tf.Tensor4D | null = null;
     try {
-      for await (const s of denoise(start, o.sampler, tap?.eps ?? eps, o.noise, o.signal)) {
+      for await (const s of denoise(start, o.sampler, tap?.eps ?? eps, o.noise, o.signal, o.afterStep)) {
         latent = s.latent;
         o.onStep?.(s.step, s.total);
         if (tap === null) continue;
@@ -333,24 +348,38 @@ export class StableDiffusion {
     const perImage = probe.totalSteps;
     probe.dispose();
     const total = perImage * r.batch;
-    const cond = this.encodePrompts(r, p.negativePrompt ?? null);
-    const initImage = init === null ? null : rgbToTensor(init);
+    // ControlNets, IP-Adapter, mask (./adapters.ts): decoded and loaded before the text is encoded
+    const f = downsampleFactor(this.config.vae);
+    const adapters = await prepareAdapters(p, r, { controlNets: this.controlNets, ipAdapters: this.ipCache, unet: this.unet, latentHeight: r.height / f, latentWidth: r.width / f });
+    let cond: GuidedConditioning | null = null;
+    let initImage: tf.Tensor4D | null = null;
+    let joined: { readonly cond: GuidedConditioning; dispose(): void } | null = null;
     const images: GeneratedImage[] = [];
     let stoppedAt: number | undefined;
     try {
-      for (let i = 0; i < r.batch && stoppedAt === undefined; i++) {
-        const done = i * perImage;
-        const onStep = (step: number) => o.onProgress?.(done + step, total);
-        const hooks: X0Hooks = {
-          onX0: this.previewHook(o, i, done, total),
-          stop: o.stop,
-          onStopped: (step) => (stoppedAt = done + step),
-        };
-        images.push(await this.generateOne(r, (r.seed + i) >>> 0, cond, initImage, o.signal, onStep, hooks));
-      }
+      throwIfAborted(o.signal);
+      cond = this.encodePrompts(r, p.negativePrompt ?? null);
+      initImage = init === null ? null : rgbToTensor(init);
+      joined = adapters.ip === null ? null : withImageTokens(cond, adapters.ip.tokens, usesGuidance(r));
+      const c = joined?.cond ?? cond;
+      const image = initImage;
+      await withAdapter(adapters.ip?.adapter ?? null, this.unet, async () => {
+        for (let i = 0; i < r.batch && stoppedAt === undefined; i++) {
+          const done = i * perImage;
+          const onStep = (step: number) => o.onProgress?.(done + step, total);
+          const hooks: X0Hooks = {
+            onX0: this.previewHook(o, i, done, total),
+            stop: o.stop,
+            onStopped: (step) => (stoppedAt = done + step),
+          };
+          images.push(await this.generateOne(r, (r.seed + i) >>> 0, c, image, o.signal, onStep, hooks, adapters));
+        }
+      });
     } finally {
-      disposeGuided(cond);
+      joined?.dispose();
+      if (cond !== null) disposeGuided(cond);
       initImage?.dispose();
+      adapters.dispose();
     }
     return { images, params: r, ...(stoppedAt !== undefined ? { stoppedAt } : {}) };
   }
@@ -391,27 +420,27 @@ export class StableDiffusion {
     signal: AbortSignal | undefined,
     onStep: (step: number) => void,
     hooks: X0Hooks = {},
+    adapters: RequestAdapters = NO_ADAPTERS,
   ): Promise<GeneratedImage> {
     const f = downsampleFactor(this.config.vae);
     const latentShape = [1, r.height / f, r.width / f, this.config.vae.embedDim] as const;
     const { noise, posterior } = this.imageNoise(r, seed);
-    const initLatent = initImage === null ? undefined : this.encodeImage(initImage, posterior);
-    let latent: tf.Tensor4D;
-    try {
-      latent = await this.sampleLatent({
-        sampler: createSampler(this.samplerConfig(r)),
-        cond,
-        guidanceScale: usesGuidance(r) ? r.cfgScale : null,
-        noise,
-        latentShape,
-        initLatent,
-        signal,
-        onStep,
-        ...hooks,
-      });
-    } finally {
-      initLatent?.dispose();
-    }
+    const guidanceScale = usesGuidance(r) ? r.cfgScale : null;
+    // txt2img / img2img, or inpainting, with the ControlNets (./adapters.ts)
+    const latent = await sampleImage({
+      unet: this.unet,
+      cond,
+      guidanceScale,
+      samplerConfig: this.samplerConfig(r),
+      latentShape,
+      factor: f,
+      noise,
+      posterior,
+      initImage,
+      strength: r.strength,
+      encode: (image, post) => this.encodeImage(image, post),
+      sample: (s) => this.sampleLatent({ cond, guidanceScale, noise, latentShape, signal, onStep, ...hooks, ...s }),
+    }, adapters);
     const image = this.decodeLatent(latent);
     latent.dispose();
     let rgb: Uint8Array;
@@ -425,6 +454,7 @@ export class StableDiffusion {
       seed,
       model: this.modelName,
       promptSyntax: r.promptSyntax,
+      ...adapterParameters(r, this.family),
     });
     return { png, rgb, seed };
   }
@@ -432,6 +462,8 @@ export class StableDiffusion {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
+    this.controlCache?.dispose();
+    this.ipCache.dispose();
     this.loras.restore(); // the layers' own weights back in place, so that disposing them frees everything
     this.text.dispose();
     this.unet.dispose();
@@ -444,6 +476,16 @@ interface X0Hooks {
   readonly onX0?: (x0: tf.Tensor4D, step: number, total: number) => Promise<void>;
   readonly stop?: AbortSignal;
   readonly onStopped?: (step: number) => void;
+}
+
+/** What inpainting and ControlNets change in sampleLatent (./adapters.ts). */
+export interface AdapterHooks {
+  /** The noise predictor, instead of guidedEps of cond (ControlNets, a 9-channel UNet). */
+  readonly eps?: EpsFn;
+  /** The start noise drawn by the caller (inpainting draws it between two VAE samples); not disposed. */
+  readonly startNoise?: tf.Tensor4D;
+  /** Runs after every step (an ordinary model's inpainting blend). */
+  readonly afterStep?: AfterStep;
 }
 
 /** SDXL's size and crop conditioning of `r` (defaults: original size = target size = the image's, no crop). */
