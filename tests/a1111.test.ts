@@ -298,7 +298,7 @@ const MALFORMED: readonly (readonly [string, string, unknown, string])[] = [
   ['no init image', 'img2img', { prompt: 'x', init_images: [] }, 'init_images'],
   ['init image not base64', 'img2img', { prompt: 'x', init_images: ['not base64!!'] }, 'init_images'],
   ['init image not an image', 'img2img', { prompt: 'x', init_images: [Buffer.from('hello').toString('base64')] }, 'init_images'],
-  ['a mask', 'img2img', { prompt: 'x', init_images: ['iVBORw0KGgo='], mask: 'iVBORw0KGgo=' }, 'mask'],
+  ['"Only masked" inpainting', 'img2img', { prompt: 'x', init_images: ['iVBORw0KGgo='], mask: 'iVBORw0KGgo=', inpaint_full_res: true }, 'inpaint_full_res'],
   ['denoising_strength 2', 'img2img', { prompt: 'x', init_images: ['iVBORw0KGgo='], denoising_strength: 2 }, 'denoising_strength'],
   ['samples_format jpg', 'options', { samples_format: 'jpg' }, 'samples_format'],
   ['png-info image a number', 'png-info', { image: 5 }, 'image'],

@@ -77,14 +77,8 @@ const CONTROLNET_UNIT = {
 
 /** Schema properties of the adapter fields, merged into ./body.ts's INFERENCE_BODY_SCHEMA. */
 export const ADAPTER_PROPERTIES = Object.freeze({
-  controlnet: {
-    type: ['object', 'array'],
-    additionalProperties: false,
-    required: CONTROLNET_UNIT.required,
-    properties: CONTROLNET_UNIT.properties,
-    maxItems: MAX_CONTROLNETS,
-    items: CONTROLNET_UNIT,
-  },
+  // One unit or a list: ./body.ts's parser puts a single object in a list before the schema sees it.
+  controlnet: { type: 'array', maxItems: MAX_CONTROLNETS, items: CONTROLNET_UNIT },
   mask: IMAGE,
   ip_adapter: {
     type: 'object',

@@ -312,6 +312,14 @@ export function checkJsonShape(text: string, limits = JSON_LIMITS): void {
   }
 }
 
+/** `controlnet` may be one unit or a list of them: the schema sees a list either way. */
+function oneOrList(body: unknown): unknown {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return body;
+  const b = body as Record<string, unknown>;
+  const c = b.controlnet;
+  return typeof c === 'object' && c !== null && !Array.isArray(c) ? { ...b, controlnet: [c] } : body;
+}
+
 /** Index of the quote that closes the string opened at `open` (one not escaped by an odd run of backslashes), or -1. */
 function closingQuote(text: string, open: number): number {
   let at = open;
@@ -344,6 +352,6 @@ export function guardJsonBodies(app: FastifyInstance, bodyLimit: number): void {
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
     checkJsonShape(body as string);
-    parse(request, body as string, done);
+    parse(request, body as string, (e: Error | null, value?: unknown) => done(e, e === null ? oneOrList(value) : undefined));
   });
 }

@@ -118,9 +118,11 @@ export function modelDir(kind: ModelKind, dirs: ModelDirs, field: string, status
 
 /**
  * The path of the model `name` of `kind`: `status` (400 on our routes, 422 on A1111's) when the kind is not
- * configured, the name is not a plain name, or nothing in the folder has it.
+ * configured, the name is not a plain name, or nothing in the folder has it. `closest`: failing an exact name, the
+ * shortest name that contains it, ignoring case (the ControlNet extension's find_closest_lora_model_name, which
+ * lets its own API example name a model "canny").
  */
-export function resolveModel(kind: ModelKind, dirs: ModelDirs, name: string, field: string, status = 400): string {
+export function resolveModel(kind: ModelKind, dirs: ModelDirs, name: string, field: string, status = 400, closest = false): string {
   const dir = modelDir(kind, dirs, field, status);
   const facts = MODEL_KINDS[kind];
   const shown = JSON.stringify(name.length > 80 ? `${name.slice(0, 80)}...` : name);
@@ -133,7 +135,8 @@ export function resolveModel(kind: ModelKind, dirs: ModelDirs, name: string, fie
   } catch (e) {
     throw new HttpError(500, `${facts.flag} ${dir}: cannot list it (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
   }
-  const found = findByName(models, name, facts.extensions) ?? (kind === 'lora' ? findByOutputName(models, name) : null);
+  const found =
+    findByName(models, name, facts.extensions) ?? (kind === 'lora' ? findByOutputName(models, name) : null) ?? (closest ? findContaining(models, name) : null);
   if (found !== null) return found.path;
   const names = [...new Set(models.map((m) => m.name))];
   const listed = names.length === 0 ? 'it holds none' : `it has ${names.slice(0, 20).join(', ')}${names.length > 20 ? `, ... (${names.length})` : ''}`;
@@ -148,6 +151,12 @@ function findByName(models: readonly ModelEntry[], name: string, extensions: rea
     if (hit !== undefined) return hit;
   }
   return null;
+}
+
+function findContaining(models: readonly ModelEntry[], name: string): ModelEntry | null {
+  const k = name.toLowerCase();
+  const hits = models.filter((m) => m.name.toLowerCase().includes(k));
+  return hits.length === 0 ? null : hits.reduce((a, b) => (b.name.length < a.name.length ? b : a));
 }
 
 /** A LoRA whose kohya metadata names it (`ss_output_name`, its training's output name), as A1111 aliases it. */

@@ -19,6 +19,7 @@ import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import type { GenerateParams } from '../pipeline/api.js';
 import { a1111Routes } from './a1111/routes.js';
+import { controlNetRoutes } from './a1111/listings.js';
 import { parseApiAuth } from './a1111/auth.js';
 import { checkRequest, guardJsonBodies, toAnsweredParameters, type InferenceBody, type RequestBounds } from './body.js';
 import type { Engine } from './engine.js';
@@ -121,6 +122,7 @@ export class SdServer {
       guardJsonBodies(ours, bodyLimit);
     });
     await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0, models: o.models ?? {} });
+    await app.register(controlNetRoutes, { prefix: '/controlnet', models: o.models ?? {} }); // the ControlNet extension's own routes
     await app.listen({ port: listen.port, host: listen.host });
     server.loading = server.load();
     return server;

@@ -176,12 +176,13 @@ function boundsOf(a: Args): Partial<RequestBounds> {
 export function modelDirsOf(a: Pick<Args, 'controlnet-dir' | 'ip-adapter-dir' | 'lora-dir' | 'image-encoder'>): ModelDirs {
   const folder = (flag: string, v: string | undefined): string | null => {
     if (v === undefined || v === '') return null;
-    let isDir = false;
-    try {
-      isDir = statSync(v).isDirectory();
-    } catch {
-      throw new UsageError(`--${flag} ${v}: no such folder`);
-    }
+    const isDir = ((): boolean => {
+      try {
+        return statSync(v).isDirectory();
+      } catch {
+        throw new UsageError(`--${flag} ${v}: no such folder`);
+      }
+    })();
     if (!isDir) throw new UsageError(`--${flag} ${v}: not a folder`);
     return v;
   };

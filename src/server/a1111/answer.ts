@@ -63,6 +63,7 @@ export function infoOf(g: A1111Generation, m: Made): Record<string, unknown> {
   const n = imageCount(g);
   const seeds = Array.from({ length: n }, (_, i) => imageSeed(g, i));
   const infotexts = m.results.map((r) => readPngParameters(Buffer.from(r.image, 'base64')) ?? '');
+  const warnings = [...(g.sampler.fellBack !== null ? [g.sampler.fellBack] : []), ...g.notes];
   return {
     prompt: g.prompt,
     all_prompts: seeds.map(() => g.prompt),
@@ -97,7 +98,7 @@ export function infoOf(g: A1111Generation, m: Made): Record<string, unknown> {
     is_using_inpainting_conditioning: false,
     version: 'sd-ts',
     ...(m.missing > 0 ? { interrupted: true, images_not_made: m.missing } : {}),
-    ...(g.sampler.fellBack !== null ? { warnings: [g.sampler.fellBack] } : {}),
+    ...(warnings.length > 0 ? { warnings } : {}),
   };
 }
 

@@ -7,10 +7,18 @@
  * of 8 is rounded down, as A1111's latent size is. Image i of batch_size x n_iter gets seed + i. Fields this
  * server has no use for are ignored (A1111's whole field set arrives from most clients, nulls included);
  * `denoising_strength` is read by img2img only. What would change the image and cannot be done here answers 422
- * naming the field: hires fix, tiling, an inpainting mask, a script.
+ * naming the field: hires fix, tiling, a script other than ControlNet (./controlnet.ts), an inpainting option that
+ * does not map (./mask.ts). `<lora:NAME:W>` tags in the prompt are looked up in --lora-dir (an unknown name is
+ * skipped with a warning, as A1111 skips it); without --lora-dir the engine strips them with a warning.
  */
 import { MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, MAX_CFG_SCALE, MAX_SIZE, MAX_BATCH } from '../../pipeline/params.js';
 import type { GenerateParams } from '../../pipeline/api.js';
+import { extractLoraTags } from '../../lora/tags.js';
+import type { LoraSpec } from '../../lora/types.js';
+import { HttpError } from '../errors.js';
+import { resolveModel, type ModelDirs } from '../models-dir.js';
+import { controlNetScript, parseControlNetArgs, toControlNetParams, type A1111ControlUnit } from './controlnet.js';
+import { maskNote, parseMask, type A1111Mask } from './mask.js';
 import { asBody, bool, invalid, list, num, obj, str, strOrNull, type Body } from './fields.js';
 import { chooseSampler, type SamplerChoice } from './names.js';
 import type { Settings } from './options.js';
@@ -37,6 +45,14 @@ export interface A1111Generation {
   readonly strength: number | null;
   readonly overrideSettings: Body;
   readonly includeInitImages: boolean;
+  /** alwayson_scripts.controlnet's enabled units. */
+  readonly controlNets: readonly A1111ControlUnit[];
+  /** img2img: the inpainting mask and its fields; null: plain img2img. */
+  readonly mask: A1111Mask | null;
+  /** The prompt's <lora:> tags found in --lora-dir. */
+  readonly loras: readonly LoraSpec[];
+  /** What ran otherwise than asked (a LoRA tag skipped, an inpainting_fill that runs as original): info.warnings. */
+  readonly notes: readonly string[];
 }
 
 /** Most images one request may ask for (batch_size * n_iter): the pipeline's batch bound. */
@@ -56,9 +72,17 @@ function sizeOf(b: Body, field: string, fallback: number): number {
   return Math.floor(v / 8) * 8;
 }
 
-export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: number; height: number }): A1111Generation {
+export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: number; height: number }, models: ModelDirs = {}): A1111Generation {
   const b = asBody(raw);
   refuseUnsupported(b, mode);
+  const script = controlNetScript(obj(b, 'alwayson_scripts'));
+  const controlNets = script !== null ? parseControlNetArgs(script, models, mode === 'img2img') : [];
+  const mask = mode === 'img2img' ? parseMask(b) : null;
+  const prompt = str(b, 'prompt', '', MAX_PROMPT_CHARS);
+  const notes: string[] = [];
+  const loras = promptLoras(prompt, models, notes);
+  const fill = mask !== null ? maskNote(mask) : null;
+  if (fill !== null) notes.push(fill);
   const sampler = chooseSampler(strOrNull(b, 'sampler_name') ?? strOrNull(b, 'sampler_index'), strOrNull(b, 'scheduler'));
   const batchSize = num(b, 'batch_size', 1, { integer: true, min: 1, max: MAX_IMAGES });
   const nIter = num(b, 'n_iter', 1, { integer: true, min: 1, max: MAX_IMAGES });
@@ -68,7 +92,7 @@ export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: 
   if (mode === 'img2img' && typeof initImages[0] !== 'string') throw invalid('init_images', 'must be a list of base64 strings');
   return {
     mode,
-    prompt: str(b, 'prompt', '', MAX_PROMPT_CHARS),
+    prompt,
     negativePrompt: str(b, 'negative_prompt', '', MAX_PROMPT_CHARS),
     seed: seedOf(b, 'seed'),
     subseed: seedOf(b, 'subseed'),
@@ -83,20 +107,46 @@ export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: 
     strength: mode === 'img2img' ? num(b, 'denoising_strength', 0.75, { min: 0, max: 1 }) : null,
     overrideSettings: obj(b, 'override_settings'),
     includeInitImages: bool(b, 'include_init_images', false),
+    controlNets,
+    mask,
+    loras,
+    notes,
   };
+}
+
+/**
+ * The prompt's <lora:NAME:TE:UNET> tags as A1111's Lora extension applies them: each found in --lora-dir, an
+ * unknown name (or a malformed tag) skipped with a note. Without --lora-dir: none (the engine strips the tags).
+ */
+function promptLoras(prompt: string, models: ModelDirs, notes: string[]): LoraSpec[] {
+  if (models.lora == null || models.lora === '') return [];
+  let tags;
+  try {
+    tags = extractLoraTags(prompt).loras;
+  } catch (e) {
+    notes.push(`LoRA tags not applied: ${e instanceof Error ? e.message : String(e)}`);
+    return [];
+  }
+  const out: LoraSpec[] = [];
+  for (const t of tags) {
+    try {
+      out.push({ path: resolveModel('lora', models, t.name, 'prompt', 422), te: t.te, unet: t.unet });
+    } catch (e) {
+      if (!(e instanceof HttpError) || e.statusCode !== 422) throw e;
+      notes.push(`<lora:${t.name}> skipped: ${e.message.replace(/^prompt: /, '')}`);
+    }
+  }
+  return out;
 }
 
 /** Features that change the image and that this server does not have: 422 naming the field, not a silent ignore. */
 function refuseUnsupported(b: Body, mode: A1111Mode): void {
   if (mode === 'txt2img' && bool(b, 'enable_hr', false)) throw invalid('enable_hr', 'hires fix is not supported by this server; send enable_hr: false');
   if (bool(b, 'tiling', false)) throw invalid('tiling', 'tiling is not supported by this server');
-  if (mode === 'img2img' && b.mask !== undefined && b.mask !== null && b.mask !== '') {
-    throw invalid('mask', 'inpainting is not supported yet by this server; send no mask');
-  }
   const script = strOrNull(b, 'script_name');
   if (script !== null && script !== '' && script.toLowerCase() !== 'none') throw invalid('script_name', `no script ${JSON.stringify(script)} on this server (GET /sdapi/v1/scripts lists none)`);
-  const scripts = Object.keys(obj(b, 'alwayson_scripts'));
-  if (scripts.length > 0) throw invalid(`alwayson_scripts.${scripts[0]}`, `no script ${JSON.stringify(scripts[0])} on this server (GET /sdapi/v1/scripts lists none)`);
+  const scripts = Object.keys(obj(b, 'alwayson_scripts')).filter((k) => k.toLowerCase() !== 'controlnet');
+  if (scripts.length > 0) throw invalid(`alwayson_scripts.${scripts[0]}`, `no script ${JSON.stringify(scripts[0])} on this server (GET /sdapi/v1/scripts lists what it has)`);
 }
 
 /** Image i of the request: seed + i, as A1111 numbers a batch. */
@@ -104,8 +154,18 @@ export const imageSeed = (g: A1111Generation, i: number): number => (g.seed + i)
 
 export const imageCount = (g: A1111Generation): number => g.batchSize * g.nIter;
 
-/** The pipeline's parameters of image i; `initImage` is the checked bytes of the upload. */
-export function toGenerateParams(g: A1111Generation, s: Settings, i: number, initImage?: Uint8Array): GenerateParams {
+/** The checked and prepared images of a request: init image, mask, and one control image per unit. */
+export interface A1111Images {
+  readonly initImage?: Uint8Array;
+  readonly mask?: Uint8Array;
+  readonly controlImages?: readonly Uint8Array[];
+}
+
+/** The pipeline's parameters of image i; `images` are the checked bytes of the uploads (absent: form checks only). */
+export function toGenerateParams(g: A1111Generation, s: Settings, i: number, images: A1111Images = {}): GenerateParams {
+  const { initImage, mask, controlImages } = images;
+  // Without its images (the form check before anything is decoded) a request is checked without its ControlNets.
+  const controlNets = controlImages === undefined ? [] : g.controlNets.map((u, k) => toControlNetParams(u, controlImages[k]));
   return {
     prompt: g.prompt,
     negativePrompt: g.negativePrompt,
@@ -119,6 +179,9 @@ export function toGenerateParams(g: A1111Generation, s: Settings, i: number, ini
     clipSkip: s.clipSkip,
     noise: s.noise,
     ...(initImage !== undefined ? { initImage, strength: g.strength ?? undefined } : {}),
+    ...(mask !== undefined ? { mask } : {}),
+    ...(controlNets.length > 0 ? { controlNets } : {}),
+    ...(g.loras.length > 0 ? { loras: g.loras } : {}),
   };
 }
 

@@ -28,7 +28,9 @@ import { catalog } from './catalog.js';
 import { asBody, invalid, str } from './fields.js';
 import { A1111Options, modelInfo } from './options.js';
 import { A1111Progress, INTERRUPTED, SKIPPED, type ProgressHost } from './progress.js';
-import { A1111_FIELD, imageCount, parseGeneration, toGenerateParams, type A1111Generation, type A1111Mode } from './request.js';
+import { A1111_FIELD, imageCount, parseGeneration, toGenerateParams, type A1111Generation, type A1111Images, type A1111Mode } from './request.js';
+import { prepareControlImage } from './controlnet.js';
+import { prepareMask } from './mask.js';
 
 /** What the routes need of the server (SdServer is it). */
 export interface A1111Host extends ProgressHost {
@@ -58,6 +60,7 @@ const GENERATION_ROUTES = new Set([`${PREFIX}/txt2img`, `${PREFIX}/img2img`]);
 
 export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): Promise<void> {
   const { host } = o;
+  const models = o.models ?? {};
   const model = modelInfo(o.weights);
   const options = new A1111Options(model);
   const progress = new A1111Progress(host);
@@ -70,13 +73,14 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
   const generate = (mode: A1111Mode) => async (request: FastifyRequest, reply: FastifyReply) => {
     const engine = host.assertAccepting();
     const body = asBody(request.body ?? {});
-    const g = parseGeneration(body, mode, engine.limits);
+    const g = parseGeneration(body, mode, engine.limits, models);
+    for (const note of g.notes) request.log.warn({ route: request.routeOptions.url }, note);
     const settings = options.settingsFor(g.overrideSettings);
     const bounds = resolveBounds(host.requestBounds, engine.limits);
-    checkParams(toGenerateParams(g, settings, 0), engine.limits, bounds, imageCount(g));
-    const init = g.initImage !== null ? await checkInitImage(g.initImage, bounds) : undefined;
-    const params = Array.from({ length: imageCount(g) }, (_, i) => toGenerateParams(g, settings, i, init));
-    if (init !== undefined) checkParams(params[0], engine.limits, bounds, params.length);
+    checkParams(toGenerateParams(g, settings, 0), engine.limits, bounds, g);
+    const images = await checkImages(g, bounds);
+    const params = Array.from({ length: imageCount(g) }, (_, i) => toGenerateParams(g, settings, i, images));
+    if (Object.keys(images).length > 0) checkParams(params[0], engine.limits, bounds, g);
     host.assertAccepting(); // shutdown may have begun while the image was decoded
     const startedAt = new Date();
     const jobs = enqueueAll(host, params);
@@ -113,7 +117,7 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
     return true;
   });
 
-  for (const [route, answer] of Object.entries(catalog({ model, basicAuth: o.basicAuth }))) app.get(`/${route}`, async () => answer());
+  for (const [route, answer] of Object.entries(catalog({ model, basicAuth: o.basicAuth, models }))) app.get(`/${route}`, async () => answer());
   for (const route of ['refresh-checkpoints', 'refresh-vae', 'refresh-loras', 'refresh-embeddings']) {
     app.post(`/${route}`, async (_request, reply) => reply.type('application/json').send('null'));
   }
@@ -155,13 +159,16 @@ function guardBodies(app: FastifyInstance, bodyLimit: number): void {
   });
 }
 
-/** resolveParams (the model's ranges) and the server's work bounds for `images` images like `p`; fields named as A1111 names them. */
-function checkParams(p: GenerateParams, limits: ParamLimits, bounds: RequestBounds, images: number): void {
+/**
+ * resolveParams (the model's ranges) and the server's work bounds for the request's images like `p`; fields named
+ * as A1111 names them (a ControlNet's by its place in alwayson_scripts.controlnet.args).
+ */
+function checkParams(p: GenerateParams, limits: ParamLimits, bounds: RequestBounds, g: A1111Generation): void {
   try {
-    checkWork({ ...resolveParams(p, limits), batch: images }, bounds);
+    checkWork({ ...resolveParams(p, limits), batch: imageCount(g) }, bounds);
   } catch (e) {
     if (!(e instanceof ParamError)) throw e;
-    const field = A1111_FIELD[e.field] ?? e.field;
+    const field = A1111_FIELD[e.field] ?? e.field.replace(/^controlNets\[(\d+)\]/, (all, k: string) => g.controlNets[Number(k)]?.field ?? all);
     throw invalid(field, e.message.startsWith(`${e.field}: `) ? e.message.slice(e.field.length + 2) : e.message);
   }
 }
@@ -177,11 +184,24 @@ function decodeBase64(s: string, field: string): Uint8Array {
 
 const isPng = (b: Uint8Array): boolean => b.length > 8 && b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47;
 
-/** init_images[0]: base64, then the upload checks (format, pixel limit, decode budget) before anything decodes it. */
-async function checkInitImage(b64: string, bounds: RequestBounds): Promise<Uint8Array> {
-  const bytes = decodeBase64(b64, 'init_images');
+/**
+ * init_images[0], the mask and each ControlNet unit's image: base64, then the upload checks (format, pixel limit,
+ * the request's one decode budget) before anything decodes them; then the mask and control images prepared as
+ * A1111 prepares them (./mask.ts, ./controlnet.ts). A unit without an image takes the init image, as the extension does.
+ */
+async function checkImages(g: A1111Generation, bounds: RequestBounds): Promise<A1111Images> {
   const upload = { maxPixels: bounds.maxImagePixels, maxDecodeBytes: bounds.maxDecodeBytes };
-  return (await decodeUploadedImage(bytes, 'init_images', upload, new DecodeBudget(bounds.maxDecodeBytes))).bytes;
+  const budget = new DecodeBudget(bounds.maxDecodeBytes);
+  const check = async (b64: string, field: string): Promise<Uint8Array> => (await decodeUploadedImage(decodeBase64(b64, field), field, upload, budget)).bytes;
+  const initImage = g.initImage !== null ? await check(g.initImage, 'init_images') : undefined;
+  const mask = g.mask !== null ? await prepareMask(await check(g.mask.mask, 'mask'), g.mask) : undefined;
+  const controlImages: Uint8Array[] = [];
+  for (const u of g.controlNets) {
+    const bytes = u.image !== null ? await check(u.image, `${u.field}.image`) : initImage;
+    if (bytes === undefined) throw invalid(`${u.field}.image`, 'controlnet is enabled but no input image is given');
+    controlImages.push(await prepareControlImage(bytes, u, g.width, g.height));
+  }
+  return { ...(initImage !== undefined ? { initImage } : {}), ...(mask !== undefined ? { mask } : {}), ...(controlImages.length > 0 ? { controlImages } : {}) };
 }
 
 /** One job per image; when the queue cannot take them all, none is left queued and the request answers 429. */
