@@ -14,6 +14,7 @@
  * measured txt2img time is the median, and the three series show whether memory grows from one to the next.
  * Prints a table, or one JSON object with --json. Progress goes to stderr.
  * --controlnet, --ip-adapter [--image-encoder-config FILE]: the adapters' parts (adapters.ts) on the same UNet.
+ * --lora-switch (SD 1.5): switching a rank-32 LoCon on and off in a loaded pipeline (lora.ts).
  */
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -36,6 +37,7 @@ import { kernelsProblem } from '../src/backend/kernels.js';
 import { SD15_PIPELINE } from '../src/pipeline/config.js';
 import { formatHeapPlan, wasmHeapPlan } from '../src/pipeline/wasm-plan.js';
 import { adapterRows, benchControlNet, benchIpAdapter, type ControlNetBench, type IpAdapterBench } from './adapters.js';
+import { benchLoraSwitch, loraRows } from './lora.js';
 
 /**
  * Useful FLOPs (2 x multiply-adds of the convolutions, linears and attention products; norms, activations and the
@@ -150,6 +152,7 @@ const args = await yargs(hideBin(process.argv))
   .option('steps', { type: 'number', default: 20, describe: 'with --full: steps per generation' })
   .option('controlnet', { type: 'boolean', default: false, describe: 'also time a UNet + ControlNet CFG step (random ControlNet for this UNet)' })
   .option('ip-adapter', { type: 'boolean', default: false, describe: 'also time the image encoder (ViT-H/14), the IP-Adapter tokens and a UNet step with them' })
+  .option('lora-switch', { type: 'boolean', default: false, describe: 'SD 1.5: also time switching a random rank-32 LoCon on and off in the loaded pipeline' })
   .option('image-encoder-config', { type: 'string', describe: 'with --ip-adapter: a transformers image encoder config.json instead of ViT-H/14 (e.g. a tiny one)' })
   .strict()
   .parseAsync();
@@ -176,6 +179,7 @@ function peakRssMb(): number {
 }
 
 if (args.config !== undefined && args.model !== 'sdxl') throw new Error('--config is for --model sdxl');
+if (args.loraSwitch && args.model !== 'sd15') throw new Error('--lora-switch is for --model sd15 (LoRAs are SD 1.x only)');
 const sdxlConfig = args.config === undefined ? undefined : sdxlConfigFromJson(JSON.parse(readFileSync(args.config, 'utf8')) as unknown, args.config);
 const model = benchModel(args.model, sdxlConfig);
 const { width, height } = model;
@@ -355,6 +359,10 @@ const measured = generations.length > 0 ? generations.map((g) => g.seconds).sort
 const cpu = cpus()[0]?.model ?? 'unknown';
 const unetFlops = unetFlop(model.unet, lh, lw, 2);
 const vaeFlops = vaeDecodeFlop(model.vae, lh, lw);
+const loraPart = !args.loraSwitch ? null : await benchLoraSwitch({
+  weights: fp16, modelShapes: randomModelShapes(args.model), tokenizer: 'tests/fixtures/tokenizer', cache: args.cache, modelName: weightsName,
+  latent: [lh, lw], unetStepFlop: unetFlops, unetStepSeconds: unetStep, runs: args.runs, say,
+});
 const result = {
   model: args.model,
   config: args.config ?? null,
@@ -389,6 +397,7 @@ const result = {
   wasm_heap_plan: choice.name === 'wasm' ? wasmHeapPlan(model.sdxl ?? SD15_PIPELINE, width, height) : null,
   controlnet: controlNetPart,
   ip_adapter: ipAdapterPart,
+  lora_switch: loraPart,
 };
 
 if (args.json) {
@@ -414,6 +423,7 @@ if (args.json) {
   ];
   if (result.peak_wasm_heap_mb !== null) rows.push(['peak wasm heap', `${result.peak_wasm_heap_mb.toFixed(0)} MB`]);
   rows.push(...adapterRows(controlNetPart, ipAdapterPart, unetStep));
+  rows.push(...loraRows(loraPart));
   if (result.wasm_heap_plan !== null) rows.push(...formatHeapPlan(result.wasm_heap_plan).map((l): [string, string] => ['wasm heap plan (projected)', l]));
   const w = Math.max(...rows.map(([k]) => k.length));
   for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);

@@ -48,6 +48,8 @@ interface ActiveSet {
 
 export class LoraSwitch {
   private active: ActiveSet | null = null;
+  /** The last set switched off: its files are not read again when it comes back (LoRAs of 10-300 MB). */
+  private recent: ActiveSet | null = null;
   /** Generations running with the active set: another set waits for none of them, it is refused. */
   private users = 0;
   private readonly stamp: string;
@@ -104,6 +106,7 @@ export class LoraSwitch {
     const active = this.active;
     this.active = null;
     active?.undo();
+    if (active !== null) this.recent = active;
   }
 
   private switchTo(id: string, specs: readonly LoraSpec[]): void {
@@ -153,10 +156,12 @@ export class LoraSwitch {
     return keys;
   }
 
-  /** The LoRA at `path`: the one the set on now read, unless the file changed since; else read. */
+  /** The LoRA at `path`: as the set on now (or the last one) read it, unless the file changed since; else read. */
   private read(path: string, stamp: string): LoraFile {
-    const active = this.active;
-    const i = active?.loras.findIndex((a) => resolve(a.lora.path) === resolve(path)) ?? -1;
-    return active !== null && i >= 0 && active.stamps[i] === stamp ? active.loras[i].lora : readLora(path);
+    for (const set of [this.active, this.recent]) {
+      const i = set?.loras.findIndex((a) => resolve(a.lora.path) === resolve(path)) ?? -1;
+      if (set !== null && i >= 0 && set.stamps[i] === stamp) return set.loras[i].lora;
+    }
+    return readLora(path);
   }
 }
