@@ -37,6 +37,7 @@ const ASSETS: Readonly<Record<string, string>> = Object.freeze({
   'app.js': 'text/javascript; charset=utf-8',
   'api.js': 'text/javascript; charset=utf-8',
   'form.js': 'text/javascript; charset=utf-8',
+  'follow.js': 'text/javascript; charset=utf-8',
   'gallery.js': 'text/javascript; charset=utf-8',
 });
 

@@ -1,8 +1,8 @@
 /* global fetch, localStorage, URL */
 /**
  * The page's client of the sd serve API: the API key (entered once, kept in localStorage, sent as a Bearer
- * token), JSON calls that throw ApiError with the server's message, and images fetched with the key (an <img src>
- * cannot send an Authorization header) as blob: URLs.
+ * token), JSON calls that throw ApiError with the server's message, streams and images fetched with the key (an
+ * <img src> or an EventSource cannot send an Authorization header), images as blob: URLs.
  */
 
 const KEY_STORAGE = 'sd-serve.api-key';
@@ -75,6 +75,11 @@ export async function call(method, path, body) {
   }
   if (!res.ok) throw await failure(res);
   return res.json();
+}
+
+/** A GET with the key, the answer as it comes (for streams). @param {string} path @param {Record<string, string>} [extra] */
+export function fetchWithKey(path, extra = {}) {
+  return fetch(path, { headers: headers(extra), cache: 'no-store' });
 }
 
 /** An image of the server as a blob: URL (the caller revokes it). @param {string} path @returns {Promise<string>} */

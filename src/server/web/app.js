@@ -1,19 +1,18 @@
 /* global document, setTimeout, URL */
 /**
  * The page's behaviour: connect (GET /info: the model's samplers and defaults; ask for the API key on a 401, wait
- * while the model loads), generate (POST /jobs, then GET /jobs/:id until it finishes: the progress bar from
- * step/total, the live preview from `preview` when the server has one), show the result with its parameters, and
- * the gallery of the outputs folder.
+ * while the model loads), generate (POST /jobs, then follow the job, ./follow.js: the progress bar from step/total,
+ * the live preview when the server makes one), show the result with its parameters, and the gallery of the outputs
+ * folder.
  */
 import { ApiError, call, imageUrl, storeKey, storedKey } from './api.js';
 import { applyInfo, fillForm, readForm, wireInitImage } from './form.js';
+import { followJob } from './follow.js';
 import { loadGallery, wireGallery } from './gallery.js';
 
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Milliseconds between two reads of a running job. */
-const POLL_MS = 250;
 /** Milliseconds between two tries while the model loads. */
 const LOADING_RETRY_MS = 2000;
 
@@ -124,16 +123,16 @@ function showProgress(job) {
   }
 }
 
-/** The live preview, one fetch at a time, each step once. */
+/** The live preview, one fetch at a time, each step once. @param {string} url @param {number} step */
 const preview = { step: -1, busy: false };
-async function updatePreview(job) {
-  if (typeof job.preview !== 'string' || preview.busy || job.step === preview.step) return;
+async function updatePreview(url, step) {
+  if (preview.busy || step === preview.step) return;
   preview.busy = true;
   try {
-    const src = await imageUrl(job.preview);
+    const src = await imageUrl(url);
     if (previewUrl !== null) URL.revokeObjectURL(previewUrl);
     previewUrl = src;
-    preview.step = job.step;
+    preview.step = step;
     $('preview').src = src;
     $('preview').hidden = false;
   } catch {
@@ -148,21 +147,11 @@ function setRunning(on) {
   $('cancel').hidden = !on;
   $('progress-box').hidden = !on;
   if (on) {
+    $('result-empty').hidden = true;
     $('progress').removeAttribute('value');
     $('progress-label').textContent = 'Sending…';
     $('preview').hidden = true;
     Object.assign(preview, { step: -1, busy: false });
-  }
-}
-
-/** Read the job until it finishes. @param {string} id @returns {Promise<any>} the finished job */
-async function follow(id) {
-  for (;;) {
-    const job = await call('GET', `/jobs/${encodeURIComponent(id)}`);
-    if (job.status !== 'queued' && job.status !== 'running') return job;
-    showProgress(job);
-    void updatePreview(job);
-    await sleep(POLL_MS);
   }
 }
 
@@ -179,7 +168,7 @@ async function generate() {
   try {
     const { id } = await call('POST', '/jobs', form.body);
     running = { id, cancelled: false };
-    const job = await follow(id);
+    const job = await followJob(id, { progress: showProgress, preview: (url, step) => void updatePreview(url, step) });
     if (job.status === 'succeeded') {
       showResult(`data:image/png;base64,${job.result.image}`, job.result.parameters, job.result.uid);
       await refreshGallery(true);
