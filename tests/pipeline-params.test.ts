@@ -38,6 +38,9 @@ describe('resolveParams', () => {
       originalSize: [512, 512],
       cropTopLeft: [0, 0],
       targetSize: [512, 512],
+      controlNets: [],
+      ipAdapter: null,
+      mask: false,
     });
     expect(Object.isFrozen(r)).toBe(true);
     expect(resolveParams({ prompt: '' }, TINY).width).toBe(32);
@@ -111,5 +114,39 @@ describe('resolveParams', () => {
     expect(usesGuidance(resolveParams({ prompt: 'a' }))).toBe(true);
     expect(usesGuidance(resolveParams({ prompt: 'a', cfg: false }))).toBe(false);
     expect(usesGuidance(resolveParams({ prompt: 'a', cfgScale: 1 }))).toBe(false);
+  });
+});
+
+describe('resolveParams: ControlNets, IP-Adapter, mask', () => {
+  const image = new Uint8Array([0x89, 0x50, 0x4e, 0x47]);
+  const cn = { model: 'control_v11p_sd15_canny.pth', image };
+
+  it('fills the ControlNet defaults (canny 100/200, scale 1, window 0 .. 1) and the IP-Adapter scale', () => {
+    const r = resolveParams({ prompt: 'x', controlNets: [cn, { ...cn, preprocess: 'none', scale: 0.5, start: 0.2, end: 0.6 }], ipAdapter: { model: 'ip.bin', image } });
+    expect(r.controlNets).toEqual([
+      { model: cn.model, preprocess: 'canny', low: 100, high: 200, scale: 1, start: 0, end: 1 },
+      { model: cn.model, preprocess: 'none', low: null, high: null, scale: 0.5, start: 0.2, end: 0.6 },
+    ]);
+    expect(r.ipAdapter).toEqual({ model: 'ip.bin', scale: 1, imageEncoder: null });
+    expect(resolveParams({ prompt: 'x', initImage: image, mask: image }).mask).toBe(true);
+  });
+
+  it('names the bad field', () => {
+    const cases: [GenerateParams, string][] = [
+      [{ prompt: 'x', mask: image }, 'mask'],
+      [{ prompt: 'x', initImage: image, mask: new Uint8Array(0) }, 'mask'],
+      [{ prompt: 'x', controlNets: [{ ...cn, model: '' }] }, 'controlNets[0].model'],
+      [{ prompt: 'x', controlNets: [cn, { ...cn, image: new Uint8Array(0) }] }, 'controlNets[1].image'],
+      [{ prompt: 'x', controlNets: [{ ...cn, scale: 2.5 }] }, 'controlNets[0].scale'],
+      [{ prompt: 'x', controlNets: [{ ...cn, start: 0.5, end: 0.4 }] }, 'controlNets[0].start'],
+      [{ prompt: 'x', controlNets: [{ ...cn, end: 1.5 }] }, 'controlNets[0].end'],
+      [{ prompt: 'x', controlNets: [{ ...cn, low: 300 }] }, 'controlNets[0].low'],
+      [{ prompt: 'x', controlNets: [{ ...cn, preprocess: 'none', high: 10 }] }, 'controlNets[0].high'],
+      [{ prompt: 'x', controlNets: [{ ...cn, preprocess: 'depth' as 'none' }] }, 'controlNets[0].preprocess'],
+      [{ prompt: 'x', controlNets: Array.from({ length: 5 }, () => cn) }, 'controlNets'],
+      [{ prompt: 'x', ipAdapter: { model: 'ip.bin', image, scale: Number.NaN } }, 'ipAdapter.scale'],
+      [{ prompt: 'x', ipAdapter: { model: 'ip.bin', image: 'photo.png' as unknown as Uint8Array } }, 'ipAdapter.image'],
+    ];
+    for (const [p, field] of cases) expect(paramError(p).field, JSON.stringify(p, (_, v: unknown) => (v instanceof Uint8Array ? '<bytes>' : v))).toBe(field);
   });
 });
