@@ -11,7 +11,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
 import { kernelsProblem } from '../src/backend/kernels.js';
-import { loraTargets, LoraError, type LoraSpec } from '../src/lora/index.js';
+import { bindLoras, loraTargets, LoraError, type LoraFile, type LoraSpec } from '../src/lora/index.js';
+import { randomLoraShapes } from '../src/lora/random.js';
+import { sd15Shapes } from '../src/pipeline/shapes.js';
+import { loraFlag } from '../src/cli/commands/generate.js';
+import { UsageError } from '../src/cli/errors.js';
+import type { TensorInfo, TensorSource } from '../src/weights/types.js';
 import { pipelineConfigFromLdm, StableDiffusion, type PipelineConfig } from '../src/pipeline/pipeline.js';
 import type { GenerateParams } from '../src/pipeline/api.js';
 import { openWeights } from '../src/weights/open.js';
@@ -246,5 +251,44 @@ describe.runIf(problem === null)('per-request LoRAs on the native kernels', () =
       if (saved === undefined) delete process.env.SD_KERNELS;
       else process.env.SD_KERNELS = saved;
     }
+  });
+});
+
+describe('sd generate --lora', () => {
+  const file = join(DIR, 'ink.safetensors');
+  it('reads FILE, FILE:M and FILE:TE:UNET, multipliers off the end', () => {
+    expect(loraFlag(file)).toEqual({ path: file, te: 1, unet: 1 });
+    expect(loraFlag(`${file}:0.8`)).toEqual({ path: file, te: 0.8, unet: 0.8 });
+    expect(loraFlag(`${file}:0.3:-1.5`)).toEqual({ path: file, te: 0.3, unet: -1.5 });
+  });
+
+  it('refuses a missing file or a multiplier that is not a number, naming the flag', () => {
+    expect(() => loraFlag(`${file}:strong`)).toThrow(UsageError);
+    expect(() => loraFlag(`${file}:strong`)).toThrow(/^--lora .*ink\.safetensors:strong: no file .*"strong" after a ':' is not a multiplier/);
+    expect(() => loraFlag('nowhere.safetensors:0.5')).toThrow(/^--lora nowhere\.safetensors:0\.5: no file nowhere\.safetensors \(/);
+  });
+});
+
+describe('sd random-weights --model lora-sd15', () => {
+  it('makes a LoCon whose every module fits SD 1.5 (attention, feed-forward, ResNets, text encoder)', () => {
+    const model = sd15Shapes();
+    const shapes = randomLoraShapes(model, 32);
+    const ids = [...shapes.keys()].filter((k) => k.endsWith('.alpha')).map((k) => k.slice(0, -'.alpha'.length));
+    const tensor = (key: string) => ({ shape: shapes.get(key) as number[], data: new Float32Array(0) });
+    const lora: LoraFile = {
+      path: 'random', name: 'random', format: 'kohya', sdxl: null, metadata: new Map(),
+      modules: ids.map((id) => ({ name: id, id, network: id.startsWith('lora_te_') ? 'te' : 'unet', down: tensor(`${id}.lora_down.weight`), up: tensor(`${id}.lora_up.weight`), scale: 0.5 })),
+    };
+    const src: TensorSource = {
+      path: 'sd15', keys: () => [...model.keys()], has: (k) => model.has(k), info: (k): TensorInfo => ({ dtype: 'F32', shape: model.get(k) as number[] }),
+      bytes: () => new Uint8Array(0), float32: () => new Float32Array(0), close: () => undefined,
+    };
+    expect(bindLoras(src, [{ lora, te: 1, unet: 1 }]).size).toBe(ids.length); // each fits, none twice
+    expect(ids.length).toBe(350);
+    expect(ids.filter((id) => id.startsWith('lora_te_')).length).toBe(72); // 12 layers x q, k, v, out, fc1, fc2
+    expect(ids.filter((id) => /_attn[12]_to_(q|k|v|out_0)$/.test(id)).length).toBe(16 * 8);
+    expect(ids.filter((id) => /_resnets_\d+_conv1$/.test(id)).length).toBe(22);
+    expect(shapes.get('lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight')).toEqual([32, 320, 3, 3]);
+    expect(shapes.get('lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight')).toEqual([320, 32, 1, 1]);
   });
 });
