@@ -1,5 +1,6 @@
 /**
- * `sd generate --prompt TEXT [...]`: txt2img (or img2img with --init-image) to PNG files carrying the
+ * `sd generate --prompt TEXT [...]`: txt2img (or img2img with --init-image, inpainting with --mask; ControlNet and
+ * IP-Adapter flags in ./adapter-flags.ts) to PNG files carrying the
  * A1111 `parameters` text. Writes into --out (a folder, default outputs/, named <seed>.png; or a .png path),
  * never over an existing file (name-1.png, name-2.png, ...). Prints each path and seed on stdout; progress on
  * stderr. Ctrl-C cancels between steps.
@@ -26,10 +27,12 @@ import { resolveParams } from '../../pipeline/params.js';
 import { TokenizerError } from '../../tokenizer/index.js';
 import { UsageError } from '../errors.js';
 import { ProgressBar } from '../progress.js';
+import { adapterOptions, adapterParams, withFlagName, type AdapterArgs } from './adapter-flags.js';
 
 export const DEFAULT_WEIGHTS = 'weights/v1-5-pruned-emaonly.safetensors';
 
-interface Args {
+/** The flags; ControlNet, IP-Adapter and --mask are in ./adapter-flags.ts. */
+interface Args extends AdapterArgs {
   weights: string;
   config?: string;
   tokenizer?: string;
@@ -107,6 +110,7 @@ export function toParams(args: Args): GenerateParams {
     originalSize: pair('original-size', args['original-size']),
     cropTopLeft: pair('crop-top-left', args['crop-top-left']),
     targetSize: pair('target-size', args['target-size']),
+    ...adapterParams(args),
   };
 }
 
@@ -226,7 +230,7 @@ export const generateCommand: CommandModule<object, Args> = {
   command: 'generate',
   describe: 'generate images from a prompt (txt2img, or img2img with --init-image) into PNG files',
   builder: (y) =>
-    y
+    adapterOptions(y)
       .option('prompt', { alias: 'p', type: 'string', demandOption: true, describe: 'what to draw' })
       .option('negative-prompt', { alias: 'n', type: 'string', describe: 'what to steer away from (the CFG uncond)' })
       .option('weights', { type: 'string', default: DEFAULT_WEIGHTS, describe: '.safetensors / .ckpt file or diffusers folder' })
@@ -261,7 +265,12 @@ export const generateCommand: CommandModule<object, Args> = {
     const params = toParams(args);
     // SDXL's size conditioning waits for the family too.
     const early = { ...params, originalSize: undefined, cropTopLeft: undefined, targetSize: undefined };
-    const { seed } = resolveParams(early, limitsFor(config ?? SD15_PIPELINE));
+    let seed: number;
+    try {
+      ({ seed } = resolveParams(early, limitsFor(config ?? SD15_PIPELINE)));
+    } catch (e) {
+      throw withFlagName(e); // an adapter field's ParamError names its flag
+    }
     checkWeights(args.weights);
     const loras = (args.lora ?? []).map(loraFlag); // a bad --lora fails before the backend starts
     await initBackend({ backend: args.backend, threads: args.threads });
@@ -282,7 +291,7 @@ export const generateCommand: CommandModule<object, Args> = {
         process.exitCode = 130;
         return;
       }
-      throw e;
+      throw withFlagName(e);
     } finally {
       release();
       sd.dispose();
