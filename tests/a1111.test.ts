@@ -242,10 +242,14 @@ describe('A1111 API: clients as they are', () => {
     expect(Number(p.json.progress)).toBeGreaterThan(0);
     expect(Number(p.json.eta_relative)).toBeGreaterThanOrEqual(0);
     expect(p.json.state).toMatchObject({ job_count: 1, job_no: 0, sampling_steps: 200, interrupted: false, skipped: false });
+    const withImage = await call(open, 'GET', '/sdapi/v1/progress'); // the live preview: the latent-size approx PNG
+    const preview = Buffer.from(String(withImage.json.current_image), 'base64');
+    expect(preview.subarray(1, 4).toString()).toBe('PNG');
+    expect(preview.readUInt32BE(16)).toBe(8); // 32 px / the fixture VAE's factor 4
     expect((await call(open, 'POST', '/sdapi/v1/interrupt')).status).toBe(200);
     const cut = read(await long);
-    expect(cut.pngs).toHaveLength(0); // the pipeline cannot decode an image cut short: left out (see answerJobs)
-    expect(cut.info).toMatchObject({ interrupted: true, images_not_made: 1 });
+    expect(cut.pngs).toHaveLength(1); // finished early from its last step's predicted x0, as A1111 answers what it has
+    expect(cut.info).not.toHaveProperty('images_not_made');
 
     // The server answers between two steps, so the skip lands at most a step after progress said step 1 of 8.
     const two = call(open, 'POST', '/sdapi/v1/txt2img', { prompt: 'x', steps: 8, n_iter: 2, seed: 40, cfg_scale: 1 });
@@ -348,7 +352,9 @@ describe('A1111 API: auth and queue', () => {
       expect(Number(full.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
     }
     expect((await call(guarded, 'POST', '/sdapi/v1/interrupt', '', auth)).status).toBe(200);
-    expect(read(await long).info).toMatchObject({ images_not_made: 2 });
+    const cut = read(await long); // the running image finished early with what it had, the waiting one not made
+    expect(cut.pngs).toHaveLength(1);
+    expect(cut.info).toMatchObject({ interrupted: true, images_not_made: 1 });
     expect(read(await call(guarded, 'POST', '/sdapi/v1/txt2img', { prompt: 'x', steps: 1 }, auth)).pngs).toHaveLength(1);
   });
 });

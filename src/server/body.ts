@@ -68,6 +68,8 @@ export interface InferenceBody extends AdapterBody {
   readonly original_size?: PixelPair;
   readonly crops_coords_top_left?: PixelPair;
   readonly target_size?: PixelPair;
+  /** An http(s) URL the finished job is posted to (./webhooks.ts). */
+  readonly webhook?: string;
 }
 
 const text = { type: 'string', maxLength: MAX_PROMPT_CHARS } as const;
@@ -98,6 +100,7 @@ export const INFERENCE_BODY_SCHEMA = Object.freeze({
     original_size: pair(1),
     crops_coords_top_left: pair(0),
     target_size: pair(1),
+    webhook: { type: 'string', minLength: 1, maxLength: 2048 },
     ...ADAPTER_PROPERTIES,
   },
 });

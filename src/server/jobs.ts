@@ -14,7 +14,11 @@ import { randomUUID } from 'node:crypto';
 export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
 
 export interface JobContext {
+  /** The job's id (for what the runner reports about it: previews, events). */
+  readonly id: string;
   readonly signal: AbortSignal;
+  /** Finish early with what is made so far (A1111's interrupt); the job then succeeds. */
+  readonly stop: AbortSignal;
   /** step is 1-based; total is the number of steps that will run. */
   readonly onProgress: (step: number, total: number) => void;
 }
@@ -69,6 +73,7 @@ export class QueueFullError extends Error {
 interface Entry<I, R> {
   readonly job: Job<I, R>;
   readonly controller: AbortController;
+  readonly stopper: AbortController;
   readonly settle: () => void;
   expiry: NodeJS.Timeout | null;
 }
@@ -111,7 +116,7 @@ export class JobQueue<I, R> {
       id: randomUUID(), input, createdAt: new Date(), status: 'queued', step: 0, total: 0,
       startedAt: null, finishedAt: null, result: null, error: null, cancelReason: null, done,
     };
-    const entry: Entry<I, R> = { job, controller: new AbortController(), settle, expiry: null };
+    const entry: Entry<I, R> = { job, controller: new AbortController(), stopper: new AbortController(), settle, expiry: null };
     this.entries.set(job.id, entry);
     this.waiting.push(entry);
     this.o.onChange?.(job);
@@ -135,6 +140,17 @@ export class JobQueue<I, R> {
     } else {
       entry.controller.abort(new Error(`job ${id} cancelled (${reason})`));
     }
+    return true;
+  }
+
+  /**
+   * Finish a running job early: it stops at its next step and succeeds with the image made so far (A1111's
+   * interrupt). Returns false when the job is not running.
+   */
+  stop(id: string): boolean {
+    const entry = this.entries.get(id);
+    if (entry === undefined || entry.job.status !== 'running') return false;
+    entry.stopper.abort();
     return true;
   }
 
@@ -191,7 +207,7 @@ export class JobQueue<I, R> {
       job.total = total;
     };
     try {
-      job.result = await this.o.run(job.input, { signal: controller.signal, onProgress });
+      job.result = await this.o.run(job.input, { id: job.id, signal: controller.signal, stop: entry.stopper.signal, onProgress });
       this.finish(entry, 'succeeded');
     } catch (e) {
       if (controller.signal.aborted) {

@@ -12,6 +12,9 @@ import { WEB_OPEN_ROUTES } from './web.js';
 import type { Engine } from './engine.js';
 import type { JobQueue } from './jobs.js';
 import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
+import { jobView } from './job-view.js';
+import type { LiveJobs } from './live.js';
+import { streamJobEvents } from './events.js';
 
 /** What the routes need of the server (SdServer is it): its state, admission of work, and the job queue. */
 export interface RouteHost {
@@ -20,6 +23,8 @@ export interface RouteHost {
   assertAccepting(): Engine;
   health(): { statusCode: number; body: Record<string, unknown> };
   admit(body: InferenceBody): Promise<ServerJob>;
+  /** Previews and event streams of running jobs (./live.ts). */
+  readonly live: LiveJobs;
 }
 
 export interface RouteOptions {
@@ -29,7 +34,7 @@ export interface RouteOptions {
 }
 
 /** Routes that need the model: 503 while it loads (checked before the body is even read). */
-const WORK_ROUTES = new Set(['/inference', '/jobs', '/jobs/:id']);
+const WORK_ROUTES = new Set(['/inference', '/jobs', '/jobs/:id', '/jobs/:id/preview.png', '/jobs/:id/events']);
 const OPEN_ROUTES = new Set(['/health', ...WEB_OPEN_ROUTES]); // the page asks for the key itself
 
 interface JobParams {
@@ -85,7 +90,21 @@ export function registerRoutes(app: FastifyInstance, server: RouteHost): void {
   });
 
   app.get<{ Params: JobParams }>('/jobs/:id', { schema: { params: JOB_ID_SCHEMA } }, async (request) => {
-    return jobView(server, findJob(server, request.params.id));
+    return viewOf(server, findJob(server, request.params.id));
+  });
+
+  // The latest preview of a running job (./live.ts; latent size with the approx decoder), the image once it succeeded.
+  app.get<{ Params: JobParams }>('/jobs/:id/preview.png', { schema: { params: JOB_ID_SCHEMA } }, async (request, reply) => {
+    const job = findJob(server, request.params.id);
+    if (job.status === 'succeeded' && job.result !== null) return reply.type('image/png').header('cache-control', 'no-store').send(Buffer.from(job.result.image, 'base64'));
+    const p = await server.live.previewPng(job.id);
+    if (p === null) throw new HttpError(404, `job ${job.id} has no preview (${job.status === 'running' ? 'before its first step' : job.status})`);
+    return reply.type('image/png').header('cache-control', 'no-store').header('x-sd-step', String(p.step)).header('x-sd-total', String(p.total)).send(p.png);
+  });
+
+  app.get<{ Params: JobParams }>('/jobs/:id/events', { schema: { params: JOB_ID_SCHEMA } }, async (request, reply) => {
+    const job = findJob(server, request.params.id);
+    return streamJobEvents(reply, job, server.live, () => viewOf(server, job));
   });
 
   app.delete<{ Params: JobParams }>('/jobs/:id', { schema: { params: JOB_ID_SCHEMA } }, async (request, reply) => {
@@ -93,7 +112,7 @@ export function registerRoutes(app: FastifyInstance, server: RouteHost): void {
     if (isFinished(job.status)) throw new HttpError(409, `job ${job.id} already ${job.status}: nothing to cancel`);
     server.queue.cancel(job.id, 'client');
     // A queued job is cancelled at once (200); a running one stops at its next step (202, poll for 'cancelled').
-    return reply.code(job.status === 'cancelled' ? 200 : 202).send({ ...jobView(server, job), cancel_requested: true });
+    return reply.code(job.status === 'cancelled' ? 200 : 202).send({ ...viewOf(server, job), cancel_requested: true });
   });
 }
 
@@ -129,20 +148,7 @@ function answerInference(job: ServerJob, reply: FastifyReply): FastifyReply {
   return reply.code(503).send(errorBody(503, `not generated: ${why}`));
 }
 
-/** GET /jobs/:id: what a poller needs at each status. */
-function jobView(server: RouteHost, job: ServerJob): Record<string, unknown> {
-  const base = { id: job.id, uid: job.input.uid, status: job.status, created_at: job.createdAt.toISOString() };
-  const finishedAt = job.finishedAt?.toISOString();
-  switch (job.status) {
-    case 'queued':
-      return { ...base, position: server.queue.position(job.id) };
-    case 'running':
-      return { ...base, step: job.step, total: job.total, started_at: job.startedAt?.toISOString() };
-    case 'succeeded':
-      return { ...base, finished_at: finishedAt, result: job.result };
-    case 'failed':
-      return { ...base, finished_at: finishedAt, error: job.error?.message, error_status: job.error?.statusCode };
-    case 'cancelled':
-      return { ...base, finished_at: finishedAt, reason: job.cancelReason };
-  }
+/** GET /jobs/:id: what a poller needs at each status (./job-view.ts). */
+function viewOf(server: RouteHost, job: ServerJob): Record<string, unknown> {
+  return jobView(job, server.queue.position(job.id), server.live.hasPreview(job.id));
 }

@@ -5,12 +5,15 @@
  *   POST   /jobs        the same body, queued: 202 {id}; then
  *   GET    /jobs/:id    {status: queued | running (step, total) | succeeded (result) | failed (error) | cancelled}
  *   DELETE /jobs/:id    cancel (a running job stops between two steps)
+ *   GET    /jobs/:id/preview.png   the running job's latest preview (./live.ts); /jobs/:id/events: server-sent events (./events.ts)
+ *   POST /jobs {webhook}  the finished job is posted to that URL, signed (./webhooks.ts)
  *   GET    /health      {status: loading | ok | failed | stopping, ...}; 200 only when ok
  *   GET    /            the web page (and /web/*, /info, the gallery at /outputs: ./web.ts)
  *
  * Life cycle: `SdServer.start` listens at once and loads the model in the background (503 on /health
  * and on the work routes until it is in memory). `shutdown()` (SIGTERM/SIGINT) refuses new work with 503,
  * cancels the queued jobs, lets the running one finish for `graceS` seconds then aborts it, closes.
+ * Generations run in an engine worker by default (./engine-worker.ts, given as loadEngine by `sd serve`).
  * Routes, schemas and auth are in ./routes.ts; the queue in ./jobs.ts; files in ./outputs.ts; the A1111 dialect
  * (/sdapi/v1/*, same queue, outputs and auth) in ./a1111/.
  */
@@ -31,6 +34,10 @@ import { OutputStore } from './outputs.js';
 import { registerGates, registerRoutes } from './routes.js';
 import { registerWebPage } from './web.js';
 import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
+import type { PreviewOptions, StepPreview } from '../pipeline/api.js';
+import { etaSeconds, jobView } from './job-view.js';
+import { LiveJobs } from './live.js';
+import { WebhookSender, checkWebhookUrl, type WebhookOptions } from './webhooks.js';
 
 export interface ServerOptions {
   /** Loads the model; called once, right after the server starts listening. */
@@ -61,6 +68,12 @@ export interface ServerOptions {
   readonly logger?: FastifyServerOptions['logger'];
   /** The backend name /health reports (known once the model loaded). */
   readonly backend?: () => string | null;
+  /** Previews of running jobs (GET /jobs/:id/preview.png, A1111's current_image); default approx every step; null: none. */
+  readonly preview?: PreviewOptions | null;
+  /** `secret` is --webhook-secret, the HMAC key of webhooks' X-SD-Signature (./webhooks.ts); the rest for tests. */
+  readonly webhooks?: Partial<WebhookOptions>;
+  /** Open GET /jobs/:id/events streams at most (default 32; beyond: 503). */
+  readonly maxEventClients?: number;
 }
 
 export interface ListenOptions {
@@ -80,12 +93,17 @@ export class SdServer {
   private closing: Promise<void> | null = null;
   readonly queue: JobQueue<WorkItem, InferenceResult>;
   private readonly running = new Set<ServerJob>();
+  /** Previews and event streams of running jobs. */
+  readonly live: LiveJobs;
+  readonly webhooks: WebhookSender;
 
   private constructor(
     readonly app: FastifyInstance,
     readonly outputs: OutputStore,
     private readonly o: ServerOptions,
   ) {
+    this.live = new LiveJobs(o.maxEventClients);
+    this.webhooks = new WebhookSender({ secret: null, ...o.webhooks, log: (level, message, fields) => app.log[level](fields, message) });
     this.queue = new JobQueue<WorkItem, InferenceResult>({
       run: (item, ctx) => this.run(item, ctx),
       describeError: (e) => {
@@ -172,16 +190,17 @@ export class SdServer {
    */
   async admit(body: InferenceBody): Promise<ServerJob> {
     const engine = this.assertAccepting();
+    const webhook = body.webhook !== undefined ? checkWebhookUrl(body.webhook) : undefined;
     const { params, resolved, echo } = await checkRequest(body, engine.limits, this.o.bounds, this.o.models);
-    return this.enqueue(body.uid ?? randomUUID(), { ...params, seed: resolved.seed }, echo);
+    return this.enqueue(body.uid ?? randomUUID(), { ...params, seed: resolved.seed }, echo, webhook);
   }
 
   /** Queue params already checked (admit's checks, or the A1111 room's): 503 when stopping, 409 for a taken uid, 429 when full. */
-  enqueue(uid: string, params: GenerateParams, echo?: AdapterEcho): ServerJob {
+  enqueue(uid: string, params: GenerateParams, echo?: AdapterEcho, webhook?: string): ServerJob {
     this.assertAccepting(); // shutdown may have begun while an image was decoded
     this.outputs.reserve(uid);
     try {
-      return this.queue.submit({ uid, params, ...(echo !== undefined ? { echo } : {}) });
+      return this.queue.submit({ uid, params, ...(echo !== undefined ? { echo } : {}), ...(webhook !== undefined ? { webhook } : {}) });
     } catch (e) {
       this.outputs.release(uid);
       if (e instanceof QueueFullError) throw new HttpError(429, e.message, undefined, { 'retry-after': String(e.retryAfterS) });
@@ -192,6 +211,11 @@ export class SdServer {
   /** The bounds given at start (the model family's fill in the rest). */
   get requestBounds(): Partial<RequestBounds> {
     return this.o.bounds ?? {};
+  }
+
+  /** Finish a running job now with the image made so far (A1111's interrupt); false when it cannot be (not running, or run elsewhere). */
+  stopJob(id: string): boolean {
+    return this.queue instanceof JobQueue ? this.queue.stop(id) : false;
   }
 
   /** The jobs running now, whichever route queued them. */
@@ -223,6 +247,8 @@ export class SdServer {
     await idle;
     clearTimeout(timer);
     await this.app.close();
+    await Promise.race([this.webhooks.idle(), new Promise((r) => setTimeout(r, 2000).unref())]); // the last jobs' webhooks
+    this.webhooks.close();
     this.queue.dispose();
     this.engine?.dispose();
     this.engine = null;
@@ -247,7 +273,17 @@ export class SdServer {
 
   private async run(item: WorkItem, ctx: JobContext): Promise<InferenceResult> {
     if (this.engine === null) throw new HttpError(503, 'the model is not loaded');
-    const r = await this.engine.generate(item.params, { signal: ctx.signal, onProgress: ctx.onProgress });
+    const preview = this.o.preview === undefined ? { decoder: 'approx' as const } : this.o.preview;
+    const r = await this.engine.generate(item.params, {
+      signal: ctx.signal,
+      stop: ctx.stop,
+      onProgress: (step, total) => {
+        ctx.onProgress(step, total);
+        const job = this.queue.get(ctx.id);
+        this.live.progress(ctx.id, { step, total, eta_s: job !== undefined ? etaSeconds(job) : null });
+      },
+      ...(preview !== null ? { preview, onPreview: (p: StepPreview) => this.live.preview(ctx.id, p) } : {}),
+    });
     const image = r.images[0];
     if (image === undefined) throw new Error('the pipeline returned no image');
     const parameters = toAnsweredParameters(r.params, item.echo);
@@ -260,7 +296,10 @@ export class SdServer {
     const { id, status } = job;
     if (status === 'running') this.running.add(job);
     else this.running.delete(job);
-    if (!isFinished(status)) {
+    const finished = isFinished(status);
+    this.live.status(id, finished, finished ? (status as 'succeeded' | 'failed' | 'cancelled') : 'status', jobView(job, this.queue.position(id), this.live.hasPreview(id)));
+    if (finished && job.input.webhook !== undefined) this.webhooks.send(job.input.webhook, `job.${status}`, jobView(job, 0, false));
+    if (!finished) {
       this.app.log.info({ job: id, uid: job.input.uid, status }, `job ${status}`);
       return;
     }

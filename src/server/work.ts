@@ -15,6 +15,8 @@ export interface WorkItem {
   readonly params: GenerateParams;
   /** The request's adapter fields as its answer echoes them (names, not the paths params holds). */
   readonly echo?: AdapterEcho;
+  /** POST /jobs' `webhook`: where the finished job is posted (./webhooks.ts). */
+  readonly webhook?: string;
 }
 
 /** The answer of POST /inference, and `result` of a succeeded job. */

@@ -27,12 +27,15 @@ import { resolveParams } from '../../pipeline/params.js';
 import { TokenizerError } from '../../tokenizer/index.js';
 import { UsageError } from '../errors.js';
 import { ProgressBar } from '../progress.js';
+import { saveStepsOptions } from '../save-steps.js';
 import { adapterOptions, adapterParams, withFlagName, type AdapterArgs } from './adapter-flags.js';
 
 export const DEFAULT_WEIGHTS = 'weights/v1-5-pruned-emaonly.safetensors';
 
 /** The flags; ControlNet, IP-Adapter and --mask are in ./adapter-flags.ts. */
 interface Args extends AdapterArgs {
+  /** --save-steps DIR: every step's predicted x0 as PNG (../save-steps.ts). */
+  'save-steps'?: string;
   weights: string;
   config?: string;
   tokenizer?: string;
@@ -257,7 +260,8 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('target-size', { type: 'string', describe: 'SDXL target size conditioning H,W (default: the image size)' })
       .option('out', { alias: 'o', type: 'string', default: 'outputs', describe: 'a folder (images named <seed>.png) or a .png path' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
-      .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' }) as never,
+      .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' })
+      .option('save-steps', { type: 'string', describe: "write every step's predicted x0 (VAE-decoded) into this folder as step_001.png, ... to watch the image emerge" }) as never,
   handler: async (args) => {
     const config = args.config !== undefined ? readPipelineConfig(args.config) : undefined;
     // Validate every parameter before the slow part; the resolved seed is the one generated with. The model's
@@ -278,7 +282,7 @@ export const generateCommand: CommandModule<object, Args> = {
     const { signal, release } = abortOnSigint();
     const bar = lazyBar('sampling');
     try {
-      const result = await sd.generate({ ...params, seed }, { signal, onProgress: bar.update });
+      const result = await sd.generate({ ...params, seed }, { signal, onProgress: bar.update, ...saveStepsOptions(args['save-steps'], params.batch ?? 1) });
       bar.finish();
       for (const img of result.images) {
         const path = writeNew(outputPath(args.out, img.seed), img.png);

@@ -5,8 +5,11 @@
  * in the same bounded queue as every other job. Progress is the running job's (whichever dialect queued it):
  * `(job_no + sampling_step / sampling_steps) / job_count` over its group, A1111's formula. `/interrupt` cancels the
  * running job and the rest of its group; `/skip` the running job only (the group goes on with its next image).
+ * An interrupted image is finished early, as A1111 does: its job stops at the next step and succeeds with the image
+ * of that step's predicted x0 (the rest of the group is cancelled); a skipped one is dropped.
  * Both act on what runs now and leave no flag behind: an interrupt while idle does not cut the next job short.
- * `current_image` is always null here (live previews are not made yet).
+ * `current_image` is the running job's latest preview (../live.ts) as a bare base64 PNG, null before its first step
+ * or with `?skip_current_image=true`.
  */
 import type { ServerJob } from '../work.js';
 import type { A1111Mode } from './request.js';
@@ -22,6 +25,10 @@ export interface Group {
 export interface ProgressHost {
   runningJobs(): readonly ServerJob[];
   readonly queue: { cancel(id: string, reason: string): boolean };
+  /** Finish a running job with what it made so far; false when it cannot (it is then cancelled). */
+  stopJob?(id: string): boolean;
+  /** The latest preview of a job, as PNG. */
+  readonly live?: { previewPng(id: string): Promise<{ png: Buffer } | null> };
 }
 
 export const INTERRUPTED = 'interrupted';
@@ -48,8 +55,8 @@ export class A1111Progress {
     for (const job of group.jobs) this.groups.delete(job.id);
   }
 
-  /** GET /sdapi/v1/progress. */
-  view(): Record<string, unknown> {
+  /** GET /sdapi/v1/progress; `withImage` false: `current_image` null (A1111's skip_current_image). */
+  async view(withImage = true): Promise<Record<string, unknown>> {
     const job = this.host.runningJobs()[0];
     const idle = {
       progress: 0,
@@ -82,6 +89,7 @@ export class A1111Progress {
         sampling_step: job.step,
         sampling_steps: steps,
       },
+      current_image: withImage ? ((await this.host.live?.previewPng(job.id))?.png.toString('base64') ?? null) : null,
       current_task: job.id,
     };
   }
@@ -92,7 +100,9 @@ export class A1111Progress {
     for (const job of this.host.runningJobs()) {
       const group = this.groups.get(job.id);
       if (group !== undefined) group.interrupted = true;
-      for (const j of group?.jobs ?? [job]) if (this.host.queue.cancel(j.id, INTERRUPTED)) n++;
+      const stopped = this.host.stopJob?.(job.id) === true;
+      if (stopped) n++;
+      for (const j of group?.jobs ?? [job]) if (!(stopped && j === job) && this.host.queue.cancel(j.id, INTERRUPTED)) n++;
     }
     return n;
   }

@@ -3,7 +3,7 @@
  * ../server.ts), translating A1111's requests to the same queue, outputs and auth as our own routes.
  *
  *   POST txt2img, img2img        wait in the bounded queue (429 with Retry-After when full), answer {images, parameters, info}
- *   GET  progress                the running job, A1111's shape (./progress.ts); current_image null
+ *   GET  progress                the running job, A1111's shape (./progress.ts); current_image its preview
  *   POST interrupt, skip         stop the running job (and the rest of its request / only that image)
  *   GET/POST options             ./options.ts; GET sd-models, samplers, ... (./catalog.ts)
  *   POST png-info                the parameters text of a PNG; refresh-* do nothing (one model, loaded at start)
@@ -101,7 +101,7 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
   app.post('/txt2img', generate('txt2img'));
   app.post('/img2img', generate('img2img'));
 
-  app.get('/progress', async () => progress.view());
+  app.get<{ Querystring: Record<string, unknown> }>('/progress', async (request) => progress.view(!isTrue(request.query.skip_current_image)));
   app.post('/interrupt', async () => {
     progress.interrupt();
     return {};
@@ -182,6 +182,9 @@ function decodeBase64(s: string, field: string): Uint8Array {
   }
 }
 
+/** A1111's query booleans: true, "true", "1" (FastAPI's parsing of bool). */
+const isTrue = (v: unknown): boolean => v === true || (typeof v === 'string' && ['true', '1', 'yes', 'on'].includes(v.toLowerCase()));
+
 const isPng = (b: Uint8Array): boolean => b.length > 8 && b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47;
 
 /**
@@ -218,7 +221,7 @@ function enqueueAll(host: A1111Host, params: readonly GenerateParams[]): ServerJ
 
 /**
  * All images made: 200. Some interrupted or skipped: 200 with the images that were made (A1111 answers what it
- * has; this pipeline cannot decode an image cut short, so an interrupted image is left out, not half made).
+ * has: the interrupted image finished early from its last step's predicted x0, ./progress.ts; a skipped one is left out).
  * A failure: its status; cancelled otherwise (client gone, shutdown): 503.
  */
 function answerJobs(reply: FastifyReply, body: Readonly<Record<string, unknown>>, g: A1111Generation, jobs: readonly ServerJob[], m: Omit<Made, 'results' | 'missing'>): FastifyReply {
