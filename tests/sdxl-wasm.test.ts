@@ -103,29 +103,42 @@ describe('the streamed path covers SDXL', () => {
 });
 
 describe('wasm heap plan (wasm-plan.ts)', () => {
-  it('SD 1.5 at 512x512: text and VAE resident, the UNet streamed by block, within the heap', () => {
+  it('SD 1.5 at 512x512: text and VAE resident, the UNet streamed, within the heap', () => {
     const p = wasmHeapPlan(SD15_PIPELINE, 512, 512);
-    expect(p.networks.map((n) => [n.name, n.granularity])).toEqual([['text', 'resident'], ['unet', 'block'], ['vae', 'resident']]);
-    expect(p.networks[1].largestUnit).toBe('middle_block');
+    expect(p.networks.map((n) => [n.name, n.granularity])).toEqual([['text', 'resident'], ['unet', 'layer'], ['vae', 'resident']]);
+    expect(p.networks[1].largestUnit).toMatch(/^middle_block/);
     expect(p.fits).toBe(true);
     expect(p.peakBytes).toBeLessThan(3.3 * GiB);
   });
 
-  it('SDXL base at 1024x1024 as the code streams now: text 3.05 GiB streamed whole, UNet by block (middle 1.54 GiB): over the heap', () => {
-    const p = wasmHeapPlan(SDXL_BASE_PIPELINE, 1024, 1024);
+  it('SDXL base at 1024x1024 streamed by whole text side and whole UNet block (middle 1.54 GiB): every phase over the heap', () => {
+    const p = wasmHeapPlan(SDXL_BASE_PIPELINE, 1024, 1024, { text: 'model', unet: 'block', vae: 'resident', vaeTile: 0 });
     const [text, unet, vae] = p.networks;
-    expect([text.granularity, (text.weightBytes / GiB).toFixed(2)]).toEqual(['model', '3.05']);
-    expect([unet.granularity, unet.largestUnit, (unet.largestUnitBytes / GiB).toFixed(2), (unet.weightBytes / GiB).toFixed(2)]).toEqual(['block', 'middle_block', '1.54', '9.56']);
+    expect([text.granularity, (text.weightBytes / GiB).toFixed(2), (text.largestUnitBytes / GiB).toFixed(2)]).toEqual(['model', '3.05', '3.05']);
+    expect([unet.largestUnit, (unet.largestUnitBytes / GiB).toFixed(2), (unet.weightBytes / GiB).toFixed(2)]).toEqual(['middle_block', '1.54', '9.56']);
     expect([vae.granularity, (vae.weightBytes / GiB).toFixed(2)]).toEqual(['resident', '0.31']);
-    // every phase is over: the text encoders whole, the middle block with its packed copies, the VAE in one piece
     for (const ph of p.phases) expect(ph.bytes, `${ph.name}: ${formatHeapPlan(p).join('; ')}`).toBeGreaterThan(WASM_HEAP_LIMIT);
-    expect([p.fits, p.peakPhase]).toEqual([false, 'text encode']);
+  });
+
+  it('SDXL base at 1024x1024 as the code streams now (text and UNet per transformer layer): text and UNet fit, the VAE decode in one piece does not', () => {
+    const p = wasmHeapPlan(SDXL_BASE_PIPELINE, 1024, 1024);
+    const [text, unet] = p.networks;
+    expect([text.granularity, unet.granularity]).toEqual(['layer', 'layer']);
+    expect(text.largestUnit).toMatch(/^conditioner\.embedders\.1 \+ one layer/); // bigG's embeddings and one of its layers
+    expect(unet.largestUnit).toMatch(/^middle_block \+ one transformer block/);
+    expect(text.largestUnitBytes).toBeLessThan(0.35 * GiB);
+    expect(unet.largestUnitBytes).toBeLessThan(0.4 * GiB);
+    const phase = (name: string) => p.phases.find((ph) => ph.name === name)?.bytes ?? NaN;
+    expect(phase('text encode')).toBeLessThan(2 * GiB);
+    expect(phase('UNet step')).toBeLessThan(2.5 * GiB);
+    expect(phase('VAE decode')).toBeGreaterThan(WASM_HEAP_LIMIT); // 5.1 KiB of feature maps per output pixel: 5.1 GiB
+    expect([p.fits, p.peakPhase]).toEqual([false, 'VAE decode']);
   });
 
   it('SDXL base at 1024x1024 fits with text and UNet streamed per transformer layer and the VAE decoded in 512x512 tiles', () => {
     const p = wasmHeapPlan(SDXL_BASE_PIPELINE, 1024, 1024, { text: 'layer', unet: 'layer', vae: 'resident', vaeTile: 512 });
-    expect(p.networks[0].largestUnitBytes).toBeLessThan(0.25 * GiB); // bigG's token embedding
-    expect(p.networks[1].largestUnitBytes).toBeLessThan(0.25 * GiB);
+    expect(p.networks[0].largestUnitBytes).toBeLessThan(0.35 * GiB); // bigG's token embedding and one layer
+    expect(p.networks[1].largestUnitBytes).toBeLessThan(0.4 * GiB);
     expect(p.fits).toBe(true);
     expect(p.peakBytes).toBeLessThan(2.5 * GiB);
   });

@@ -20,6 +20,7 @@ import { Embedding, LayerNorm } from '../nn/layers.js';
 import { WeightView, checkCheckpoint, probeShapes } from '../nn/weight-view.js';
 import { SD1_PREFIXES } from '../weights/layout.js';
 import type { TensorSource } from '../weights/types.js';
+import { Held, type ResidencyPolicy } from '../nn/residency.js';
 import { SD15_CLIP, type ClipConfig } from './config.js';
 import { ClipEncoderLayer } from './layer.js';
 import { HF_CLIP_NAMES, type ClipNames } from './names.js';
@@ -45,30 +46,32 @@ export class ClipTextEncoder {
     readonly cfg: ClipConfig,
     private readonly tokenEmbedding: Embedding,
     private readonly positionEmbedding: tf.Tensor2D, // [contextLength, width]
-    private readonly layers: readonly ClipEncoderLayer[],
+    /** Each under a residency policy: streamed, a layer is built from the host copy only while it runs (SDXL on wasm). */
+    private readonly layers: readonly Held<ClipEncoderLayer>[],
     private readonly finalLayerNorm: LayerNorm,
     private readonly textProjection: tf.Tensor2D | null, // [width, projectionDim]
   ) {}
 
   /** Checks every key and shape under `prefix` against cfg, then loads (HF names; open_clip's: open-clip.ts). */
-  static load(src: TensorSource, cfg: ClipConfig = SD15_CLIP, prefix: string = SD1_PREFIXES.textEncoder): ClipTextEncoder {
+  static load(src: TensorSource, cfg: ClipConfig = SD15_CLIP, prefix: string = SD1_PREFIXES.textEncoder, policy: ResidencyPolicy = 'resident'): ClipTextEncoder {
     checkCheckpoint(src, expectedShapes(cfg, prefix), prefix, { ignore: BUFFERS });
-    return ClipTextEncoder.loadFrom(WeightView.root(src, prefix), cfg);
+    return ClipTextEncoder.loadFrom(WeightView.root(src, prefix), cfg, HF_CLIP_NAMES, policy);
   }
 
   /**
    * Builds the encoder from a view, the parts named by `names`, without the checks `load` makes first
-   * (expectedShapes runs it on a probe).
+   * (expectedShapes runs it on a probe). `policy` 'streamed': the transformer layers are built at each use (from a
+   * host copy, residency.ts), the embeddings, final norm and projection at load.
    */
-  static loadFrom(p: WeightView, cfg: ClipConfig, names: ClipNames = HF_CLIP_NAMES): ClipTextEncoder {
+  static loadFrom(p: WeightView, cfg: ClipConfig, names: ClipNames = HF_CLIP_NAMES, policy: ResidencyPolicy = 'resident'): ClipTextEncoder {
     const { width, projectionDim } = cfg;
     if (projectionDim !== undefined && names.textProjection === null) {
       throw new ConfigError(`clip: the config asks for a text projection (projectionDim ${projectionDim}) that this naming has none of`);
     }
     const tokenEmbedding = Embedding.load(p.child(names.tokenEmbedding), cfg.vocabSize, width);
     const positionEmbedding = tf.keep(p.tensor(names.positionEmbedding, [cfg.contextLength, width]) as tf.Tensor2D);
-    const layers: ClipEncoderLayer[] = [];
-    for (let i = 0; i < cfg.layers; i++) layers.push(ClipEncoderLayer.load(p.child(names.layers).child(i), cfg, names.layer));
+    const layers: Held<ClipEncoderLayer>[] = [];
+    for (let i = 0; i < cfg.layers; i++) layers.push(Held.load(policy, () => ClipEncoderLayer.load(p.child(names.layers).child(i), cfg, names.layer)));
     const finalLayerNorm = LayerNorm.load(p.child(names.finalLayerNorm), width, { eps: cfg.layerNormEps });
     const projection =
       projectionDim === undefined ? null : tf.keep(p.tensor(names.textProjection as string, [width, projectionDim]) as tf.Tensor2D);
@@ -85,7 +88,8 @@ export class ClipTextEncoder {
     tf.tidy(() => {
       let h = this.embed(ids);
       for (let i = 1; i <= run; i++) {
-        const next = this.layers[i - 1].apply(h);
+        const x = h;
+        const next = this.layers[i - 1].use((layer) => layer.apply(x));
         h.dispose();
         h = next;
         if (i === last - 1) out.penultimate = tf.keep(tf.clone(h));

@@ -12,6 +12,7 @@
  */
 import { WeightView, checkCheckpoint } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
+import type { ResidencyPolicy } from '../nn/residency.js';
 import type { ClipConfig } from './config.js';
 import { ClipTextEncoder, expectedShapes } from './index.js';
 import { OPEN_CLIP_NAMES } from './names.js';
@@ -47,7 +48,7 @@ export function openClipShapes(cfg: ClipConfig, prefix: string): Map<string, num
 }
 
 /** Checks every key and shape under `prefix` against cfg (naming the file's keys), then loads. */
-export function loadOpenClipText(src: TensorSource, cfg: ClipConfig, prefix: string): ClipTextEncoder {
+export function loadOpenClipText(src: TensorSource, cfg: ClipConfig, prefix: string, policy: ResidencyPolicy = 'resident'): ClipTextEncoder {
   checkCheckpoint(src, openClipShapes(cfg, prefix), prefix, { ignore: NOT_TEXT_WEIGHTS });
-  return ClipTextEncoder.loadFrom(WeightView.root(packedAsModule(src), prefix), cfg, OPEN_CLIP_NAMES);
+  return ClipTextEncoder.loadFrom(WeightView.root(packedAsModule(src), prefix), cfg, OPEN_CLIP_NAMES, policy);
 }

@@ -17,6 +17,7 @@ import * as tf from '../backend/tf.js';
 import { ConfigError } from '../nn/errors.js';
 import { OPEN_CLIP_PAD_ID, type ClipTokenizer } from '../tokenizer/index.js';
 import type { TensorSource } from '../weights/types.js';
+import type { ResidencyPolicy } from '../nn/residency.js';
 import { SDXL_CLIP_G, SDXL_CLIP_L, type ClipConfig } from './config.js';
 import { ClipTextEncoder, expectedShapes } from './index.js';
 import { loadOpenClipText, openClipShapes } from './open-clip.js';
@@ -74,10 +75,11 @@ export class SdxlTextEncoder {
   }
 
   /** Both encoders from an SDXL single file, every key and shape checked against cfg first. */
-  static load(src: TensorSource, tokenizer: ClipTokenizer, cfg: SdxlTextConfig = SDXL_TEXT): SdxlTextEncoder {
-    const clipL = ClipTextEncoder.load(src, cfg.clipL, SDXL_TEXT_PREFIXES.clipL);
+  /** `policy` 'streamed': each encoder's layers are built at each use (ClipTextEncoder.loadFrom). */
+  static load(src: TensorSource, tokenizer: ClipTokenizer, cfg: SdxlTextConfig = SDXL_TEXT, policy: ResidencyPolicy = 'resident'): SdxlTextEncoder {
+    const clipL = ClipTextEncoder.load(src, cfg.clipL, SDXL_TEXT_PREFIXES.clipL, policy);
     try {
-      return new SdxlTextEncoder(tokenizer, clipL, loadOpenClipText(src, cfg.clipG, SDXL_TEXT_PREFIXES.clipG));
+      return new SdxlTextEncoder(tokenizer, clipL, loadOpenClipText(src, cfg.clipG, SDXL_TEXT_PREFIXES.clipG, policy));
     } catch (e) {
       clipL.dispose();
       throw e;

@@ -160,13 +160,13 @@ function loadBlocks(p: WeightView, cfg: ControlNetConfig, policy: ResidencyPolic
   };
   const plan = unetBlockPlan(cfg.unet);
   try {
-    const { timeEmbed, input } = loadEncoderHalf(p, cfg.unet, hold);
+    const { timeEmbed, input } = loadEncoderHalf(p, cfg.unet, hold, policy);
     const hint = hold(() => HintEncoder.load(p.child('input_hint_block'), cfg));
     const zeroConvs = plan.input.map((spec, i) => {
       const ch = spec.kind === 'down' ? spec.ch : spec.cout;
       return hold(() => Conv2d.load(p.child('zero_convs').child(i).child(0), ch, ch, 1));
     });
-    const middle = hold(() => loadMiddle(p, cfg.unet));
+    const middle = hold(() => loadMiddle(p, cfg.unet, policy));
     const mc = plan.middle.channels;
     const middleOut = hold(() => Conv2d.load(p.child('middle_block_out.0'), mc, mc, 1));
     return { timeEmbed, hint, input, zeroConvs, middle, middleOut };

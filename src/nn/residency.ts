@@ -48,6 +48,11 @@ export class Held<M extends Disposable> {
     return this.resident === null;
   }
 
+  /** The block itself when resident (built once), else null: for what must hold on to it (an adapter's attachment). */
+  get loaded(): M | null {
+    return this.resident;
+  }
+
   /** Runs `fn` on the block; a streamed block's weights exist only during the call. `fn`'s result must not be a weight. */
   use<R>(fn: (m: M) => R): R {
     if (this.resident !== null) return fn(this.resident);

@@ -1,9 +1,10 @@
 /**
  * SDXL's text side under a residency policy (src/nn/residency.ts). Resident, the two encoders are backend tensors
  * for the model's life; streamed (wasm's default), their weights stay outside the backend as a host copy of the
- * checkpoint's bytes and become tensors only while a prompt is encoded (once a generation), then are freed. That
- * frees ViT-L + ViT-bigG's 3.05 GiB of fp32 weights on wasm's 4 GiB heap for the UNet's streamed blocks (SDXL's
- * largest, the middle block, is 1.54 GiB) and the VAE's feature maps: without it SDXL cannot run on wasm at all.
+ * checkpoint's bytes: the encoders' embeddings are built for each prompt (once a generation) and freed after it,
+ * each transformer layer only while it runs. ViT-L + ViT-bigG are 3.05 GiB of fp32 weights, and XNNPACK keeps a
+ * packed copy of each matMul weight it has run (wasm-plan.ts): whole, they could not encode within wasm's 4 GiB
+ * heap at all; streamed, a prompt needs bigG's embeddings and one layer, ~0.3 GiB, and nothing stays between prompts.
  */
 import { SdxlTextEncoder, sdxlTextShapes } from '../clip/sdxl-text.js';
 import { Held, HostTensors, defaultResidency, type ResidencyPolicy } from '../nn/residency.js';
@@ -22,7 +23,8 @@ export class StreamedTextConditioner implements TextConditioner {
   /**
    * `make` builds the conditioner from a source. It is built once from `src` first, with every check its loader
    * makes (a checkpoint that does not fit fails at load, not at the first prompt), then `keys` are copied to host
-   * memory, from which it is built again at every encode.
+   * memory, from which it is built again at every encode. `make` should itself stream what it can (SDXL: each
+   * encoder's layers, one at a time), so that neither this first build nor an encode holds the whole text side.
    */
   static load(src: TensorSource, keys: Iterable<string>, make: (src: TensorSource) => TextConditioner): StreamedTextConditioner {
     make(src).dispose();
@@ -57,7 +59,7 @@ export function sdxlTextConditioner(
   cfg: SdxlPipelineConfig,
   policy: ResidencyPolicy = defaultResidency(),
 ): TextConditioner {
-  const make = (s: TensorSource) => new SdxlConditioner(SdxlTextEncoder.load(s, tokenizer, cfg.text), cfg.timeEmbedDim);
+  const make = (s: TensorSource) => new SdxlConditioner(SdxlTextEncoder.load(s, tokenizer, cfg.text, policy), cfg.timeEmbedDim);
   if (policy === 'resident') return make(src);
   return StreamedTextConditioner.load(src, sdxlTextShapes(cfg.text).keys(), make);
 }

@@ -31,16 +31,20 @@ const ACTIVATION_MAPS = 8;
 export type Granularity = 'resident' | 'model' | 'block' | 'layer';
 
 export interface PlanChoices {
-  readonly text: Granularity; // 'model': the encoders built at each prompt; 'layer': one transformer layer at a time
-  readonly unet: Granularity; // 'block': one input/middle/output block; 'layer': one transformer block (or ResBlock)
+  readonly text: Granularity; // 'model': the encoders built whole at each prompt; 'layer': their embeddings + one layer
+  readonly unet: Granularity; // 'block': one input/middle/output block; 'layer': a block's own weights + one transformer block
   readonly vae: Granularity;
   /** The VAE decodes in tiles of at most this many output pixels a side (0: in one piece). */
   readonly vaeTile: number;
 }
 
-/** What the code does on wasm now: SD 1.x text resident; SDXL's streamed whole (streamed-text.ts); UNet blocks. */
+/**
+ * What the code does on wasm now: SD 1.x text resident, SDXL's streamed layer by layer (streamed-text.ts); the
+ * UNet's blocks streamed, each transformer block of them a unit of its own (unet/transformer.ts); the VAE resident,
+ * decoding in one piece.
+ */
 export function currentChoices(cfg: AnyPipelineConfig): PlanChoices {
-  return { text: 'family' in cfg ? 'model' : 'resident', unet: 'block', vae: 'resident', vaeTile: 0 };
+  return { text: 'family' in cfg ? 'layer' : 'resident', unet: 'layer', vae: 'resident', vaeTile: 0 };
 }
 
 export interface NetworkPlan {
@@ -70,26 +74,36 @@ export interface HeapPlan {
 
 const numel = (s: readonly number[]) => s.reduce((a, d) => a * d, 1);
 
-/** Sums fp32 bytes per unit; `unitOf` names a key's unit. */
-function units(shapes: ReadonlyMap<string, readonly number[]>, unitOf: (key: string) => string): Map<string, number> {
-  const m = new Map<string, number>();
-  for (const [k, s] of shapes) m.set(unitOf(k), (m.get(unitOf(k)) ?? 0) + 4 * numel(s));
-  return m;
-}
-
+/**
+ * A network's largest streamed unit. 'block': one UNet block (input/middle/output, the time embedding) or one text
+ * encoder; 'layer': a block's own weights (ResBlocks, norms, projections, embeddings), alive while it runs, plus
+ * its largest transformer layer, the only one built at a time.
+ */
 function network(name: NetworkPlan['name'], g: Granularity, shapes: ReadonlyMap<string, readonly number[]>): NetworkPlan {
-  const layer = /\.(?:encoder\.layers|resblocks|transformer_blocks)\.(\d+)\./;
-  const block = /\.((?:input|output)_blocks\.\d+|middle_block|time_embed|label_emb|out)\./;
-  const unitOf = (k: string): string => {
-    if (g === 'resident' || g === 'model') return 'the whole model';
-    const b = block.exec(k)?.[1].replace('label_emb', 'time_embed') ?? k.replace(/\.(?:layers|resblocks)\.\d+\..*$/, '').replace(/\.[^.]+$/, '');
-    if (g === 'block') return b;
-    const l = layer.exec(k);
-    return l === null ? `${b} (${name === 'unet' ? 'ResBlocks, proj_in/out' : 'embeddings, norms'})` : `${k.slice(0, l.index)}.${l[0].slice(1, -1)}`;
-  };
-  const u = units(shapes, unitOf);
-  const [largestUnit, largestUnitBytes] = [...u].reduce((a, b) => (b[1] > a[1] ? b : a));
-  return { name, granularity: g, weightBytes: [...u.values()].reduce((a, b) => a + b, 0), largestUnit, largestUnitBytes };
+  const layerRe = /\.(?:encoder\.layers|resblocks|transformer_blocks)\.(\d+)\./;
+  const blockOf = (k: string): string =>
+    (/\.((?:input|output)_blocks\.\d+|middle_block|time_embed|out)\./.exec(k.replace('label_emb', 'time_embed'))?.[1] ??
+      /^(conditioner\.embedders\.\d+|cond_stage_model)/.exec(k)?.[1] ??
+      'the rest');
+  const blocks = new Map<string, { own: number; layers: Map<string, number> }>();
+  let total = 0;
+  for (const [k, s] of shapes) {
+    const bytes = 4 * numel(s);
+    total += bytes;
+    const b = g === 'resident' || g === 'model' ? 'the whole model' : blockOf(k);
+    const entry = blocks.get(b) ?? { own: 0, layers: new Map<string, number>() };
+    const layer = g === 'layer' ? layerRe.exec(k) : null;
+    if (layer === null) entry.own += bytes;
+    else entry.layers.set(layer[0], (entry.layers.get(layer[0]) ?? 0) + bytes);
+    blocks.set(b, entry);
+  }
+  let largestUnit = '';
+  let largestUnitBytes = 0;
+  for (const [b, { own, layers }] of blocks) {
+    const [layer, bytes] = [...layers].reduce((a, c) => (c[1] > a[1] ? c : a), ['', 0]);
+    if (own + bytes > largestUnitBytes) [largestUnit, largestUnitBytes] = [layer === '' ? b : `${b} + one ${layer.includes('transformer_blocks') ? 'transformer block' : 'layer'} (${(bytes / 2 ** 20).toFixed(0)} MiB)`, own + bytes];
+  }
+  return { name, granularity: g, weightBytes: total, largestUnit, largestUnitBytes };
 }
 
 /** The UNet's feature maps at its peak (see the header): skips, ACTIVATION_MAPS maps of the largest level, GEGLU. */

@@ -31,8 +31,9 @@ export function loadResBlock(p: WeightView, cin: number, cout: number, timeEmbed
 }
 
 /** The SpatialTransformer of `spec` at `p`, with the config's context width and projection kind. */
-export function loadTransformer(p: WeightView, channels: number, spec: AttentionSpec, cfg: UNetConfig): SpatialTransformer {
-  return SpatialTransformer.load(p, { channels, ...spec, contextDim: cfg.contextDim, projection: cfg.projection });
+/** `policy` streamed: each of its transformer blocks is built only while it runs (SpatialTransformer.load). */
+export function loadTransformer(p: WeightView, channels: number, spec: AttentionSpec, cfg: UNetConfig, policy: ResidencyPolicy = 'resident'): SpatialTransformer {
+  return SpatialTransformer.load(p, { channels, ...spec, contextDim: cfg.contextDim, projection: cfg.projection }, policy);
 }
 
 /** Runs make(); if it throws, disposes `parts` (already built) first. */
@@ -168,7 +169,7 @@ export function heldBlocks(b: UNetBlocks): Held<Disposable>[] {
  * `time_embed` (+ `label_emb`) and `input_blocks`: the encoder half, which a ControlNet copies. Each block is a Held
  * under `policy`, so a streamed block runs this code again at every use; `hold` records each for the caller.
  */
-export function loadEncoderHalf(p: WeightView, cfg: UNetConfig, hold: <M extends Disposable>(make: () => M) => Held<M>) {
+export function loadEncoderHalf(p: WeightView, cfg: UNetConfig, hold: <M extends Disposable>(make: () => M) => Held<M>, policy: ResidencyPolicy = 'resident') {
   const plan = unetBlockPlan(cfg);
   const emb = plan.timeEmbedDim;
   const timeEmbed = hold(() => TimeEmbed.load(p, cfg, emb));
@@ -177,19 +178,19 @@ export function loadEncoderHalf(p: WeightView, cfg: UNetConfig, hold: <M extends
     if (spec.kind === 'conv_in') return Conv2d.load(q.child(0), cfg.inChannels, spec.cout, 3);
     if (spec.kind === 'down') return Conv2d.load(q.child(0).child('op'), spec.ch, spec.ch, 3, { stride: 2, padding: 1 });
     const attn = spec.attention;
-    return ResStage.load(loadResBlock(q.child(0), spec.cin, spec.cout, emb), () => (attn === null ? null : loadTransformer(q.child(1), spec.cout, attn, cfg)), () => null);
+    return ResStage.load(loadResBlock(q.child(0), spec.cin, spec.cout, emb), () => (attn === null ? null : loadTransformer(q.child(1), spec.cout, attn, cfg, policy)), () => null);
   }));
   return { timeEmbed, input };
 }
 
 /** `middle_block`. */
-export function loadMiddle(p: WeightView, cfg: UNetConfig): Middle {
+export function loadMiddle(p: WeightView, cfg: UNetConfig, policy: ResidencyPolicy = 'resident'): Middle {
   const plan = unetBlockPlan(cfg);
   const { channels: ch, attention } = plan.middle;
   const m = p.child('middle_block');
   const emb = plan.timeEmbedDim;
   const res1 = loadResBlock(m.child(0), ch, ch, emb);
-  const attn = disposeOnThrow([res1], () => (attention === null ? null : loadTransformer(m.child(1), ch, attention, cfg)));
+  const attn = disposeOnThrow([res1], () => (attention === null ? null : loadTransformer(m.child(1), ch, attention, cfg, policy)));
   const parts = attn === null ? [res1] : [res1, attn];
   return disposeOnThrow(parts, () => new Middle(res1, attn, loadResBlock(m.child(attention === null ? 1 : 2), ch, ch, emb)));
 }
@@ -205,14 +206,14 @@ export function loadUNetBlocks(p: WeightView, cfg: UNetConfig, policy: Residency
     return h;
   };
   try {
-    const { timeEmbed, input } = loadEncoderHalf(p, cfg, hold);
-    const middle = hold(() => loadMiddle(p, cfg));
+    const { timeEmbed, input } = loadEncoderHalf(p, cfg, hold, policy);
+    const middle = hold(() => loadMiddle(p, cfg, policy));
     const output = plan.output.map((spec, n) => hold(() => {
       const q = p.child('output_blocks').child(n);
       const attn = spec.attention;
       return ResStage.load(
         loadResBlock(q.child(0), spec.cin, spec.cout, emb),
-        () => (attn === null ? null : loadTransformer(q.child(1), spec.cout, attn, cfg)),
+        () => (attn === null ? null : loadTransformer(q.child(1), spec.cout, attn, cfg, policy)),
         () => (spec.upsample ? Conv2d.load(q.child(attn === null ? 1 : 2).child('conv'), spec.cout, spec.cout, 3) : null),
       );
     }));

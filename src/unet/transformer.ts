@@ -19,6 +19,7 @@ import { Conv2d, GroupNorm, LayerNorm, Linear, gelu } from '../nn/layers.js';
 import { attention } from '../nn/attention.js';
 import { spatialTransformerOnHost, type HostContext } from '../backend/native-blocks.js';
 import { ShapeError } from '../nn/errors.js';
+import { Held, type ResidencyPolicy } from '../nn/residency.js';
 import type { Conditioning, ExtraTokens } from './conditioning.js';
 
 /** Key and value projections of one extra token set (IP-Adapter's to_k_ip / to_v_ip). */
@@ -176,37 +177,47 @@ export class SpatialTransformer {
   private constructor(
     private readonly norm: GroupNorm,
     private readonly projIn: Projection,
-    private readonly blocks: readonly BasicTransformerBlock[],
+    /** Each under the UNet's residency policy: streamed ones are built at every use (SDXL's 10-deep transformers). */
+    private readonly blocks: readonly Held<BasicTransformerBlock>[],
     private readonly projOut: Projection,
     /** The transformer on the native kernels (backend/native-blocks.ts), when it was loaded for them. */
     private readonly onHost: ((x: tf.Tensor4D, c: HostContext) => tf.Tensor4D) | null,
   ) {}
 
+  /**
+   * `policy` 'streamed' (the UNet's on wasm) makes each transformer block a unit of its own, built from the host copy
+   * only while it runs: one block of SDXL's middle_block is 1/10 of its 1.54 GiB.
+   */
   static load(
     p: WeightView,
     { channels, heads, depth, contextDim, projection }: { channels: number; heads: number; depth: number; contextDim: number; projection: 'conv' | 'linear' },
+    policy: ResidencyPolicy = 'resident',
   ): SpatialTransformer {
     const project = (name: string): Projection =>
       projection === 'conv' ? Conv2d.load(p.child(name), channels, channels, 1) : Linear.load(p.child(name), channels, channels);
     const norm = GroupNorm.load(p.child('norm'), channels, { eps: 1e-6 });
     const projIn = project('proj_in');
     const blocks = Array.from({ length: depth }, (_, d) =>
-      BasicTransformerBlock.load(p.child('transformer_blocks').child(d), channels, contextDim, heads),
+      Held.load(policy, () => BasicTransformerBlock.load(p.child('transformer_blocks').child(d), channels, contextDim, heads)),
     );
     const projOut = project('proj_out');
-    const onHost = p.native ? spatialTransformerOnHost({ norm, projIn, blocks, projOut }) : null;
+    const resident = blocks.map((b) => b.loaded).filter((b) => b !== null);
+    const onHost = p.native && resident.length === depth ? spatialTransformerOnHost({ norm, projIn, blocks: resident, projOut }) : null;
     return new SpatialTransformer(norm, projIn, blocks, projOut, onHost);
   }
 
   /** The cross-attention (attn2) of each transformer block, in order: where an adapter's projections attach. */
   get crossAttentions(): readonly CrossAttention[] {
-    return this.blocks.map((b) => b.attn2);
+    return this.blocks.map((b) => {
+      if (b.loaded === null) throw new ShapeError('SpatialTransformer: its blocks are streamed; adapters attach to resident ones only');
+      return b.loaded.attn2;
+    });
   }
 
   /** x [B, H, W, C] and its conditioning (context [B, N, contextDim], extra token sets) -> [B, H, W, C] */
   apply(x: tf.Tensor4D, cond: Conditioning): tf.Tensor4D {
     const extra = cond.extraTokens?.length ?? 0;
-    const slots = this.blocks[0]?.attn2.extra.length ?? 0;
+    const slots = this.blocks[0]?.loaded?.attn2.extra.length ?? 0; // streamed blocks have no adapter attached
     if (extra !== slots) {
       throw new ShapeError(
         `SpatialTransformer: the conditioning has ${extra} extra token sets but its cross-attention has key/value projections for ${slots} (load the adapter that made them)`,
@@ -217,7 +228,7 @@ export class SpatialTransformer {
       const [b, h, w, c] = x.shape;
       // [B, H, W, C] -> [B, H*W, C]
       let tokens = tf.reshape(this.projIn.apply(this.norm.apply(x)), [b, h * w, c]) as tf.Tensor3D;
-      for (const block of this.blocks) tokens = block.apply(tokens, cond);
+      for (const block of this.blocks) tokens = block.use((m) => m.apply(tokens, cond));
       return tf.add(x, this.projOut.apply(tf.reshape(tokens, [b, h, w, c]) as tf.Tensor4D));
     });
   }
