@@ -15,6 +15,7 @@ import { parityCommand } from './commands/parity.js';
 import { randomWeightsCommand } from './commands/random-weights.js';
 import { serveCommand } from './commands/serve.js';
 import { setupNativeCommand } from './commands/setup-native.js';
+import { workerCommand } from './commands/worker.js';
 
 export async function main(argv: string[] = hideBin(process.argv)): Promise<void> {
   try {
@@ -22,6 +23,7 @@ export async function main(argv: string[] = hideBin(process.argv)): Promise<void
       .scriptName('sd')
       .command(generateCommand)
       .command(serveCommand)
+      .command(workerCommand)
       .command(inspectCommand)
       .command(convertCommand)
       .command(downloadCommand)

@@ -1,0 +1,232 @@
+/**
+ * `sd worker`'s engine room: takes jobs from the BullMQ queue of the model it holds (./protocol.ts), runs them one at a
+ * time on the model loaded once at start, reports each step as BullMQ progress, stores the image (../storage), and
+ * completes the job with an Outcome the front reads (succeeded with the result, failed with an HTTP status, cancelled).
+ *
+ * - Crash recovery is BullMQ's: a job whose worker dies (its lock not renewed for `lockMs`) is found stalled by
+ *   another worker and put back in line, up to `maxStalls` times; after that it fails, which the front reports as a
+ *   job that stopped its worker each time. A retried job whose first attempt had already stored its files finds them
+ *   (the sidecar names the job) and completes with them: no duplicate, no 409.
+ * - Cancel: the `sd:cancel` channel aborts the running job at its next step; the `sd:cancel:<id>` key makes a job
+ *   cancelled before it started complete at once.
+ * - `stop(graceS)` (SIGTERM): take nothing more, let the running job finish for `graceS` s, else put it back in line
+ *   for another worker (never lost), then close.
+ * - Every few seconds the worker announces itself (`sd:worker:<id>`, expiring after 3 missed beats): its models and
+ *   their limits, its counters; the front's /health and /metrics read these.
+ */
+import { hostname } from 'node:os';
+import { randomUUID } from 'node:crypto';
+import { WaitingError, Worker, type Job as BullJob } from 'bullmq';
+import type { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import { toAnsweredParameters } from '../server/body.js';
+import type { Engine } from '../server/engine.js';
+import { HttpError, toHttpError } from '../server/errors.js';
+import type { OutputStorage } from '../storage/outputs.js';
+import { bullConnection, redisClient } from './connection.js';
+import { CANCEL_CHANNEL, cancelKey, decodeParams, queueName, workerKey, type JobData, type JobTimings, type Outcome, type WorkerInfo } from './protocol.js';
+
+export interface QueueWorkerOptions {
+  readonly url: string;
+  /** The model's name (what jobs ask for) and the loaded engine. */
+  readonly model: { readonly name: string; readonly engine: Engine };
+  readonly outputs: OutputStorage;
+  readonly log: Logger;
+  /** Log prompts at info level. */
+  readonly logPrompts?: boolean;
+  /** A job's lock: a worker silent this long is taken for dead and its job re-queued; default 60 s. */
+  readonly lockMs?: number;
+  /** Times a job may be re-queued after its worker died before it fails; default 2. */
+  readonly maxStalls?: number;
+  /** Seconds between announcements; default 5. */
+  readonly heartbeatS?: number;
+  readonly id?: string;
+}
+
+interface Running {
+  readonly controller: AbortController;
+  reason: string | null;
+}
+
+const SHUTDOWN = 'shutdown';
+
+export class QueueWorker {
+  readonly id: string;
+  private readonly worker: Worker<JobData, Outcome>;
+  private readonly redis: Redis;
+  private readonly subscriber: Redis;
+  private readonly running = new Map<string, Running>();
+  private readonly beat: NodeJS.Timeout;
+  private readonly startedAt = Date.now();
+  private succeeded = 0;
+  private failed = 0;
+  private stopping: Promise<void> | null = null;
+
+  private constructor(private readonly o: QueueWorkerOptions) {
+    this.id = o.id ?? `${hostname()}-${process.pid}-${randomUUID().slice(0, 8)}`;
+    this.redis = redisClient(o.url);
+    this.subscriber = redisClient(o.url);
+    for (const c of [this.redis, this.subscriber]) c.on('error', () => undefined); // they reconnect on their own
+    const lockMs = o.lockMs ?? 60_000;
+    this.worker = new Worker<JobData, Outcome>(queueName(o.model.name), (job, token) => this.process(job, token), {
+      connection: bullConnection(o.url),
+      name: this.id,
+      concurrency: 1,
+      lockDuration: lockMs,
+      stalledInterval: Math.max(500, Math.round(lockMs / 2)),
+      maxStalledCount: o.maxStalls ?? 2,
+      autorun: false,
+    });
+    this.worker.on('error', (e) => o.log.warn({ err: e.message }, 'queue connection trouble (reconnecting)'));
+    this.beat = setInterval(() => void this.announce(), (o.heartbeatS ?? 5) * 1000);
+    this.beat.unref();
+  }
+
+  /** Announces itself, listens for cancels, starts taking jobs. */
+  static async start(o: QueueWorkerOptions): Promise<QueueWorker> {
+    const w = new QueueWorker(o);
+    await w.subscriber.subscribe(CANCEL_CHANNEL);
+    w.subscriber.on('message', (_channel: string, message: string) => w.onCancel(message));
+    await w.announce();
+    void w.worker.run().catch((e: unknown) => o.log.error({ err: (e as Error).message }, 'the worker stopped taking jobs'));
+    await w.worker.waitUntilReady();
+    o.log.info({ worker: w.id, model: o.model.name, queue: queueName(o.model.name), outputs: o.outputs.location }, 'worker ready: taking jobs');
+    return w;
+  }
+
+  get runningCount(): number {
+    return this.running.size;
+  }
+
+  /** Take nothing more; the running job gets `graceS` s to finish, then goes back in line for another worker. */
+  stop(graceS: number): Promise<void> {
+    if (this.stopping !== null && graceS <= 0) this.returnRunning();
+    this.stopping ??= this.shutdown(graceS);
+    return this.stopping;
+  }
+
+  /** Abort the running job so that it goes back in line (shutdown's end of grace). */
+  private returnRunning(): void {
+    for (const r of this.running.values()) {
+      r.reason = SHUTDOWN;
+      r.controller.abort(new Error('worker shutting down'));
+    }
+  }
+
+  private async shutdown(graceS: number): Promise<void> {
+    this.o.log.info({ worker: this.id, graceS, running: this.running.size }, 'stopping: finishing the running job');
+    const timer = setTimeout(() => this.returnRunning(), graceS * 1000);
+    await this.worker.close(); // waits for the running job
+    clearTimeout(timer);
+    clearInterval(this.beat);
+    await this.redis.del(workerKey(this.id)).catch(() => 0);
+    this.subscriber.disconnect();
+    this.redis.disconnect();
+    this.o.model.engine.dispose();
+    this.o.log.info({ worker: this.id }, 'worker stopped');
+  }
+
+  private onCancel(message: string): void {
+    let m: { id?: unknown; reason?: unknown };
+    try {
+      m = JSON.parse(message) as typeof m;
+    } catch {
+      return;
+    }
+    const r = typeof m.id === 'string' ? this.running.get(m.id) : undefined;
+    if (r === undefined) return;
+    r.reason = typeof m.reason === 'string' ? m.reason : 'client';
+    r.controller.abort(new Error(`cancelled (${r.reason})`));
+  }
+
+  private async process(job: BullJob<JobData, Outcome>, token?: string): Promise<Outcome> {
+    const id = job.id ?? '';
+    const takenAt = Date.now();
+    const cancelled = await this.redis.get(cancelKey(id));
+    if (cancelled !== null) return { status: 'cancelled', reason: cancelled };
+    const run: Running = { controller: new AbortController(), reason: null };
+    this.running.set(id, run);
+    void this.announce();
+    const { uid, model } = job.data;
+    const log = this.o.log.child({ job: id, uid });
+    const params = decodeParams(job.data.params);
+    log.info({ model, attempt: job.attemptsStarted, ...(this.o.logPrompts === true ? { prompt: params.prompt, negative_prompt: params.negativePrompt } : {}) }, 'job started');
+    if (this.o.logPrompts !== true) log.debug({ prompt: params.prompt }, 'job prompt');
+    let firstStepAt = 0;
+    let lastStepAt = 0;
+    try {
+      const r = await this.o.model.engine.generate(params, {
+        signal: run.controller.signal,
+        onProgress: (step, total) => {
+          lastStepAt = Date.now();
+          if (step === 1) firstStepAt = lastStepAt;
+          void job.updateProgress({ step, total }).catch(() => undefined);
+        },
+      });
+      const image = r.images[0];
+      if (image === undefined) throw new Error('the pipeline returned no image');
+      const parameters = toAnsweredParameters(r.params, job.data.echo);
+      await this.store(id, uid, image.png, { uid, seed: image.seed, created_at: new Date().toISOString(), parameters, job: id, worker: this.id });
+      const end = Date.now();
+      const timings: JobTimings = {
+        queuedMs: takenAt - job.data.admittedAt,
+        firstStepMs: (firstStepAt || end) - takenAt,
+        stepsMs: (lastStepAt || end) - (firstStepAt || end),
+        decodeMs: end - (lastStepAt || end),
+        totalMs: end - job.data.admittedAt,
+      };
+      this.succeeded += 1;
+      log.info({ status: 'succeeded', ...timings }, 'job succeeded');
+      return { status: 'succeeded', result: { message: 'success', uid, image: image.png.toString('base64'), seed: image.seed, parameters }, timings };
+    } catch (e) {
+      if (run.controller.signal.aborted && run.reason === SHUTDOWN && token !== undefined) {
+        await job.moveToWait(token); // back in line for another worker
+        log.info('job returned to the queue: worker shutting down');
+        throw new WaitingError();
+      }
+      if (run.controller.signal.aborted) {
+        log.info({ status: 'cancelled', reason: run.reason }, 'job cancelled');
+        return { status: 'cancelled', reason: run.reason ?? 'client' };
+      }
+      const h = toHttpError(e);
+      this.failed += 1;
+      if (h.statusCode >= 500) log.error({ err: e }, `generation failed: ${h.message}`);
+      else log.info({ status: 'failed', error: h.message }, 'job failed');
+      return { status: 'failed', statusCode: h.statusCode, message: h.message };
+    } finally {
+      this.running.delete(id);
+      void this.announce();
+    }
+  }
+
+  /** Stores both files; a 409 from an earlier attempt of this same job (its sidecar names the job) is that attempt's work, kept. */
+  private async store(jobId: string, uid: string, png: Buffer, sidecar: Record<string, unknown>): Promise<void> {
+    try {
+      await this.o.outputs.save(uid, png, sidecar);
+    } catch (e) {
+      if (!(e instanceof HttpError) || e.statusCode !== 409) throw e;
+      const earlier = await this.o.outputs.read(uid, 'json');
+      const mine = earlier !== null && (JSON.parse(earlier.toString('utf8')) as { job?: unknown }).job === jobId;
+      if (!mine) throw e;
+      if ((await this.o.outputs.read(uid, 'png')) === null) throw e; // the earlier attempt's json without its png: leave it to the error
+      this.o.log.info({ job: jobId, uid }, 'outputs already stored by an earlier attempt of this job');
+    }
+  }
+
+  private async announce(): Promise<void> {
+    const info: WorkerInfo = {
+      id: this.id,
+      host: hostname(),
+      pid: process.pid,
+      models: [{ name: this.o.model.name, limits: this.o.model.engine.limits }],
+      running: this.running.size,
+      current: [...this.running.keys()][0] ?? null,
+      succeeded: this.succeeded,
+      failed: this.failed,
+      startedAt: this.startedAt,
+      seenAt: Date.now(),
+    };
+    const ttl = Math.ceil((this.o.heartbeatS ?? 5) * 3);
+    await this.redis.set(workerKey(this.id), JSON.stringify(info), 'EX', ttl).catch(() => undefined);
+  }
+}
