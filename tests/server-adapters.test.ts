@@ -16,6 +16,7 @@ import type { Engine } from '../src/server/engine.js';
 import { SdServer, type ServerOptions } from '../src/server/server.js';
 import { listModels, resolveModel } from '../src/server/models-dir.js';
 import { HttpError } from '../src/server/errors.js';
+import { modelDirsOf } from '../src/cli/commands/serve.js';
 
 /** Records what each job asked for and answers a flat image. */
 class RecordingEngine implements Engine {
@@ -130,6 +131,14 @@ describe('model folders (models-dir.ts)', () => {
     }
     expect(() => resolveModel('controlnet', dirs, 'canny', 'f')).toThrow(/no ControlNet named "canny" in this server's --controlnet-dir: it has alias, control_depth/);
     expect(() => resolveModel('ipAdapter', {}, 'x', 'ip_adapter.model')).toThrow(/start sd serve with --ip-adapter-dir DIR/);
+  });
+});
+
+describe('sd serve flags', () => {
+  it('--controlnet-dir, --ip-adapter-dir, --lora-dir, --image-encoder: folders checked at start', () => {
+    expect(modelDirsOf({ 'controlnet-dir': dirs.controlnet, 'lora-dir': dirs.lora })).toEqual({ controlnet: dirs.controlnet, ipAdapter: null, lora: dirs.lora, imageEncoder: null });
+    expect(() => modelDirsOf({ 'lora-dir': path.join(root, 'missing') })).toThrow(/--lora-dir .*missing: no such folder/);
+    expect(() => modelDirsOf({ 'controlnet-dir': files.canny })).toThrow(/--controlnet-dir .*: not a folder/);
   });
 });
 
