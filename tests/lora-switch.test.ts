@@ -11,7 +11,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
 import { kernelsProblem } from '../src/backend/kernels.js';
-import { bindLoras, loraTargets, LoraError, type LoraFile, type LoraSpec } from '../src/lora/index.js';
+import { bindLoras, loraTargets, LoraError, withLoraFiles, type LoraFile, type LoraSpec } from '../src/lora/index.js';
+import { LayerLog } from '../src/nn/reload.js';
+import { LoraSwitch } from '../src/pipeline/lora-switch.js';
+import { UNet } from '../src/unet/index.js';
 import { randomLoraShapes } from '../src/lora/random.js';
 import { sd15Shapes } from '../src/pipeline/shapes.js';
 import { loraFlag } from '../src/cli/commands/generate.js';
@@ -290,5 +293,45 @@ describe('sd random-weights --model lora-sd15', () => {
     expect(ids.filter((id) => /_resnets_\d+_conv1$/.test(id)).length).toBe(22);
     expect(shapes.get('lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight')).toEqual([32, 320, 3, 3]);
     expect(shapes.get('lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight')).toEqual([320, 32, 1, 1]);
+  });
+});
+
+describe('per-request LoRAs on a UNet streamed from its host copy (wasm\'s default)', () => {
+  it('serves the merged weights from the copy and puts the held ones back byte for byte', () => {
+    const base = openWeights(MODEL);
+    const log = new LayerLog();
+    const unet = UNet.load(log.source(base), config.unet, undefined, { residency: 'streamed' });
+    const unetOnly: LoraSpec[] = [{ ...A[0], te: 0 }]; // no text encoder here: its modules at 0 change nothing
+    const fresh = UNet.load(withLoraFiles(base, unetOnly), config.unet, undefined, { residency: 'streamed' });
+    const loras = new LoraSwitch(MODEL, () => openWeights(MODEL), [], log);
+    const x = tf.randomNormal([2, 4, 4, 4]) as tf.Tensor4D;
+    const context = tf.randomNormal([2, 77, config.unet.contextDim]) as tf.Tensor3D;
+    const eps = (u: UNet) => {
+      const y = u.forward(x, [500, 500], { context });
+      const values = y.dataSync() as Float32Array;
+      y.dispose();
+      return values;
+    };
+    const same = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer).equals(Buffer.from(b.buffer));
+    try {
+      const plain = eps(unet); // the host copy is laid out for its layers at the first use
+      const held = loras.snapshot();
+      const tensors = tf.memory().numTensors;
+      expect(() => loras.use(A)).toThrow(/lora_te_.*held by no layer of this model that can load it again/);
+      loras.use(unetOnly)();
+      const withA = eps(unet);
+      expect(same(withA, eps(fresh))).toBe(true);
+      expect(same(withA, plain)).toBe(false);
+      expect(changed(held, loras.snapshot()).length).toBeGreaterThan(10);
+      loras.use([])();
+      expect(same(eps(unet), plain)).toBe(true);
+      expect(changed(held, loras.snapshot())).toEqual([]);
+      expect(tf.memory().numTensors).toBe(tensors);
+    } finally {
+      tf.dispose([x, context]);
+      unet.dispose();
+      fresh.dispose();
+      base.close();
+    }
   });
 });

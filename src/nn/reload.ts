@@ -9,9 +9,12 @@
  * base weights come back bit for bit with nothing repacked.
  *
  * The model files know nothing of this: Linear.load and Conv2d.load record themselves through their WeightView,
- * and only when the view's source is a logged one.
+ * and only when the view's source is a logged one. A model streamed from a host copy of its weights (residency.ts,
+ * wasm's default) builds its layers anew at every use, from that copy: the copy records itself instead, and a reload
+ * serves the new values from it in place of the old, which it keeps to put back.
  */
 import type { TensorInfo, TensorSource } from '../weights/types.js';
+import type { HostTensors } from './residency.js';
 
 /** Loads a layer's weights again from `src` and puts them in use; returns what puts the previous ones back. */
 export type Reload = (src: TensorSource) => () => void;
@@ -45,7 +48,14 @@ export class LayerLog {
     return new Map([...this.reloads].map(([key, layers]) => [key, layers.flatMap((l) => l.values())]));
   }
 
-  /** Whether some loaded layer holds the weight `key`. */
+  /** Called by HostTensors.copy: each tensor of `host` can be served anew. */
+  recordHost(host: HostTensors): void {
+    for (const key of host.keys()) {
+      this.record(key, { reload: (src) => host.swap(key, src.float32(key)), values: () => [asFloat32(host.heldBytes(key))] });
+    }
+  }
+
+  /** Whether some loaded layer (or host copy) holds the weight `key`. */
   has(key: string): boolean {
     return this.reloads.has(key);
   }
@@ -67,6 +77,13 @@ export class LayerLog {
     }
     return undoAll;
   }
+}
+
+/** Bytes as float32 values for a snapshot, zero-padded to whole values (fp16 tensors of an odd length). */
+function asFloat32(bytes: Uint8Array): Float32Array {
+  const padded = new Uint8Array(Math.ceil(bytes.length / 4) * 4);
+  padded.set(bytes);
+  return new Float32Array(padded.buffer);
 }
 
 /** A TensorSource whose loads are logged: it serves `base` unchanged. */

@@ -18,6 +18,7 @@ import { DTYPE_BYTES, decodeInto, decodeToFloat32, isFloatDType } from '../weigh
 import { arrange, blockIndex, laidOutShape, type Arrangement } from './arrangement.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 import { ShapeError } from './errors.js';
+import { LoggedSource } from './reload.js';
 
 export type ResidencyPolicy = 'resident' | 'streamed';
 
@@ -97,7 +98,30 @@ export class HostTensors implements TensorSource {
       const { dtype, shape } = src.info(key);
       tensors.set(key, { dtype, shape, bytes: src.bytes(key), arranged: null });
     }
-    return new HostTensors(src.path, tensors);
+    const host = new HostTensors(src.path, tensors);
+    if (src instanceof LoggedSource) src.log.recordHost(host); // its tensors can be served anew (per-request LoRAs)
+    return host;
+  }
+
+  /**
+   * Serves `values` (float32, in the file's layout) as tensor `key` from now on; the function returned puts the
+   * tensor held before back as it was, bytes and layout (per-request LoRAs on a streamed model: reload.ts).
+   */
+  swap(key: string, values: Float32Array): () => void {
+    const old = this.entry(key);
+    if (values.length !== old.shape.reduce((a, d) => a * d, 1)) {
+      throw new ShapeError(`${this.path}: tensor ${key} [${old.shape.join(', ')}] cannot be served from ${values.length} values`);
+    }
+    const fresh: HostTensor = { dtype: 'F32', shape: old.shape, bytes: new Uint8Array(values.buffer, values.byteOffset, values.byteLength), arranged: null };
+    this.tensors.set(key, fresh);
+    return () => {
+      if (this.tensors.get(key) === fresh) this.tensors.set(key, old);
+    };
+  }
+
+  /** A copy of the bytes held for `key`, in the layout they are held in (for comparing what is held). */
+  heldBytes(key: string): Uint8Array {
+    return this.entry(key).bytes.slice();
   }
 
   /** Bytes held, for memory reports. */

@@ -6,7 +6,8 @@
  * own load code (nn/reload.ts), from the checkpoint (opened again for the switch) with the LoRAs merged into those
  * weights (lora/source.ts: W' = W + m * scale * up @ down, as a load with the LoRAs computes it). The layers' base
  * weights (tensors, or the native kernels' packed panels) are kept while a set is on; switching off puts them back
- * and frees the merged ones, so nothing is recomputed or repacked and the restore is exact by construction. A
+ * and frees the merged ones, so nothing is recomputed or repacked and the restore is exact by construction (a UNet
+ * streamed from a host copy, wasm's default, is served the merged tensors from that copy instead, the same way). A
  * request with the same set as the one on switches nothing; a request without LoRAs switches off.
  *
  * Why merged: on a full-size SD 1.5 the merge is paid once per switch (the product of each module, about 5 s for a
@@ -21,8 +22,8 @@
  * on.
  *
  * Refusals come before anything changes: an SDXL LoRA, a module that names no weight of the model or does not fit
- * it (LoraError naming the first such module, lora/source.ts), a weight no loaded layer holds (weights streamed from
- * host memory, wasm's default residency), a checkpoint file changed on disk since the model was loaded.
+ * it (LoraError naming the first such module, lora/source.ts), a weight no layer can load again, a checkpoint file
+ * changed on disk since the model was loaded.
  * LoRAs given at load (LoadOptions.loras) are part of the base: a request's LoRAs are merged on top of them.
  */
 import { statSync } from 'node:fs';
@@ -143,12 +144,13 @@ export class LoraSwitch {
     const fileOf = new Map(request.flatMap((a) => a.lora.modules.map((m) => [m, a.lora.path] as const)));
     const keys: string[] = [];
     for (const [key, bound] of bindLoras(base, all)) {
-      const own = bound.find((b) => fileOf.has(b.module));
-      if (own === undefined) continue; // changed by load-time LoRAs only: the layer has it already
+      // a module at multiplier 0 adds nothing (addLoraDelta): the layer holds that weight already
+      const own = bound.find((b) => fileOf.has(b.module) && b.multiplier !== 0);
+      if (own === undefined) continue; // changed by load-time LoRAs only, or not at all
       if (!this.log.has(key)) {
         const file = fileOf.get(own.module) ?? '';
         throw new LoraError(
-          `${file}: ${own.module.name}: ${key} is held by no loaded layer of this model (weights streamed from host memory, wasm's default residency, cannot switch LoRAs per request): apply the LoRA at load (LoadOptions.loras, sd generate --lora) or load the model resident`,
+          `${file}: ${own.module.name}: ${key} is held by no layer of this model that can load it again, so it cannot change per request: apply the LoRA at load (LoadOptions.loras, sd generate --lora)`,
         );
       }
       keys.push(key);
