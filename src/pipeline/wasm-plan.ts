@@ -18,13 +18,14 @@
 import { sdxlTextShapes } from '../clip/sdxl-text.js';
 import { expectedShapes as clipShapes } from '../clip/index.js';
 import { expectedShapes as unetShapes, unetBlockPlan, type UNetConfig } from '../unet/index.js';
-import { expectedShapes as vaeShapes } from '../vae/index.js';
+import { downsampleFactor, expectedShapes as vaeShapes } from '../vae/index.js';
+import { VAE_DECODE_BYTES_PER_PIXEL, WASM_MAX_DECODE_BYTES, WASM_TILES } from '../vae/tiled.js';
 import type { AnyPipelineConfig } from './config.js';
 
 export const WASM_HEAP_LIMIT = 4 * 2 ** 30 - 2 ** 16;
 export const PACKED_WEIGHT_FACTOR = 2.6;
 export const VAE_DECODE_BASE_FACTOR = 2.28;
-export const VAE_DECODE_BYTES_PER_PIXEL = 5.1 * 1024;
+export { VAE_DECODE_BYTES_PER_PIXEL };
 const ACTIVATION_MAPS = 8;
 
 /** How a network's weights are held on wasm: resident, or streamed one unit at a time. */
@@ -41,10 +42,11 @@ export interface PlanChoices {
 /**
  * What the code does on wasm now: SD 1.x text resident, SDXL's streamed layer by layer (streamed-text.ts); the
  * UNet's blocks streamed, each transformer block of them a unit of its own (unet/transformer.ts); the VAE resident,
- * decoding in one piece.
+ * decoding in one piece up to SD 1.x's 512x512 and in 512x512 tiles beyond (vae/tiled.ts).
  */
-export function currentChoices(cfg: AnyPipelineConfig): PlanChoices {
-  return { text: 'family' in cfg ? 'layer' : 'resident', unet: 'layer', vae: 'resident', vaeTile: 0 };
+export function currentChoices(cfg: AnyPipelineConfig, width: number, height: number): PlanChoices {
+  const tiled = width * height * VAE_DECODE_BYTES_PER_PIXEL > WASM_MAX_DECODE_BYTES; // vae/tiled.ts's needsTiles
+  return { text: 'family' in cfg ? 'layer' : 'resident', unet: 'layer', vae: 'resident', vaeTile: tiled ? WASM_TILES.tile * downsampleFactor(cfg.vae) : 0 };
 }
 
 export interface NetworkPlan {
@@ -125,7 +127,7 @@ export function unetActivationBytes(cfg: UNetConfig, h: number, w: number, batch
 }
 
 /** The heap plan of a `width` x `height` txt2img with CFG (batch 2) under `choices` (default: what the code does). */
-export function wasmHeapPlan(cfg: AnyPipelineConfig, width: number, height: number, choices: PlanChoices = currentChoices(cfg)): HeapPlan {
+export function wasmHeapPlan(cfg: AnyPipelineConfig, width: number, height: number, choices: PlanChoices = currentChoices(cfg, width, height)): HeapPlan {
   const textShapes = 'family' in cfg ? sdxlTextShapes(cfg.text) : clipShapes(cfg.clip);
   const text = network('text', choices.text, textShapes);
   const unet = network('unet', choices.unet, unetShapes(cfg.unet));

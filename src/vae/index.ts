@@ -16,6 +16,7 @@ import { SD15_VAE, downsampleFactor, type VaeConfig } from './config.js';
 import { Decoder } from './decoder.js';
 import { Encoder } from './encoder.js';
 import { ShapeError } from '../nn/errors.js';
+import { decodeTiled, needsTiles } from './tiled.js';
 
 export { SD15_VAE, downsampleFactor, vaeConfigFromLdm, type VaeConfig } from './config.js';
 
@@ -67,9 +68,18 @@ export class Vae {
     return { mean, logvar };
   }
 
-  /** z NHWC [B, h, w, embedDim], unscaled -> image NHWC [B, h*f, w*f, 3]. */
+  /**
+   * z NHWC [B, h, w, embedDim], unscaled -> image NHWC [B, h*f, w*f, 3]. On wasm a latent whose decode would not fit
+   * the heap in one piece (SDXL's 1024x1024) is decoded in overlapping tiles (tiled.ts), an approximation.
+   */
   decode(z: tf.Tensor4D): tf.Tensor4D {
     this.checkInput('decode: z', z, this.cfg.embedDim, 1);
+    const [b, h, w] = z.shape;
+    if (b === 1 && needsTiles(h * w * this.factor ** 2)) return decodeTiled(z, this.factor, (t) => this.decodeWhole(t));
+    return this.decodeWhole(z);
+  }
+
+  private decodeWhole(z: tf.Tensor4D): tf.Tensor4D {
     const h = this.postQuantConv.apply(z);
     const out = this.decoder.apply(h);
     h.dispose();
