@@ -48,9 +48,13 @@ export class LayerLog {
     return new Map([...this.reloads].map(([key, layers]) => [key, layers.flatMap((l) => l.values())]));
   }
 
-  /** Called by HostTensors.copy: each tensor of `host` can be served anew. */
+  /**
+   * Called by HostTensors.copy: each tensor of `host` can be served anew, except the embedding tables, which a
+   * streamed text encoder builds once at load (clip/index.ts) and so would not see served anew; no LoRA changes them.
+   */
   recordHost(host: HostTensors): void {
     for (const key of host.keys()) {
+      if (/embedding/.test(key)) continue;
       this.record(key, { reload: (src) => host.swap(key, src.float32(key)), values: () => [asFloat32(host.heldBytes(key))] });
     }
   }
