@@ -32,6 +32,10 @@ import { HttpError, errorHandler, schemaErrorFormatter, toHttpError } from './er
 import { JobQueue, QueueFullError, isFinished, type JobContext } from './jobs.js';
 import { OutputStore } from './outputs.js';
 import { registerGates, registerRoutes } from './routes.js';
+import { METRICS_CONTENT_TYPE, Metrics } from './metrics.js';
+import type { QueueFront } from '../queue/front.js';
+import { frontEngine, frontHealth, registerFrontHooks } from '../queue/front-server.js';
+import type { JobStore } from '../queue/store.js';
 import { registerWebPage } from './web.js';
 import type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
 import type { PreviewOptions, StepPreview } from '../pipeline/api.js';
@@ -74,6 +78,10 @@ export interface ServerOptions {
   readonly webhooks?: Partial<WebhookOptions>;
   /** Open GET /jobs/:id/events streams at most (default 32; beyond: 503). */
   readonly maxEventClients?: number;
+  /** `sd serve --queue`: jobs go to BullMQ on Redis for `sd worker`s (src/queue); no model is loaded here, loadEngine is not called. */
+  readonly front?: QueueFront;
+  /** Log prompts at info level (otherwise they are not logged). */
+  readonly logPrompts?: boolean;
 }
 
 export interface ListenOptions {
@@ -91,7 +99,8 @@ export class SdServer {
   private loadError: string | null = null;
   private loading: Promise<void> = Promise.resolve();
   private closing: Promise<void> | null = null;
-  readonly queue: JobQueue<WorkItem, InferenceResult>;
+  readonly queue: JobStore<WorkItem, InferenceResult>;
+  readonly metrics = new Metrics();
   private readonly running = new Set<ServerJob>();
   /** Previews and event streams of running jobs. */
   readonly live: LiveJobs;
@@ -104,7 +113,8 @@ export class SdServer {
   ) {
     this.live = new LiveJobs(o.maxEventClients);
     this.webhooks = new WebhookSender({ secret: null, ...o.webhooks, log: (level, message, fields) => app.log[level](fields, message) });
-    this.queue = new JobQueue<WorkItem, InferenceResult>({
+    o.front?.listen((job) => this.onJobChange(job));
+    this.queue = o.front ?? new JobQueue<WorkItem, InferenceResult>({
       run: (item, ctx) => this.run(item, ctx),
       describeError: (e) => {
         const h = toHttpError(e);
@@ -141,6 +151,8 @@ export class SdServer {
     });
     await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0, models: o.models ?? {} });
     await app.register(controlNetRoutes, { prefix: '/controlnet', models: o.models ?? {} }); // the ControlNet extension's own routes
+    app.get('/metrics', async (_request, reply) => reply.type(METRICS_CONTENT_TYPE).send(server.metricsText()));
+    if (o.front !== undefined) registerFrontHooks(app, o.front);
     await app.listen({ port: listen.port, host: listen.host });
     server.loading = server.load();
     return server;
@@ -172,6 +184,7 @@ export class SdServer {
       running: this.queue.runningCount,
       concurrency: this.o.concurrency ?? DEFAULT_SERVER.concurrency,
       ...(this.loadError !== null ? { error: this.loadError } : {}),
+      ...(this.o.front !== undefined ? frontHealth(this.o.front) : {}),
     };
     return { statusCode: this.state_ === 'ok' ? 200 : 503, body };
   }
@@ -213,6 +226,11 @@ export class SdServer {
     return this.o.bounds ?? {};
   }
 
+  /** GET /metrics: Prometheus text. */
+  metricsText(): string {
+    return this.metrics.render({ queueDepth: this.queue.depth, running: this.queue.runningCount, ...(this.o.front !== undefined ? { workers: this.o.front.workers() } : {}) });
+  }
+
   /** Finish a running job now with the image made so far (A1111's interrupt); false when it cannot be (not running, or run elsewhere). */
   stopJob(id: string): boolean {
     return this.queue instanceof JobQueue ? this.queue.stop(id) : false;
@@ -250,6 +268,7 @@ export class SdServer {
     await Promise.race([this.webhooks.idle(), new Promise((r) => setTimeout(r, 2000).unref())]); // the last jobs' webhooks
     this.webhooks.close();
     this.queue.dispose();
+    await this.o.front?.close();
     this.engine?.dispose();
     this.engine = null;
     this.state_ = 'stopped';
@@ -259,7 +278,7 @@ export class SdServer {
   private async load(): Promise<void> {
     const started = Date.now();
     try {
-      const engine = await this.o.loadEngine();
+      const engine = this.o.front !== undefined ? await frontEngine(this.o.front) : await this.o.loadEngine();
       if (this.state_ !== 'loading') return engine.dispose(); // shut down while loading
       this.engine = engine;
       this.state_ = 'ok';
@@ -293,12 +312,14 @@ export class SdServer {
   }
 
   private onJobChange(job: ServerJob): void {
+    this.metrics.observe(job);
     const { id, status } = job;
     if (status === 'running') this.running.add(job);
     else this.running.delete(job);
     const finished = isFinished(status);
     this.live.status(id, finished, finished ? (status as 'succeeded' | 'failed' | 'cancelled') : 'status', jobView(job, this.queue.position(id), this.live.hasPreview(id)));
     if (finished && job.input.webhook !== undefined) this.webhooks.send(job.input.webhook, `job.${status}`, jobView(job, 0, false));
+    if (status === 'queued' && this.o.logPrompts === true) this.app.log.info({ job: id, prompt: job.input.params.prompt, negative_prompt: job.input.params.negativePrompt }, 'job prompt');
     if (!finished) {
       this.app.log.info({ job: id, uid: job.input.uid, status }, `job ${status}`);
       return;

@@ -16,8 +16,9 @@ import type { Engine } from '../../server/engine.js';
 import type { ModelDirs } from '../../server/models-dir.js';
 import { UsageError } from '../errors.js';
 import { ENGINE_FLAGS, engineServerOptions, type EngineArgs } from './serve-engine.js';
+import { QUEUE_FLAGS, queueServerOptions, type QueueArgs } from './serve-queue.js';
 
-interface Args extends EngineArgs {
+interface Args extends QueueArgs, EngineArgs {
   port: number;
   host: string;
   weights: string;
@@ -67,6 +68,7 @@ export const serveCommand: CommandModule<object, Args> = {
       .option('max-decode-mib', { type: 'number', default: DEFAULT_UPLOAD_LIMITS.maxDecodeBytes / 2 ** 20, describe: 'MiB the uploaded images of one request may decode to' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
+      .options(QUEUE_FLAGS) // --queue, --model, --s3-endpoint, --log-prompts: ./serve-queue.ts
       .options(ENGINE_FLAGS) // --in-process, --preview, --preview-every, --webhook-secret: ./serve-engine.ts
       .option('controlnet-dir', { type: 'string', describe: 'folder of ControlNet files / diffusers folders requests name (controlnet[].model, A1111 alwayson_scripts.controlnet)' })
       .option('ip-adapter-dir', { type: 'string', describe: 'folder of IP-Adapter files requests name (ip_adapter.model)' })
@@ -94,6 +96,7 @@ export const serveCommand: CommandModule<object, Args> = {
         logger: { level: args['log-level'] },
         backend: () => currentBackend()?.name ?? null,
         ...engineServerOptions(args, (level, line) => server.app.log[level](line)), // the engine worker (./serve-engine.ts)
+        ...queueServerOptions(args),
       },
       { port: args.port, host: args.host },
     );
