@@ -36,13 +36,14 @@ class RecordingEngine implements Engine {
 }
 
 const root = mkdtempSync(path.join(tmpdir(), 'sd-a1111-cn-'));
-const dirs = { controlnet: path.join(root, 'ControlNet'), lora: path.join(root, 'Lora') };
+const dirs = { controlnet: path.join(root, 'ControlNet'), lora: path.join(root, 'Lora'), ipAdapter: path.join(root, 'ip'), imageEncoder: path.join(root, 'image_encoder') };
 const engine = new RecordingEngine();
 let server: SdServer;
 let bare: SdServer;
 let canny = '';
 let tile = '';
 let ink = '';
+let ip = '';
 /** 16x16: left half black, right half white. */
 let halves: Buffer;
 let wide: Buffer;
@@ -58,6 +59,9 @@ async function start(models: Record<string, string>): Promise<SdServer> {
 beforeAll(async () => {
   mkdirSync(dirs.controlnet, { recursive: true });
   mkdirSync(dirs.lora, { recursive: true });
+  mkdirSync(dirs.ipAdapter, { recursive: true });
+  writeFileSync(path.join(dirs.ipAdapter, 'ip-adapter_sd15.safetensors'), '');
+  ip = realpathSync(path.join(dirs.ipAdapter, 'ip-adapter_sd15.safetensors'));
   // Over 1 MiB, so A1111's short hash reads its 64 KiB at 1 MiB.
   const big = Buffer.alloc(0x110000);
   for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
@@ -203,8 +207,36 @@ describe('alwayson_scripts.controlnet', () => {
     expect(Buffer.from(i2i.params.controlNets?.[0].image ?? []).equals(Buffer.from(i2i.params.initImage ?? []))).toBe(true);
   });
 
+  it('an IP-Adapter unit (ip-adapter_clip_h, model in --ip-adapter-dir) is the request\'s ipAdapter, beside a ControlNet', async () => {
+    const { params } = await ran('txt2img', {
+      alwayson_scripts: {
+        controlnet: {
+          args: [
+            { module: 'ip-adapter_clip_h', model: 'ip-adapter_sd15 [e3b0c442]', weight: 0.6, image: b64(wide) },
+            { module: 'canny', model: 'control_v11f1e_sd15_tile', image: b64(halves) },
+          ],
+        },
+      },
+    });
+    expect(params.ipAdapter).toEqual({ model: ip, image: params.ipAdapter?.image, scale: 0.6, imageEncoder: dirs.imageEncoder });
+    expect(Buffer.from(params.ipAdapter?.image ?? []).equals(wide)).toBe(true); // not cropped: CLIP's preprocessing crops
+    expect(params.controlNets?.map((c) => c.model)).toEqual([tile]);
+    const two = await call(server, 'POST', '/sdapi/v1/txt2img', {
+      steps: 1,
+      alwayson_scripts: { controlnet: { args: [0, 1].map(() => ({ module: 'ip-adapter-auto', model: 'ip-adapter_sd15', image: b64(halves) })) } },
+    });
+    expect(two.status).toBe(422);
+    expect(two.json.field).toBe('alwayson_scripts.controlnet.args[1].module');
+    const window = await call(server, 'POST', '/sdapi/v1/txt2img', {
+      steps: 1,
+      alwayson_scripts: { controlnet: { args: [{ module: 'ip-adapter_clip_sd15', model: 'ip-adapter_sd15', image: b64(halves), guidance_end: 0.5 }] } },
+    });
+    expect(window.status).toBe(422);
+    expect(String(window.json.message)).toMatch(/acts in every step/);
+  });
+
   const refusals: [string, Record<string, unknown>, string, RegExp][] = [
-    ['unknown preprocessor', { module: 'depth_midas' }, 'alwayson_scripts.controlnet.args[0].module', /"depth_midas" is not available on this server: canny, none or invert/],
+    ['unknown preprocessor', { module: 'depth_midas' }, 'alwayson_scripts.controlnet.args[0].module', /"depth_midas" is not available on this server: canny, none, invert/],
     ['unknown model', { model: 'control_v11p_sd15_openpose [cab727d4]' }, 'alwayson_scripts.controlnet.args[0].model', /no ControlNet named "control_v11p_sd15_openpose"/],
     ['model None', { model: 'None' }, 'alwayson_scripts.controlnet.args[0].model', /no ControlNet model given/],
     ['control mode', { control_mode: 'ControlNet is more important' }, 'alwayson_scripts.controlnet.args[0].control_mode', /only "Balanced"/],
@@ -246,11 +278,15 @@ describe("the extension's routes", () => {
     const big = Buffer.alloc(0x110000);
     for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
     expect((await call(server, 'GET', '/controlnet/model_list')).json).toEqual({
-      model_list: [`control_v11f1e_sd15_tile [${hash(Buffer.alloc(0))}]`, `control_v11p_sd15_canny [${hash(big.subarray(0x100000, 0x110000))}]`],
+      model_list: [
+        `control_v11f1e_sd15_tile [${hash(Buffer.alloc(0))}]`,
+        `control_v11p_sd15_canny [${hash(big.subarray(0x100000, 0x110000))}]`,
+        `ip-adapter_sd15 [${hash(Buffer.alloc(0))}]`,
+      ],
     });
     expect((await call(bare, 'GET', '/controlnet/model_list')).json).toEqual({ model_list: [] });
     const modules = (await call(server, 'GET', '/controlnet/module_list')).json;
-    expect(modules.module_list).toEqual(['none', 'canny', 'invert']);
+    expect(modules.module_list).toEqual(['none', 'canny', 'invert', 'ip-adapter_clip_sd15', 'ip-adapter-auto']);
     expect((modules.module_detail as Record<string, { sliders: { name: string; value: number }[] }>).canny.sliders.map((s) => [s.name, s.value])).toEqual([
       ['Resolution', 512],
       ['Low Threshold', 100],

@@ -129,6 +129,12 @@ describe('A1111 API on the tiny model', () => {
     expect((await pixels(withUnit)).equals(await pixels(none))).toBe(false);
   });
 
+  it('an IP-Adapter unit (ip-adapter_clip_h) = generate() with the adapter and the server\'s image encoder', async () => {
+    const img = await a1111('txt2img', { alwayson_scripts: { controlnet: { args: [{ module: 'ip-adapter_clip_h', model: 'ip-adapter_sd15', weight: 0.6, image: b64(photo) }] } } });
+    const ipAdapter = { model: file.ip, image: photo, scale: 0.6, imageEncoder: dirs.imageEncoder };
+    expect((await sharp(img).raw().toBuffer()).equals(await sharp(await direct({ ...A1111_AS_OURS, ipAdapter })).raw().toBuffer())).toBe(true);
+  });
+
   it('<lora:botanical:0.8> in the prompt = generate() with that LoRA; an img2img mask (mask_blur 0) = generate() inpainting', async () => {
     const prompt = `${QUICK.prompt} <lora:botanical:0.8>`;
     const tagged = await a1111('txt2img', { prompt });

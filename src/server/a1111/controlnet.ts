@@ -6,7 +6,10 @@
  *   enabled           false: skipped. Absent: run (the extension's default until v1.1.447; webuiapi sends none)
  *   image             base64 (a data: URL too), {image, mask}, [image, mask] or [{image, mask}, ...]: the first image;
  *                     `input_image` is its old name. None in img2img: the init image, as the extension does
- *   module            canny | none | invert ("invert (from white bg & black line)"); any other: 422 naming it
+ *   module            canny | none | invert ("invert (from white bg & black line)"); an IP-Adapter preprocessor
+ *                     (ip-adapter_clip_sd15 = ip-adapter_clip_h, ip-adapter_clip_sdxl_plus_vith, ip-adapter-auto):
+ *                     the unit is the request's IP-Adapter, its model in --ip-adapter-dir, weight its scale, the
+ *                     window the whole run (one such unit; the image encoder is the server's); any other: 422
  *   model             "control_v11p_sd15_canny [d14c016b]": the hash dropped, the name looked up in --controlnet-dir
  *                     (failing an exact name, the shortest one containing it, as the extension finds "canny")
  *   weight            0..2 (the extension's range); guidance_start, guidance_end 0..1, start <= end
@@ -21,11 +24,11 @@
  * preprocessors) and is ignored.
  */
 import sharp from 'sharp';
-import type { ControlNetParams, ControlPreprocess } from '../../pipeline/api.js';
+import type { ControlNetParams, ControlPreprocess, IpAdapterParams } from '../../pipeline/api.js';
 import { resolveModel, type ModelDirs } from '../models-dir.js';
 import { asBody, checkNumber, invalid, type Body } from './fields.js';
 
-export type ControlModule = 'canny' | 'none' | 'invert';
+export type ControlModule = 'canny' | 'none' | 'invert' | 'ip-adapter';
 export type ResizeMode = 'Just Resize' | 'Crop and Resize' | 'Resize and Fill';
 
 /** One enabled unit of a request, its model found and its image still as sent. */
@@ -52,6 +55,11 @@ const MODULES: Readonly<Record<string, ControlModule>> = Object.freeze({
   none: 'none',
   invert: 'invert',
   'invert (from white bg & black line)': 'invert',
+  // The CLIP ViT-H/14 image encoder's preprocessors (scripts/preprocessor/legacy/preprocessor_compiled.py, ipadapter/presets.py).
+  'ip-adapter_clip_sd15': 'ip-adapter',
+  'ip-adapter_clip_h': 'ip-adapter',
+  'ip-adapter_clip_sdxl_plus_vith': 'ip-adapter',
+  'ip-adapter-auto': 'ip-adapter',
 });
 
 /** scripts/enums.py ResizeMode, its int_value() and the aliases of resize_mode_from_value. */
@@ -100,6 +108,8 @@ export function parseControlNetArgs(script: { key: string; body: Body }, dirs: M
     if (unit !== null) units.push(unit);
   }
   if (units.length > MAX_UNITS) throw invalid(at, `${units.length} enabled units, over this server's limit of ${MAX_UNITS}`);
+  const ip = units.filter((u) => u.module === 'ip-adapter');
+  if (ip.length > 1) throw invalid(`${ip[1].field}.module`, 'one IP-Adapter unit per request on this server');
   return units;
 }
 
@@ -110,7 +120,7 @@ function parseUnit(u: Body, field: string, dirs: ModelDirs, img2img: boolean): A
   const modelName = typeof u.model === 'string' ? withoutHash(u.model) : '';
   if (u.model !== undefined && u.model !== null && typeof u.model !== 'string') throw invalid(f('model'), 'must be a string, a model of GET /controlnet/model_list');
   if (modelName === '' || modelName.toLowerCase() === 'none') throw invalid(f('model'), 'no ControlNet model given; name one of GET /controlnet/model_list');
-  const modelPath = resolveModel('controlnet', dirs, modelName, f('model'), 422, true);
+  const modelPath = resolveModel(module === 'ip-adapter' ? 'ipAdapter' : 'controlnet', dirs, modelName, f('model'), 422, true);
   const image = imageOf(u.image ?? u.input_image, u.image !== undefined && u.image !== null ? f('image') : f('input_image'));
   if (image === null && !img2img) throw invalid(f('image'), 'controlnet is enabled but no input image is given');
   const number = (k: string, fallback: number, min: number, max: number): number =>
@@ -119,6 +129,7 @@ function parseUnit(u: Body, field: string, dirs: ModelDirs, img2img: boolean): A
   const start = number('guidance_start', 0, 0, 1);
   const end = u.guidance_end === undefined || u.guidance_end === null ? number('guidance', 1, 0, 1) : number('guidance_end', 1, 0, 1);
   if (start > end) throw invalid(f('guidance_start'), `guidance_start (${start}) > guidance_end (${end})`);
+  if (module === 'ip-adapter' && (start !== 0 || end !== 1)) throw invalid(f('guidance_start'), 'an IP-Adapter acts in every step here: send guidance_start 0 and guidance_end 1');
   const slider = (k: string, s: { value: number; min: number; max: number }): number => {
     const v = u[k] === undefined || u[k] === null ? -1 : checkNumber(f(k), u[k]);
     return v < s.min || v > s.max ? s.value : v; // the extension's bound_check_params: out of range is the default
@@ -150,7 +161,7 @@ function moduleOf(v: unknown, field: string): ControlModule {
   if (v === undefined || v === null) return 'none'; // the extension's default module
   if (typeof v !== 'string') throw invalid(field, 'must be a string');
   const m = MODULES[v.trim().toLowerCase()];
-  if (m === undefined) throw invalid(field, `preprocessor ${JSON.stringify(v)} is not available on this server: canny, none or invert (GET /controlnet/module_list)`);
+  if (m === undefined) throw invalid(field, `preprocessor ${JSON.stringify(v)} is not available on this server: canny, none, invert or an IP-Adapter's (GET /controlnet/module_list)`);
   return m;
 }
 
@@ -181,6 +192,7 @@ function resizeModeOf(v: unknown, field: string): ResizeMode {
  * first for "Crop and Resize", inverted for the invert preprocessor. `bytes` have passed the upload checks.
  */
 export async function prepareControlImage(bytes: Uint8Array, unit: A1111ControlUnit, width: number, height: number): Promise<Uint8Array> {
+  if (unit.module === 'ip-adapter') return bytes; // the photo: CLIP's own preprocessing crops it
   const meta = await sharp(bytes).metadata();
   const sameAspect = meta.width !== undefined && meta.height !== undefined && meta.width * height === meta.height * width;
   if (!sameAspect && unit.resizeMode === 'Resize and Fill') {
@@ -192,6 +204,11 @@ export async function prepareControlImage(bytes: Uint8Array, unit: A1111ControlU
   if (crop) img = img.resize(width, height, { fit: 'cover', position: 'centre' });
   if (unit.module === 'invert') img = img.negate();
   return new Uint8Array(await img.png().toBuffer());
+}
+
+/** The pipeline's IP-Adapter of an ip-adapter unit, `image` its checked bytes. */
+export function toIpAdapterParams(unit: A1111ControlUnit, image: Uint8Array, dirs: ModelDirs): IpAdapterParams {
+  return { model: unit.modelPath, image, scale: unit.weight, ...(dirs.imageEncoder != null && dirs.imageEncoder !== '' ? { imageEncoder: dirs.imageEncoder } : {}) };
 }
 
 /** The pipeline's ControlNet of a unit, `image` its prepared bytes. */

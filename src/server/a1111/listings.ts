@@ -2,7 +2,8 @@
  * What the model folders hold, as A1111 and its ControlNet extension list it: `/sdapi/v1/loras` (modules/api
  * models.py via extensions-builtin/Lora: name, alias, path, metadata), and the extension's own routes that
  * clients probe before they send a unit (scripts/api.py): `GET /controlnet/version`, `/controlnet/model_list`
- * ("name [hash]", A1111's short model hash), `/controlnet/module_list` (the preprocessors this server runs, with
+ * ("name [hash]", A1111's short model hash, the IP-Adapters of --ip-adapter-dir too, as the extension lists them
+ * with its ControlNets), `/controlnet/module_list` (the preprocessors this server runs, with
  * their sliders), `/controlnet/settings`. Paths are given relative to their folder: a client only needs names.
  */
 import { createHash } from 'node:crypto';
@@ -60,10 +61,11 @@ export function loraList(dirs: ModelDirs): Record<string, unknown>[] {
 
 /** The extension's model_list entries: "name [hash]" for files, the folder's name for a diffusers folder. */
 export function controlNetModelList(dirs: ModelDirs): string[] {
-  if (dirs.controlnet == null || dirs.controlnet === '') return [];
   const seen = new Set<string>();
   const out: string[] = [];
-  for (const m of listModels('controlnet', dirs.controlnet)) {
+  const has = (d: string | null | undefined): d is string => d != null && d !== '';
+  const models = [...(has(dirs.controlnet) ? listModels('controlnet', dirs.controlnet) : []), ...(has(dirs.ipAdapter) ? listModels('ipAdapter', dirs.ipAdapter) : [])];
+  for (const m of models) {
     if (seen.has(m.name.toLowerCase())) continue;
     seen.add(m.name.toLowerCase());
     out.push(statSync(m.path).isFile() ? `${m.name} [${a1111ShortHash(m.path)}]` : m.name);
@@ -77,11 +79,13 @@ const RESOLUTION = { name: 'Resolution', value: 512, min: 64, max: 2048, step: 8
 export function controlNetModules(): Record<string, unknown> {
   const slider = (name: string, s: { value: number; min: number; max: number }) => ({ name, value: s.value, min: s.min, max: s.max, step: 1 });
   return {
-    module_list: ['none', 'canny', 'invert'],
+    module_list: ['none', 'canny', 'invert', 'ip-adapter_clip_sd15', 'ip-adapter-auto'],
     module_detail: {
       none: { model_free: false, sliders: [RESOLUTION] },
       canny: { model_free: false, sliders: [RESOLUTION, slider('Low Threshold', CANNY_SLIDERS.low), slider('High Threshold', CANNY_SLIDERS.high)] },
       invert: { model_free: false, sliders: [] },
+      'ip-adapter_clip_sd15': { model_free: false, sliders: [] },
+      'ip-adapter-auto': { model_free: false, sliders: [] },
     },
   };
 }

@@ -17,7 +17,7 @@ import { extractLoraTags } from '../../lora/tags.js';
 import type { LoraSpec } from '../../lora/types.js';
 import { HttpError } from '../errors.js';
 import { resolveModel, type ModelDirs } from '../models-dir.js';
-import { controlNetScript, parseControlNetArgs, toControlNetParams, type A1111ControlUnit } from './controlnet.js';
+import { controlNetScript, parseControlNetArgs, toControlNetParams, toIpAdapterParams, type A1111ControlUnit } from './controlnet.js';
 import { maskNote, parseMask, type A1111Mask } from './mask.js';
 import { asBody, bool, invalid, list, num, obj, str, strOrNull, type Body } from './fields.js';
 import { chooseSampler, type SamplerChoice } from './names.js';
@@ -45,8 +45,10 @@ export interface A1111Generation {
   readonly strength: number | null;
   readonly overrideSettings: Body;
   readonly includeInitImages: boolean;
-  /** alwayson_scripts.controlnet's enabled units. */
+  /** alwayson_scripts.controlnet's enabled units (ControlNets, and at most one IP-Adapter unit). */
   readonly controlNets: readonly A1111ControlUnit[];
+  /** The server's --image-encoder, for an IP-Adapter unit. */
+  readonly imageEncoder: string | null;
   /** img2img: the inpainting mask and its fields; null: plain img2img. */
   readonly mask: A1111Mask | null;
   /** The prompt's <lora:> tags found in --lora-dir. */
@@ -108,6 +110,7 @@ export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: 
     overrideSettings: obj(b, 'override_settings'),
     includeInitImages: bool(b, 'include_init_images', false),
     controlNets,
+    imageEncoder: models.imageEncoder ?? null,
     mask,
     loras,
     notes,
@@ -165,7 +168,10 @@ export interface A1111Images {
 export function toGenerateParams(g: A1111Generation, s: Settings, i: number, images: A1111Images = {}): GenerateParams {
   const { initImage, mask, controlImages } = images;
   // Without its images (the form check before anything is decoded) a request is checked without its ControlNets.
-  const controlNets = controlImages === undefined ? [] : g.controlNets.map((u, k) => toControlNetParams(u, controlImages[k]));
+  const units = controlImages === undefined ? [] : g.controlNets.map((u, k) => ({ u, image: controlImages[k] }));
+  const controlNets = units.filter(({ u }) => u.module !== 'ip-adapter').map(({ u, image }) => toControlNetParams(u, image));
+  const ip = units.find(({ u }) => u.module === 'ip-adapter');
+  const ipAdapter = ip !== undefined ? toIpAdapterParams(ip.u, ip.image, { imageEncoder: g.imageEncoder }) : undefined;
   return {
     prompt: g.prompt,
     negativePrompt: g.negativePrompt,
@@ -181,6 +187,7 @@ export function toGenerateParams(g: A1111Generation, s: Settings, i: number, ima
     ...(initImage !== undefined ? { initImage, strength: g.strength ?? undefined } : {}),
     ...(mask !== undefined ? { mask } : {}),
     ...(controlNets.length > 0 ? { controlNets } : {}),
+    ...(ipAdapter !== undefined ? { ipAdapter } : {}),
     ...(g.loras.length > 0 ? { loras: g.loras } : {}),
   };
 }

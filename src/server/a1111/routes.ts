@@ -168,7 +168,11 @@ function checkParams(p: GenerateParams, limits: ParamLimits, bounds: RequestBoun
     checkWork({ ...resolveParams(p, limits), batch: imageCount(g) }, bounds);
   } catch (e) {
     if (!(e instanceof ParamError)) throw e;
-    const field = A1111_FIELD[e.field] ?? e.field.replace(/^controlNets\[(\d+)\]/, (all, k: string) => g.controlNets[Number(k)]?.field ?? all);
+    const control = g.controlNets.filter((u) => u.module !== 'ip-adapter');
+    const ip = g.controlNets.find((u) => u.module === 'ip-adapter');
+    const field =
+      A1111_FIELD[e.field] ??
+      e.field.replace(/^controlNets\[(\d+)\]/, (all, k: string) => control[Number(k)]?.field ?? all).replace(/^ipAdapter/, (all) => ip?.field ?? all);
     throw invalid(field, e.message.startsWith(`${e.field}: `) ? e.message.slice(e.field.length + 2) : e.message);
   }
 }
