@@ -218,6 +218,8 @@ describe('POST /inference: bad adapter fields are 400 naming the field', () => {
     ['unit without image', () => ({ controlnet: { model: 'control_depth' } }), 'image', /required/],
     ['bad preprocess', () => ({ controlnet: { model: 'control_depth', image: image(), preprocess: 'depth' } }), 'controlnet.0.preprocess', /one of canny, none/],
     ['scale out of range', () => ({ ip_adapter: { model: 'ip-adapter_sd15', image: image(), scale: 11 } }), 'ip_adapter.scale', /<= 10/],
+    ['a scale the engine refuses', () => ({ controlnet: { model: 'control_depth', image: image(), scale: 3 } }), 'controlnet[0].scale', /2/],
+    ['thresholds without canny', () => ({ controlnet: [{ model: 'control_depth', image: image(), preprocess: 'none', low: 10 }] }), 'controlnet[0].low', /canny/],
     ['too many units', () => ({ controlnet: Array.from({ length: 5 }, () => ({ model: 'control_depth', image: image() })) }), 'controlnet', /more than 4/],
   ];
   for (const [what, body, field, message] of cases) {
