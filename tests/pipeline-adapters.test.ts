@@ -19,6 +19,8 @@ import { pipelineConfigFromLdm, StableDiffusion } from '../src/pipeline/pipeline
 import { ParamError, type GenerateParams } from '../src/pipeline/api.js';
 import { readPngParameters } from '../src/image/codec.js';
 import { controlUnits, parseParameters } from '../src/image/parameters.js';
+import { UNet } from '../src/unet/index.js';
+import { IpAdapterCache, ipTokensFor } from '../src/pipeline/ip.js';
 
 const PIPE = 'tests/fixtures/pipeline';
 const CN = 'tests/fixtures/controlnet';
@@ -97,11 +99,11 @@ describe('ControlNet', () => {
   });
 
   it('scale 0 is no ControlNet, bit for bit; outside its window it does nothing; the window changes the image', async () => {
-    const quick = { ...DDIM_A, steps: 4 };
+    const quick = { ...DDIM_A, steps: 2 };
     const plain = await sd.generate(quick);
     const zero = await sd.generate({ ...quick, controlNets: [control({ scale: 0, end: 1 })] });
     expect(same(zero.images[0].rgb, plain.images[0].rgb)).toBe(true);
-    const late = await sd.generate({ ...quick, controlNets: [control({ start: 0.9, end: 1 })] }); // step 3: 3/4 < 0.9
+    const late = await sd.generate({ ...quick, controlNets: [control({ start: 0.9, end: 1 })] }); // step 1: 1/2 < 0.9
     expect(same(late.images[0].rgb, plain.images[0].rgb)).toBe(true);
     const half = await sd.generate({ ...quick, controlNets: [control({ end: 0.5 })] });
     const every = await sd.generate({ ...quick, controlNets: [control({ end: 1 })] });
@@ -143,6 +145,21 @@ describe('IP-Adapter', () => {
       ipAdapter: { model: `${IP}/ip-adapter-plus_sd15.bin`, image: photo, scale: 0.6, imageEncoder: `${IP}/image_encoder` },
     });
     expectImage(r.images[0].rgb, ipIo.float32('plus_ddim_8_image'), ipTol);
+  });
+
+  it("is refused on a streamed UNet (wasm's default), which cannot keep the adapter's projections", async () => {
+    const src = SafetensorsFile.open(`${PIPE}/model.safetensors`);
+    const unet = UNet.load(src, config.unet, undefined, { residency: 'streamed' });
+    src.close();
+    const cache = new IpAdapterCache();
+    try {
+      const r = { model: `${IP}/ip-adapter_sd15.safetensors`, scale: 1, imageEncoder: null };
+      await expect(ipTokensFor(r, photo, cache, unet)).rejects.toMatchObject({ name: 'ParamError', field: 'ipAdapter', message: /tensorflow or cpu backend/ });
+      expect(cache.size).toEqual({ adapters: 0, encoders: 0 });
+    } finally {
+      cache.dispose();
+      unet.dispose();
+    }
   });
 
   it('refuses a photo that does not decode and a missing encoder, naming the field, and stays detached', async () => {
@@ -219,7 +236,7 @@ describe('requests with adapters', () => {
     expect(r.images).toHaveLength(2);
     expect(tf.memory().numTensors).toBe(before);
     const controller = new AbortController();
-    await expect(sd.generate(all(), { signal: controller.signal, onProgress: (s) => s === 2 && controller.abort() })).rejects.toMatchObject({ name: 'AbortError' });
+    await expect(sd.generate({ ...all(), steps: 4 }, { signal: controller.signal, onProgress: (s) => s === 1 && controller.abort() })).rejects.toMatchObject({ name: 'AbortError' });
     expect(tf.memory().numTensors).toBe(before);
     // the adapter was detached on abort: a plain request runs
     await expect(sd.generate({ prompt: PROMPT, seed: 1, steps: 1, width: 32, height: 32 })).resolves.toBeDefined();
