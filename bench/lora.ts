@@ -4,9 +4,10 @@
  *
  * The LoRA is a random kohya LoCon for the model (src/lora/random.ts: every attention, feed-forward and ResNet
  * module of the UNet, the text encoder's attention and MLP), rank 32, fp16, written once into the bench cache. The
- * pipeline is loaded from the model's fp16 file, then `runs` times (after one warm-up): the switch on (reading the
- * LoRA file, merging each module, reloading the layers it changes) and the switch off (the base layers put back),
- * each timed, with RSS after each. Reported as medians.
+ * pipeline is loaded from the model's fp16 file, then `runs` times (after one warm-up): the switch on (merging each
+ * module, reloading the layers it changes) and the switch off (the base layers put back), each timed, with RSS after
+ * each. Reported as medians. The switch keeps the last set's file read, so only the warm-up reads it; reading it is
+ * timed on its own (what a switch to a LoRA not used just before adds).
  *
  * The unmerged form (W x + m * s * up(down(x)) in every layer, the alternative lora-switch.ts decided against) is
  * not implemented; its cost is given as the multiply-adds it would add to each UNet CFG step, from the LoRA's
@@ -41,7 +42,7 @@ export interface LoraSwitchBench {
   readonly lora_modules: number;
   readonly lora_rank: number;
   readonly lora_file_mb: number;
-  /** Reading the file alone (part of every switch on). */
+  /** Reading the file alone (added to a switch on to a LoRA other than the last one). */
   readonly read_s: number;
   readonly switch_on_s: number;
   readonly switch_off_s: number;
@@ -144,7 +145,7 @@ export async function benchLoraSwitch(o: LoraSwitchSetup): Promise<LoraSwitchBen
 export function loraRows(b: LoraSwitchBench | null): [string, string][] {
   if (b === null) return [];
   return [
-    [`LoRA switch on (rank ${b.lora_rank} LoCon, ${b.lora_modules} modules, ${b.lora_file_mb.toFixed(0)} MB fp16)`, `${b.switch_on_s.toFixed(2)} s (of which reading the file ${b.read_s.toFixed(2)} s); RSS ${b.rss_base_mb.toFixed(0)} -> ${b.rss_on_mb.toFixed(0)} MB`],
+    [`LoRA switch on (rank ${b.lora_rank} LoCon, ${b.lora_modules} modules, ${b.lora_file_mb.toFixed(0)} MB fp16)`, `${b.switch_on_s.toFixed(2)} s (+ ${b.read_s.toFixed(2)} s to read a file not used just before); RSS ${b.rss_base_mb.toFixed(0)} -> ${b.rss_on_mb.toFixed(0)} MB`],
     ['LoRA switch off (base weights back)', `${b.switch_off_s.toFixed(3)} s`],
     ['unmerged LoRA instead (not used), per CFG step', `+${b.unmerged_extra_tflop_per_step.toFixed(3)} TFLOP (${(100 * b.unmerged_extra_share).toFixed(1)}% of the step), >= ${b.unmerged_step_cost_min_s.toFixed(2)} s`],
   ];
