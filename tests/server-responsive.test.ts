@@ -119,6 +119,27 @@ describe('engine worker', () => {
     expect(toHttpError(e)).toMatchObject({ statusCode: 400, field: 'steps' });
   });
 
+  it('the worker loads wasm (and tensorflow with its native kernels, when installed): the same image as on cpu', async () => {
+    const params = { prompt: 'a fern', steps: 2, seed: 1 };
+    const cpu = await engine.generate(params);
+    const config = pipelineConfigFromLdm(JSON.parse(readFileSync(`${FIXTURE}/fixture.json`, 'utf8')).config);
+    for (const backend of ['wasm', 'tensorflow'] as const) {
+      const other = await WorkerEngine.start({ weights: `${FIXTURE}/model.safetensors`, config, tokenizer: 'tests/fixtures/tokenizer', backend }).catch((e: unknown) => e as Error);
+      if (other instanceof Error) {
+        expect(backend, other.message).toBe('tensorflow'); // tfjs-node is optional; wasm always loads
+        continue;
+      }
+      try {
+        expect(other.backend).toBe(backend);
+        const r = await other.generate(params);
+        const diff = r.images[0].rgb.reduce((m, v, i) => Math.max(m, Math.abs(v - cpu.images[0].rgb[i])), 0);
+        expect(diff, backend).toBeLessThanOrEqual(2);
+      } finally {
+        other.dispose();
+      }
+    }
+  }, 180_000);
+
   it('GET /jobs/:id/events streams status, progress and previews, then succeeded, and closes', async () => {
     const posted = await call('POST', '/jobs', { prompt: 'a fern', steps: 3, seed: 4 });
     const res = await fetch(`${server.url}/jobs/${String(posted.json.id)}/events`);

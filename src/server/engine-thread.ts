@@ -14,6 +14,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { describeChoice, initBackend, type BackendName } from '../backend/select.js';
+import { useKernels } from '../backend/kernels.js';
 import { ImageError } from '../image/codec.js';
 import { ParamError, type GenerateParams, type PreviewOptions, type ResolvedParams, type StepPreview } from '../pipeline/api.js';
 import type { ParamLimits } from '../pipeline/params.js';
@@ -48,7 +49,7 @@ export type ToWorker =
   | { readonly type: 'abort' | 'stop'; readonly id: number };
 
 export type FromWorker =
-  | { readonly type: 'ready'; readonly limits: ParamLimits; readonly backend: string; readonly choice: string }
+  | { readonly type: 'ready'; readonly limits: ParamLimits; readonly backend: string; readonly choice: string; readonly kernels: boolean }
   | { readonly type: 'loadFailed'; readonly error: WireError }
   | { readonly type: 'progress'; readonly id: number; readonly step: number; readonly total: number }
   | { readonly type: 'preview'; readonly id: number; readonly preview: StepPreview }
@@ -80,7 +81,7 @@ async function main(): Promise<void> {
     choice = describeChoice(chosen);
     const config = typeof spec.config === 'string' ? readPipelineConfig(spec.config) : spec.config;
     sd = await StableDiffusion.load({ weights: spec.weights, config, tokenizer: spec.tokenizer, warn: (message) => post({ type: 'warn', message }) });
-    post({ type: 'ready', limits: sd.limits, backend: chosen.name, choice });
+    post({ type: 'ready', limits: sd.limits, backend: chosen.name, choice, kernels: useKernels() });
   } catch (e) {
     post({ type: 'loadFailed', error: toWire(e) });
     return;

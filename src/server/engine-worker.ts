@@ -69,6 +69,7 @@ export class WorkerEngine implements Engine {
   private ready: Promise<void>;
   private limits_: ParamLimits | null = null;
   private backend_: string | null = null;
+  private kernels_ = false;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private disposed = false;
@@ -98,6 +99,11 @@ export class WorkerEngine implements Engine {
   get limits(): ParamLimits {
     if (this.limits_ === null) throw new Error('WorkerEngine: the model is not loaded yet');
     return this.limits_;
+  }
+
+  /** Whether the worker's layers run on the native kernels (src/backend/kernels.ts: tensorflow backend, built addon). */
+  get kernels(): boolean {
+    return this.kernels_;
   }
 
   /** The backend the worker chose ('tensorflow', 'wasm', 'cpu'). */
@@ -157,8 +163,9 @@ export class WorkerEngine implements Engine {
           loaded = true;
           this.limits_ = m.limits;
           this.backend_ = m.backend;
+          this.kernels_ = m.kernels;
           this.restartMs = RESTART_MS.first;
-          this.o.log?.('info', `engine worker ready (${m.choice})`);
+          this.o.log?.('info', `engine worker ready (${m.choice}${m.kernels ? ', native kernels' : ''})`);
           resolve();
         } else if (m.type === 'loadFailed') {
           reject(rebuildError(m.error));
