@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
 import { wasmHeapBytes } from '../src/backend/heap.js';
+import { ClipVisionEncoder, clipVisionConfigFromJson } from '../src/clip/vision.js';
 import { SD15_PIPELINE } from '../src/pipeline/config.js';
 import { disposeGuided, SdxlConditioner } from '../src/pipeline/conditioning.js';
 import { StableDiffusion, SDXL_BASE_PIPELINE, sdxlConfigFromJson } from '../src/pipeline/pipeline.js';
@@ -102,6 +103,29 @@ describe('the streamed path covers SDXL', () => {
     }
     expect(after[1]).toEqual(after[0]);
     expect(after[2]).toEqual(after[0]);
+  });
+});
+
+describe('the CLIP vision encoder streams on wasm too (ViT-H: 2.5 GB of layers)', () => {
+  it('streamed by default, the same outputs as resident, nothing left after dispose', async () => {
+    const dir = 'tests/fixtures/ip-adapter/image_encoder';
+    const cfg = clipVisionConfigFromJson(JSON.parse(readFileSync(`${dir}/config.json`, 'utf8')));
+    const before = tf.memory().numTensors;
+    const file = openWeights(`${dir}/model.safetensors`);
+    const streamed = ClipVisionEncoder.load(file, cfg);
+    const held = tf.memory().numTensors - before; // embeddings, norms and projection only: no layer
+    const resident = ClipVisionEncoder.load(file, cfg, 'resident');
+    expect(tf.memory().numTensors - before - held).toBeGreaterThan(held + 16 * cfg.layers - 1); // every layer's 16 tensors
+    file.close(); // the streamed one reads its host copy
+    const pixels = tf.randomNormal([2, cfg.imageSize, cfg.imageSize, 3], 0, 1, 'float32', 7) as tf.Tensor4D;
+    const a = streamed.forward(pixels);
+    const b = resident.forward(pixels);
+    expect(Array.from(await a.imageEmbeds.data())).toEqual(Array.from(await b.imageEmbeds.data()));
+    expect(Array.from(await a.penultimate.data())).toEqual(Array.from(await b.penultimate.data()));
+    tf.dispose([pixels, ...Object.values(a), ...Object.values(b)]);
+    streamed.dispose();
+    resident.dispose();
+    expect(tf.memory().numTensors).toBe(before);
   });
 });
 

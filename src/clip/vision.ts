@@ -18,6 +18,7 @@
 import * as tf from '../backend/tf.js';
 import { ConfigError, ShapeError } from '../nn/errors.js';
 import { LayerNorm } from '../nn/layers.js';
+import { Held, HostTensors, defaultResidency, type ResidencyPolicy } from '../nn/residency.js';
 import { WeightView, checkCheckpoint, probeShapes } from '../nn/weight-view.js';
 import type { TensorSource } from '../weights/types.js';
 import type { ClipConfig } from './config.js';
@@ -107,18 +108,34 @@ export class ClipVisionEncoder {
     private readonly classEmbedding: tf.Tensor1D,
     private readonly positionEmbedding: tf.Tensor2D, // [positions, width]
     private readonly preLayerNorm: LayerNorm,
-    private readonly layers: readonly ClipEncoderLayer[],
+    /** Each under a residency policy: streamed (wasm), a layer is built from the host copy only while it runs. */
+    private readonly layers: readonly Held<ClipEncoderLayer>[],
     private readonly postLayerNorm: LayerNorm,
     private readonly projection: tf.Tensor2D, // [width, projectionDim]
+    private host: HostTensors | null = null,
   ) {}
 
-  /** Checks every key and shape against cfg, then loads (transformers names, at the file's top level). */
-  static load(src: TensorSource, cfg: ClipVisionConfig = CLIP_VISION_H): ClipVisionEncoder {
-    checkCheckpoint(src, expectedVisionShapes(cfg), '', { ignore: BUFFERS });
-    return ClipVisionEncoder.loadFrom(WeightView.root(src, ''), cfg);
+  /**
+   * Checks every key and shape against cfg, then loads (transformers names, at the file's top level). Streamed (the
+   * default on wasm: ViT-H's 2.5 GB of layers, with XNNPACK's packed copies, do not fit its heap), the layers' weights
+   * stay in a host copy and each layer is built only while it runs; `src` may be closed after load either way.
+   */
+  static load(src: TensorSource, cfg: ClipVisionConfig = CLIP_VISION_H, policy: ResidencyPolicy = defaultResidency()): ClipVisionEncoder {
+    const expected = expectedVisionShapes(cfg);
+    checkCheckpoint(src, expected, '', { ignore: BUFFERS });
+    if (policy === 'resident') return ClipVisionEncoder.loadFrom(WeightView.root(src, ''), cfg);
+    const host = HostTensors.copy(src, expected.keys());
+    try {
+      const encoder = ClipVisionEncoder.loadFrom(WeightView.root(host, ''), cfg, 'streamed');
+      encoder.host = host;
+      return encoder;
+    } catch (e) {
+      host.close();
+      throw e;
+    }
   }
 
-  static loadFrom(root: WeightView, cfg: ClipVisionConfig): ClipVisionEncoder {
+  static loadFrom(root: WeightView, cfg: ClipVisionConfig, policy: ResidencyPolicy = 'resident'): ClipVisionEncoder {
     const { width, patchSize: k } = cfg;
     const p = root.child(PREFIX);
     const e = p.child('embeddings');
@@ -133,7 +150,7 @@ export class ClipVisionEncoder {
     const eps = { eps: cfg.layerNormEps };
     const preLayerNorm = LayerNorm.load(p.child('pre_layrnorm'), width, eps);
     const layers = Array.from({ length: cfg.layers }, (_, i) =>
-      ClipEncoderLayer.load(p.child('encoder.layers').child(i), layerConfig(cfg), HF_CLIP_NAMES.layer, { causal: false }),
+      Held.load(policy, () => ClipEncoderLayer.load(p.child('encoder.layers').child(i), layerConfig(cfg), HF_CLIP_NAMES.layer, { causal: false })),
     );
     const postLayerNorm = LayerNorm.load(p.child('post_layernorm'), width, eps);
     const projection = keep(() => tf.transpose(root.tensor('visual_projection.weight', [cfg.projectionDim, width])) as tf.Tensor2D);
@@ -157,7 +174,8 @@ export class ClipVisionEncoder {
       let penultimate = x;
       for (const layer of this.layers) {
         penultimate = x;
-        x = layer.apply(x);
+        const input = x;
+        x = layer.use((l) => l.apply(input));
       }
       const pooled = tf.reshape(this.postLayerNorm.apply(tf.slice(x, [0, 0, 0], [b, 1, width])), [b, width]) as tf.Tensor2D;
       const imageEmbeds = tf.matMul(pooled, this.projection) as tf.Tensor2D;
@@ -170,6 +188,7 @@ export class ClipVisionEncoder {
     this.preLayerNorm.dispose();
     for (const l of this.layers) l.dispose();
     this.postLayerNorm.dispose();
+    this.host?.close();
   }
 }
 
