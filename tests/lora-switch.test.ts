@@ -195,6 +195,8 @@ describe('per-request LoRAs', () => {
     expect(() => sd.loras.use([{ path: misfit, te: 1, unet: 1 }])).toThrow(new RegExp(`${conv.id}: .*out ${conv.shape[0] + 1} != ${conv.shape[0]}`));
     const stranger = writeKohya('stranger', { [good.id]: good.shape, lora_unet_no_such_block_proj: [4, 4] });
     expect(() => sd.loras.use([{ path: stranger, te: 1, unet: 1 }])).toThrow(/lora_unet_no_such_block_proj: matches no weight of the model/);
+    expect(() => sd.loras.use([{ path: join(tmp, 'missing.safetensors'), te: 1, unet: 1 }])).toThrow(/missing\.safetensors: cannot read the LoRA file \(ENOENT\)/);
+    expect(() => sd.loras.use([{ ...B[0], unet: Number.NaN }])).toThrow(/ink\.safetensors: multipliers te 0\.3, unet NaN: both must be finite/);
     const sdxl = writeKohya('sdxl', { lora_te1_text_model_encoder_layers_0_self_attn_q_proj: [768, 768] });
     await expect(sd.generate({ ...REQUEST, loras: [{ path: sdxl, te: 1, unet: 1 }] })).rejects.toThrow(/this is an SDXL LoRA; the loaded model is SD 1.x/);
     // A is still on, exactly as it was, and nothing was allocated

@@ -38,6 +38,18 @@ function fileStamp(path: string): string {
   return s.isDirectory() ? 'folder' : `${s.size}:${s.mtimeMs}`;
 }
 
+/** fileStamp of a request's LoRA file; LoraError naming it when there is none. */
+function loraStamp(spec: LoraSpec): string {
+  if (!Number.isFinite(spec.te) || !Number.isFinite(spec.unet)) {
+    throw new LoraError(`${spec.path}: multipliers te ${spec.te}, unet ${spec.unet}: both must be finite numbers`);
+  }
+  try {
+    return fileStamp(spec.path);
+  } catch (e) {
+    throw new LoraError(`${spec.path}: cannot read the LoRA file (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+  }
+}
+
 interface ActiveSet {
   readonly id: string;
   readonly loras: readonly AppliedLora[];
@@ -83,7 +95,7 @@ export class LoraSwitch {
    * returned release is called. A different set while a generation holds one is refused.
    */
   use(specs: readonly LoraSpec[]): () => void {
-    const id = JSON.stringify(specs.map((s) => [resolve(s.path), fileStamp(s.path), s.te, s.unet]));
+    const id = JSON.stringify(specs.map((s) => [resolve(s.path), loraStamp(s), s.te, s.unet]));
     const current = this.active?.id ?? '[]';
     if (id !== current) {
       if (this.users > 0) throw new LoraError('another generation is running with other LoRAs on this model; requests with different LoRAs run one at a time');
@@ -112,7 +124,7 @@ export class LoraSwitch {
 
   private switchTo(id: string, specs: readonly LoraSpec[]): void {
     if (specs.length === 0) return this.restore();
-    const stamps = specs.map((s) => fileStamp(s.path));
+    const stamps = specs.map(loraStamp);
     const loras = specs.map((s, i) => ({ lora: this.read(s.path, stamps[i]), te: s.te, unet: s.unet }));
     if (fileStamp(this.weights) !== this.stamp) {
       throw new LoraError(`${this.weights}: the checkpoint changed on disk since the model was loaded; load the model again to use LoRAs`);
