@@ -10,13 +10,15 @@
  * timed on its own (what a switch to a LoRA not used just before adds).
  *
  * The unmerged form (W x + m * s * up(down(x)) in every layer, the alternative lora-switch.ts decided against) is
- * not implemented; its cost is given as the multiply-adds it would add to each UNet CFG step, from the LoRA's
- * shapes and each module's positions at this latent size, against the plain step's: a lower bound on its time,
- * since rank-r products run below the large layers' rate.
+ * not implemented in the models; its cost per UNet CFG step is given two ways: the multiply-adds it adds, from the
+ * LoRA's shapes and each module's positions at this latent size, against the plain step's; and the time of those
+ * extra products themselves, every UNet module's down then up on random inputs of its size (batch 2), on this
+ * backend's TensorFlow.js ops (median of `runs`): what the unmerged form would add to each step at least.
  */
 import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { readLora, type LoraSpec } from '../src/lora/index.js';
+import * as tf from '../src/backend/tf.js';
+import { readLora, type LoraModule, type LoraSpec } from '../src/lora/index.js';
 import { writeRandomLora } from '../src/lora/random.js';
 import { StableDiffusion, type PipelineConfig } from '../src/pipeline/pipeline.js';
 
@@ -51,8 +53,10 @@ export interface LoraSwitchBench {
   /** What the unmerged form would add to each UNet CFG step (batch 2), and that as a share of the step's FLOPs. */
   readonly unmerged_extra_tflop_per_step: number;
   readonly unmerged_extra_share: number;
-  /** The share times the measured step: a lower bound on its time per step. */
+  /** The share times the measured step. */
   readonly unmerged_step_cost_min_s: number;
+  /** The extra products of one CFG step, timed: every UNet module's down then up at its size. */
+  readonly unmerged_extra_products_s: number;
 }
 
 const median = (xs: number[]): number => {
@@ -85,6 +89,38 @@ function unmergedMacs(shapes: ReadonlyMap<string, readonly number[]>, [h, w]: re
     macs += positions * down[0] * (down.slice(1).reduce((a, d) => a * d, 1) + up[0]);
   }
   return macs * batch;
+}
+
+/**
+ * Runs the unmerged form's extra work of one UNet forward (batch `batch`): for each UNet module, its input at its
+ * size through down (a matMul, or the conv of its kernel) and up (a matMul), as an unmerged layer would.
+ */
+function unmergedProducts(modules: readonly LoraModule[], [h, w]: readonly [number, number], batch: number, tokens = 77): { run: () => Promise<void>; dispose: () => void } {
+  const parts = modules.flatMap((m) => {
+    const level = levelOf(m.id);
+    if (level === null) return [];
+    const [r, cin, kh = 1] = m.down.shape;
+    const out = m.up.shape[0];
+    const up = tf.tidy(() => tf.transpose(tf.tensor2d(m.up.data, [out, r]))); // [r, out]
+    const cross = /attn2_to_[kv]$/.test(m.id);
+    const [ph, pw] = cross ? [1, tokens] : [h >> level, w >> level];
+    const down = tf.tidy(() => m.down.shape.length === 4
+      ? tf.transpose(tf.tensor4d(m.down.data, [r, cin, kh, kh]), [2, 3, 1, 0]) // HWIO
+      : tf.transpose(tf.tensor2d(m.down.data, [r, cin]))); // [in, r]
+    return [{ down, up, shape: [batch, ph, pw, cin] as [number, number, number, number] }];
+  });
+  const run = async () => {
+    for (const { down, up, shape } of parts) {
+      const y = tf.tidy(() => {
+        const x = tf.randomNormal(shape);
+        const d = down.rank === 4 ? tf.conv2d(x as tf.Tensor4D, down as tf.Tensor4D, 1, 'same') : tf.matMul(tf.reshape(x, [-1, shape[3]]) as tf.Tensor2D, down as tf.Tensor2D);
+        return tf.matMul(tf.reshape(d, [-1, d.shape[d.rank - 1]]) as tf.Tensor2D, up);
+      });
+      await y.data();
+      y.dispose();
+    }
+  };
+  return { run, dispose: () => tf.dispose(parts.flatMap((p) => [p.down, p.up])) };
 }
 
 export async function benchLoraSwitch(o: LoraSwitchSetup): Promise<LoraSwitchBench> {
@@ -124,6 +160,18 @@ export async function benchLoraSwitch(o: LoraSwitchSetup): Promise<LoraSwitchBen
   } finally {
     sd.dispose();
   }
+  o.say('lora: the unmerged form\'s extra products of one CFG step');
+  const products = unmergedProducts(lora.modules, o.latent, 2);
+  const productTimes: number[] = [];
+  try {
+    for (let i = 0; i <= o.runs; i++) {
+      t = performance.now();
+      await products.run();
+      if (i > 0 || o.runs === 0) productTimes.push((performance.now() - t) / 1000);
+    }
+  } finally {
+    products.dispose();
+  }
   const extra = 2 * unmergedMacs(shapes, o.latent, 2);
   const share = extra / o.unetStepFlop;
   return {
@@ -138,6 +186,7 @@ export async function benchLoraSwitch(o: LoraSwitchSetup): Promise<LoraSwitchBen
     unmerged_extra_tflop_per_step: extra / 1e12,
     unmerged_extra_share: share,
     unmerged_step_cost_min_s: share * o.unetStepSeconds,
+    unmerged_extra_products_s: median(productTimes),
   };
 }
 
@@ -147,6 +196,6 @@ export function loraRows(b: LoraSwitchBench | null): [string, string][] {
   return [
     [`LoRA switch on (rank ${b.lora_rank} LoCon, ${b.lora_modules} modules, ${b.lora_file_mb.toFixed(0)} MB fp16)`, `${b.switch_on_s.toFixed(2)} s (+ ${b.read_s.toFixed(2)} s to read a file not used just before); RSS ${b.rss_base_mb.toFixed(0)} -> ${b.rss_on_mb.toFixed(0)} MB`],
     ['LoRA switch off (base weights back)', `${b.switch_off_s.toFixed(3)} s`],
-    ['unmerged LoRA instead (not used), per CFG step', `+${b.unmerged_extra_tflop_per_step.toFixed(3)} TFLOP (${(100 * b.unmerged_extra_share).toFixed(1)}% of the step), >= ${b.unmerged_step_cost_min_s.toFixed(2)} s`],
+    ['unmerged LoRA instead (not used), per CFG step', `+${b.unmerged_extra_tflop_per_step.toFixed(3)} TFLOP (${(100 * b.unmerged_extra_share).toFixed(1)}% of the step, ${b.unmerged_step_cost_min_s.toFixed(2)} s at its rate); the products alone took ${b.unmerged_extra_products_s.toFixed(2)} s`],
   ];
 }
