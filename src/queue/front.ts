@@ -263,12 +263,20 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     return [...this.queues.entries()];
   }
 
-  /** Reads the job from Redis into its mirror. */
+  /** Reads the job from Redis into its mirror; Redis away: the next event or poll tries again. */
   private async refresh(entry: Entry, known?: BullJob<JobData>): Promise<void> {
+    try {
+      await this.read(entry, known);
+    } catch (e) {
+      this.o.log?.('warn', { job: entry.job.id, err: (e as Error).message }, 'job not read from Redis');
+    }
+  }
+
+  private async read(entry: Entry, known?: BullJob<JobData>): Promise<void> {
     const { job } = entry;
     if (isFinished(job.status)) return;
     const { queue } = this.queueOf(entry.model);
-    const bull = known ?? ((await queue.getJob(job.id)) as BullJob<JobData> | undefined);
+    let bull = known ?? ((await queue.getJob(job.id)) as BullJob<JobData> | undefined);
     if (isFinished(job.status)) return;
     if (bull === undefined || bull === null) {
       if (job.cancelReason !== null) return this.finish(entry, 'cancelled');
@@ -276,6 +284,10 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
       return this.finish(entry, 'failed');
     }
     const state = await bull.getState();
+    if ((state === 'completed' && bull.returnvalue == null) || (state === 'failed' && bull.failedReason == null)) {
+      bull = (await queue.getJob(job.id)) as BullJob<JobData> | undefined; // it finished between the two reads
+      if (bull === undefined || bull === null || isFinished(job.status)) return;
+    }
     if (bull.processedOn != null) job.startedAt = new Date(bull.processedOn);
     const progress = bull.progress as JobProgressData | number;
     if (typeof progress === 'object' && progress !== null) {

@@ -2,15 +2,18 @@
  * `sd worker --queue redis://HOST:PORT --weights FILE|s3://...|https://...`: one stateless worker of a cluster. Loads
  * the model once (remote weights fetched into the local cache first, ../../storage/weights.ts), then takes the jobs
  * of that model from the Redis queue that `sd serve --queue` fills, stores each image in --outputs (a folder, or
- * s3://bucket/prefix), and reports progress into Redis (../../queue/worker.ts). Any number may run, on any machines
+ * s3://bucket/prefix), and reports progress into Redis (../../queue/worker.ts). The model runs in an engine worker
+ * thread (../../server/engine-worker.ts), so the event loop stays free to renew the job's lock during a step. Any number may run, on any machines
  * that reach Redis and the storage. SIGTERM/SIGINT: take nothing more, finish the running job within --grace seconds
  * or put it back in line, exit 0 (a second signal puts it back at once). Logs are JSON lines (pino) on stdout.
  */
 import * as path from 'node:path';
 import type { CommandModule } from 'yargs';
-import { pino } from 'pino';
+import { pino, type Logger } from 'pino';
 import { BACKENDS, describeChoice, initBackend, type BackendName } from '../../backend/select.js';
 import { StableDiffusion, readPipelineConfig } from '../../pipeline/pipeline.js';
+import type { Engine } from '../../server/engine.js';
+import { WorkerEngine } from '../../server/engine-worker.js';
 import { checkRedisUrl } from '../../queue/connection.js';
 import { QueueWorker } from '../../queue/worker.js';
 import { openOutputs } from '../../storage/outputs.js';
@@ -33,6 +36,7 @@ interface Args {
   backend?: BackendName;
   'log-level': string;
   'log-prompts': boolean;
+  'in-process': boolean;
 }
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -62,7 +66,8 @@ export const workerCommand: CommandModule<object, Args> = {
       .option('max-stalls', { type: 'number', default: 2, describe: 'times a job may be re-queued after its worker died; then it fails' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
-      .option('log-prompts', { type: 'boolean', default: false, describe: 'log prompts at info level (they are not logged otherwise)' }) as never,
+      .option('log-prompts', { type: 'boolean', default: false, describe: 'log prompts at info level (they are not logged otherwise)' })
+      .option('in-process', { type: 'boolean', default: false, describe: "run the model on the main thread (default: an engine worker thread, so the job's lock is renewed during a step)" }) as never,
   handler: async (args) => {
     const url = checkUrl(args.queue);
     if (!(args.lock > 0) || !(args.grace >= 0) || !Number.isInteger(args['max-stalls']) || args['max-stalls'] < 0) {
@@ -78,10 +83,7 @@ export const workerCommand: CommandModule<object, Args> = {
       s3,
       onProgress: (received, total) => log.info({ received, total }, `downloading ${args.weights}`),
     });
-    const choice = await initBackend({ backend: args.backend, log: null });
-    log.info(describeChoice(choice));
-    const config = args.config !== undefined ? readPipelineConfig(args.config) : undefined;
-    const engine = await StableDiffusion.load({ weights, config, tokenizer: args.tokenizer, warn: (line) => log.warn(line) });
+    const engine = await loadEngine(args, weights, log);
     const name = args['model-name'] ?? modelNameOf(args.weights);
     log.info({ ms: Date.now() - started, model: name, weights }, 'model loaded');
     const worker = await QueueWorker.start({
@@ -103,6 +105,19 @@ export const workerCommand: CommandModule<object, Args> = {
     process.on('SIGINT', stop);
   },
 };
+
+/** The model in an engine worker thread (../../server/engine-worker.ts), or with --in-process on this thread. */
+async function loadEngine(args: Args, weights: string, log: Logger): Promise<Engine> {
+  if (!args['in-process']) {
+    const engine = await WorkerEngine.start({ weights, config: args.config, tokenizer: args.tokenizer, backend: args.backend }, { log: (level, line) => log[level](line) });
+    log.info(`engine thread: backend ${engine.backend ?? '?'}`);
+    return engine;
+  }
+  const choice = await initBackend({ backend: args.backend, log: null });
+  log.info(describeChoice(choice));
+  const config = args.config !== undefined ? readPipelineConfig(args.config) : undefined;
+  return StableDiffusion.load({ weights, config, tokenizer: args.tokenizer, warn: (line) => log.warn(line) });
+}
 
 function checkUrl(url: string | undefined): string {
   if (url === undefined || url === '') throw new UsageError('--queue redis://HOST:PORT is required (or set SD_QUEUE)');
