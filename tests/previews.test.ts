@@ -11,6 +11,11 @@ import { pipelineConfigFromLdm, StableDiffusion } from '../src/pipeline/pipeline
 import type { GenerateParams, StepPreview } from '../src/pipeline/api.js';
 import { LATENT_RGB_FACTORS, approxRgb } from '../src/pipeline/preview.js';
 import { abarAt, predictedX0 } from '../src/scheduler/x0.js';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import sharp from 'sharp';
+import { saveStepsOptions, stepFileName } from '../src/cli/save-steps.js';
 import { alphasCumprod } from '../src/scheduler/schedule.js';
 
 const DIR = 'tests/fixtures/pipeline';
@@ -91,5 +96,23 @@ describe('generate with previews', () => {
     expect(r.images.length).toBe(1);
     expect(Buffer.from(r.images[0].rgb).equals(Buffer.from(vae[1].rgb))).toBe(true);
     expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
+describe('sd generate --save-steps', () => {
+  it('writes step_001.png ... with the last one = the final image (Euler); batches name the image', async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), 'sd-steps-'));
+    try {
+      const r = await sd.generate({ ...CASE, steps: 2 }, saveStepsOptions(dir, 1));
+      expect(readdirSync(dir).sort()).toEqual(['step_001.png', 'step_002.png']);
+      const last = await sharp(path.join(dir, 'step_002.png')).raw().toBuffer({ resolveWithObject: true });
+      expect(last.info).toMatchObject({ width: 32, height: 32, channels: 3 });
+      expect(last.data.reduce((m, v, i) => Math.max(m, Math.abs(v - r.images[0].rgb[i])), 0)).toBeLessThanOrEqual(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+    const p = { step: 7, total: 10, image: 1, decoder: 'vae' as const, rgb: new Uint8Array(0), width: 0, height: 0 };
+    expect(stepFileName(p, 2)).toBe('image2_step_002.png');
+    expect(stepFileName({ ...p, step: 3, image: 0 }, 1)).toBe('step_003.png');
   });
 });
