@@ -46,7 +46,12 @@ interface Entry {
   position: number;
   /** Whether this front set the uid's reservation (released again unless the job succeeded). */
   ownsUid: boolean;
+  /** Cancelled by a client (not merely let go by this front's shutdown). */
+  cancelRequested: boolean;
 }
+
+/** How long closing waits for admissions still on their way to Redis. */
+const CLOSE_WAIT_MS = 5000;
 
 /** Messages for what BullMQ reports as a failed job: no worker could finish it. */
 function failureOf(reason: string): JobFailure {
@@ -67,6 +72,8 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
   private readonly timer: NodeJS.Timeout;
   private closed = false;
   private onChange: ((job: FrontJob) => void) | null = null;
+  /** Admissions not yet in Redis: closing waits for them, so a 202 is never lost to a restart. */
+  private readonly adding = new Set<Promise<void>>();
 
   constructor(private readonly o: QueueFrontOptions) {
     this.redis = redisClient(o.url);
@@ -143,7 +150,8 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     if (this.depth >= this.o.maxQueue) throw new QueueFullError(this.o.maxQueue, this.retryAfterS());
     const entry = this.mirror(randomUUID(), input, model, new Date());
     this.onChange?.(entry.job);
-    void this.add(entry);
+    const adding = this.add(entry).finally(() => this.adding.delete(adding));
+    this.adding.add(adding);
     return entry.job;
   }
 
@@ -151,6 +159,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     const entry = this.entries.get(id);
     if (entry === undefined || isFinished(entry.job.status)) return false;
     entry.job.cancelReason ??= reason;
+    entry.cancelRequested = true;
     void this.tellCancel(entry, reason);
     if (entry.job.status === 'queued') this.finish(entry, 'cancelled');
     return true;
@@ -173,21 +182,20 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     return 5;
   }
 
+  /** Stops polling (the server's dispose); close() then ends the connections. */
   dispose(): void {
-    if (this.closed) return;
     this.closed = true;
     clearInterval(this.timer);
-    for (const { queue, events } of this.queues.values()) {
-      void queue.close().catch(() => undefined);
-      void events.close().catch(() => undefined);
-    }
-    this.redis.disconnect();
   }
 
-  /** Closes the Redis connections and waits for them. */
+  /** Waits (a few seconds at most) for the admissions on their way to Redis, then closes the connections. */
   async close(): Promise<void> {
     this.dispose();
-    await Promise.all([...this.queues.values()].flatMap(({ queue, events }) => [queue.close(), events.close()])).catch(() => undefined);
+    const wait = new Promise<void>((r) => setTimeout(r, CLOSE_WAIT_MS).unref());
+    await Promise.race([Promise.allSettled([...this.adding]), wait]);
+    const closing = [...this.queues.values()].flatMap(({ queue, events }) => [queue.close(), events.close()]);
+    this.redis.disconnect();
+    await Promise.all(closing).catch(() => undefined);
   }
 
   private mirror(id: string, input: WorkItem, model: string, createdAt: Date): Entry {
@@ -197,7 +205,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
       id, input, createdAt, status: 'queued', step: 0, total: 0,
       startedAt: null, finishedAt: null, result: null, error: null, cancelReason: null, done,
     };
-    const entry: Entry = { job, settle, model, stored: false, position: 0, ownsUid: false };
+    const entry: Entry = { job, settle, model, stored: false, position: 0, ownsUid: false, cancelRequested: false };
     this.entries.set(id, entry);
     return entry;
   }
@@ -218,7 +226,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
         removeOnFail: { age: this.o.ttlS },
       });
       entry.stored = true;
-      if (job.status === 'cancelled') await this.tellCancel(entry, job.cancelReason ?? 'client');
+      if (entry.cancelRequested) await this.tellCancel(entry, job.cancelReason ?? 'client');
     } catch (e) {
       if (isFinished(job.status)) return;
       job.error = { statusCode: 503, message: `the job could not be queued: Redis at ${this.o.url} is unreachable (${(e as Error).message})` };
