@@ -37,13 +37,18 @@ export async function freePort(): Promise<number> {
   });
 }
 
+/** `p`, or give up waiting after `ms` (teardown must not hang a run). */
+export function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  return Promise.race([p, new Promise<undefined>((r) => setTimeout(() => r(undefined), ms).unref())]);
+}
+
 export async function until<T>(what: string, get: () => T | Promise<T>, ok: (v: T) => boolean, timeoutMs = 60_000): Promise<T> {
   const end = Date.now() + timeoutMs;
   for (;;) {
     const v = await get();
     if (ok(v)) return v;
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}: last ${JSON.stringify(v)?.slice(0, 300)}`);
-    await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 250));
   }
 }
 
@@ -71,7 +76,7 @@ export class TestRedis {
   async down(): Promise<void> {
     const p = this.proc;
     this.proc = null;
-    if (p === null || p.exitCode !== null) return;
+    if (p === null || p.exitCode !== null || p.signalCode !== null) return;
     await new Promise<void>((resolve) => {
       p.once('exit', () => resolve());
       p.kill('SIGKILL');
@@ -133,8 +138,11 @@ export class TestS3 {
     return (r.Contents ?? []).map((o) => o.Key ?? '').sort();
   }
 
+  /** Closes the listener and the clients' keep-alive connections with it (an http server's close waits for them). */
   async close(): Promise<void> {
-    await this.server.close();
+    const closing = this.server.close();
+    (this.server as unknown as { httpServer?: { closeAllConnections(): void } }).httpServer?.closeAllConnections();
+    await closing;
   }
 }
 
@@ -147,7 +155,7 @@ export class WorkerProcess {
     const args = [
       path.join(ROOT, 'bin/sd.js'), 'worker', '--queue', redisUrl,
       '--weights', path.join(FIX, 'model.safetensors'), '--config', path.join(FIX, 'fixture.json'), '--tokenizer', path.join(ROOT, 'tests/fixtures/tokenizer'),
-      '--backend', 'cpu', '--lock', '2', '--grace', '5', ...extra,
+      '--backend', 'cpu', '--lock', '30', '--grace', '5', ...extra,
     ];
     const proc = spawn(process.execPath, args, { cwd: ROOT, env: { ...process.env, SD_BACKEND: '', ...S3_CREDENTIALS, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     const w = new WorkerProcess(proc);
@@ -181,7 +189,7 @@ export class WorkerProcess {
 
   kill(signal: NodeJS.Signals): Promise<number | null> {
     return new Promise((resolve) => {
-      if (this.proc.exitCode !== null) return resolve(this.proc.exitCode);
+      if (this.proc.exitCode !== null || this.proc.signalCode !== null) return resolve(this.proc.exitCode); // already gone
       this.proc.once('exit', (code) => resolve(code));
       this.proc.kill(signal);
     });

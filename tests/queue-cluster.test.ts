@@ -1,0 +1,225 @@
+/**
+ * The cluster for real (issue #21): Redis (a redis-server of this file's own), an S3 server (s3rver), three
+ * `sd worker` child processes on the tiny fixture model (two hold it as "tiny", one as "other"), and the HTTP front
+ * (`SdServer` with a QueueFront, as `sd serve --queue` runs it, loading no model). Checked across the processes:
+ * 20 jobs spread over both "tiny" workers, outputs in S3 byte-identical to the answers, model routing, cancel and
+ * A1111 progress/interrupt, a worker SIGKILLed mid-job (its job completes on the other, nothing lost or doubled),
+ * the front restarted (jobs and results still readable), Redis restarted (front and workers reconnect), a uid taken
+ * in S3 (409 from the conditional PUT), /health and /metrics, and SIGTERM's clean exit.
+ */
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { PutObjectCommand } from '@aws-sdk/client-s3';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { QueueFront } from '../src/queue/front.js';
+import { SdServer } from '../src/server/server.js';
+import { SKIP_REASON, TestRedis, TestS3, WorkerProcess, until, within } from './queue-services.js';
+
+const PREFIX = 'out';
+const SMALL = { prompt: 'a red square', steps: 2, width: 32, height: 32, sampler: 'euler' };
+const LONG = { ...SMALL, steps: 200 };
+
+let redis: TestRedis;
+let s3: TestS3;
+let server: SdServer;
+const workers: WorkerProcess[] = [];
+const ids: string[] = [];
+
+async function startFront(): Promise<SdServer> {
+  const front = new QueueFront({ url: redis.url, defaultModel: 'tiny', maxQueue: 64, ttlS: 600, pollMs: 1000 });
+  return SdServer.start(
+    { loadEngine: () => Promise.reject(new Error('the front loads no model')), outputs: mkdtempSync(path.join(tmpdir(), 'sd-front-')), front, maxQueue: 64 },
+    { port: 0, host: '127.0.0.1' },
+  );
+}
+
+interface Answer {
+  readonly status: number;
+  readonly json: Record<string, unknown>;
+}
+
+async function call(method: string, route: string, body?: unknown): Promise<Answer> {
+  const res = await fetch(`${server.url}${route}`, {
+    method,
+    headers: body !== undefined ? { 'content-type': 'application/json' } : {},
+    body: body !== undefined ? JSON.stringify(body) : undefined,
+  });
+  const text = await res.text();
+  return { status: res.status, json: text.startsWith('{') ? (JSON.parse(text) as Record<string, unknown>) : { text } };
+}
+
+const job = (id: string): Promise<Answer> => call('GET', `/jobs/${id}`);
+const finished = (a: Answer): boolean => ['succeeded', 'failed', 'cancelled'].includes(String(a.json.status));
+
+async function sidecar(uid: string): Promise<Record<string, unknown>> {
+  const r = await s3.client().send(new (await import('@aws-sdk/client-s3')).GetObjectCommand({ Bucket: s3.bucket, Key: `${PREFIX}/${uid}.json` }));
+  return JSON.parse(await (r.Body as { transformToString(): Promise<string> }).transformToString()) as Record<string, unknown>;
+}
+
+async function s3Png(uid: string): Promise<Buffer> {
+  const { GetObjectCommand } = await import('@aws-sdk/client-s3');
+  const r = await s3.client().send(new GetObjectCommand({ Bucket: s3.bucket, Key: `${PREFIX}/${uid}.png` }));
+  return Buffer.from(await (r.Body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray());
+}
+
+/** The announced worker running `jobId`. */
+async function workerRunning(jobId: string): Promise<{ id: string; pid: number }> {
+  const front = server.queue as QueueFront;
+  const w = await until(`a worker announcing job ${jobId}`, () => front.workers().find((x) => x.current === jobId), (x) => x !== undefined, 30_000);
+  return { id: w?.id ?? '', pid: w?.pid ?? -1 };
+}
+
+describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker processes', () => {
+  beforeAll(async () => {
+    redis = await TestRedis.start();
+    s3 = await TestS3.start();
+    const storage = ['--outputs', `s3://${s3.bucket}/${PREFIX}`, '--s3-endpoint', s3.endpoint];
+    workers.push(
+      WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'tiny']),
+      WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'tiny']),
+      WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'other']),
+    );
+    server = await startFront();
+    ids.push(...(await Promise.all(workers.map((w) => w.ready()))));
+    await until('the front to see the three workers', () => (server.queue as QueueFront).workers().length, (n) => n === 3);
+  }, 300_000);
+
+  afterAll(async () => {
+    // the workers' logs, for a failure's story
+    for (const [i, w] of workers.entries()) writeFileSync(path.join(tmpdir(), `sd-queue-test-worker-${i}.log`), w.lines.map((l) => JSON.stringify(l)).join('\n'));
+    await within(server?.shutdown({ graceS: 0 }) ?? Promise.resolve(), 15_000);
+    await Promise.all(workers.map((w) => w.kill('SIGKILL')));
+    await redis?.down();
+    await within(s3?.close() ?? Promise.resolve(), 10_000);
+  }, 120_000);
+
+  it('/health says queue mode, no model here, the workers and their models', async () => {
+    const h = await call('GET', '/health');
+    expect(h.status).toBe(200);
+    expect(h.json).toMatchObject({ status: 'ok', mode: 'queue', model_loaded: false, redis: 'connected', workers: 3, models: ['other', 'tiny'], default_model: 'tiny' });
+  });
+
+  it('a job naming a model is taken only by a worker holding it', async () => {
+    const front = server.queue as QueueFront;
+    const j = front.submit({ uid: 'routed-1', params: { ...SMALL, seed: 5 } as never }, 'other');
+    await j.done;
+    expect({ status: j.status, error: j.error }).toEqual({ status: 'succeeded', error: null });
+    expect((await sidecar('routed-1')).worker).toBe(ids[2]);
+  }, 120_000);
+
+  it('SIGTERM: a worker exits 0 and its announcement is gone', async () => {
+    const w = workers[2];
+    expect(await w.kill('SIGTERM')).toBe(0);
+    await until('the announcement to go', () => (server.queue as QueueFront).workers().map((x) => x.id), (list) => !list.includes(ids[2]), 10_000);
+  }, 60_000);
+
+  it('20 jobs are spread over both "tiny" workers; every output lands in S3 byte-identical to its answer', async () => {
+    const submitted = await Promise.all(Array.from({ length: 20 }, (_, i) => call('POST', '/jobs', { ...SMALL, seed: 100 + i, uid: `spread-${i}` })));
+    expect(submitted.map((s) => s.status)).toEqual(Array(20).fill(202));
+    await Promise.all(submitted.map((s) => server.queue.get(String(s.json.id))?.done));
+    const done = await Promise.all(submitted.map((s) => job(String(s.json.id))));
+    expect(done.map((d) => d.json.status)).toEqual(Array(20).fill('succeeded'));
+    const by = new Set<string>();
+    for (const [i, d] of done.entries()) {
+      const result = d.json.result as { image: string; uid: string; seed: number };
+      expect(result.uid).toBe(`spread-${i}`);
+      expect(result.seed).toBe(100 + i);
+      expect(Buffer.compare(await s3Png(result.uid), Buffer.from(result.image, 'base64'))).toBe(0);
+      const meta = await sidecar(result.uid);
+      expect(meta.job).toBe(d.json.id);
+      by.add(String(meta.worker));
+    }
+    expect([...by].sort()).toEqual([ids[0], ids[1]].sort()); // both "tiny" workers, never "other"
+    const keys = await s3.keys(`${PREFIX}/spread-`);
+    expect(keys).toHaveLength(40);
+  }, 300_000);
+
+  it('cancel across processes: DELETE stops the running job on its worker; nothing is stored', async () => {
+    const s = await call('POST', '/jobs', { ...LONG, uid: 'cancel-1' });
+    const id = String(s.json.id);
+    await until('the job running', () => job(id), (a) => a.json.status === 'running' && Number(a.json.step) >= 1);
+    const d = await call('DELETE', `/jobs/${id}`);
+    expect(d.status).toBe(202);
+    const end = await until('cancelled', () => job(id), finished);
+    expect(end.json).toMatchObject({ status: 'cancelled', reason: 'client' });
+    expect(await s3.keys(`${PREFIX}/cancel-1`)).toEqual([]);
+  }, 60_000);
+
+  it("A1111's /progress reports the remote job's steps and /interrupt stops it", async () => {
+    const pending = call('POST', '/sdapi/v1/txt2img', { prompt: 'a', steps: 200, width: 32, height: 32, sampler_name: 'Euler' });
+    const p = await until('progress', () => call('GET', '/sdapi/v1/progress'), (a) => Number(a.json.progress) > 0 && (a.json.state as { sampling_steps: number }).sampling_steps === 200);
+    expect(p.json.state).toMatchObject({ sampling_steps: 200, job_count: 1, job: 'txt2img 1/1' });
+    expect((await call('POST', '/sdapi/v1/interrupt')).status).toBe(200);
+    const answer = await pending;
+    expect(answer.status).toBe(200);
+    expect(answer.json.images).toEqual([]);
+  }, 60_000);
+
+  it('a worker SIGKILLed mid-job: the job completes on the other worker, stored once', async () => {
+    const s = await call('POST', '/jobs', { ...SMALL, steps: 10, seed: 9, uid: 'killed-1' });
+    const id = String(s.json.id);
+    await until('the job running', () => job(id), (a) => a.json.status === 'running' && Number(a.json.step) >= 1);
+    const victim = await workerRunning(id);
+    const w = workers.find((x) => x.pid === victim.pid);
+    expect(w).toBeDefined();
+    await w?.kill('SIGKILL');
+    const end = await until('the job done on the other worker', () => job(id), finished, 120_000);
+    expect(end.json).toMatchObject({ status: 'succeeded' });
+    const meta = await sidecar('killed-1');
+    expect(meta.worker).not.toBe(victim.id);
+    expect(await s3.keys(`${PREFIX}/killed-1`)).toEqual([`${PREFIX}/killed-1.json`, `${PREFIX}/killed-1.png`]);
+    expect(Buffer.compare(await s3Png('killed-1'), Buffer.from((end.json.result as { image: string }).image, 'base64'))).toBe(0);
+  }, 300_000);
+
+  it('the front restarted: jobs and their results are still readable, and one admitted just before completes', async () => {
+    const a = await call('POST', '/jobs', { ...SMALL, seed: 1, uid: 'restart-a' });
+    const before = await until('done', () => job(String(a.json.id)), finished);
+    const b = await call('POST', '/jobs', { ...SMALL, steps: 20, seed: 2, uid: 'restart-b' });
+    await server.shutdown({ graceS: 0 });
+    server = await startFront();
+    await server.ready();
+    const again = await job(String(a.json.id));
+    expect(again.status).toBe(200);
+    expect(again.json.status).toBe('succeeded');
+    expect(again.json.result).toEqual(before.json.result);
+    const later = await until('the job admitted before the restart', () => job(String(b.json.id)), finished, 60_000);
+    expect(later.json).toMatchObject({ status: 'succeeded' });
+  }, 120_000);
+
+  it('Redis restarted: the front and the workers reconnect and take new jobs', async () => {
+    await redis.restart();
+    await until('a worker to announce itself again', () => (server.queue as QueueFront).workers().length, (n) => n >= 1, 30_000);
+    const s = await until('the front to admit again', () => call('POST', '/jobs', { ...SMALL, seed: 3, uid: 'after-redis' }), (a) => a.status === 202, 30_000);
+    const end = await until('the job after the restart', () => job(String(s.json.id)), finished, 60_000);
+    expect(end.json).toMatchObject({ status: 'succeeded' });
+    expect((await call('GET', '/health')).json.redis).toBe('connected');
+  }, 120_000);
+
+  it('a uid already taken in S3: the conditional PUT refuses it (409) and the existing image is kept', async () => {
+    const theirs = Buffer.from('not ours');
+    await s3.client().send(new PutObjectCommand({ Bucket: s3.bucket, Key: `${PREFIX}/taken-1.png`, Body: theirs }));
+    const s = await call('POST', '/jobs', { ...SMALL, uid: 'taken-1' });
+    const end = await until('failed', () => job(String(s.json.id)), finished);
+    expect(end.json).toMatchObject({ status: 'failed', error_status: 409 });
+    expect(String(end.json.error)).toMatch(/taken-1\.png already exists/);
+    expect(await s3.keys(`${PREFIX}/taken-1`)).toEqual([`${PREFIX}/taken-1.png`]);
+    expect(Buffer.compare(await s3Png('taken-1'), theirs)).toBe(0);
+  }, 60_000);
+
+  it('/metrics: Prometheus text with the queue, the finished jobs, the durations and the workers', async () => {
+    const res = await fetch(`${server.url}/metrics`);
+    expect(res.headers.get('content-type')).toMatch(/^text\/plain; version=0\.0\.4/);
+    // the gauges are Redis' counts and the workers' announcements as of the front's last poll: let them settle
+    const scrape = async (): Promise<string> => (await fetch(`${server.url}/metrics`)).text();
+    const text = await until('the gauges to settle', scrape, (t) => /^sd_jobs_running 0$/m.test(t) && /^sd_worker_running\{.*\} 0$/m.test(t), 20_000);
+    const value = (line: string): number => Number(new RegExp(`^${line.replace(/[{}"=]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1]);
+    expect(value('sd_jobs_total{status="succeeded"}')).toBeGreaterThanOrEqual(1); // this front's, since its restart
+    expect(value('sd_job_failures_total')).toBeGreaterThanOrEqual(1);
+    expect(value('sd_job_duration_seconds_count')).toBe(value('sd_jobs_total{status="succeeded"}'));
+    expect(value('sd_queue_depth')).toBe(0);
+    expect(value('sd_workers')).toBe(1); // one "tiny" worker left (one SIGTERMed, one SIGKILLed)
+    expect(text).toMatch(/^sd_worker_running\{worker="[^"]+",host="[^"]+",model="tiny"\} 0$/m);
+  });
+
+});
