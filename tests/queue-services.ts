@@ -70,6 +70,8 @@ export class TestRedis {
 
   async up(): Promise<void> {
     this.proc = spawn(REDIS_BIN, ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    const proc = this.proc;
+    process.once('exit', () => proc.kill('SIGKILL')); // never outlives the test run, even one that stops early
     await until('redis-server to answer', () => spawnSync('redis-cli', ['-p', String(this.port), 'ping'], { encoding: 'utf8' }).stdout.trim(), (s) => s === 'PONG', 10_000);
   }
 
