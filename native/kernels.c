@@ -1,5 +1,6 @@
 /*
- * sd_kernels: the few CPU kernels that decide Stable Diffusion's speed, for x86-64 with AVX2 and FMA.
+ * sd_kernels: the few CPU kernels that decide Stable Diffusion's speed, for x86-64 with AVX2 and FMA (AVX-512 where
+ * the CPU has it).
  *
  *   linear     y[M, N] = x[M, K] w[K, N] + b                      (every nn.Linear)
  *   conv2d     NHWC x [B, H, W, Cin] * HWIO w -> [B, H', W', Cout]  (every nn.Conv2d: 3x3 and 1x1, stride 1 or 2)
@@ -7,7 +8,9 @@
  *   groupNorm  GroupNorm with an optional SiLU after it, in three passes over the input
  *
  * All four are one matrix product in disguise, computed by a single register-blocked micro-kernel: a 6x16 tile of
- * the output lives in 12 AVX registers while the shared dimension streams through (BLIS, Goto & van de Geijn 2008).
+ * the output lives in 12 AVX registers while the shared dimension streams through (BLIS, Goto & van de Geijn 2008);
+ * where the CPU has AVX-512, a 12x32 tile in 24 of its 32 registers does the same over two panels at once (chosen
+ * once when the module loads; both add each output's products in the same order, so they agree bit for bit).
  * The right-hand matrix is packed once into panels of 16 columns ("packWeights", done at model load for weights;
  * per call for attention's K and V). The left-hand rows are not packed at all: the kernel reads each of its 6 rows
  * through its own pointer, so a convolution reads its input in place, one kernel tap at a time, and a padded tap
@@ -16,8 +19,9 @@
  * Work is split over rows of the output between `threads` POSIX threads made per call (a call lasts milliseconds).
  * Every entry point checks that each array holds what the shapes claim before touching memory, and throws a
  * RangeError naming the argument when not. Built by `sd setup-native` (src/setup/kernels.ts) with plain
- * `cc -O3 -shared`; the AVX2 code is compiled per function (target attribute), and `available()` says whether this
- * CPU can run it, so the same file builds everywhere and JavaScript falls back to TensorFlow ops where it cannot.
+ * `cc -O3 -shared`; the AVX2 and AVX-512 code is compiled per function (target attribute), and `available()` says
+ * whether this CPU can run the AVX2 baseline, so the same file builds everywhere and JavaScript falls back to
+ * TensorFlow ops where it cannot.
  */
 #define NAPI_VERSION 8
 #include <node_api.h>
@@ -32,7 +36,6 @@
 #endif
 #include <string.h>
 
-#define MR 6          /* rows of the micro-tile */
 #define NR 16         /* columns of the micro-tile: two AVX registers */
 #define KC 256        /* shared-dimension block: a 256x16 panel of B (16 KiB) stays in L1 */
 #ifndef MC
@@ -64,9 +67,11 @@ static const float *zero_row(size_t len) {
 
 /*
  * c[i][0..16) = (or += when accumulate) sum_k a[i][k] * b[k][0..16), i < 6, for kc steps; a: 6 row pointers, b: a
- * packed panel (16 floats per k), c: rows ldc apart (a 6x16 tile, or 6 full rows of a larger output).
+ * packed panel (16 floats per k), c: rows ldc apart (a 6x16 tile, or 6 full rows of a larger output). The AVX2 tile.
  */
-AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, float *c, size_t ldc, int accumulate) {
+AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, size_t bstride, float *c, size_t ldc,
+                             int accumulate) {
+  (void)bstride; /* one panel only */
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
@@ -88,7 +93,7 @@ AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, floa
     c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
   }
   const __m256 acc[12] = { c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51 };
-  for (int i = 0; i < MR; i++) {
+  for (int i = 0; i < 6; i++) {
     float *o = c + i * ldc;
     __m256 v0 = acc[2 * i], v1 = acc[2 * i + 1];
     if (accumulate) {
@@ -98,6 +103,66 @@ AVX2 static void kernel_6x16(int kc, const float *const *a, const float *b, floa
     _mm256_storeu_ps(o, v0);
     _mm256_storeu_ps(o + 8, v1);
   }
+}
+
+/*
+ * The AVX-512 tile: 12 rows by P panels (P = 2: 32 columns in 24 zmm registers; P = 1 for a last odd panel). The
+ * panels stay as packed for AVX2 (16 columns each); the second is read bstride floats after the first, so the same
+ * packed weights serve both kernels. Per k: P loads of B, 12 broadcasts of A, 12 P FMAs of 16 lanes.
+ */
+__attribute__((target("avx512f,fma"), always_inline)) static inline void
+tile_12(int kc, const float *const *a, const float *b, size_t bstride, float *c, size_t ldc, int accumulate, const int P) {
+  __m512 acc[2][12];
+  const float *ap[12];
+  _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) {
+    ap[i] = a[i];
+    acc[0][i] = _mm512_setzero_ps();
+    acc[1][i] = _mm512_setzero_ps();
+  }
+  const float *b1 = b + bstride;
+  _Pragma("GCC unroll 2") for (int k = 0; k < kc; k++) {
+    const __m512 v0 = _mm512_loadu_ps(b + (size_t)k * NR), v1 = P == 2 ? _mm512_loadu_ps(b1 + (size_t)k * NR) : v0;
+    _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) {
+      const __m512 x = _mm512_set1_ps(ap[i][k]);
+      acc[0][i] = _mm512_fmadd_ps(x, v0, acc[0][i]);
+      if (P == 2) acc[1][i] = _mm512_fmadd_ps(x, v1, acc[1][i]);
+    }
+  }
+  _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) {
+    for (int p = 0; p < P; p++) {
+      float *o = c + i * ldc + p * NR;
+      _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(acc[p][i], _mm512_loadu_ps(o)) : acc[p][i]);
+    }
+  }
+}
+
+__attribute__((target("avx512f,fma"))) static void kernel_12x32(int kc, const float *const *a, const float *b,
+                                                                 size_t bstride, float *c, size_t ldc, int accumulate) {
+  tile_12(kc, a, b, bstride, c, ldc, accumulate, 2);
+}
+
+__attribute__((target("avx512f,fma"))) static void kernel_12x16(int kc, const float *const *a, const float *b,
+                                                                 size_t bstride, float *c, size_t ldc, int accumulate) {
+  tile_12(kc, a, b, bstride, c, ldc, accumulate, 1);
+}
+
+/*
+ * The micro-kernel in use, chosen once when the module loads (microKernel(name) changes it, for tests and benches):
+ * an mr x (panels * 16) tile of C from mr row pointers and `panels` packed panels bstride floats apart; `one` does
+ * the same for a single panel (the last panel of an odd count).
+ */
+typedef void (*micro_fn)(int kc, const float *const *a, const float *b, size_t bstride, float *c, size_t ldc, int accumulate);
+typedef struct { const char *name; size_t mr, panels; micro_fn all, one; } micro_t;
+#define MR_MAX 12
+
+static const micro_t MICRO_AVX2 = { "avx2", 6, 1, kernel_6x16, kernel_6x16 };
+static const micro_t MICRO_AVX512 = { "avx512", 12, 2, kernel_12x32, kernel_12x16 };
+static micro_t micro = { "avx2", 6, 1, kernel_6x16, kernel_6x16 };
+
+/* The kernel for panels [jp, jp + micro.panels) when they exist, else for the one panel jp; *n says how many. */
+static micro_fn micro_for(size_t jp, size_t panels, size_t *n) {
+  *n = jp + micro.panels <= panels ? micro.panels : 1;
+  return *n == micro.panels ? micro.all : micro.one;
 }
 
 /*
@@ -112,11 +177,14 @@ typedef struct {
   size_t ldr;
 } epi_t;
 
-/* c[rows][cols] (row stride ldc; its top-left is (row0, col0) of C) = tile + epilogue, or += tile when accumulating. */
-AVX2 static void write_tile(const float *tile, float *c, size_t ldc, int rows, int cols, size_t row0, size_t col0,
-                            const epi_t *e, int accumulate) {
+/*
+ * c[rows][cols] (row stride ldc; its top-left is (row0, col0) of C) = tile + epilogue, or += tile when accumulating;
+ * the tile's rows are ldt apart.
+ */
+AVX2 static void write_tile(const float *tile, size_t ldt, float *c, size_t ldc, int rows, int cols, size_t row0,
+                            size_t col0, const epi_t *e, int accumulate) {
   for (int i = 0; i < rows; i++) {
-    const float *t = tile + i * NR;
+    const float *t = tile + i * ldt;
     float *o = c + i * ldc;
     const float *bias = NULL, *res = NULL;
     if (!accumulate && e) {
@@ -218,19 +286,24 @@ static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 /* One block of rows [ic, ic + mc) times the panels [jp0, jp1) of B, over the shared blocks [kb0, kb1). */
 AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, size_t jp1, size_t kb0, size_t kb1) {
-  const float *rows[MC];
-  float tile[MR * NR];
+  const float *rows[MC + MR_MAX];
+  float tile[MR_MAX * 2 * NR];
+  const size_t mr = micro.mr;
   for (size_t kb = kb0; kb < kb1; kb++) {
     const size_t k0 = g->kstart[kb], kc = g->kstart[kb + 1] - k0;
     for (size_t i = 0; i < mc; i++) rows[i] = g->row(g->row_ctx, ic + i, k0);
-    for (size_t i = mc; i % MR; i++) rows[i] = zeros; /* missing rows of the last micro-tile read zeros */
-    for (size_t jp = jp0; jp < jp1; jp++) {
+    for (size_t i = mc; i % mr; i++) rows[i] = zeros; /* missing rows of the last micro-tile read zeros */
+    size_t np;
+    for (size_t jp = jp0; jp < jp1; jp += np) {
+      const micro_fn kernel = micro_for(jp, jp1, &np);
       const float *b = g->packed + (jp * g->K + k0) * NR;
-      const int cols = (int)min_sz(NR, g->N - jp * NR);
-      for (size_t ir = 0; ir < mc; ir += MR) {
-        kernel_6x16((int)kc, rows + ir, b, tile, NR, 0);
-        write_tile(tile, g->c + (ic + ir) * g->ldc + jp * NR, g->ldc, (int)min_sz(MR, mc - ir), cols, ic + ir, jp * NR,
-                   &g->epi, kb > 0);
+      for (size_t ir = 0; ir < mc; ir += mr) {
+        kernel((int)kc, rows + ir, b, g->K * NR, tile, np * NR, 0);
+        for (size_t p = 0; p < np; p++) {
+          const size_t col0 = (jp + p) * NR;
+          write_tile(tile + p * NR, np * NR, g->c + (ic + ir) * g->ldc + col0, g->ldc, (int)min_sz(mr, mc - ir),
+                     (int)min_sz(NR, g->N - col0), ic + ir, col0, &g->epi, kb > 0);
+        }
       }
     }
   }
@@ -250,8 +323,8 @@ static void gemm_rows(const gemm_t *g, size_t m0, size_t m1) {
 static void gemm_task(void *ctx, int t, int n) {
   const gemm_t *g = ctx;
   /* Even split of rows, in whole micro-tiles. */
-  const size_t tiles = (g->M + MR - 1) / MR;
-  const size_t m0 = min_sz(g->M, tiles * t / n * MR), m1 = min_sz(g->M, tiles * (t + 1) / n * MR);
+  const size_t mr = micro.mr, tiles = (g->M + mr - 1) / mr;
+  const size_t m0 = min_sz(g->M, tiles * t / n * mr), m1 = min_sz(g->M, tiles * (t + 1) / n * mr);
   if (m1 > m0) gemm_rows(g, m0, m1);
 }
 
@@ -688,9 +761,10 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
   const size_t b = it / s->heads, h = it % s->heads, D = s->D;
   const size_t qn = min_sz(QB, s->Nq - q0), dpanels = (D + NR - 1) / NR, dpad = dpanels * NR;
   const float *kp = s->kp + it * s->kp_item, *vp = s->vp + it * s->vp_item;
-  const float *rows[QB + MR];
+  const size_t mr = micro.mr;
+  const float *rows[QB + MR_MAX];
   for (size_t i = 0; i < qn; i++) rows[i] = s->q + (b * s->Nq + q0 + i) * s->C + h * D;
-  for (size_t i = qn; i % MR; i++) rows[i] = zeros;
+  for (size_t i = qn; i % mr; i++) rows[i] = zeros;
   for (size_t i = 0; i < qn; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
   memset(acc, 0, QB * dpad * sizeof(float));
   const __m256 scale = _mm256_set1_ps(s->scale);
@@ -698,10 +772,12 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
   for (size_t k0 = 0; k0 < s->Nk; k0 += KB) {
     const size_t kn = min_sz(KB, s->Nk - k0), kpanels = (kn + NR - 1) / NR, ldS = KB;
     /* scores [qn, kn] = q k^T (the padded columns of the last panel are never read) */
-    for (size_t jp = 0; jp < kpanels; jp++) {
+    size_t np;
+    for (size_t jp = 0; jp < kpanels; jp += np) {
+      const micro_fn kernel = micro_for(jp, kpanels, &np);
       const float *bpanel = kp + (k0 / NR + jp) * D * NR;
-      for (size_t ir = 0; ir < qn; ir += MR) {
-        kernel_6x16((int)D, rows + ir, bpanel, scores + ir * ldS + jp * NR, ldS, 0); /* rows past qn: zeros */
+      for (size_t ir = 0; ir < qn; ir += mr) {
+        kernel((int)D, rows + ir, bpanel, D * NR, scores + ir * ldS + jp * NR, ldS, 0); /* rows past qn: zeros */
       }
     }
     /* online softmax: p = exp(scale * s - m_new); acc and sum are rescaled by exp(m_old - m_new) */
@@ -735,13 +811,14 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
       if (alpha != 1.0f) for (size_t d = 0; d < dpad; d++) acc[i * dpad + d] *= alpha;
     }
     /* acc [qn, D] += p [qn, kn] v[k0 : k0 + kn] */
-    const float *prow[QB + MR];
+    const float *prow[QB + MR_MAX];
     for (size_t i = 0; i < qn; i++) prow[i] = scores + i * ldS;
-    for (size_t i = qn; i % MR; i++) prow[i] = zeros;
-    for (size_t dp = 0; dp < dpanels; dp++) {
+    for (size_t i = qn; i % mr; i++) prow[i] = zeros;
+    for (size_t dp = 0; dp < dpanels; dp += np) {
+      const micro_fn kernel = micro_for(dp, dpanels, &np);
       const float *bpanel = vp + (dp * s->Nk + k0) * NR;
-      for (size_t ir = 0; ir < qn; ir += MR) {
-        kernel_6x16((int)kn, prow + ir, bpanel, acc + ir * dpad + dp * NR, dpad, 1);
+      for (size_t ir = 0; ir < qn; ir += mr) {
+        kernel((int)kn, prow + ir, bpanel, s->Nk * NR, acc + ir * dpad + dp * NR, dpad, 1);
       }
     }
   }
@@ -1025,8 +1102,43 @@ static napi_value available(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/*
+ * microKernel([name]) -> the micro-kernel in use ("avx2" or "avx512"); with a name, switches to it first (a RangeError
+ * when this CPU cannot run it). Only between calls: a kernel never changes while one runs.
+ */
+static napi_value micro_kernel(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  size_t argc = 1;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  napi_valuetype type = napi_undefined;
+  if (argc > 0) napi_typeof(env, argv[0], &type);
+  if (type != napi_undefined) {
+    char name[16] = "";
+    size_t len = 0;
+    if (type != napi_string || napi_get_value_string_utf8(env, argv[0], name, sizeof name, &len) != napi_ok) {
+      napi_throw_type_error(env, NULL, "sd_kernels: microKernel takes \"avx2\" or \"avx512\"");
+      return NULL;
+    }
+    __builtin_cpu_init();
+    if (strcmp(name, "avx2") == 0) micro = MICRO_AVX2;
+    else if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) micro = MICRO_AVX512;
+    else {
+      char msg[96];
+      snprintf(msg, sizeof msg, "sd_kernels: micro-kernel \"%s\" is not one this CPU runs (avx2, avx512)", name);
+      napi_throw_range_error(env, NULL, msg);
+      return NULL;
+    }
+  }
+  napi_value r;
+  napi_create_string_utf8(env, micro.name, NAPI_AUTO_LENGTH, &r);
+  return r;
+}
+
 NAPI_MODULE_INIT() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) micro = MICRO_AVX512; /* the widest this CPU runs; AVX2 is the baseline */
   const napi_property_descriptor fns[] = {
+    { "microKernel", NULL, micro_kernel, NULL, NULL, NULL, napi_default, NULL },
     { "available", NULL, available, NULL, NULL, NULL, napi_default, NULL },
     { "source", NULL, source_hash, NULL, NULL, NULL, napi_default, NULL },
     { "tuneAllocator", NULL, tune_allocator, NULL, NULL, NULL, napi_default, NULL },

@@ -5,7 +5,7 @@
  * agree; then the model fixtures must pass their parity checks with every layer on the kernels (SD_KERNELS=1).
  * Whole blocks on the kernels: tests/native-blocks.test.ts.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { maxRelError } from '../src/parity/compare.js';
@@ -13,7 +13,7 @@ import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/nn/attention.js';
 import { initBackend } from '../src/backend/select.js';
 import * as kernels from '../src/backend/kernels.js';
-import { kernelsPath, kernelsProblem, kernelsSourceHash, winogradFits } from '../src/backend/kernels.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, winogradFits } from '../src/backend/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
 import { WeightView } from '../src/nn/weight-view.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
@@ -138,6 +138,53 @@ describe.runIf(built)('native kernels', () => {
     const { tfjs, native } = bothWays((onKernels) => (onKernels ? kernels.attention(q, k, v, heads) : attention(q, k, v, heads)));
     expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
     tf.dispose([q, k, v]);
+  });
+
+  describe('the micro-kernels (AVX2 6x16 and AVX-512 12x32 tiles)', () => {
+    const cpuHasAvx512 = readFileSync('/proc/cpuinfo', 'utf8').includes(' avx512f');
+    afterAll(() => {
+      if (cpuHasAvx512) microKernel('avx512');
+    });
+
+    it('the widest one this CPU runs is chosen when the kernels load', () => {
+      expect(microKernel()).toBe(process.env.SD_KERNELS_ISA ?? (cpuHasAvx512 ? 'avx512' : 'avx2'));
+      if (!cpuHasAvx512) expect(() => microKernel('avx512')).toThrow(/not one this CPU runs/);
+    });
+
+    /*
+     * Both sum each output's products in the same order, one FMA per shared index, so they agree bit for bit: the
+     * cases cover row counts that fill no tile (1, 7, 13), column panels in odd counts (a last single panel),
+     * columns not a multiple of 16, several shared blocks, and attention's key and head-width panels.
+     */
+    it.runIf(cpuHasAvx512)('agree bit for bit on linear, conv, Winograd and attention shapes', () => {
+      const run = (isa: 'avx2' | 'avx512', f: () => Float32Array) => {
+        microKernel(isa);
+        return f();
+      };
+      const host = (shape: number[], scale = 1) => ({ data: rand(shape.reduce((a, b) => a * b, 1)).map((v) => v * scale), shape });
+      const cases: [string, () => Float32Array][] = [];
+      for (const [m, k, n] of [[1, 40, 16], [7, 300, 48], [13, 768, 320], [37, 50, 1283], [130, 600, 272], [25, 520, 80]]) {
+        const w = kernels.packWeight(rand(n * k), n, { kind: 'linear' }, rand(n));
+        const x = host([m, k]);
+        const res = host([m, n]);
+        cases.push([`linear ${m}x${k}x${n}`, () => kernels.linearHost(x, w, res).data]);
+      }
+      for (const [cin, cout, h, wd, winograd] of [[24, 40, 9, 7, true], [16, 48, 5, 13, false], [264, 8, 4, 6, true]] as const) {
+        const w = kernels.packWeight(rand(cout * cin * 9), cout, { kind: 'conv', kernel: 3, winograd }, rand(cout));
+        const x = host([2, h, wd, cin]);
+        cases.push([`conv ${cin}->${cout} ${winograd ? 'winograd' : 'direct'}`, () => kernels.conv2dHost(x, w, { kernel: 3, stride: 1, pad: [1, 1, 1, 1] }).data]);
+      }
+      for (const [b, nq, nk, heads, d] of [[2, 300, 300, 8, 40], [2, 130, 77, 8, 40], [1, 97, 600, 2, 64], [1, 13, 29, 3, 24]]) {
+        const q = host([b, nq, heads * d]), k = host([b, nk, heads * d], 4), v = host([b, nk, heads * d]);
+        cases.push([`attention ${nq}x${nk} ${heads}x${d}`, () => kernels.attentionHost(q, k, v, heads).data]);
+      }
+      for (const [name, f] of cases) {
+        const wide = run('avx512', f), narrow = run('avx2', f);
+        expect(wide.length, name).toBe(narrow.length);
+        expect(Buffer.from(wide.buffer, wide.byteOffset, wide.byteLength).equals(Buffer.from(narrow.buffer, narrow.byteOffset, narrow.byteLength)), name).toBe(true);
+        expect(wide.every(Number.isFinite), name).toBe(true);
+      }
+    });
   });
 
   it('layers on the kernels leave no tensors behind', () => {

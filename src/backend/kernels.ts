@@ -30,6 +30,8 @@ interface Addon {
   /** sha256 (hex) of the native/kernels.c it was built from. */
   source(): string;
   tuneAllocator(): boolean;
+  /** The micro-kernel in use ('avx2' | 'avx512'); with a name, switches to it (RangeError where the CPU lacks it). */
+  microKernel(name?: string): string;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
   linear(
     x: Float32Array, m: number, k: number, packed: Float32Array, n: number, bias: Float32Array | null, out: Float32Array,
@@ -92,6 +94,8 @@ function load(): Addon | null {
       loadProblem = 'this CPU lacks AVX2 or FMA';
       return null;
     }
+    const isa = process.env.SD_KERNELS_ISA;
+    if (isa !== undefined && isa !== '') a.microKernel(isa);
     addon = a;
   } catch (e) {
     loadProblem = `${path} does not load: ${(e as Error).message}`;
@@ -127,6 +131,17 @@ function kernels(): Addon {
   const a = load();
   if (a === null) throw new Error(`native kernels unavailable: ${loadProblem}`);
   return a;
+}
+
+/** The micro-kernels a CPU can have: AVX2 + FMA (the baseline), AVX-512F (chosen where present). */
+export type MicroKernel = 'avx2' | 'avx512';
+
+/**
+ * The micro-kernel the native kernels use: the widest this CPU runs, unless SD_KERNELS_ISA names another when they
+ * load. With a name, switches to it (tests run both; the bench measures both); a RangeError where the CPU lacks it.
+ */
+export function microKernel(use?: MicroKernel): MicroKernel {
+  return kernels().microKernel(use) as MicroKernel;
 }
 
 const threads = (): number => Number(process.env.SD_THREADS) || availableParallelism();

@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 import type { CommandModule } from 'yargs';
 import { UsageError } from '../errors.js';
 import { BACKENDS, initBackend, type BackendChoice, type BackendName } from '../../backend/select.js';
-import { kernelsProblem } from '../../backend/kernels.js';
+import { kernelsProblem, microKernel } from '../../backend/kernels.js';
 import { NATIVE_PACKAGES, nativeStatus, packageProblem, type NativeStatus } from '../../backend/tfjs-node.js';
 import * as tf from '../../backend/tf.js';
 import { wasmSimdSupported, wasmStatus, type WasmStatus } from '../../backend/wasm.js';
@@ -32,6 +32,8 @@ export interface InfoFacts {
   readonly notUsed: readonly NotUsed[];
   /** Why the native kernels (src/backend/kernels.ts) are not in use, or null when they are. */
   readonly kernels: string | null;
+  /** The kernels' micro-kernel ('avx2' | 'avx512') when they are in use. */
+  readonly microKernel?: string;
 }
 
 export interface NotUsed {
@@ -77,13 +79,18 @@ function threadsLine(f: InfoFacts): string {
 }
 
 /** The report, one "label  value" per line; better backends that were skipped come last with their fix. */
+function microKernelLine(m: string | undefined): string {
+  if (m === 'avx512') return 'AVX-512 12x32 micro-kernel; SD_KERNELS_ISA=avx2 for the AVX2 one';
+  return m === 'avx2' ? 'AVX2 6x16 micro-kernel' : 'micro-kernel unknown';
+}
+
 export function infoLines(f: InfoFacts): string[] {
   const lines: [string, string][] = [
     ['backend', backendLine(f)],
     ['tfjs', `${f.tfjsVersion} (@tensorflow/tfjs-core)`],
     ['threads', threadsLine(f)],
     ['wasm SIMD', f.simd ? 'yes' : 'no (the wasm backend falls back to its slower scalar build)'],
-    ['native kernels', f.kernels === null ? 'in use (native/kernels.c: matrix products, convolutions with Winograd for most 3x3, attention, norms)' : `not in use: ${f.kernels}`],
+    ['native kernels', f.kernels === null ? `in use (native/kernels.c: matrix products, convolutions with Winograd for most 3x3, attention, norms; ${microKernelLine(f.microKernel)})` : `not in use: ${f.kernels}`],
     ['machine', `${f.cpu}, ${f.cores} logical cores, Node ${f.node}`],
   ];
   for (const n of f.notUsed) lines.push([`not ${n.name}`, n.why], ['  enable with', n.fix]);
@@ -125,6 +132,7 @@ export async function gatherInfo(args: { backend?: BackendName; threads?: number
     node: process.versions.node,
     notUsed: notUsed(choice),
     kernels: kernelsProblem(),
+    microKernel: kernelsProblem() === null ? microKernel() : undefined,
   });
 }
 
