@@ -2,8 +2,9 @@
  * The cluster for real (issue #21): Redis (a redis-server of this file's own), an S3 server (s3rver), three
  * `sd worker` child processes on the tiny fixture model (two hold it as "tiny", one as "other"), and the HTTP front
  * (`SdServer` with a QueueFront, as `sd serve --queue` runs it, loading no model). Checked across the processes:
- * 20 jobs spread over both "tiny" workers, outputs in S3 byte-identical to the answers, model routing, cancel and
- * A1111 progress/interrupt, a worker SIGKILLed mid-job (its job completes on the other, nothing lost or doubled),
+ * 20 jobs spread over both "tiny" workers, outputs in S3 byte-identical to the answers, model routing (`model` on our
+ * routes, A1111's override_settings and options, /sdapi/v1/sd-models), previews and the event stream of a job run
+ * elsewhere, cancel and A1111 progress/interrupt (the image finished from its last step), a worker SIGKILLed mid-job (its job completes on the other, nothing lost or doubled),
  * the front restarted (jobs and results still readable), Redis restarted (front and workers reconnect), a uid taken
  * in S3 (409 from the conditional PUT), /health and /metrics, and SIGTERM's clean exit.
  */
@@ -46,10 +47,40 @@ async function call(method: string, route: string, body?: unknown): Promise<Answ
     body: body !== undefined ? JSON.stringify(body) : undefined,
   });
   const text = await res.text();
-  return { status: res.status, json: text.startsWith('{') ? (JSON.parse(text) as Record<string, unknown>) : { text } };
+  return { status: res.status, json: /^[[{]/.test(text) ? (JSON.parse(text) as Record<string, unknown>) : { text } };
 }
 
 const job = (id: string): Promise<Answer> => call('GET', `/jobs/${id}`);
+
+/** The 'job started' lines a worker logged for `model`. */
+const started = (w: WorkerProcess, model: string): number => w.lines.filter((l) => l.msg === 'job started' && l.model === model).length;
+
+/** Server-sent events of GET /jobs/:id/events, until `enough` says so (or the stream ends). */
+async function events(id: string, enough: (seen: { event: string; data: Record<string, unknown> }[]) => boolean): Promise<{ event: string; data: Record<string, unknown> }[]> {
+  const client = new AbortController();
+  const res = await fetch(`${server.url}/jobs/${id}/events`, { signal: client.signal });
+  expect(res.headers.get('content-type')).toMatch(/^text\/event-stream/);
+  const seen: { event: string; data: Record<string, unknown> }[] = [];
+  const decoder = new TextDecoder();
+  let text = '';
+  try {
+    for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+      text += decoder.decode(chunk, { stream: true });
+      let at: number;
+      while ((at = text.indexOf('\n\n')) >= 0) {
+        const frame = text.slice(0, at);
+        text = text.slice(at + 2);
+        const event = /^event: (.*)$/m.exec(frame)?.[1];
+        const data = /^data: (.*)$/m.exec(frame)?.[1];
+        if (event !== undefined && data !== undefined) seen.push({ event, data: JSON.parse(data) as Record<string, unknown> });
+      }
+      if (enough(seen)) break;
+    }
+  } finally {
+    client.abort();
+  }
+  return seen;
+}
 const finished = (a: Answer): boolean => ['succeeded', 'failed', 'cancelled'].includes(String(a.json.status));
 
 async function sidecar(uid: string): Promise<Record<string, unknown>> {
@@ -108,6 +139,67 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     expect((await sidecar('routed-1')).worker).toBe(ids[2]);
   }, 120_000);
 
+  it('`model` over HTTP: POST /jobs goes to a worker announcing it; an unknown one is 400 naming those announced', async () => {
+    const before = started(workers[2], 'other');
+    const s = await call('POST', '/jobs', { ...SMALL, seed: 6, uid: 'routed-2', model: 'other' });
+    expect(s.status).toBe(202);
+    const end = await until('done', () => job(String(s.json.id)), finished);
+    expect(end.json).toMatchObject({ status: 'succeeded', result: { parameters: { model: 'other' } } });
+    expect((await sidecar('routed-2')).worker).toBe(ids[2]);
+    expect(started(workers[2], 'other')).toBe(before + 1);
+    const bad = await call('POST', '/inference', { ...SMALL, model: 'nope' });
+    expect(bad.status).toBe(400);
+    expect(bad.json).toMatchObject({ field: 'model' });
+    expect(String(bad.json.message)).toMatch(/"nope".*workers announce other, tiny/);
+  }, 60_000);
+
+  it("A1111: sd-models lists the announced models; override_settings and options' sd_model_checkpoint route the job", async () => {
+    const models = (await call('GET', '/sdapi/v1/sd-models')).json as unknown as { title: string; model_name: string }[];
+    expect(models.map((m) => [m.title, m.model_name])).toEqual([['other', 'other'], ['tiny', 'tiny']]);
+    const a1111 = { prompt: 'a', steps: 2, width: 32, height: 32, sampler_name: 'Euler' };
+    const before = started(workers[2], 'other');
+    const over = await call('POST', '/sdapi/v1/txt2img', { ...a1111, override_settings: { sd_model_checkpoint: 'other [0123456789]' } });
+    expect(over.status).toBe(200);
+    expect((over.json.images as string[]).length).toBe(1);
+    expect(JSON.parse(String(over.json.info))).toMatchObject({ sd_model_name: 'other' });
+    expect(started(workers[2], 'other')).toBe(before + 1);
+    const unknown = await call('POST', '/sdapi/v1/txt2img', { ...a1111, override_settings: { sd_model_checkpoint: 'sdxl.safetensors' } });
+    expect(unknown.status).toBe(422);
+    expect(String(unknown.json.detail ?? unknown.json.message)).toMatch(/sdxl\.safetensors.*other, tiny/);
+    // POST options: the model of the requests that follow, as A1111 loads it
+    expect((await call('POST', '/sdapi/v1/options', { sd_model_checkpoint: 'other' })).status).toBe(200);
+    expect((await call('GET', '/sdapi/v1/options')).json.sd_model_checkpoint).toBe('other');
+    const later = await call('POST', '/sdapi/v1/txt2img', a1111);
+    expect(later.status).toBe(200);
+    expect(started(workers[2], 'other')).toBe(before + 2);
+    expect((await call('POST', '/sdapi/v1/options', { sd_model_checkpoint: 'tiny' })).status).toBe(200);
+    expect((await call('POST', '/sdapi/v1/options', { sd_model_checkpoint: 'nope' })).status).toBe(422);
+    expect((await call('GET', '/sdapi/v1/options')).json.sd_model_checkpoint).toBe('tiny');
+  }, 60_000);
+
+  it("previews across processes: GET /jobs/:id's preview, /jobs/:id/preview.png and the event stream's preview events", async () => {
+    const s = await call('POST', '/jobs', { ...LONG, uid: 'preview-1' });
+    const id = String(s.json.id);
+    const running = await until('a preview', () => job(id), (a) => a.json.status === 'running' && a.json.preview !== null && a.json.preview !== undefined);
+    expect(running.json.preview).toBe(`/jobs/${id}/preview.png`);
+    const png = await fetch(`${server.url}/jobs/${id}/preview.png`);
+    expect(png.status).toBe(200);
+    expect(png.headers.get('content-type')).toBe('image/png');
+    expect(Number(png.headers.get('x-sd-step'))).toBeGreaterThanOrEqual(1);
+    expect(png.headers.get('x-sd-total')).toBe('200');
+    const bytes = Buffer.from(await png.arrayBuffer());
+    expect(bytes.subarray(1, 4).toString()).toBe('PNG');
+    expect(bytes.readUInt32BE(16)).toBe(8); // 32 px at the fixture VAE's factor 4: the approx preview
+    const seen = await events(id, (e) => e.some((x) => x.event === 'preview') && e.some((x) => x.event === 'progress'));
+    expect(seen[0]).toMatchObject({ event: 'status', data: { id, status: 'running' } });
+    expect(seen.find((x) => x.event === 'progress')?.data).toMatchObject({ total: 200 });
+    expect(seen.find((x) => x.event === 'preview')?.data).toMatchObject({ total: 200, width: 8, height: 8, decoder: 'approx', url: expect.stringMatching(new RegExp(`^/jobs/${id}/preview\\.png\\?step=\\d+$`)) });
+    const p = await call('GET', '/sdapi/v1/progress');
+    expect(Buffer.from(String(p.json.current_image), 'base64').subarray(1, 4).toString()).toBe('PNG');
+    expect((await call('DELETE', `/jobs/${id}`)).status).toBe(202);
+    await until('cancelled', () => job(id), finished);
+  }, 60_000);
+
   it('SIGTERM: a worker exits 0 and its announcement is gone', async () => {
     const w = workers[2];
     expect(await w.kill('SIGTERM')).toBe(0);
@@ -146,14 +238,22 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     expect(await s3.keys(`${PREFIX}/cancel-1`)).toEqual([]);
   }, 60_000);
 
-  it("A1111's /progress reports the remote job's steps and /interrupt stops it", async () => {
+  it("A1111's /progress reports the remote job's steps; /interrupt finishes it with its last step's image, as in-process", async () => {
     const pending = call('POST', '/sdapi/v1/txt2img', { prompt: 'a', steps: 200, width: 32, height: 32, sampler_name: 'Euler' });
     const p = await until('progress', () => call('GET', '/sdapi/v1/progress'), (a) => Number(a.json.progress) > 0 && (a.json.state as { sampling_steps: number }).sampling_steps === 200);
     expect(p.json.state).toMatchObject({ sampling_steps: 200, job_count: 1, job: 'txt2img 1/1' });
     expect((await call('POST', '/sdapi/v1/interrupt')).status).toBe(200);
     const answer = await pending;
     expect(answer.status).toBe(200);
-    expect(answer.json.images).toEqual([]);
+    const images = answer.json.images as string[];
+    expect(images).toHaveLength(1);
+    const png = Buffer.from(images[0], 'base64');
+    expect(png.subarray(1, 4).toString()).toBe('PNG');
+    expect(png.readUInt32BE(16)).toBe(32); // the full image, decoded from the predicted x0
+    expect(JSON.parse(String(answer.json.info))).not.toHaveProperty('images_not_made');
+    const interrupted = workers.flatMap((w) => w.lines).filter((l) => l.msg === 'job succeeded (interrupted: the image of its last step)');
+    expect(interrupted).toHaveLength(1);
+    expect(Number(interrupted[0].stopped_at)).toBeLessThan(200);
   }, 60_000);
 
   it('a worker SIGKILLed mid-job: the job completes on the other worker, stored once', async () => {

@@ -142,6 +142,28 @@ describe('server queue (fake engine)', () => {
     expect(await pngs()).toEqual([]);
   });
 
+  it('`model` without a queue: the loaded model by name, title, file or A1111 title with hash; any other is 400 naming it', async () => {
+    const s = await startWith(new GatedEngine(true), { weights: path.join(tmpdir(), 'v1-5-pruned.safetensors') });
+    await s.ready();
+    for (const model of ['v1-5-pruned', 'v1-5-pruned.safetensors', 'V1-5-PRUNED.safetensors [6ce0161689]', path.join(tmpdir(), 'v1-5-pruned.safetensors')]) {
+      const ok = await call(s, 'POST', '/inference', { prompt: 'a', steps: 1, model });
+      expect(ok.status, model).toBe(200);
+      expect((ok.json.parameters as Record<string, unknown>).model).toBe('v1-5-pruned');
+    }
+    const bad = await call(s, 'POST', '/jobs', { prompt: 'a', steps: 1, model: 'sdxl_base' });
+    expect(bad.status).toBe(400);
+    expect(bad.json).toMatchObject({ field: 'model', message: 'model: no model "sdxl_base" here: this server has one model, v1-5-pruned.safetensors' });
+    expect((await call(s, 'POST', '/jobs', { prompt: 'a', model: '' })).status).toBe(400); // the schema: a name, not empty
+    expect((await call(s, 'POST', '/jobs', { prompt: 'a', model: 3 })).status).toBe(400);
+    const models = (await call(s, 'GET', '/sdapi/v1/sd-models')).json as unknown as Record<string, unknown>[];
+    expect(models).toMatchObject([{ title: 'v1-5-pruned.safetensors', model_name: 'v1-5-pruned' }]);
+    const a1111 = await call(s, 'POST', '/sdapi/v1/txt2img', { prompt: 'a', steps: 1, override_settings: { sd_model_checkpoint: 'v1-5-pruned.safetensors [6ce0161689]' } });
+    expect(a1111.status).toBe(200);
+    const other = await call(s, 'POST', '/sdapi/v1/options', { sd_model_checkpoint: 'sdxl_base.safetensors' });
+    expect(other.status).toBe(422);
+    expect(other.json.message).toMatch(/"sdxl_base\.safetensors" is not loaded; this server has one model, v1-5-pruned\.safetensors/);
+  });
+
   it('forgets finished jobs after --job-ttl (404)', async () => {
     const s = await startWith(new GatedEngine(true), { jobTtlS: 0.2 });
     await s.ready();

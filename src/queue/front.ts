@@ -8,22 +8,50 @@
  * admitted, or one admitted before this front restarted, is read from Redis on first request (`lookup`).
  *
  * Cancel: a waiting job is removed from its queue; a running one is told through `sd:cancel` (./protocol.ts) and
- * its worker completes it as cancelled at its next step. Shutdown of the front leaves the jobs in Redis to the
+ * its worker completes it as cancelled at its next step. Stop (A1111's interrupt) goes the same way: the worker
+ * finishes the job at its next step with the image made so far, and it succeeds.
+ * Progress: each step the worker reports (and the step of its latest preview, kept in `sd:preview:<id>`) is passed
+ * on to the server's listener, which feeds the event streams; `preview(id)` reads that PNG. Shutdown of the front leaves the jobs in Redis to the
  * workers: only the requests waiting on this front are answered (503, shutting down).
  * Workers announce themselves (`sd:worker:<id>`): the models they hold with the models' limits, which the front
- * validates requests against.
+ * validates requests against; a job names its model (WorkItem.model), else it runs on the default one.
  */
 import { randomUUID } from 'node:crypto';
 import { Queue, QueueEvents, type Job as BullJob } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { ParamLimits } from '../pipeline/params.js';
+import { announcedModelInfo, type ModelInfo } from '../server/checkpoints.js';
 import { QueueFullError, isFinished, type Job, type JobFailure, type JobStatus } from '../server/jobs.js';
 import type { InferenceResult, WorkItem } from '../server/work.js';
 import { bullConnection, redisClient } from './connection.js';
-import { CANCEL_CHANNEL, WORKER_KEYS, cancelKey, encodeParams, queueName, uidKey, type JobData, type JobProgressData, type Outcome, type WorkerInfo } from './protocol.js';
+import {
+  CANCEL_CHANNEL,
+  WORKER_KEYS,
+  cancelKey,
+  encodeParams,
+  previewKey,
+  queueName,
+  stopKey,
+  uidKey,
+  type CancelMessage,
+  type JobData,
+  type JobProgressData,
+  type Outcome,
+  type PreviewFacts,
+  type RemotePreview,
+  type WorkerInfo,
+} from './protocol.js';
 import type { JobStore } from './store.js';
 
 export type FrontJob = Job<WorkItem, InferenceResult>;
+
+/** A running job's report: `stepped` when its step moved; `preview` when a new preview is in Redis (preview() reads its PNG). */
+export interface FrontProgress {
+  readonly step: number;
+  readonly total: number;
+  readonly stepped: boolean;
+  readonly preview: PreviewFacts | null;
+}
 
 export interface QueueFrontOptions {
   readonly url: string;
@@ -48,6 +76,8 @@ interface Entry {
   ownsUid: boolean;
   /** Cancelled by a client (not merely let go by this front's shutdown). */
   cancelRequested: boolean;
+  /** The step of the latest preview the worker reported. */
+  previewStep: number | null;
 }
 
 /** How long closing waits for admissions still on their way to Redis. */
@@ -72,6 +102,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
   private readonly timer: NodeJS.Timeout;
   private closed = false;
   private onChange: ((job: FrontJob) => void) | null = null;
+  private onProgress: ((job: FrontJob, p: FrontProgress) => void) | null = null;
   /** Admissions not yet in Redis: closing waits for them, so a 202 is never lost to a restart. */
   private readonly adding = new Set<Promise<void>>();
 
@@ -82,9 +113,10 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     this.timer.unref();
   }
 
-  /** Called on every status change of a mirrored job (the server's logs, metrics, running set). */
-  listen(onChange: (job: FrontJob) => void): void {
+  /** Called on every status change of a mirrored job (the server's logs, metrics, running set), and on every step it reports. */
+  listen(onChange: (job: FrontJob) => void, onProgress?: (job: FrontJob, p: FrontProgress) => void): void {
     this.onChange = onChange;
+    this.onProgress = onProgress ?? null;
   }
 
   /** Resolves once Redis answers and the workers' announcements were read once. */
@@ -110,6 +142,13 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
   /** The live workers' announcements (refreshed every poll). */
   workers(): readonly WorkerInfo[] {
     return this.workers_;
+  }
+
+  /** The models the live workers announce, sorted by name, as A1111 lists checkpoints. */
+  models(): readonly ModelInfo[] {
+    const byName = new Map<string, ModelInfo>();
+    for (const w of this.workers_) for (const m of w.models) if (!byName.has(m.name)) byName.set(m.name, announcedModelInfo(m.name, m.file ?? null));
+    return [...byName.values()].sort((a, b) => a.model_name.localeCompare(b.model_name));
   }
 
   /** The model a job without one runs on: the default, else the first announced; null when none is known. */
@@ -145,7 +184,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     }
   }
 
-  submit(input: WorkItem, model: string | null = this.defaultModel()): FrontJob {
+  submit(input: WorkItem, model: string | null = input.model ?? this.defaultModel()): FrontJob {
     if (model === null) throw new Error('no model to run the job on: no worker has announced one yet (start `sd worker --queue ...`)');
     if (this.depth >= this.o.maxQueue) throw new QueueFullError(this.o.maxQueue, this.retryAfterS());
     const entry = this.mirror(randomUUID(), input, model, new Date());
@@ -163,6 +202,26 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     void this.tellCancel(entry, reason);
     if (entry.job.status === 'queued') this.finish(entry, 'cancelled');
     return true;
+  }
+
+  /** Finish a running job now with the image made so far (A1111's interrupt); false when it is not running. */
+  stop(id: string): boolean {
+    const entry = this.entries.get(id);
+    if (entry === undefined || entry.job.status !== 'running') return false;
+    void this.tellStop(entry);
+    return true;
+  }
+
+  /** The running job's latest preview, as its worker put it into Redis; null when there is none (or Redis is away). */
+  async preview(id: string): Promise<(Omit<RemotePreview, 'png'> & { png: Buffer }) | null> {
+    const raw = await this.redis.get(previewKey(id)).catch(() => null);
+    if (raw === null) return null;
+    try {
+      const p = JSON.parse(raw) as RemotePreview;
+      return { ...p, png: Buffer.from(p.png, 'base64') };
+    } catch {
+      return null;
+    }
   }
 
   /** The jobs stay in Redis for the workers; the requests waiting here are answered now. */
@@ -205,7 +264,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
       id, input, createdAt, status: 'queued', step: 0, total: 0,
       startedAt: null, finishedAt: null, result: null, error: null, cancelReason: null, done,
     };
-    const entry: Entry = { job, settle, model, stored: false, position: 0, ownsUid: false, cancelRequested: false };
+    const entry: Entry = { job, settle, model, stored: false, position: 0, ownsUid: false, cancelRequested: false, previewStep: null };
     this.entries.set(id, entry);
     return entry;
   }
@@ -238,10 +297,20 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     const id = entry.job.id;
     try {
       await this.redis.set(cancelKey(id), reason, 'EX', Math.max(60, this.o.ttlS));
-      await this.redis.publish(CANCEL_CHANNEL, JSON.stringify({ id, reason }));
+      await this.redis.publish(CANCEL_CHANNEL, JSON.stringify({ id, reason } satisfies CancelMessage));
       if (entry.stored) await this.queueOf(entry.model).queue.remove(id).catch(() => 0); // refused while a worker holds it
     } catch (e) {
       this.o.log?.('warn', { job: id, err: (e as Error).message }, 'cancel not delivered: Redis unreachable');
+    }
+  }
+
+  private async tellStop(entry: Entry): Promise<void> {
+    const id = entry.job.id;
+    try {
+      await this.redis.set(stopKey(id), '1', 'EX', Math.max(60, this.o.ttlS));
+      await this.redis.publish(CANCEL_CHANNEL, JSON.stringify({ id, reason: 'interrupted', stop: true } satisfies CancelMessage));
+    } catch (e) {
+      this.o.log?.('warn', { job: id, err: (e as Error).message }, 'interrupt not delivered: Redis unreachable');
     }
   }
 
@@ -298,7 +367,8 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     }
     if (bull.processedOn != null) job.startedAt = new Date(bull.processedOn);
     const progress = bull.progress as JobProgressData | number;
-    if (typeof progress === 'object' && progress !== null) {
+    if (typeof progress === 'object' && progress !== null && state === 'active') this.progressed(entry, progress);
+    else if (typeof progress === 'object' && progress !== null) {
       job.step = progress.step;
       job.total = progress.total;
     }
@@ -327,6 +397,22 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     }
     if (job.cancelReason !== null || (await this.redis.exists(cancelKey(job.id))) === 1) return this.finish(entry, 'cancelled');
     entry.position = await this.placeInLine(entry);
+  }
+
+  /** A step (or a new preview) reported: the mirror follows, then the server's listener (after the job reads 'running'). */
+  private progressed(entry: Entry, p: JobProgressData): void {
+    const { job } = entry;
+    const stepped = p.step !== job.step || p.total !== job.total;
+    const preview = p.preview !== undefined && p.preview.step !== entry.previewStep ? p.preview : null;
+    if (!stepped && preview === null) return;
+    job.step = p.step;
+    job.total = p.total;
+    if (preview !== null) entry.previewStep = preview.step;
+    if (job.status !== 'running') {
+      entry.position = 0;
+      this.move(entry, 'running');
+    }
+    this.onProgress?.(job, { step: p.step, total: p.total, stepped, preview });
   }
 
   /** BullMQ pushes on the left of `wait` and workers take from the right. */

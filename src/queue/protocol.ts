@@ -4,7 +4,9 @@
  *
  *   queue   `sd.<model>`           one BullMQ queue per model name: only a worker that holds the model takes its jobs
  *   key     `sd:cancel:<job id>`   set by the front, read by a worker when it takes the job (a cancel that beat it)
- *   channel `sd:cancel`            published by the front, heard by every worker (a cancel while the job runs)
+ *   key     `sd:stop:<job id>`     the same for A1111's interrupt: finish the job now with the image made so far
+ *   channel `sd:cancel`            published by the front, heard by every worker (a cancel or a stop while the job runs)
+ *   key     `sd:preview:<job id>`  the running job's latest preview (a small PNG, JSON RemotePreview), set by its worker
  *   key     `sd:worker:<id>`       a worker's announcement (models, limits, counters), refreshed every few seconds
  *   key     `sd:uid:<uid>`         a uid reserved by a job in flight (SET NX), so two fronts cannot give it twice
  *
@@ -13,13 +15,15 @@
  * A worker always completes a job with an Outcome (succeeded, failed with the HTTP status, cancelled); a BullMQ
  * "failed" job is one no worker could finish (it stalled more than the allowed attempts: a crash each time).
  */
-import type { GenerateParams } from '../pipeline/api.js';
+import type { GenerateParams, PreviewDecoder } from '../pipeline/api.js';
 import type { ParamLimits } from '../pipeline/params.js';
 import type { AdapterEcho } from '../server/adapters.js';
 import type { InferenceResult } from '../server/work.js';
 
 export const CANCEL_CHANNEL = 'sd:cancel';
 export const cancelKey = (jobId: string): string => `sd:cancel:${jobId}`;
+export const stopKey = (jobId: string): string => `sd:stop:${jobId}`;
+export const previewKey = (jobId: string): string => `sd:preview:${jobId}`;
 export const workerKey = (workerId: string): string => `sd:worker:${workerId}`;
 export const WORKER_KEYS = 'sd:worker:*';
 export const uidKey = (uid: string): string => `sd:uid:${uid}`;
@@ -44,7 +48,34 @@ export interface JobData {
 export interface JobProgressData {
   readonly step: number;
   readonly total: number;
+  /** The preview under `sd:preview:<job id>` (without its PNG), once there is one. */
+  readonly preview?: PreviewFacts;
 }
+
+/** What the channel `sd:cancel` carries: a cancel, or with `stop` A1111's interrupt (finish with the image so far). */
+export interface CancelMessage {
+  readonly id: string;
+  readonly reason: string;
+  readonly stop?: boolean;
+}
+
+/** What the event stream says of a preview. */
+export interface PreviewFacts {
+  readonly step: number;
+  readonly total: number;
+  readonly image: number;
+  readonly width: number;
+  readonly height: number;
+  readonly decoder: PreviewDecoder;
+}
+
+/** A preview in Redis: its facts and the PNG as base64. */
+export interface RemotePreview extends PreviewFacts {
+  readonly png: string;
+}
+
+/** A preview PNG larger than this is not put into Redis (the approx previews are a few KiB: latent size). */
+export const MAX_PREVIEW_BYTES = 512 * 1024;
 
 export type Outcome =
   | { readonly status: 'succeeded'; readonly result: InferenceResult; readonly timings: JobTimings }
@@ -69,7 +100,8 @@ export interface WorkerInfo {
   readonly id: string;
   readonly host: string;
   readonly pid: number;
-  readonly models: readonly { readonly name: string; readonly limits: ParamLimits }[];
+  /** `file`: the weights' file name (A1111's title of the checkpoint when it is the name with an extension). */
+  readonly models: readonly { readonly name: string; readonly limits: ParamLimits; readonly file?: string }[];
   readonly running: number;
   /** The job it runs now, or null. */
   readonly current: string | null;

@@ -8,7 +8,11 @@
  *   job that stopped its worker each time. A retried job whose first attempt had already stored its files finds them
  *   (the sidecar names the job) and completes with them: no duplicate, no 409.
  * - Cancel: the `sd:cancel` channel aborts the running job at its next step; the `sd:cancel:<id>` key makes a job
- *   cancelled before it started complete at once.
+ *   cancelled before it started complete at once. A message with `stop` (A1111's interrupt, or `sd:stop:<id>`) finishes
+ *   the job at its next step with the image of that step's predicted x0: it succeeds, as in-process.
+ * - Previews: the approx preview of every step (latent size, a few KiB of PNG) goes to `sd:preview:<id>` (expiring),
+ *   and the progress names its step, so that the front serves /jobs/:id/preview.png, the event stream's previews and
+ *   A1111's current_image as in-process; the key is removed when the job ends.
  * - `stop(graceS)` (SIGTERM): take nothing more, let the running job finish for `graceS` s, else put it back in line
  *   for another worker (never lost), then close.
  * - Every few seconds the worker announces itself (`sd:worker:<id>`, expiring after 3 missed beats): its models and
@@ -19,17 +23,36 @@ import { randomUUID } from 'node:crypto';
 import { WaitingError, Worker, type Job as BullJob } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import { encodePng } from '../image/codec.js';
+import type { PreviewOptions, StepPreview } from '../pipeline/api.js';
 import { toAnsweredParameters } from '../server/body.js';
 import type { Engine } from '../server/engine.js';
 import { HttpError, toHttpError } from '../server/errors.js';
 import type { OutputStorage } from '../storage/outputs.js';
 import { bullConnection, redisClient } from './connection.js';
-import { CANCEL_CHANNEL, cancelKey, decodeParams, queueName, workerKey, type JobData, type JobTimings, type Outcome, type WorkerInfo } from './protocol.js';
+import {
+  CANCEL_CHANNEL,
+  MAX_PREVIEW_BYTES,
+  cancelKey,
+  decodeParams,
+  previewKey,
+  queueName,
+  stopKey,
+  workerKey,
+  type CancelMessage,
+  type JobData,
+  type JobProgressData,
+  type JobTimings,
+  type Outcome,
+  type PreviewFacts,
+  type RemotePreview,
+  type WorkerInfo,
+} from './protocol.js';
 
 export interface QueueWorkerOptions {
   readonly url: string;
-  /** The model's name (what jobs ask for) and the loaded engine. */
-  readonly model: { readonly name: string; readonly engine: Engine };
+  /** The model's name (what jobs ask for), its weights' file name (announced as A1111's title) and the loaded engine. */
+  readonly model: { readonly name: string; readonly file?: string; readonly engine: Engine };
   readonly outputs: OutputStorage;
   readonly log: Logger;
   /** Log prompts at info level. */
@@ -41,12 +64,19 @@ export interface QueueWorkerOptions {
   /** Seconds between announcements; default 5. */
   readonly heartbeatS?: number;
   readonly id?: string;
+  /** Previews of the running job (into Redis for the front); default approx every step; null: none. */
+  readonly preview?: PreviewOptions | null;
 }
 
 interface Running {
   readonly controller: AbortController;
+  /** A1111's interrupt: finish with the image made so far. */
+  readonly stopper: AbortController;
   reason: string | null;
 }
+
+/** Seconds a preview stays in Redis when its worker never removes it (killed mid-job). */
+const PREVIEW_TTL_S = 600;
 
 const SHUTDOWN = 'shutdown';
 
@@ -127,7 +157,7 @@ export class QueueWorker {
   }
 
   private onCancel(message: string): void {
-    let m: { id?: unknown; reason?: unknown };
+    let m: Partial<Record<keyof CancelMessage, unknown>>;
     try {
       m = JSON.parse(message) as typeof m;
     } catch {
@@ -135,6 +165,7 @@ export class QueueWorker {
     }
     const r = typeof m.id === 'string' ? this.running.get(m.id) : undefined;
     if (r === undefined) return;
+    if (m.stop === true) return r.stopper.abort();
     r.reason = typeof m.reason === 'string' ? m.reason : 'client';
     r.controller.abort(new Error(`cancelled (${r.reason})`));
   }
@@ -142,10 +173,15 @@ export class QueueWorker {
   private async process(job: BullJob<JobData, Outcome>, token?: string): Promise<Outcome> {
     const id = job.id ?? '';
     const takenAt = Date.now();
-    const cancelled = await this.redis.get(cancelKey(id));
-    if (cancelled !== null) return { status: 'cancelled', reason: cancelled };
-    const run: Running = { controller: new AbortController(), reason: null };
+    // Listening first, then the keys: a cancel or stop sent while the job was being taken is seen one way or the other.
+    const run: Running = { controller: new AbortController(), stopper: new AbortController(), reason: null };
     this.running.set(id, run);
+    const [cancelled, stop] = await Promise.all([this.redis.get(cancelKey(id)), this.redis.get(stopKey(id))]).catch(() => [null, null]);
+    if (cancelled !== null) {
+      this.running.delete(id);
+      return { status: 'cancelled', reason: cancelled };
+    }
+    if (stop !== null) run.stopper.abort();
     void this.announce();
     const { uid, model } = job.data;
     const log = this.o.log.child({ job: id, uid });
@@ -154,14 +190,18 @@ export class QueueWorker {
     if (this.o.logPrompts !== true) log.debug({ prompt: params.prompt }, 'job prompt');
     let firstStepAt = 0;
     let lastStepAt = 0;
+    const previews = new PreviewWriter(this.redis, id, (p) => void job.updateProgress(p).catch(() => undefined));
+    const preview = this.o.preview === undefined ? { decoder: 'approx' as const } : this.o.preview;
     try {
       const r = await this.o.model.engine.generate(params, {
         signal: run.controller.signal,
+        stop: run.stopper.signal,
         onProgress: (step, total) => {
           lastStepAt = Date.now();
           if (step === 1) firstStepAt = lastStepAt;
-          void job.updateProgress({ step, total }).catch(() => undefined);
+          previews.progress(step, total);
         },
+        ...(preview !== null ? { preview, onPreview: (p: StepPreview) => previews.preview(p) } : {}),
       });
       const image = r.images[0];
       if (image === undefined) throw new Error('the pipeline returned no image');
@@ -176,7 +216,7 @@ export class QueueWorker {
         totalMs: end - job.data.admittedAt,
       };
       this.succeeded += 1;
-      log.info({ status: 'succeeded', ...timings }, 'job succeeded');
+      log.info({ status: 'succeeded', ...timings, ...(r.stoppedAt !== undefined ? { stopped_at: r.stoppedAt } : {}) }, r.stoppedAt !== undefined ? 'job succeeded (interrupted: the image of its last step)' : 'job succeeded');
       return { status: 'succeeded', result: { message: 'success', uid, image: image.png.toString('base64'), seed: image.seed, parameters }, timings };
     } catch (e) {
       if (run.controller.signal.aborted && run.reason === SHUTDOWN && token !== undefined) {
@@ -195,6 +235,7 @@ export class QueueWorker {
       return { status: 'failed', statusCode: h.statusCode, message: h.message };
     } finally {
       this.running.delete(id);
+      previews.close();
       void this.announce();
     }
   }
@@ -218,7 +259,7 @@ export class QueueWorker {
       id: this.id,
       host: hostname(),
       pid: process.pid,
-      models: [{ name: this.o.model.name, limits: this.o.model.engine.limits }],
+      models: [{ name: this.o.model.name, limits: this.o.model.engine.limits, ...(this.o.model.file !== undefined ? { file: this.o.model.file } : {}) }],
       running: this.running.size,
       current: [...this.running.keys()][0] ?? null,
       succeeded: this.succeeded,
@@ -228,5 +269,64 @@ export class QueueWorker {
     };
     const ttl = Math.ceil((this.o.heartbeatS ?? 5) * 3);
     await this.redis.set(workerKey(this.id), JSON.stringify(info), 'EX', ttl).catch(() => undefined);
+  }
+}
+
+/**
+ * One job's progress and previews into Redis, in order and one write at a time: a preview is encoded to PNG and set
+ * under `sd:preview:<id>` before the progress that names its step; a preview made while the last one is still being
+ * written replaces the one waiting (only the latest matters). close() removes the key once the job ends.
+ */
+class PreviewWriter {
+  private step = 0;
+  private total = 0;
+  private shown: PreviewFacts | undefined;
+  private waiting: StepPreview | null = null;
+  private writing: Promise<void> | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly redis: Redis,
+    private readonly jobId: string,
+    private readonly report: (p: JobProgressData) => void,
+  ) {}
+
+  progress(step: number, total: number): void {
+    this.step = step;
+    this.total = total;
+    this.report(this.current());
+  }
+
+  preview(p: StepPreview): void {
+    this.waiting = p;
+    this.writing ??= this.drain().finally(() => (this.writing = null));
+  }
+
+  close(): void {
+    this.closed = true;
+    this.waiting = null;
+    void (this.writing ?? Promise.resolve()).then(() => this.redis.del(previewKey(this.jobId))).catch(() => 0);
+  }
+
+  private current(): JobProgressData {
+    return { step: this.step, total: this.total, ...(this.shown !== undefined ? { preview: this.shown } : {}) };
+  }
+
+  private async drain(): Promise<void> {
+    while (this.waiting !== null && !this.closed) {
+      const p = this.waiting;
+      this.waiting = null;
+      try {
+        const png = await encodePng({ rgb: p.rgb, width: p.width, height: p.height });
+        if (png.length > MAX_PREVIEW_BYTES || this.closed) continue;
+        const facts: PreviewFacts = { step: p.step, total: p.total, image: p.image, width: p.width, height: p.height, decoder: p.decoder };
+        const value: RemotePreview = { ...facts, png: png.toString('base64') };
+        await this.redis.set(previewKey(this.jobId), JSON.stringify(value), 'EX', PREVIEW_TTL_S);
+        this.shown = facts;
+        if (!this.closed) this.report(this.current());
+      } catch {
+        // Redis away or an odd preview: the next one tries again; previews are best effort
+      }
+    }
   }
 }

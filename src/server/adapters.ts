@@ -102,8 +102,10 @@ export const ADAPTER_PROPERTIES = Object.freeze({
 export const controlUnits = (b: AdapterBody): readonly ControlNetBody[] =>
   b.controlnet === undefined ? [] : Array.isArray(b.controlnet) ? (b.controlnet as readonly ControlNetBody[]) : [b.controlnet as ControlNetBody];
 
-/** What the answered `parameters` add for these fields: as sent, without the images. */
+/** What the answered `parameters` add for these fields: as sent, without the images (and `model`, when the request named one). */
 export interface AdapterEcho {
+  /** The checkpoint's name (../checkpoints.ts) when the request named one. */
+  readonly model?: string;
   readonly controlnet?: readonly Omit<ControlNetBody, 'image'>[];
   readonly ip_adapter?: Omit<IpAdapterBody, 'image'>;
   readonly loras?: readonly LoraBody[];

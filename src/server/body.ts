@@ -70,6 +70,8 @@ export interface InferenceBody extends AdapterBody {
   readonly target_size?: PixelPair;
   /** An http(s) URL the finished job is posted to (./webhooks.ts). */
   readonly webhook?: string;
+  /** The checkpoint to run on (./checkpoints.ts: its name, title or file); default: the loaded model, or the queue's default. */
+  readonly model?: string;
 }
 
 const text = { type: 'string', maxLength: MAX_PROMPT_CHARS } as const;
@@ -101,6 +103,7 @@ export const INFERENCE_BODY_SCHEMA = Object.freeze({
     crops_coords_top_left: pair(0),
     target_size: pair(1),
     webhook: { type: 'string', minLength: 1, maxLength: 2048 },
+    model: { type: 'string', minLength: 1, maxLength: 255 },
     ...ADAPTER_PROPERTIES,
   },
 });

@@ -1,13 +1,17 @@
 /**
  * What a running job shows while it runs: its latest preview (kept as bytes from the engine, encoded to PNG only
- * when asked for, once per step) and the listeners of its event stream (GET /jobs/:id/events). The server feeds
- * it progress, previews and status changes; it forgets a job's preview once the job is finished.
+ * when asked for, once per step; in queue mode a PNG its worker put into Redis, read only when asked for) and the
+ * listeners of its event stream (GET /jobs/:id/events). The server feeds it progress, previews and status changes;
+ * it forgets a job's preview once the job is finished.
  *
  * Event stream clients are bounded (`maxClients`, default 32): one beyond is refused with 503, so a crowd of open
  * connections cannot hold the server's memory.
  */
 import { encodePng } from '../image/codec.js';
 import type { StepPreview } from '../pipeline/api.js';
+
+/** What is said of a preview without its pixels. */
+export type PreviewFacts = Omit<StepPreview, 'rgb'>;
 
 export type LiveEventName = 'status' | 'progress' | 'preview' | 'succeeded' | 'failed' | 'cancelled';
 
@@ -19,8 +23,9 @@ export interface LiveEvent {
 export type LiveListener = (e: LiveEvent) => void;
 
 interface Preview {
-  readonly p: StepPreview;
-  png: Promise<Buffer> | null;
+  readonly p: PreviewFacts;
+  readonly make: () => Promise<Buffer | null>;
+  png: Promise<Buffer | null> | null;
 }
 
 export const DEFAULT_MAX_EVENT_CLIENTS = 32;
@@ -40,9 +45,9 @@ export class LiveJobs {
   async previewPng(id: string): Promise<{ png: Buffer; step: number; total: number } | null> {
     const entry = this.previews.get(id);
     if (entry === undefined) return null;
-    const { rgb, width, height } = entry.p;
-    entry.png ??= encodePng({ rgb, width, height });
-    return { png: await entry.png, step: entry.p.step, total: entry.p.total };
+    entry.png ??= entry.make();
+    const png = await entry.png;
+    return png === null ? null : { png, step: entry.p.step, total: entry.p.total };
   }
 
   progress(id: string, data: Readonly<Record<string, unknown>>): void {
@@ -50,7 +55,17 @@ export class LiveJobs {
   }
 
   preview(id: string, p: StepPreview): void {
-    this.previews.set(id, { p, png: null });
+    const { rgb, ...facts } = p;
+    this.show(id, facts, () => encodePng({ rgb, width: p.width, height: p.height }));
+  }
+
+  /** A preview made elsewhere (a queue worker's): `load` reads its PNG when it is first asked for (null: gone). */
+  remotePreview(id: string, p: PreviewFacts, load: () => Promise<Buffer | null>): void {
+    this.show(id, p, load);
+  }
+
+  private show(id: string, p: PreviewFacts, make: () => Promise<Buffer | null>): void {
+    this.previews.set(id, { p, make, png: null });
     this.publish(id, { event: 'preview', data: { step: p.step, total: p.total, image: p.image, width: p.width, height: p.height, decoder: p.decoder, url: `/jobs/${id}/preview.png?step=${p.step}` } });
   }
 

@@ -33,7 +33,9 @@ import { JobQueue, QueueFullError, isFinished, type JobContext } from './jobs.js
 import { OutputStore } from './outputs.js';
 import { registerGates, registerRoutes } from './routes.js';
 import { METRICS_CONTENT_TYPE, Metrics } from './metrics.js';
-import type { QueueFront } from '../queue/front.js';
+import type { FrontProgress, QueueFront } from '../queue/front.js';
+import { findCheckpoint, listTitles, modelInfo, type ModelInfo } from './checkpoints.js';
+import type { ParamLimits } from '../pipeline/params.js';
 import { frontEngine, frontHealth, registerFrontHooks } from '../queue/front-server.js';
 import type { JobStore } from '../queue/store.js';
 import { registerWebPage } from './web.js';
@@ -52,7 +54,7 @@ export interface ServerOptions {
   readonly apiKey?: string | null;
   /** A1111's --api-auth "user:pass[,user2:pass2]": HTTP Basic accepted (on every route but /health) besides the key. */
   readonly apiAuth?: string | null;
-  /** The weights path, for A1111's /sdapi/v1/sd-models and sd_model_checkpoint. */
+  /** The weights path: the checkpoint `model` and A1111's sd_model_checkpoint may name (./checkpoints.ts). */
   readonly weights?: string | null;
   /** Jobs that may wait (the running ones not counted); default 8. */
   readonly maxQueue?: number;
@@ -113,7 +115,7 @@ export class SdServer {
   ) {
     this.live = new LiveJobs(o.maxEventClients);
     this.webhooks = new WebhookSender({ secret: null, ...o.webhooks, log: (level, message, fields) => app.log[level](fields, message) });
-    o.front?.listen((job) => this.onJobChange(job));
+    o.front?.listen((job) => this.onJobChange(job), (job, p) => this.onRemoteProgress(job, p));
     this.queue = o.front ?? new JobQueue<WorkItem, InferenceResult>({
       run: (item, ctx) => this.run(item, ctx),
       describeError: (e) => {
@@ -149,7 +151,7 @@ export class SdServer {
       registerWebPage(ours, server); // GET /, /web/*, /info, /outputs (./web.ts)
       guardJsonBodies(ours, bodyLimit);
     });
-    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, weights: o.weights ?? null, basicAuth: apiAuth.length > 0, models: o.models ?? {} });
+    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, basicAuth: apiAuth.length > 0, models: o.models ?? {} });
     await app.register(controlNetRoutes, { prefix: '/controlnet', models: o.models ?? {} }); // the ControlNet extension's own routes
     app.get('/metrics', async (_request, reply) => reply.type(METRICS_CONTENT_TYPE).send(server.metricsText()));
     if (o.front !== undefined) registerFrontHooks(app, o.front);
@@ -202,18 +204,53 @@ export class SdServer {
    * uploaded images), reserve its uid, queue it. Bad input throws 400, a taken uid 409, a full queue 429.
    */
   async admit(body: InferenceBody): Promise<ServerJob> {
-    const engine = this.assertAccepting();
+    const { model, limits, info } = this.modelFor(body.model, 'model', 400);
     const webhook = body.webhook !== undefined ? checkWebhookUrl(body.webhook) : undefined;
-    const { params, resolved, echo } = await checkRequest(body, engine.limits, this.o.bounds, this.o.models);
-    return this.enqueue(body.uid ?? randomUUID(), { ...params, seed: resolved.seed }, echo, webhook);
+    const checked = await checkRequest(body, limits, this.o.bounds, this.o.models);
+    const echo = body.model !== undefined && info !== null ? { model: info.model_name, ...checked.echo } : checked.echo;
+    return this.enqueue(body.uid ?? randomUUID(), { ...checked.params, seed: checked.resolved.seed }, { echo, webhook, model });
+  }
+
+  /** The checkpoints a request may name: the loaded model, or in queue mode those the workers announce (./checkpoints.ts). */
+  checkpoints(): readonly ModelInfo[] {
+    return this.o.front !== undefined ? this.o.front.models() : [modelInfo(this.o.weights ?? null)];
+  }
+
+  /** The checkpoint jobs run on when they name none: the loaded one, or the queue's default (null before any is announced). */
+  defaultCheckpoint(): ModelInfo | null {
+    if (this.o.front === undefined) return modelInfo(this.o.weights ?? null);
+    const name = this.o.front.defaultModel();
+    return name === null ? null : (this.o.front.models().find((m) => m.model_name === name) ?? { ...modelInfo(name), title: name, filename: name });
+  }
+
+  describeCheckpoints(): string {
+    const titles = listTitles(this.checkpoints());
+    return this.o.front !== undefined ? `the workers announce ${titles === 'none' ? 'none yet' : titles}` : `this server has one model, ${titles}`;
+  }
+
+  /**
+   * The model a request names (`asked`, by title, name, file or with A1111's " [hash]"; absent: the default) and the
+   * limits to check it against: `status` naming `field` and the models there are when no such model is here.
+   * `model` is the queue's name of it (what WorkItem.model routes by), undefined without a queue.
+   */
+  modelFor(asked: string | null | undefined, field: string, status: number): { model?: string; limits: ParamLimits; info: ModelInfo | null } {
+    const engine = this.assertAccepting();
+    if (asked === undefined || asked === null || asked === '') return { limits: engine.limits, info: this.defaultCheckpoint() };
+    const info = findCheckpoint(asked, this.checkpoints());
+    if (info === null) throw new HttpError(status, `${field}: no model ${JSON.stringify(asked)} here: ${this.describeCheckpoints()}`, field);
+    if (this.o.front === undefined) return { limits: engine.limits, info };
+    const limits = this.o.front.limits(info.model_name);
+    if (limits === null) throw new HttpError(503, `${field}: no worker holds ${info.model_name} now; retry shortly`, field, { 'retry-after': '5' });
+    return { model: info.model_name, limits, info };
   }
 
   /** Queue params already checked (admit's checks, or the A1111 room's): 503 when stopping, 409 for a taken uid, 429 when full. */
-  enqueue(uid: string, params: GenerateParams, echo?: AdapterEcho, webhook?: string): ServerJob {
+  enqueue(uid: string, params: GenerateParams, extra: { echo?: AdapterEcho; webhook?: string; model?: string } = {}): ServerJob {
     this.assertAccepting(); // shutdown may have begun while an image was decoded
+    const { echo, webhook, model } = extra;
     this.outputs.reserve(uid);
     try {
-      return this.queue.submit({ uid, params, ...(echo !== undefined ? { echo } : {}), ...(webhook !== undefined ? { webhook } : {}) });
+      return this.queue.submit({ uid, params, ...(echo !== undefined ? { echo } : {}), ...(webhook !== undefined ? { webhook } : {}), ...(model !== undefined ? { model } : {}) });
     } catch (e) {
       this.outputs.release(uid);
       if (e instanceof QueueFullError) throw new HttpError(429, e.message, undefined, { 'retry-after': String(e.retryAfterS) });
@@ -231,9 +268,9 @@ export class SdServer {
     return this.metrics.render({ queueDepth: this.queue.depth, running: this.queue.runningCount, ...(this.o.front !== undefined ? { workers: this.o.front.workers() } : {}) });
   }
 
-  /** Finish a running job now with the image made so far (A1111's interrupt); false when it cannot be (not running, or run elsewhere). */
+  /** Finish a running job now with the image made so far (A1111's interrupt; in queue mode its worker does); false when it is not running. */
   stopJob(id: string): boolean {
-    return this.queue instanceof JobQueue ? this.queue.stop(id) : false;
+    return this.queue instanceof JobQueue ? this.queue.stop(id) : (this.o.front?.stop(id) ?? false);
   }
 
   /** The jobs running now, whichever route queued them. */
@@ -309,6 +346,14 @@ export class SdServer {
     const createdAt = new Date().toISOString();
     await this.outputs.save(item.uid, image.png, { uid: item.uid, seed: image.seed, created_at: createdAt, parameters });
     return { message: 'success', uid: item.uid, image: image.png.toString('base64'), seed: image.seed, parameters };
+  }
+
+  /** Queue mode: a worker's step, and its preview in Redis (read when a client asks for it), to the event streams. */
+  private onRemoteProgress(job: ServerJob, p: FrontProgress): void {
+    const front = this.o.front;
+    if (front === undefined) return;
+    if (p.stepped) this.live.progress(job.id, { step: p.step, total: p.total, eta_s: etaSeconds(job) });
+    if (p.preview !== null) this.live.remotePreview(job.id, p.preview, async () => (await front.preview(job.id))?.png ?? null);
   }
 
   private onJobChange(job: ServerJob): void {

@@ -17,6 +17,8 @@ export interface WorkItem {
   readonly echo?: AdapterEcho;
   /** POST /jobs' `webhook`: where the finished job is posted (./webhooks.ts). */
   readonly webhook?: string;
+  /** Queue mode: the model (as its workers announce it) the job runs on; absent: the front's default. */
+  readonly model?: string;
 }
 
 /** The answer of POST /inference, and `result` of a succeeded job. */

@@ -41,10 +41,14 @@ interface Args {
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
-/** A1111's name of a checkpoint: its file name without the extension (for a URL, the last path segment's). */
+/** The weights' file name (for a URL, its last path segment). */
+export function modelFileOf(weights: string): string {
+  return isRemoteWeights(weights) ? path.posix.basename(new URL(weights.split('#')[0]).pathname) : path.basename(path.resolve(weights));
+}
+
+/** A1111's name of a checkpoint: its file name without the extension. */
 export function modelNameOf(weights: string): string {
-  const file = isRemoteWeights(weights) ? path.posix.basename(new URL(weights.split('#')[0]).pathname) : path.basename(path.resolve(weights));
-  return file.replace(/\.(safetensors|ckpt|pt|pth|bin)$/i, '') || 'model';
+  return modelFileOf(weights).replace(/\.(safetensors|ckpt|pt|pth|bin)$/i, '') || 'model';
 }
 
 export const workerCommand: CommandModule<object, Args> = {
@@ -88,7 +92,7 @@ export const workerCommand: CommandModule<object, Args> = {
     log.info({ ms: Date.now() - started, model: name, weights }, 'model loaded');
     const worker = await QueueWorker.start({
       url,
-      model: { name, engine },
+      model: { name, file: modelFileOf(args.weights), engine },
       outputs,
       log,
       logPrompts: args['log-prompts'],

@@ -5,12 +5,12 @@
  * modules/api/models.py answers them, so a client that fills its menus from them shows what is really there.
  */
 import { samplerList, schedulerList } from './names.js';
-import type { ModelInfo } from './options.js';
+import type { CheckpointHost } from './options.js';
 import type { ModelDirs } from '../models-dir.js';
 import { loraList } from './listings.js';
 
 export interface CatalogFacts {
-  readonly model: ModelInfo;
+  readonly checkpoints: CheckpointHost;
   readonly basicAuth: boolean;
   readonly models: ModelDirs;
 }
@@ -21,7 +21,7 @@ export function catalog(f: CatalogFacts): Readonly<Record<string, () => unknown>
   const scripts = controlnet ? ['controlnet'] : [];
   const scriptInfo = (isImg2img: boolean) => ({ name: 'controlnet', is_alwayson: true, is_img2img: isImg2img, args: [] });
   return {
-    'sd-models': () => [f.model],
+    'sd-models': () => [...f.checkpoints.checkpoints()],
     samplers: samplerList,
     schedulers: schedulerList,
     'sd-vae': () => [],
@@ -37,6 +37,6 @@ export function catalog(f: CatalogFacts): Readonly<Record<string, () => unknown>
     'script-info': () => (controlnet ? [scriptInfo(false), scriptInfo(true)] : []),
     extensions: () => [],
     // What A1111 would report of its command line, for the flags this server has an answer for.
-    'cmd-flags': () => ({ api: true, nowebui: true, api_auth: f.basicAuth ? '(set)' : null, ckpt: f.model.filename, lora_dir: f.models.lora ?? null, controlnet_dir: f.models.controlnet ?? null, embeddings_dir: null }),
+    'cmd-flags': () => ({ api: true, nowebui: true, api_auth: f.basicAuth ? '(set)' : null, ckpt: f.checkpoints.defaultCheckpoint()?.filename ?? null, lora_dir: f.models.lora ?? null, controlnet_dir: f.models.controlnet ?? null, embeddings_dir: null }),
   };
 }

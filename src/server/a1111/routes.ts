@@ -6,6 +6,9 @@
  *   GET  progress                the running job, A1111's shape (./progress.ts); current_image its preview
  *   POST interrupt, skip         stop the running job (and the rest of its request / only that image)
  *   GET/POST options             ./options.ts; GET sd-models, samplers, ... (./catalog.ts)
+ *
+ * The checkpoint of a generation is `override_settings.sd_model_checkpoint`, else the one POST options set, else the
+ * server's default: in queue mode its jobs go only to workers announcing it; one that is not here answers 422.
  *   POST png-info                the parameters text of a PNG; refresh-* do nothing (one model, loaded at start)
  *
  * Bodies are parsed tolerantly (./fields.ts) and never by a JSON schema: clients send A1111's whole field set. The
@@ -20,33 +23,35 @@ import { DecodeBudget, decodeUploadedImage } from '../../image/upload.js';
 import { readPngParameters } from '../../image/codec.js';
 import { parseParameters } from '../../image/parameters.js';
 import type { Engine } from '../engine.js';
+import type { AdapterEcho } from '../adapters.js';
+import type { ModelInfo } from '../checkpoints.js';
 import type { ModelDirs } from '../models-dir.js';
 import { HttpError, errorBody } from '../errors.js';
 import type { ServerJob, ServerState } from '../work.js';
 import { answerOf, type Made } from './answer.js';
 import { catalog } from './catalog.js';
-import { asBody, invalid, str } from './fields.js';
-import { A1111Options, modelInfo } from './options.js';
+import { asBody, invalid, obj, str } from './fields.js';
+import { A1111Options, type CheckpointHost } from './options.js';
 import { A1111Progress, INTERRUPTED, SKIPPED, type ProgressHost } from './progress.js';
 import { A1111_FIELD, imageCount, parseGeneration, toGenerateParams, type A1111Generation, type A1111Images, type A1111Mode } from './request.js';
 import { prepareControlImage } from './controlnet.js';
 import { prepareMask } from './mask.js';
 
 /** What the routes need of the server (SdServer is it). */
-export interface A1111Host extends ProgressHost {
+export interface A1111Host extends ProgressHost, CheckpointHost {
   readonly state: ServerState;
   /** The bounds the server was started with (--max-pixels, ...); the model family's fill the rest. */
   readonly requestBounds: Partial<RequestBounds>;
   assertAccepting(): Engine;
-  /** Queue checked params under `uid`; 429 (HttpError with Retry-After) when the queue is full. */
-  enqueue(uid: string, params: GenerateParams): ServerJob;
+  /** The checkpoint `asked` names (absent: the default), its limits and its queue name; `status` naming `field` when none is here. */
+  modelFor(asked: string | null | undefined, field: string, status: number): { model?: string; limits: ParamLimits; info: ModelInfo | null };
+  /** Queue checked params under `uid` (on `model`, in queue mode); 429 (HttpError with Retry-After) when the queue is full. */
+  enqueue(uid: string, params: GenerateParams, extra?: { echo?: AdapterEcho; model?: string }): ServerJob;
 }
 
 export interface A1111RouteOptions {
   readonly host: A1111Host;
   readonly bodyLimit: number;
-  /** The weights path, named as A1111 names a checkpoint; null: unknown. */
-  readonly weights: string | null;
   /** Whether --api-auth is set (cmd-flags says so, without the password). */
   readonly basicAuth: boolean;
   /** The model folders (--controlnet-dir, --lora-dir, ...): alwayson_scripts.controlnet, <lora:> tags, the listings. */
@@ -54,6 +59,8 @@ export interface A1111RouteOptions {
 }
 
 const PREFIX = '/sdapi/v1';
+/** `info`'s model when none is known (queue mode before any worker announced one: never answered, the job needs one). */
+const UNKNOWN_MODEL: ModelInfo = Object.freeze({ title: 'unknown', model_name: 'unknown', hash: null, sha256: null, filename: 'unknown', config: null });
 /** POST routes whose body may be as large as the server's body limit (an image in base64). */
 const BODY_ROUTES = new Set(['txt2img', 'img2img', 'png-info', 'options'].map((r) => `${PREFIX}/${r}`));
 const GENERATION_ROUTES = new Set([`${PREFIX}/txt2img`, `${PREFIX}/img2img`]);
@@ -61,8 +68,7 @@ const GENERATION_ROUTES = new Set([`${PREFIX}/txt2img`, `${PREFIX}/img2img`]);
 export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): Promise<void> {
   const { host } = o;
   const models = o.models ?? {};
-  const model = modelInfo(o.weights);
-  const options = new A1111Options(model);
+  const options = new A1111Options(host);
   const progress = new A1111Progress(host);
   guardBodies(app, o.bodyLimit);
   app.addHook('onRequest', async (request) => {
@@ -71,19 +77,20 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
   });
 
   const generate = (mode: A1111Mode) => async (request: FastifyRequest, reply: FastifyReply) => {
-    const engine = host.assertAccepting();
+    host.assertAccepting();
     const body = asBody(request.body ?? {});
-    const g = parseGeneration(body, mode, engine.limits, models);
+    const settings = options.settingsFor(obj(body, 'override_settings'));
+    const { model, limits, info } = host.modelFor(settings.checkpoint?.title, settings.checkpoint?.field ?? 'sd_model_checkpoint', 422);
+    const g = parseGeneration(body, mode, limits, models);
     for (const note of g.notes) request.log.warn({ route: request.routeOptions.url }, note);
-    const settings = options.settingsFor(g.overrideSettings);
-    const bounds = resolveBounds(host.requestBounds, engine.limits);
-    checkParams(toGenerateParams(g, settings, 0), engine.limits, bounds, g);
+    const bounds = resolveBounds(host.requestBounds, limits);
+    checkParams(toGenerateParams(g, settings, 0), limits, bounds, g);
     const images = await checkImages(g, bounds);
     const params = Array.from({ length: imageCount(g) }, (_, i) => toGenerateParams(g, settings, i, images));
-    if (Object.keys(images).length > 0) checkParams(params[0], engine.limits, bounds, g);
+    if (Object.keys(images).length > 0) checkParams(params[0], limits, bounds, g);
     host.assertAccepting(); // shutdown may have begun while the image was decoded
     const startedAt = new Date();
-    const jobs = enqueueAll(host, params);
+    const jobs = enqueueAll(host, params, model);
     const group = progress.add(mode, jobs);
     const onClose = (): void => {
       if (!reply.raw.writableFinished) for (const job of jobs) host.queue.cancel(job.id, 'client disconnected');
@@ -95,7 +102,7 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
       reply.raw.off('close', onClose);
       progress.remove(group);
     }
-    return answerJobs(reply, body, g, jobs, { settings, model, startedAt });
+    return answerJobs(reply, body, g, jobs, { settings, model: info ?? host.defaultCheckpoint() ?? UNKNOWN_MODEL, startedAt });
   };
 
   app.post('/txt2img', generate('txt2img'));
@@ -117,7 +124,7 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
     return true;
   });
 
-  for (const [route, answer] of Object.entries(catalog({ model, basicAuth: o.basicAuth, models }))) app.get(`/${route}`, async () => answer());
+  for (const [route, answer] of Object.entries(catalog({ checkpoints: host, basicAuth: o.basicAuth, models }))) app.get(`/${route}`, async () => answer());
   for (const route of ['refresh-checkpoints', 'refresh-vae', 'refresh-loras', 'refresh-embeddings']) {
     app.post(`/${route}`, async (_request, reply) => reply.type('application/json').send('null'));
   }
@@ -212,10 +219,10 @@ async function checkImages(g: A1111Generation, bounds: RequestBounds): Promise<A
 }
 
 /** One job per image; when the queue cannot take them all, none is left queued and the request answers 429. */
-function enqueueAll(host: A1111Host, params: readonly GenerateParams[]): ServerJob[] {
+function enqueueAll(host: A1111Host, params: readonly GenerateParams[], model: string | undefined): ServerJob[] {
   const jobs: ServerJob[] = [];
   try {
-    for (const p of params) jobs.push(host.enqueue(randomUUID(), p));
+    for (const p of params) jobs.push(host.enqueue(randomUUID(), p, model !== undefined ? { model } : {}));
   } catch (e) {
     for (const job of jobs) host.queue.cancel(job.id, 'queue full');
     throw e;
