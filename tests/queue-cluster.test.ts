@@ -4,7 +4,8 @@
  * (`SdServer` with a QueueFront, as `sd serve --queue` runs it, loading no model). Checked across the processes:
  * 20 jobs spread over both "tiny" workers, outputs in S3 byte-identical to the answers, model routing (`model` on our
  * routes, A1111's override_settings and options, /sdapi/v1/sd-models), previews and the event stream of a job run
- * elsewhere, cancel and A1111 progress/interrupt (the image finished from its last step), a worker SIGKILLed mid-job (its job completes on the other, nothing lost or doubled),
+ * elsewhere, LoRA names found in the workers' --lora-dir (the front has no model folders), cancel and A1111
+ * progress/interrupt (the image finished from its last step), a worker SIGKILLed mid-job (its job completes on the other, nothing lost or doubled),
  * the front restarted (jobs and results still readable), Redis restarted (front and workers reconnect), a uid taken
  * in S3 (409 from the conditional PUT), /health and /metrics, and SIGTERM's clean exit.
  */
@@ -12,10 +13,11 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { PutObjectCommand } from '@aws-sdk/client-s3';
+import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QueueFront } from '../src/queue/front.js';
 import { SdServer } from '../src/server/server.js';
-import { SKIP_REASON, TestRedis, TestS3, WorkerProcess, until, within } from './queue-services.js';
+import { ROOT, SKIP_REASON, TestRedis, TestS3, WorkerProcess, until, within } from './queue-services.js';
 
 const PREFIX = 'out';
 const SMALL = { prompt: 'a red square', steps: 2, width: 32, height: 32, sampler: 'euler' };
@@ -106,9 +108,10 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     redis = await TestRedis.start();
     s3 = await TestS3.start();
     const storage = ['--outputs', `s3://${s3.bucket}/${PREFIX}`, '--s3-endpoint', s3.endpoint];
+    const loras = ['--lora-dir', path.join(ROOT, 'tests/fixtures/lora')]; // the workers' folder; the front has none
     workers.push(
-      WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'tiny']),
-      WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'tiny']),
+      WorkerProcess.spawn(redis.url, [...storage, ...loras, '--model-name', 'tiny']),
+      WorkerProcess.spawn(redis.url, [...storage, ...loras, '--model-name', 'tiny']),
       WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'other']),
     );
     server = await startFront();
@@ -226,6 +229,23 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     const keys = await s3.keys(`${PREFIX}/spread-`);
     expect(keys).toHaveLength(40);
   }, 300_000);
+
+  it("LoRA names resolve in the worker's --lora-dir, the front holding none: applied, an unknown one 400 naming the worker's", async () => {
+    const plain = await call('POST', '/inference', { ...SMALL, seed: 11 });
+    const named = await call('POST', '/inference', { ...SMALL, seed: 11, loras: [{ name: 'ink', multiplier: 1 }] });
+    const tagged = await call('POST', '/inference', { ...SMALL, seed: 11, prompt: `${SMALL.prompt} <lora:ink:1>` });
+    expect([plain.status, named.status, tagged.status]).toEqual([200, 200, 200]);
+    expect((named.json.parameters as Record<string, unknown>).loras).toEqual([{ name: 'ink', multiplier: 1 }]);
+    const pixels = async (a: Answer): Promise<Buffer> => sharp(Buffer.from(String(a.json.image), 'base64')).raw().toBuffer();
+    expect(Buffer.compare(await pixels(named), await pixels(plain))).not.toBe(0); // the LoRA changed the image
+    expect(Buffer.compare(await pixels(tagged), await pixels(named))).toBe(0); // the tag and the field: the same LoRA
+    const unknown = await call('POST', '/inference', { ...SMALL, loras: [{ name: 'nope' }] });
+    expect(unknown.status).toBe(400);
+    expect(String(unknown.json.message)).toMatch(/^loras\[0\]\.name: no LoRA named "nope" in this worker's --lora-dir: it has .*\bink\b/);
+    const traversal = await call('POST', '/jobs', { ...SMALL, loras: [{ name: '../pipeline/model' }] });
+    expect(traversal.status).toBe(400); // refused by the front: not a name
+    expect(String(traversal.json.message)).toMatch(/is not a LoRA name/);
+  }, 120_000);
 
   it('cancel across processes: DELETE stops the running job on its worker; nothing is stored', async () => {
     const s = await call('POST', '/jobs', { ...LONG, uid: 'cancel-1' });

@@ -28,7 +28,9 @@ import type { PreviewOptions, StepPreview } from '../pipeline/api.js';
 import { toAnsweredParameters } from '../server/body.js';
 import type { Engine } from '../server/engine.js';
 import { HttpError, toHttpError } from '../server/errors.js';
+import type { ModelDirs } from '../server/models-dir.js';
 import type { OutputStorage } from '../storage/outputs.js';
+import { resolveModelNames } from './model-names.js';
 import { bullConnection, redisClient } from './connection.js';
 import {
   CANCEL_CHANNEL,
@@ -64,6 +66,8 @@ export interface QueueWorkerOptions {
   /** Seconds between announcements; default 5. */
   readonly heartbeatS?: number;
   readonly id?: string;
+  /** The folders a job's model names resolve in (./model-names.ts): --controlnet-dir, --ip-adapter-dir, --lora-dir, --image-encoder. */
+  readonly models?: ModelDirs;
   /** Previews of the running job (into Redis for the front); default approx every step; null: none. */
   readonly preview?: PreviewOptions | null;
 }
@@ -193,7 +197,8 @@ export class QueueWorker {
     const previews = new PreviewWriter(this.redis, id, (p) => void job.updateProgress(p).catch(() => undefined));
     const preview = this.o.preview === undefined ? { decoder: 'approx' as const } : this.o.preview;
     try {
-      const r = await this.o.model.engine.generate(params, {
+      const local = resolveModelNames(params, this.o.models ?? {}, (message) => log.warn(message));
+      const r = await this.o.model.engine.generate(local, {
         signal: run.controller.signal,
         stop: run.stopper.signal,
         onProgress: (step, total) => {

@@ -17,7 +17,7 @@ import { LoraError } from '../lora/types.js';
 import { extractLoraTags } from '../lora/tags.js';
 import { DecodeBudget, decodeUploadedImage, type UploadLimits } from '../image/upload.js';
 import { HttpError } from './errors.js';
-import { resolveModel, type ModelDirs } from './models-dir.js';
+import { checkModelName, modelRef, resolveModel, type ModelDirs } from './models-dir.js';
 
 /** Most ControlNets and LoRAs one request may name (each costs a model in memory or a merge). */
 export const MAX_CONTROLNETS = 4;
@@ -173,10 +173,12 @@ function fieldLoras(loras: readonly LoraBody[], dirs: ModelDirs): LoraSpec[] {
 
 /**
  * The prompt's <lora:NAME:TE:UNET> tags, in A1111 syntax only (plain prompts have no tags), when --lora-dir is set;
- * without it the tags are left to the engine, which strips them with a warning that they were not applied.
+ * without it the tags are left to the engine, which strips them with a warning that they were not applied. Queue
+ * mode: the worker decides the same with its own --lora-dir.
  */
 function promptLoras(b: { prompt: string; prompt_syntax?: string }, dirs: ModelDirs): LoraSpec[] {
-  if (b.prompt_syntax === 'plain' || dirs.lora == null || dirs.lora === '') return [];
+  const onWorker = dirs.onWorker === true;
+  if (b.prompt_syntax === 'plain' || ((dirs.lora == null || dirs.lora === '') && !onWorker)) return [];
   let tags;
   try {
     tags = extractLoraTags(b.prompt).loras;
@@ -184,7 +186,12 @@ function promptLoras(b: { prompt: string; prompt_syntax?: string }, dirs: ModelD
     if (e instanceof LoraError) throw new HttpError(400, `prompt: ${e.message}`, 'prompt');
     throw e;
   }
-  return tags.map((t) => ({ path: resolveModel('lora', dirs, t.name, 'prompt'), te: t.te, unet: t.unet }));
+  const pathOf = (name: string): string => {
+    if (!onWorker) return resolveModel('lora', dirs, name, 'prompt');
+    checkModelName('lora', name, 'prompt');
+    return modelRef({ kind: 'lora', name, field: 'prompt', status: 400, optional: 'without-folder' });
+  };
+  return tags.map((t) => ({ path: pathOf(t.name), te: t.te, unet: t.unet }));
 }
 
 /**

@@ -6,6 +6,10 @@
  * name anything outside it. A symbolic link inside the folder is followed only when its target is inside it too.
  * An unknown name answers 4xx naming it and a few of the folder's names; a kind whose folder was not given answers
  * 4xx naming the flag that enables it.
+ *
+ * Queue mode (`onWorker`): the front holds no model folders. A name is checked here for its form only and travels as
+ * a reference (modelRef, `sd-model-name:{...}` in the path's place); the worker that runs the job finds it in its own
+ * folders by this same rule (../queue/model-names.ts), and a name it does not have fails the job with the same 4xx.
  */
 import { readdirSync, realpathSync, statSync } from 'node:fs';
 import { basename, extname, join, relative, sep } from 'node:path';
@@ -39,6 +43,42 @@ export interface ModelDirs {
   readonly lora?: string | null;
   /** The CLIP vision encoder folder (transformers' image_encoder/) for every IP-Adapter; absent: the engine looks next to the adapter. */
   readonly imageEncoder?: string | null;
+  /** Queue mode's front: names are resolved by the worker that runs the job, in its folders; here only their form is checked. */
+  readonly onWorker?: boolean;
+  /** The command whose flags the messages name; default 'sd serve'. */
+  readonly holder?: 'sd serve' | 'sd worker';
+}
+
+/** A model name to be resolved by a worker: what resolveModel would have been asked, and how a miss is answered. */
+export interface ModelRef {
+  readonly kind: ModelKind;
+  readonly name: string;
+  readonly field: string;
+  readonly status: number;
+  readonly closest?: boolean;
+  /** A prompt's <lora:> tag: 'without-folder' dropped when the worker has no --lora-dir, 'unknown' also when it lacks the name. */
+  readonly optional?: 'without-folder' | 'unknown';
+}
+
+const REF_PREFIX = 'sd-model-name:';
+
+export const modelRef = (r: ModelRef): string => `${REF_PREFIX}${JSON.stringify(r)}`;
+
+/** The reference a path holds, or null when it is a path. */
+export function parseModelRef(s: string): ModelRef | null {
+  if (!s.startsWith(REF_PREFIX)) return null;
+  const r = JSON.parse(s.slice(REF_PREFIX.length)) as ModelRef;
+  if (!(r.kind in MODEL_KINDS) || typeof r.name !== 'string' || typeof r.field !== 'string' || typeof r.status !== 'number') throw new Error(`not a model reference: ${s.slice(0, 200)}`);
+  return r;
+}
+
+/** `status` naming `field` when `name` cannot be a model's name at all (empty, a path, `.` or `..`). */
+export function checkModelName(kind: ModelKind, name: string, field: string, status = 400): void {
+  if (name.trim() === '' || name.length > 255 || /[\\/\0]/.test(name) || name === '.' || name === '..') {
+    const shown = JSON.stringify(name.length > 80 ? `${name.slice(0, 80)}...` : name);
+    const f = MODEL_KINDS[kind];
+    throw new HttpError(status, `${field}: ${shown} is not a ${f.label} name (a file name in the server's ${f.flag}, without folders)`, field);
+  }
 }
 
 export interface ModelEntry {
@@ -111,24 +151,24 @@ export function modelDir(kind: ModelKind, dirs: ModelDirs, field: string, status
   const dir = dirs[kind];
   if (dir === undefined || dir === null || dir === '') {
     const f = MODEL_KINDS[kind];
-    throw new HttpError(status, `${field}: this server offers no ${f.label} models; start sd serve with ${f.flag} DIR to enable them`, field);
+    const who = dirs.holder === 'sd worker' ? 'worker' : 'server';
+    throw new HttpError(status, `${field}: this ${who} offers no ${f.label} models; start ${dirs.holder ?? 'sd serve'} with ${f.flag} DIR to enable them`, field);
   }
   return dir;
 }
 
 /**
  * The path of the model `name` of `kind`: `status` (400 on our routes, 422 on A1111's) when the kind is not
- * configured, the name is not a plain name, or nothing in the folder has it. `closest`: failing an exact name, the
+ * configured, the name is not a plain name, or nothing in the folder has it (`onWorker`: a reference, see the header). `closest`: failing an exact name, the
  * shortest name that contains it, ignoring case (the ControlNet extension's find_closest_lora_model_name, which
  * lets its own API example name a model "canny").
  */
 export function resolveModel(kind: ModelKind, dirs: ModelDirs, name: string, field: string, status = 400, closest = false): string {
+  checkModelName(kind, name, field, status);
+  if (dirs.onWorker === true) return modelRef({ kind, name, field, status, ...(closest ? { closest } : {}) });
   const dir = modelDir(kind, dirs, field, status);
   const facts = MODEL_KINDS[kind];
   const shown = JSON.stringify(name.length > 80 ? `${name.slice(0, 80)}...` : name);
-  if (name.trim() === '' || /[\\/\0]/.test(name) || name === '.' || name === '..') {
-    throw new HttpError(status, `${field}: ${shown} is not a ${facts.label} name (a file name in the server's ${facts.flag}, without folders)`, field);
-  }
   let models: ModelEntry[];
   try {
     models = listModels(kind, dir);
@@ -140,7 +180,7 @@ export function resolveModel(kind: ModelKind, dirs: ModelDirs, name: string, fie
   if (found !== null) return found.path;
   const names = [...new Set(models.map((m) => m.name))];
   const listed = names.length === 0 ? 'it holds none' : `it has ${names.slice(0, 20).join(', ')}${names.length > 20 ? `, ... (${names.length})` : ''}`;
-  throw new HttpError(status, `${field}: no ${facts.label} named ${shown} in this server's ${facts.flag}: ${listed}`, field);
+  throw new HttpError(status, `${field}: no ${facts.label} named ${shown} in this ${dirs.holder === 'sd worker' ? 'worker' : 'server'}'s ${facts.flag}: ${listed}`, field);
 }
 
 /** By file name without extension (or with it), exact first, then ignoring case; the preferred extension wins. */

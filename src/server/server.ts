@@ -68,7 +68,7 @@ export interface ServerOptions {
   readonly bodyLimit?: number;
   /** What one request may ask for (pixels, steps * pixels, uploaded images); defaults: the model family's. */
   readonly bounds?: Partial<RequestBounds>;
-  /** The folders model names resolve in (--controlnet-dir, --ip-adapter-dir, --lora-dir, --image-encoder); absent: not offered. */
+  /** The folders model names resolve in (--controlnet-dir, --ip-adapter-dir, --lora-dir, --image-encoder); absent: not offered. With `front`, the workers' folders instead (listings still read these). */
   readonly models?: ModelDirs;
   /** fastify's logger option: false in tests, pino options or true otherwise. */
   readonly logger?: FastifyServerOptions['logger'];
@@ -94,6 +94,11 @@ export interface ListenOptions {
 export type { InferenceResult, ServerJob, ServerState, WorkItem } from './work.js';
 
 export const DEFAULT_SERVER = Object.freeze({ maxQueue: 8, concurrency: 1, jobTtlS: 3600, graceS: 20, bodyLimit: 20 * 2 ** 20 });
+
+/** Where requests' model names resolve: the server's folders, or in queue mode the workers' (only their form is checked here). */
+function namesIn(o: ServerOptions): ModelDirs {
+  return o.front !== undefined ? { ...o.models, imageEncoder: null, onWorker: true } : (o.models ?? {});
+}
 
 export class SdServer {
   private state_: ServerState = 'loading';
@@ -151,7 +156,7 @@ export class SdServer {
       registerWebPage(ours, server); // GET /, /web/*, /info, /outputs (./web.ts)
       guardJsonBodies(ours, bodyLimit);
     });
-    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, basicAuth: apiAuth.length > 0, models: o.models ?? {} });
+    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, basicAuth: apiAuth.length > 0, models: namesIn(o) });
     await app.register(controlNetRoutes, { prefix: '/controlnet', models: o.models ?? {} }); // the ControlNet extension's own routes
     app.get('/metrics', async (_request, reply) => reply.type(METRICS_CONTENT_TYPE).send(server.metricsText()));
     if (o.front !== undefined) registerFrontHooks(app, o.front);
@@ -206,7 +211,7 @@ export class SdServer {
   async admit(body: InferenceBody): Promise<ServerJob> {
     const { model, limits, info } = this.modelFor(body.model, 'model', 400);
     const webhook = body.webhook !== undefined ? checkWebhookUrl(body.webhook) : undefined;
-    const checked = await checkRequest(body, limits, this.o.bounds, this.o.models);
+    const checked = await checkRequest(body, limits, this.o.bounds, namesIn(this.o));
     const echo = body.model !== undefined && info !== null ? { model: info.model_name, ...checked.echo } : checked.echo;
     return this.enqueue(body.uid ?? randomUUID(), { ...checked.params, seed: checked.resolved.seed }, { echo, webhook, model });
   }

@@ -6,6 +6,8 @@
  * thread (../../server/engine-worker.ts), so the event loop stays free to renew the job's lock during a step. Any number may run, on any machines
  * that reach Redis and the storage. SIGTERM/SIGINT: take nothing more, finish the running job within --grace seconds
  * or put it back in line, exit 0 (a second signal puts it back at once). Logs are JSON lines (pino) on stdout.
+ * The ControlNet, IP-Adapter and LoRA names of jobs resolve in this worker's --controlnet-dir, --ip-adapter-dir and
+ * --lora-dir (../../queue/model-names.ts): the front holds no model folders.
  */
 import * as path from 'node:path';
 import type { CommandModule } from 'yargs';
@@ -19,6 +21,7 @@ import { QueueWorker } from '../../queue/worker.js';
 import { openOutputs } from '../../storage/outputs.js';
 import { fetchWeights, isRemoteWeights } from '../../storage/weights.js';
 import { UsageError } from '../errors.js';
+import { modelDirsOf } from './serve.js';
 
 interface Args {
   queue: string;
@@ -37,6 +40,10 @@ interface Args {
   'log-level': string;
   'log-prompts': boolean;
   'in-process': boolean;
+  'controlnet-dir'?: string;
+  'ip-adapter-dir'?: string;
+  'lora-dir'?: string;
+  'image-encoder'?: string;
 }
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -71,12 +78,17 @@ export const workerCommand: CommandModule<object, Args> = {
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
       .option('log-prompts', { type: 'boolean', default: false, describe: 'log prompts at info level (they are not logged otherwise)' })
-      .option('in-process', { type: 'boolean', default: false, describe: "run the model on the main thread (default: an engine worker thread, so the job's lock is renewed during a step)" }) as never,
+      .option('in-process', { type: 'boolean', default: false, describe: "run the model on the main thread (default: an engine worker thread, so the job's lock is renewed during a step)" })
+      .option('controlnet-dir', { type: 'string', describe: "folder the ControlNet names of jobs resolve in (as sd serve's; the front needs none)" })
+      .option('ip-adapter-dir', { type: 'string', describe: 'folder the IP-Adapter names of jobs resolve in' })
+      .option('lora-dir', { type: 'string', describe: 'folder the LoRA names of jobs (loras[].name, <lora:NAME:W> tags) resolve in' })
+      .option('image-encoder', { type: 'string', describe: "IP-Adapter's CLIP vision encoder folder (image_encoder/); default: looked for next to the adapter" }) as never,
   handler: async (args) => {
     const url = checkUrl(args.queue);
     if (!(args.lock > 0) || !(args.grace >= 0) || !Number.isInteger(args['max-stalls']) || args['max-stalls'] < 0) {
       throw new UsageError('--lock must be > 0 seconds, --grace >= 0 seconds and --max-stalls an integer >= 0');
     }
+    const models = modelDirsOf(args); // checked before the model loads
     const log = pino({ level: args['log-level'], base: { pid: process.pid, role: 'worker' } });
     const s3 = args['s3-endpoint'] !== undefined ? { endpoint: args['s3-endpoint'] } : {};
     const outputs = await openOutputs(args.outputs, s3);
@@ -98,6 +110,7 @@ export const workerCommand: CommandModule<object, Args> = {
       logPrompts: args['log-prompts'],
       lockMs: args.lock * 1000,
       maxStalls: args['max-stalls'],
+      models,
     });
     let signals = 0;
     const stop = (signal: NodeJS.Signals): void => {

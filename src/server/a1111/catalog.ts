@@ -17,7 +17,7 @@ export interface CatalogFacts {
 
 /** GET route (after /sdapi/v1/) -> its answer. */
 export function catalog(f: CatalogFacts): Readonly<Record<string, () => unknown>> {
-  const controlnet = f.models.controlnet != null && f.models.controlnet !== '';
+  const controlnet = (f.models.controlnet != null && f.models.controlnet !== '') || f.models.onWorker === true; // queue mode: the workers have them
   const scripts = controlnet ? ['controlnet'] : [];
   const scriptInfo = (isImg2img: boolean) => ({ name: 'controlnet', is_alwayson: true, is_img2img: isImg2img, args: [] });
   return {

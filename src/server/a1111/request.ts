@@ -16,7 +16,7 @@ import type { GenerateParams } from '../../pipeline/api.js';
 import { extractLoraTags } from '../../lora/tags.js';
 import type { LoraSpec } from '../../lora/types.js';
 import { HttpError } from '../errors.js';
-import { resolveModel, type ModelDirs } from '../models-dir.js';
+import { checkModelName, modelRef, resolveModel, type ModelDirs } from '../models-dir.js';
 import { controlNetScript, parseControlNetArgs, toControlNetParams, toIpAdapterParams, type A1111ControlUnit } from './controlnet.js';
 import { maskNote, parseMask, type A1111Mask } from './mask.js';
 import { asBody, bool, invalid, list, num, obj, str, strOrNull, type Body } from './fields.js';
@@ -120,9 +120,11 @@ export function parseGeneration(raw: unknown, mode: A1111Mode, native: { width: 
 /**
  * The prompt's <lora:NAME:TE:UNET> tags as A1111's Lora extension applies them: each found in --lora-dir, an
  * unknown name (or a malformed tag) skipped with a note. Without --lora-dir: none (the engine strips the tags).
+ * Queue mode: references the worker resolves in its --lora-dir, skipping (and logging) what it does not have.
  */
 function promptLoras(prompt: string, models: ModelDirs, notes: string[]): LoraSpec[] {
-  if (models.lora == null || models.lora === '') return [];
+  const onWorker = models.onWorker === true;
+  if ((models.lora == null || models.lora === '') && !onWorker) return [];
   let tags;
   try {
     tags = extractLoraTags(prompt).loras;
@@ -133,7 +135,9 @@ function promptLoras(prompt: string, models: ModelDirs, notes: string[]): LoraSp
   const out: LoraSpec[] = [];
   for (const t of tags) {
     try {
-      out.push({ path: resolveModel('lora', models, t.name, 'prompt', 422), te: t.te, unet: t.unet });
+      checkModelName('lora', t.name, 'prompt', 422);
+      const path = onWorker ? modelRef({ kind: 'lora', name: t.name, field: 'prompt', status: 422, optional: 'unknown' }) : resolveModel('lora', models, t.name, 'prompt', 422);
+      out.push({ path, te: t.te, unet: t.unet });
     } catch (e) {
       if (!(e instanceof HttpError) || e.statusCode !== 422) throw e;
       notes.push(`<lora:${t.name}> skipped: ${e.message.replace(/^prompt: /, '')}`);
