@@ -15,29 +15,16 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { GenerateOptions, GenerateParams, GenerateResult } from '../src/pipeline/api.js';
-import { resolveParams, type ParamLimits } from '../src/pipeline/params.js';
+import type { GenerateParams } from '../src/pipeline/api.js';
 import { encodePng } from '../src/image/codec.js';
-import type { Engine } from '../src/server/engine.js';
-import { SdServer } from '../src/server/server.js';
+import type { SdServer } from '../src/server/server.js';
 import { blurMask, gaussianKernel } from '../src/server/a1111/mask.js';
 import { withoutHash } from '../src/server/a1111/controlnet.js';
-
-class RecordingEngine implements Engine {
-  readonly limits: ParamLimits = { width: 16, height: 16, minSize: 8, clipLayers: 3 };
-  readonly seen: GenerateParams[] = [];
-  async generate(p: GenerateParams, _o: GenerateOptions): Promise<GenerateResult> {
-    this.seen.push(p);
-    const r = resolveParams(p, this.limits);
-    const rgb = new Uint8Array(r.width * r.height * 3).fill(9);
-    return { images: [{ png: await encodePng({ rgb, width: r.width, height: r.height }), rgb, seed: r.seed }], params: r };
-  }
-  dispose(): void {}
-}
+import { RecordingEngine, b64, callJson as call, startServer } from './helpers.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'sd-a1111-cn-'));
 const dirs = { controlnet: path.join(root, 'ControlNet'), lora: path.join(root, 'Lora'), ipAdapter: path.join(root, 'ip'), imageEncoder: path.join(root, 'image_encoder') };
-const engine = new RecordingEngine();
+const engine = new RecordingEngine(9);
 let server: SdServer;
 let bare: SdServer;
 let canny = '';
@@ -48,13 +35,7 @@ let ip = '';
 let halves: Buffer;
 let wide: Buffer;
 
-const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
-
-async function start(models: Record<string, string>): Promise<SdServer> {
-  const s = await SdServer.start({ loadEngine: async () => engine, outputs: mkdtempSync(path.join(root, 'out-')), models }, { port: 0, host: '127.0.0.1' });
-  await s.ready();
-  return s;
-}
+const start = (models: Record<string, string>): Promise<SdServer> => startServer(engine, root, { models });
 
 beforeAll(async () => {
   mkdirSync(dirs.controlnet, { recursive: true });
@@ -84,15 +65,6 @@ afterAll(async () => {
   await bare?.shutdown({ graceS: 0 });
   rmSync(root, { recursive: true, force: true });
 });
-
-async function call(s: SdServer, method: string, route: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
-  const res = await fetch(`${s.url}${route}`, {
-    method,
-    headers: body !== undefined ? { 'content-type': 'application/json' } : {},
-    body: body !== undefined ? JSON.stringify(body) : undefined,
-  });
-  return { status: res.status, json: (await res.json()) as Record<string, unknown> };
-}
 
 /** The params of the (single) job a 200 request ran, and its info. */
 async function ran(route: 'txt2img' | 'img2img', body: Record<string, unknown>): Promise<{ params: GenerateParams; info: Record<string, unknown> }> {

@@ -1,4 +1,13 @@
-/** Shared by the layer tests: float32 tensors held in memory as a TensorSource, filled from a fixed-seed LCG. */
+/**
+ * Shared by the tests: for the layer tests, float32 tensors held in memory as a TensorSource, filled from a
+ * fixed-seed LCG; for the server tests, a recording fake Engine, a server started on it, and JSON calls.
+ */
+import { mkdtempSync } from 'node:fs';
+import * as path from 'node:path';
+import type { GenerateOptions, GenerateParams, GenerateResult } from '../src/pipeline/api.js';
+import type { ParamLimits } from '../src/pipeline/params.js';
+import type { Engine } from '../src/server/engine.js';
+import type { SdServer, ServerOptions } from '../src/server/server.js';
 import type { TensorInfo, TensorSource } from '../src/weights/types.js';
 
 /** An in-memory TensorSource of float32 tensors. */
@@ -47,3 +56,42 @@ export function source(shapes: Record<string, number[]>): MemorySource {
 
 /** `png` with `extra` chunks (pngChunk) inserted right after IHDR, which ends at byte 33. */
 export const withChunks = (png: Buffer, extra: readonly Buffer[]): Buffer => Buffer.concat([png.subarray(0, 33), ...extra, png.subarray(33)]);
+
+// -- the server tests' fake-engine set-up (tests/server-adapters, a1111-controlnet): the server stack is imported
+// only when a test starts one, so that the layer tests that use the helpers above do not load it.
+
+/** A fake Engine that records the GenerateParams of each job and answers a flat image of `fill`. */
+export class RecordingEngine implements Engine {
+  readonly limits: ParamLimits = { width: 16, height: 16, minSize: 8, clipLayers: 3 };
+  readonly seen: GenerateParams[] = [];
+  constructor(private readonly fill = 7) {}
+  async generate(p: GenerateParams, _o: GenerateOptions): Promise<GenerateResult> {
+    this.seen.push(p);
+    const [{ resolveParams }, { encodePng }] = await Promise.all([import('../src/pipeline/params.js'), import('../src/image/codec.js')]);
+    const r = resolveParams(p, this.limits);
+    const rgb = new Uint8Array(r.width * r.height * 3).fill(this.fill);
+    return { images: [{ png: await encodePng({ rgb, width: r.width, height: r.height }), rgb, seed: r.seed }], params: r };
+  }
+  dispose(): void {}
+}
+
+/** An SdServer on 127.0.0.1 (any port) running `engine`, its outputs in a new folder under `root`, loaded. */
+export async function startServer(engine: Engine, root: string, extra: Partial<ServerOptions> = {}): Promise<SdServer> {
+  const { SdServer } = await import('../src/server/server.js');
+  const s = await SdServer.start({ loadEngine: async () => engine, outputs: mkdtempSync(path.join(root, 'out-')), ...extra }, { port: 0, host: '127.0.0.1' });
+  await s.ready();
+  return s;
+}
+
+/** An HTTP call with a JSON body (or none), its answer parsed. */
+export async function callJson(s: { url: string }, method: string, route: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
+  const res = await fetch(`${s.url}${route}`, {
+    method,
+    headers: body !== undefined ? { 'content-type': 'application/json' } : {},
+    body: body !== undefined ? JSON.stringify(body) : undefined,
+  });
+  const text = await res.text();
+  return { status: res.status, json: (text === '' ? {} : JSON.parse(text)) as Record<string, unknown> };
+}
+
+export const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');

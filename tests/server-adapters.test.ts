@@ -9,27 +9,13 @@ import { mkdirSync, mkdtempSync, realpathSync, rmSync, symlinkSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { GenerateOptions, GenerateParams, GenerateResult } from '../src/pipeline/api.js';
-import { resolveParams, type ParamLimits } from '../src/pipeline/params.js';
+import type { GenerateParams } from '../src/pipeline/api.js';
 import { encodePng } from '../src/image/codec.js';
-import type { Engine } from '../src/server/engine.js';
-import { SdServer, type ServerOptions } from '../src/server/server.js';
+import type { SdServer, ServerOptions } from '../src/server/server.js';
 import { listModels, resolveModel } from '../src/server/models-dir.js';
 import { HttpError } from '../src/server/errors.js';
 import { modelDirsOf } from '../src/cli/commands/serve.js';
-
-/** Records what each job asked for and answers a flat image. */
-class RecordingEngine implements Engine {
-  readonly limits: ParamLimits = { width: 16, height: 16, minSize: 8, clipLayers: 3 };
-  readonly seen: GenerateParams[] = [];
-  async generate(p: GenerateParams, _o: GenerateOptions): Promise<GenerateResult> {
-    this.seen.push(p);
-    const r = resolveParams(p, this.limits);
-    const rgb = new Uint8Array(r.width * r.height * 3).fill(7);
-    return { images: [{ png: await encodePng({ rgb, width: r.width, height: r.height }), rgb, seed: r.seed }], params: r };
-  }
-  dispose(): void {}
-}
+import { RecordingEngine, b64, callJson, startServer } from './helpers.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'sd-adapters-'));
 const dirs = { controlnet: path.join(root, 'controlnet'), ipAdapter: path.join(root, 'ip'), lora: path.join(root, 'lora'), imageEncoder: path.join(root, 'image_encoder') };
@@ -56,12 +42,7 @@ function safetensors(metadata: Record<string, string>): Buffer {
 
 const files: Record<string, string> = {};
 
-async function start(extra: Partial<ServerOptions>): Promise<SdServer> {
-  const out = mkdtempSync(path.join(root, 'out-'));
-  const s = await SdServer.start({ loadEngine: async () => engine, outputs: out, ...extra }, { port: 0, host: '127.0.0.1' });
-  await s.ready();
-  return s;
-}
+const start = (extra: Partial<ServerOptions>): Promise<SdServer> => startServer(engine, root, extra);
 
 beforeAll(async () => {
   files.canny = touch(path.join(dirs.controlnet, 'control_v11p_sd15_canny.safetensors'));
@@ -88,10 +69,7 @@ afterAll(async () => {
   rmSync(root, { recursive: true, force: true });
 });
 
-async function post(s: SdServer, body: unknown, route = '/inference'): Promise<{ status: number; json: Record<string, unknown> }> {
-  const res = await fetch(`${s.url}${route}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
-  return { status: res.status, json: (await res.json()) as Record<string, unknown> };
-}
+const post = (s: SdServer, body: unknown, route = '/inference'): Promise<{ status: number; json: Record<string, unknown> }> => callJson(s, 'POST', route, body);
 
 /** The params of the job a successful POST /inference ran. */
 async function ran(body: Record<string, unknown>): Promise<{ params: GenerateParams; answer: Record<string, unknown> }> {
@@ -101,8 +79,6 @@ async function ran(body: Record<string, unknown>): Promise<{ params: GeneratePar
   expect(engine.seen.length).toBe(before + 1);
   return { params: engine.seen[before], answer: a.json };
 }
-
-const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
 
 describe('model folders (models-dir.ts)', () => {
   it('lists files by name without extension, diffusers folders by their name, links only when they stay inside', () => {
