@@ -65,10 +65,10 @@ describe('A1111 parameters text', () => {
       'Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 16x8, RNG: CPU, Conventions: diffusers, Prompt syntax: plain, ' +
         'Original size: 768x1024, Crop left: 32, Target size: 8x8',
     );
-    expect(generationSources(parseParameters(text).settings)).toEqual({ noise: 'cpu', conventions: 'diffusers', promptSyntax: 'plain' });
+    expect(generationSources(parseParameters(text).settings)).toEqual({ noise: 'cpu', conventions: 'diffusers', promptSyntax: 'plain', padCondUncond: false });
     // A1111's own: no RNG for its GPU default, NV for its CUDA-compatible generator (the same numbers)
     expect(generationSources({}).noise).toBe('gpu');
-    expect(generationSources({ RNG: 'NV' })).toEqual({ noise: 'gpu', conventions: 'a1111', promptSyntax: 'a1111' });
+    expect(generationSources({ RNG: 'NV' })).toEqual({ noise: 'gpu', conventions: 'a1111', promptSyntax: 'a1111', padCondUncond: false });
     expect(() => generationSources({ RNG: 'XPU' })).toThrow(/RNG "XPU"; expected CPU, GPU or NV/);
   });
 

@@ -11,7 +11,8 @@
  * What decides the random numbers and the sampler's path is recorded too, so the image can be made again: the
  * noise source as A1111 writes its RNG setting (`RNG: CPU` for torch's CPU generator, nothing for its default
  * "GPU"; it also writes `RNG: NV`, the same numbers as GPU), `Conventions: diffusers` (nothing for A1111's),
- * `Prompt syntax: plain` (nothing for A1111's), and SDXL's size conditioning when it is not the default
+ * `Prompt syntax: plain` (nothing for A1111's), `Pad conds: True` when the prompt and negative prompt were padded to
+ * one length (A1111's pad_cond_uncond; it writes the key only then), and SDXL's size conditioning when it is not the default
  * (`Original size: WxH`, `Crop top: T`, `Crop left: L`, `Target size: WxH`, sizes written as Size is).
  *
  * Adapters as A1111's ControlNet extension (sd-webui-controlnet) writes its units, one quoted setting each, numbered
@@ -46,6 +47,8 @@ export interface ImageParameters {
   readonly conventions?: string;
   /** 'a1111' or 'plain'. */
   readonly promptSyntax?: string;
+  /** Whether cond and uncond were padded to one length (A1111's "Pad conds"). */
+  readonly padConds?: boolean;
   /** SDXL: [height, width], [top, left], [height, width]. */
   readonly originalSize?: readonly [number, number];
   readonly cropTopLeft?: readonly [number, number];
@@ -127,6 +130,7 @@ function sourceSettings(p: ImageParameters): [string, string | number][] {
   if (p.noise === 'cpu') out.push(['RNG', 'CPU']);
   if (p.conventions !== undefined && p.conventions !== 'a1111') out.push(['Conventions', settingValue(p.conventions)]);
   if (p.promptSyntax !== undefined && p.promptSyntax !== 'a1111') out.push(['Prompt syntax', settingValue(p.promptSyntax)]);
+  if (p.padConds === true) out.push(['Pad conds', 'True']);
   if (!isSize(p.originalSize, p)) out.push(['Original size', `${p.originalSize![1]}x${p.originalSize![0]}`]);
   if (p.cropTopLeft !== undefined && p.cropTopLeft[0] !== 0) out.push(['Crop top', p.cropTopLeft[0]]);
   if (p.cropTopLeft !== undefined && p.cropTopLeft[1] !== 0) out.push(['Crop left', p.cropTopLeft[1]]);
@@ -157,12 +161,14 @@ export function controlUnits(settings: Readonly<Record<string, string>>): Readon
   return out;
 }
 
-/** What a parameters text says about its random numbers, conventions and prompt syntax, A1111's defaults when silent. */
+/** What a parameters text says about its random numbers, conventions, prompt syntax and cond padding, A1111's defaults when silent. */
 export interface GenerationSources {
   /** `RNG: CPU` -> 'cpu'; absent, `GPU` or `NV` (A1111's CUDA-compatible generator) -> 'gpu'. */
   readonly noise: 'cpu' | 'gpu';
   readonly conventions: 'a1111' | 'diffusers';
   readonly promptSyntax: 'a1111' | 'plain';
+  /** `Pad conds: True` -> true (A1111's pad_cond_uncond, its infotext name); absent -> false. */
+  readonly padCondUncond: boolean;
 }
 
 export function generationSources(settings: Readonly<Record<string, string>>): GenerationSources {
@@ -172,7 +178,9 @@ export function generationSources(settings: Readonly<Record<string, string>>): G
   if (conventions !== 'a1111' && conventions !== 'diffusers') throw new RangeError(`parameters: Conventions ${JSON.stringify(conventions)}; expected a1111 or diffusers`);
   const promptSyntax = settings['Prompt syntax'] ?? 'a1111';
   if (promptSyntax !== 'a1111' && promptSyntax !== 'plain') throw new RangeError(`parameters: Prompt syntax ${JSON.stringify(promptSyntax)}; expected a1111 or plain`);
-  return { noise: rng === 'CPU' ? 'cpu' : 'gpu', conventions, promptSyntax };
+  const padConds = settings['Pad conds'] ?? 'False';
+  if (!/^(true|false)$/i.test(padConds)) throw new RangeError(`parameters: Pad conds ${JSON.stringify(padConds)}; expected True or False`);
+  return { noise: rng === 'CPU' ? 'cpu' : 'gpu', conventions, promptSyntax, padCondUncond: padConds.toLowerCase() === 'true' };
 }
 
 export interface ParsedParameters {

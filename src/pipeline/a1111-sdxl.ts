@@ -11,11 +11,14 @@
  *   pooled: the first chunk's pooled, projected output of bigG (A1111's `zs[0].pooled`), unweighted.
  *
  * A prompt without emphasis or BREAK of at most 75 tokens gives exactly the plain encoding.
+ * AND (composable diffusion): each part encoded on its own, contexts stacked as for SD 1.x (stackConds), one pooled
+ * row per part (A1111's reconstruct_multicond_batch stacks every key of SDXL's conditioning dict).
  */
 import * as tf from '../backend/tf.js';
 import type { SdxlTextEmbedding, SdxlTextEncoder } from '../clip/sdxl-text.js';
 import { OPEN_CLIP_PAD_ID } from '../tokenizer/index.js';
-import { A1111_DEFAULTS, applyEmphasis, tokenizeLine, type A1111Options } from './a1111-prompt.js';
+import { A1111_DEFAULTS, applyEmphasis, stackConds, tokenizeLine, type A1111Options } from './a1111-prompt.js';
+import { splitMulticond } from '../tokenizer/prompt-syntax.js';
 
 /** One prompt (no AND) -> context [1, 77k, L + G] and pooled [1, P]. The caller disposes both. */
 export function encodeA1111Sdxl(text: SdxlTextEncoder, prompt: string, opts: Partial<Pick<A1111Options, 'emphasis' | 'commaPaddingBacktrack'>> = {}): SdxlTextEmbedding {
@@ -42,5 +45,27 @@ export function encodeA1111Sdxl(text: SdxlTextEncoder, prompt: string, opts: Par
   } finally {
     // the encoders' outputs are kept tensors (they outlive the encoders' own tidy): freed here
     tf.dispose([idsL, idsG, multipliers, l.hidden, l.penultimate, g.hidden, g.penultimate, g.pooled as tf.Tensor, g.projected as tf.Tensor]);
+  }
+}
+
+/**
+ * A positive prompt with AND -> context [parts, 77 * max chunks, L + G], pooled [parts, P], and each part's weight
+ * (encodeA1111Multicond's rule; equal part texts encoded once). Without AND: one part, weight 1. Caller disposes.
+ */
+export function encodeA1111SdxlMulticond(
+  text: SdxlTextEncoder,
+  prompt: string,
+  opts: Partial<Pick<A1111Options, 'emphasis' | 'commaPaddingBacktrack'>> = {},
+): { embedding: SdxlTextEmbedding; weights: number[] } {
+  const parts = splitMulticond(prompt);
+  const byText = new Map<string, SdxlTextEmbedding>();
+  try {
+    for (const { text: t } of parts) if (!byText.has(t)) byText.set(t, encodeA1111Sdxl(text, t, opts));
+    const each = parts.map((p) => byText.get(p.text) as SdxlTextEmbedding);
+    const context = stackConds(each.map((e) => e.context));
+    const pooled = tf.concat(each.map((e) => e.pooled)) as tf.Tensor2D;
+    return { embedding: { context, pooled }, weights: parts.map((p) => p.weight) };
+  } finally {
+    for (const e of byText.values()) tf.dispose([e.context, e.pooled]);
   }
 }

@@ -18,13 +18,13 @@ import * as tf from '../backend/tf.js';
 import type { ControlUnit } from '../controlnet/index.js';
 import type { IpAdapter } from '../ip-adapter/index.js';
 import type { ControlUnitParameters, IpAdapterParameters } from '../image/parameters.js';
-import { createSampler, type NoiseFn, type Sampler, type SamplerConfig } from '../scheduler/index.js';
+import { createSampler, type EpsFn, type NoiseFn, type Sampler, type SamplerConfig } from '../scheduler/index.js';
 import type { ExtraTokens, UNet } from '../unet/index.js';
 import type { GenerateParams, ResolvedParams } from './api.js';
 import type { GuidedConditioning } from './conditioning.js';
 import { prepareControl, type ControlNetCache } from './control.js';
 import type { AfterStep } from './denoise.js';
-import { adapterEps, type InpaintInput } from './eps.js';
+import { guidedEps, type InpaintInput } from './eps.js';
 import { inpaintMasks } from './inpaint.js';
 import { decodeMask, fullMask, isInpaintingUNet, keptBlend } from './inpaint-run.js';
 import { ipTokensFor, type IpAdapterCache } from './ip.js';
@@ -88,19 +88,15 @@ export interface ImageSampling {
   /** image [-1, 1] -> its latent, a VAE sample drawn with `posterior`. */
   readonly encode: (image: tf.Tensor4D, posterior: NoiseFn) => tf.Tensor4D;
   /** sampleLatent with these options. */
-  readonly sample: (o: { readonly sampler: Sampler; readonly initLatent?: tf.Tensor4D; readonly eps?: AdapterEpsFn; readonly startNoise?: tf.Tensor4D; readonly afterStep?: AfterStep }) => Promise<tf.Tensor4D>;
+  readonly sample: (o: { readonly sampler: Sampler; readonly initLatent?: tf.Tensor4D; readonly eps?: EpsFn; readonly startNoise?: tf.Tensor4D; readonly afterStep?: AfterStep }) => Promise<tf.Tensor4D>;
 }
-
-type AdapterEpsFn = ReturnType<typeof adapterEps>;
 
 /** One image's final latent (see the header); frees everything it made. */
 export async function sampleImage(s: ImageSampling, a: RequestAdapters): Promise<tf.Tensor4D> {
   const sampler = createSampler(s.samplerConfig);
   const nine = isInpaintingUNet(s.unet.config);
-  const epsOf = (inpaint: InpaintInput | null): AdapterEpsFn | undefined =>
-    a.control.length === 0 && inpaint === null
-      ? undefined
-      : adapterEps({ unet: s.unet, cond: s.cond, guidanceScale: s.guidanceScale, control: a.control, inpaint, timesteps: sampler.timesteps, totalSteps: sampler.totalSteps });
+  const epsOf = (inpaint: InpaintInput | null): EpsFn =>
+    guidedEps(s.unet, s.cond, s.guidanceScale, { control: a.control, inpaint, timesteps: sampler.timesteps, totalSteps: sampler.totalSteps });
   const held: tf.Tensor[] = [];
   try {
     if (!nine && a.mask === null) {

@@ -88,6 +88,13 @@ export interface GenerateParams {
   readonly noise?: NoiseSource;
   /** Default 'a1111' (SD 1.x and SDXL alike). */
   readonly promptSyntax?: PromptSyntax;
+  /**
+   * A1111's "Pad prompt/negative prompt to be same length" (setting pad_cond_uncond), a1111 syntax only: when the
+   * prompt and the negative prompt encode to different chunk counts, the shorter gets copies of the empty prompt's
+   * encoding appended and both run as one UNet batch (faster; a different image). Default false: A1111's default,
+   * each runs on its own. The PNG records `Pad conds: True` when padding happened, as A1111 does.
+   */
+  readonly padCondUncond?: boolean;
   /** Default: the model source's (a diffusers folder: diffusers; a single file: A1111 for SD 1.x, diffusers for SDXL). */
   readonly conventions?: ConventionsName;
   /** SDXL micro-conditioning: [height, width], default [height, width] of the image. */
@@ -115,6 +122,7 @@ export interface ResolvedParams {
   readonly batch: number;
   readonly noise: NoiseSource;
   readonly promptSyntax: PromptSyntax;
+  readonly padCondUncond: boolean;
   readonly conventions: ConventionsName;
   readonly originalSize: PixelPair;
   readonly cropTopLeft: PixelPair;

@@ -6,10 +6,15 @@
  * SDXL's added embedding (pooled text and the size / crop micro-conditioning) is built here too (sdxlAddedEmbedding).
  *
  * With classifier-free guidance the texts are [negative prompt, prompt], encoded as one batch of 2, so the
- * conditioning's batch lines up with the guided noise predictor's [uncond, cond] (denoise.ts). SD 1.x prompts in
- * A1111's syntax (a1111-prompt.ts) may give the two different token counts (77 per chunk of 75 tokens); then, as
- * A1111 does by default, they are not padded: the conditioning is the prompt's alone and carries the negative
- * prompt's as `uncond`, and the UNet runs on each separately.
+ * conditioning's batch lines up with the guided noise predictor's [uncond, cond] (eps.ts). Prompts in A1111's
+ * syntax (a1111-prompt.ts, a1111-sdxl.ts):
+ *   AND       the prompt's composable-diffusion parts, each encoded on its own, are the cond rows [part_1 .. part_n]
+ *             (stacked as A1111's stack_conds, the shorter ones repeating their last token vector), with their
+ *             weights in `weights`; the negative prompt is never split.
+ *   lengths   prompt and negative prompt may give different token counts (77 per chunk of 75 tokens). A1111's
+ *             default pads neither: the conditioning is the prompt's alone, carries the negative prompt's as
+ *             `uncond`, and the UNet runs on each separately. With its option pad_cond_uncond (padCondUncond) the
+ *             shorter one gets copies of the empty prompt's encoding appended, and the two run as one batch.
  */
 import * as tf from '../backend/tf.js';
 import type { ClipTextEncoder } from '../clip/index.js';
@@ -18,8 +23,8 @@ import type { ClipTokenizer } from '../tokenizer/index.js';
 import { disposeConditioning, timestepEmbedding, type Conditioning } from '../unet/index.js';
 import { ShapeError } from '../nn/errors.js';
 import { extractLoraTags } from '../lora/tags.js';
-import { CHUNK_LENGTH, encodeA1111Prompt } from './a1111-prompt.js';
-import { encodeA1111Sdxl } from './a1111-sdxl.js';
+import { CHUNK_LENGTH, encodeA1111Multicond, encodeA1111Prompt, reconcileCondUncond } from './a1111-prompt.js';
+import { encodeA1111SdxlMulticond, encodeA1111Sdxl } from './a1111-sdxl.js';
 import type { PromptSyntax } from './api.js';
 
 /** What SD 1.x encodes text with. */
@@ -74,10 +79,47 @@ export interface MicroConditioning {
 }
 
 /**
- * What guidance runs on: batch 2 ([uncond, cond]) in one, or (`uncond` given) the prompt's conditioning of batch 1
- * and the negative prompt's beside it, when their token counts differ.
+ * What guidance runs on: one batch [uncond, part_1 .. part_n], or (`uncond` given, when the token counts differ)
+ * the prompt's parts [part_1 .. part_n] with the negative prompt's conditioning beside it; without guidance the
+ * parts alone. n is 1 but for an A1111 prompt with AND.
  */
-export type GuidedConditioning = Conditioning & { readonly uncond?: Conditioning };
+export type GuidedConditioning = Conditioning & {
+  readonly uncond?: Conditioning;
+  /** The parts' composable-diffusion weights (A1111's AND), one per cond row; absent: one part of weight 1. */
+  readonly weights?: readonly number[];
+  /** Whether cond or uncond was padded with the empty prompt's encoding to run as one batch (A1111's "Pad conds"). */
+  readonly padded?: boolean;
+};
+
+/** The weights of the prompt's parts: [1] without AND. */
+export const partWeights = (c: GuidedConditioning): readonly number[] => c.weights ?? [1];
+
+/** `weights` as a GuidedConditioning field: none for one part of weight 1 (a prompt without AND). */
+const weightsField = (weights: readonly number[]): { weights?: readonly number[] } =>
+  weights.length === 1 && weights[0] === 1 ? {} : { weights: Object.freeze([...weights]) };
+
+/**
+ * The parts' conditioning (n rows) and the negative prompt's (1 row) -> what guidance runs on (see
+ * GuidedConditioning). `empty` (padCondUncond): the encoding of '' [1, 77, C], made only when the lengths differ;
+ * the shorter context is padded with it (A1111's pad_cond_uncond), the added embeddings stay. Takes the tensors over.
+ */
+function guidedPair(cond: Conditioning, uncond: Conditioning, weights: readonly number[], empty: (() => tf.Tensor3D) | null): GuidedConditioning {
+  let padded = false;
+  if (cond.context.shape[1] !== uncond.context.shape[1] && empty !== null) {
+    const e = empty();
+    const both = reconcileCondUncond(cond.context, uncond.context, 'pad_cond_uncond', e);
+    tf.dispose([e, cond.context, uncond.context]);
+    cond = { ...cond, context: both.cond };
+    uncond = { ...uncond, context: both.uncond };
+    padded = true;
+  }
+  if (cond.context.shape[1] !== uncond.context.shape[1]) return { ...cond, uncond, ...weightsField(weights) };
+  const context = tf.concat([uncond.context, cond.context]) as tf.Tensor3D; // [1 + n, 77k, C]
+  const added = cond.added === undefined || uncond.added === undefined ? undefined : (tf.concat([uncond.added, cond.added]) as tf.Tensor2D);
+  disposeConditioning(uncond);
+  disposeConditioning(cond);
+  return { context, ...(added === undefined ? {} : { added }), ...weightsField(weights), ...(padded ? { padded } : {}) };
+}
 
 export function disposeGuided(c: GuidedConditioning): void {
   disposeConditioning(c);
@@ -92,19 +134,30 @@ export interface EncodeOptions {
   readonly promptSyntax?: PromptSyntax;
   /** Where a warning goes (a prompt cut at 77 tokens). */
   readonly warn?: (message: string) => void;
+  /** A1111's pad_cond_uncond: pad the shorter of cond and uncond with empty-prompt chunks (a1111 syntax only). */
+  readonly padCondUncond?: boolean;
+}
+
+/** Plain prompts are cut after 75 tokens (CLIP's 77 positions with start and end): say so. */
+function warnIfCut(tokenizer: ClipTokenizer, text: string, warn: ((message: string) => void) | undefined): void {
+  const n = tokenizer.bpe(text).length;
+  if (n > CHUNK_LENGTH && warn !== undefined) {
+    warn(`prompt of ${n} tokens cut after the first ${CHUNK_LENGTH} (--prompt-syntax plain); a1111 syntax encodes all of it: ${JSON.stringify(text.slice(0, 60))}...`);
+  }
 }
 
 /** Text -> the UNet's Conditioning, for one model family. */
 export interface TextConditioner {
-  /** Batch 2 ([uncond, cond]) with guidance (or cond with `uncond` beside it), batch 1 ([cond]) without. */
+  /** [uncond, parts] with guidance (or the parts with `uncond` beside it), the parts alone without. */
   encode(prompts: Prompts, o: EncodeOptions): GuidedConditioning;
   dispose(): void;
 }
 
 /**
  * SD 1.x. 'plain': the context of [negative, prompt] (negative "" when none was given), each cut at 77 tokens.
- * 'a1111': the prompt without its <lora:...> tags (they are applied at load), each text through encodeA1111Prompt;
- * equal lengths batched as above, different ones side by side (A1111's default padding 'none').
+ * 'a1111': the prompt without its <lora:...> tags (they are applied at load) split at AND, each part through
+ * encodeA1111Prompt (encodeA1111Multicond), the negative prompt whole; equal lengths batched as above, different
+ * ones side by side (A1111's default padding 'none') or padded into one batch (padCondUncond).
  */
 export class Sd1Conditioner implements TextConditioner {
   constructor(readonly text: Sd1TextEncoder) {}
@@ -112,25 +165,16 @@ export class Sd1Conditioner implements TextConditioner {
   encode(p: Prompts, o: EncodeOptions): GuidedConditioning {
     const texts = o.guidance ? [p.negative ?? '', p.prompt] : [p.prompt];
     if (o.promptSyntax !== 'a1111') {
-      for (const t of texts) this.warnIfCut(t, o.warn);
+      for (const t of texts) warnIfCut(this.text.tokenizer, t, o.warn);
       return sd1Conditioning(this.text, texts, o.clipSkip);
     }
     const { tokenizer, clip } = this.text;
-    const cond = encodeA1111Prompt(tokenizer, clip, extractLoraTags(p.prompt).prompt, { clipSkip: o.clipSkip });
-    if (!o.guidance) return { context: cond };
-    const uncond = encodeA1111Prompt(tokenizer, clip, p.negative ?? '', { clipSkip: o.clipSkip });
-    if (uncond.shape[1] !== cond.shape[1]) return { context: cond, uncond: { context: uncond } };
-    const context = tf.concat([uncond, cond]) as tf.Tensor3D; // [2, 77k, C]
-    tf.dispose([uncond, cond]);
-    return { context };
-  }
-
-  /** Plain prompts are cut after 75 tokens (CLIP's 77 positions with start and end): say so. */
-  private warnIfCut(text: string, warn: ((message: string) => void) | undefined): void {
-    const n = this.text.tokenizer.bpe(text).length;
-    if (n > CHUNK_LENGTH && warn !== undefined) {
-      warn(`prompt of ${n} tokens cut after the first ${CHUNK_LENGTH} (--prompt-syntax plain); a1111 syntax encodes all of it: ${JSON.stringify(text.slice(0, 60))}...`);
-    }
+    const opts = { clipSkip: o.clipSkip };
+    const { cond, weights } = encodeA1111Multicond(tokenizer, clip, extractLoraTags(p.prompt).prompt, opts); // [n, 77k, C]
+    if (!o.guidance) return { context: cond, ...weightsField(weights) };
+    const uncond = encodeA1111Prompt(tokenizer, clip, p.negative ?? '', opts);
+    const empty = o.padCondUncond === true ? () => encodeA1111Prompt(tokenizer, clip, '', opts) : null;
+    return guidedPair({ context: cond }, { context: uncond }, weights, empty);
   }
 
   dispose(): void {
@@ -150,7 +194,8 @@ export class SdxlConditioner implements TextConditioner {
   encode(p: Prompts, o: EncodeOptions): GuidedConditioning {
     const { originalSize, cropTopLeft, targetSize } = o.micro;
     const ids = [...originalSize, ...cropTopLeft, ...targetSize];
-    if (o.promptSyntax === 'a1111') return this.encodeA1111(p, o.guidance, ids);
+    if (o.promptSyntax === 'a1111') return this.encodeA1111(p, o, ids);
+    for (const t of o.guidance && p.negative !== null ? [p.negative, p.prompt] : [p.prompt]) warnIfCut(this.text.tokenizer, t, o.warn);
     const cond = this.text.encode([p.prompt]);
     if (!o.guidance) {
       const added = sdxlAddedEmbedding(cond.pooled, [ids], this.timeEmbedDim);
@@ -166,23 +211,27 @@ export class SdxlConditioner implements TextConditioner {
   }
 
   /**
-   * A1111's syntax (a1111-sdxl.ts), its <lora:...> tags stripped; a negative prompt of another chunk count stays
-   * beside the prompt's (A1111's padding 'none'), as for SD 1.x. No negative prompt: zeros, as above.
+   * A1111's syntax (a1111-sdxl.ts), its <lora:...> tags stripped, split at AND (each part with its own pooled
+   * text in the added embedding, as A1111 stacks SDXL's conditioning dicts); a negative prompt of another chunk
+   * count stays beside the prompt's (A1111's padding 'none'), or is padded (padCondUncond: the context only, with
+   * the crossattn of '' as A1111's empty prompt), as for SD 1.x. No negative prompt: zeros, as above.
    */
-  private encodeA1111(p: Prompts, guidance: boolean, ids: readonly number[]): GuidedConditioning {
+  private encodeA1111(p: Prompts, o: EncodeOptions, ids: readonly number[]): GuidedConditioning {
     const withAdded = ({ context, pooled }: SdxlTextEmbedding): Conditioning => {
-      const added = sdxlAddedEmbedding(pooled, [ids], this.timeEmbedDim);
+      const added = sdxlAddedEmbedding(pooled, new Array<readonly number[]>(pooled.shape[0]).fill(ids), this.timeEmbedDim);
       pooled.dispose();
       return { context, added };
     };
-    const cond = withAdded(encodeA1111Sdxl(this.text, extractLoraTags(p.prompt).prompt));
-    if (!guidance) return cond;
+    const { embedding, weights } = encodeA1111SdxlMulticond(this.text, extractLoraTags(p.prompt).prompt);
+    const cond = withAdded(embedding);
+    if (!o.guidance) return { ...cond, ...weightsField(weights) };
     const uncond = withAdded(p.negative === null ? this.text.encodeNegative(null, 1) : encodeA1111Sdxl(this.text, p.negative));
-    if (uncond.context.shape[1] !== cond.context.shape[1]) return { ...cond, uncond };
-    const both = { context: tf.concat([uncond.context, cond.context]) as tf.Tensor3D, added: tf.concat([uncond.added as tf.Tensor2D, cond.added as tf.Tensor2D]) as tf.Tensor2D };
-    disposeConditioning(uncond);
-    disposeConditioning(cond);
-    return both;
+    const empty = (): tf.Tensor3D => {
+      const e = encodeA1111Sdxl(this.text, '');
+      e.pooled.dispose();
+      return e.context;
+    };
+    return guidedPair(cond, uncond, weights, o.padCondUncond === true ? empty : null);
   }
 
   dispose(): void {

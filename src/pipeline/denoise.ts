@@ -1,21 +1,15 @@
 /**
- * The denoising loop: a sampler walks a latent from noise to an image latent, asking the UNet for the noise
- * prediction at every step, with classifier-free guidance (Ho & Salimans 2022):
- *
- *   eps = eps_uncond + scale * (eps_cond - eps_uncond)
- *
- * uncond and cond run as one UNet forward on a batch of 2 (the conditioning batched [uncond, cond]: negative
- * prompt, then prompt; pipeline/conditioning.ts builds it), or as two forwards when their contexts differ in
- * length (A1111 prompts of different chunk counts: the conditioning then carries `uncond` beside it).
- * Without guidance (off, or scale 1, which gives eps_cond exactly) one forward on the prompt alone.
+ * The denoising loop: a sampler walks a latent from noise to an image latent, asking the noise predictor (eps.ts:
+ * the UNet with classifier-free guidance over the prompt's parts, and the adapters) at every step.
  *
  * The loop is an async generator that yields after every step, so the caller shows progress and can stop;
  * each step runs in one tf.tidy, none spans an await. Latents are NHWC [B, h, w, 4].
  */
 import * as tf from '../backend/tf.js';
-import type { UNet } from '../unet/index.js';
 import type { EpsFn, NoiseFn, Sampler } from '../scheduler/index.js';
-import type { GuidedConditioning } from './conditioning.js';
+
+/** The guided noise predictor is defined once, in eps.ts. */
+export { guidedEps } from './eps.js';
 
 /** generate() was cancelled through its AbortSignal; every tensor it held has been freed. */
 export class AbortError extends Error {
@@ -27,24 +21,6 @@ export class AbortError extends Error {
 
 export function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted === true) throw new AbortError();
-}
-
-/**
- * The guided noise predictor. cond: batch 2 (uncond, cond) when scale is a number, batch 1 when null; or, with
- * `cond.uncond` given, cond and uncond of batch 1 each (two forwards).
- * x: [1, h, w, 4] -> eps [1, h, w, 4].
- */
-export function guidedEps(unet: UNet, cond: GuidedConditioning, scale: number | null): EpsFn {
-  const { uncond } = cond;
-  if (scale === null) return (x, t) => unet.forward(x, t, cond);
-  const guide = (epsUncond: tf.Tensor, epsCond: tf.Tensor) => tf.add<tf.Tensor4D>(epsUncond, tf.mul(tf.sub(epsCond, epsUncond), scale));
-  if (uncond !== undefined) return (x, t) => tf.tidy(() => guide(unet.forward(x, t, uncond), unet.forward(x, t, cond)));
-  return (x, t) =>
-    tf.tidy(() => {
-      const both = unet.forward(tf.concat([x, x]), t, cond); // [2, h, w, 4]
-      const [epsUncond, epsCond] = tf.split(both, 2);
-      return guide(epsUncond, epsCond);
-    });
 }
 
 export interface DenoiseStep {

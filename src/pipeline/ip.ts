@@ -4,7 +4,8 @@
  *
  *   photo --CLIPImageProcessor, CLIP vision encoder, image_proj--> [negative; photo] tokens [2, M, C], the scale
  *   guidance on, one batch [uncond, cond]: both rows; A1111 prompts of different lengths (uncond apart): row 0 goes
- *   with the negative prompt, row 1 with the prompt; guidance off: row 1 alone.
+ *   with the negative prompt, row 1 with the prompt; guidance off: row 1 alone. A prompt of n AND parts: row 1
+ *   with each part (repeated n times), as the prompt's cond rows.
  *
  * The adapter's key/value projections are attached to the UNet for the request and detached after it, also when it
  * fails or is cancelled (withAdapter), so the next request runs the plain UNet. A streamed UNet (wasm's default)
@@ -24,7 +25,7 @@ import { WeightsError } from '../weights/types.js';
 import type { ExtraTokens } from '../unet/conditioning.js';
 import type { UNet } from '../unet/index.js';
 import { ParamError, type ResolvedIpAdapter } from './api.js';
-import type { GuidedConditioning } from './conditioning.js';
+import { partWeights, type GuidedConditioning } from './conditioning.js';
 
 /** Where an adapter's image encoder is looked for when none is given, in order. */
 export function imageEncoderCandidates(adapterPath: string): string[] {
@@ -126,12 +127,19 @@ export function withImageTokens(cond: GuidedConditioning, t: ExtraTokens, guidan
   const [b, m, c] = t.tokens.shape;
   const row = (i: number) => tf.slice(t.tokens, [i, 0, 0], [1, m, c]) as tf.Tensor3D;
   if (b !== 2) throw new ShapeError(`IP-Adapter tokens: expected [2, M, C] (negative, photo), got [${t.tokens.shape}]`);
+  const n = partWeights(cond).length;
+  // the photo's row for each of the n parts: [n, M, C]
+  const photoRows = () => (n === 1 ? row(1) : (tf.tidy(() => tf.tile(row(1), [n, 1, 1])) as tf.Tensor3D));
   if (!guidance) {
-    const photo = row(1);
+    const photo = photoRows();
     return { cond: { ...cond, extraTokens: [{ tokens: photo, scale: t.scale }] }, dispose: () => photo.dispose() };
   }
-  if (cond.uncond === undefined) return { cond: { ...cond, extraTokens: [t] }, dispose: () => undefined };
-  const [negative, photo] = [row(0), row(1)];
+  if (cond.uncond === undefined && n === 1) return { cond: { ...cond, extraTokens: [t] }, dispose: () => undefined };
+  if (cond.uncond === undefined) {
+    const rows = tf.tidy(() => tf.concat([row(0), photoRows()]) as tf.Tensor3D); // [1 + n, M, C]
+    return { cond: { ...cond, extraTokens: [{ tokens: rows, scale: t.scale }] }, dispose: () => rows.dispose() };
+  }
+  const [negative, photo] = [row(0), photoRows()];
   return {
     cond: { ...cond, extraTokens: [{ tokens: photo, scale: t.scale }], uncond: { ...cond.uncond, extraTokens: [{ tokens: negative, scale: t.scale }] } },
     dispose: () => tf.dispose([negative, photo]),

@@ -18,6 +18,8 @@ import {
   type ResolvedParams,
   type SamplerName,
 } from './api.js';
+import { extractLoraTags } from '../lora/tags.js';
+import { splitMulticond } from '../tokenizer/prompt-syntax.js';
 
 export const MAX_PROMPT_CHARS = 4000;
 export const MAX_SEED = 2 ** 32 - 1;
@@ -94,6 +96,8 @@ export const DEFAULTS = Object.freeze({
   /** torch's CPU generator: the seeds of diffusers (with a CPU generator), ComfyUI and A1111's "RNG: CPU". */
   noise: 'cpu' as const,
   promptSyntax: 'a1111' as const,
+  /** A1111's pad_cond_uncond default. */
+  padCondUncond: false,
 });
 
 /** Largest SDXL original / target size and crop offset, in pixels (the model saw up to a few thousand). */
@@ -277,6 +281,7 @@ export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMI
     batch: integer('batch', p.batch, DEFAULTS.batch, 1, MAX_BATCH),
     noise: oneOf('noise', p.noise, DEFAULTS.noise, NOISE_SOURCES),
     promptSyntax: oneOf('promptSyntax', p.promptSyntax, DEFAULTS.promptSyntax, PROMPT_SYNTAXES),
+    padCondUncond: boolean('padCondUncond', p.padCondUncond, DEFAULTS.padCondUncond),
     conventions: oneOf('conventions', p.conventions, limits.conventions ?? 'a1111', CONVENTION_NAMES),
     ...micro(p, limits, height, width),
     controlNets: controlNets(p.controlNets),
@@ -285,5 +290,15 @@ export function resolveParams(p: GenerateParams, limits: ParamLimits = SD15_LIMI
   });
 }
 
-/** Whether classifier-free guidance runs: a scale of 1 gives eps_cond exactly, so the uncond pass is skipped. */
-export const usesGuidance = (r: ResolvedParams): boolean => r.cfg && r.cfgScale !== 1;
+/**
+ * Whether classifier-free guidance runs: a scale of 1 gives eps_cond exactly, so the uncond pass is skipped; but
+ * not for an A1111 prompt with AND parts (or a part weight), whose combination at scale 1 still reads uncond.
+ */
+export const usesGuidance = (r: ResolvedParams): boolean => r.cfg && (r.cfgScale !== 1 || isComposable(r));
+
+/** Whether an A1111 prompt has composable-diffusion parts: more than one, or a weight other than 1. */
+export function isComposable(r: Pick<ResolvedParams, 'prompt' | 'promptSyntax'>): boolean {
+  if (r.promptSyntax !== 'a1111') return false;
+  const parts = splitMulticond(extractLoraTags(r.prompt).prompt);
+  return parts.length > 1 || parts[0].weight !== 1;
+}

@@ -2,7 +2,7 @@
  * Stable Diffusion 1.x, txt2img and img2img (Rombach et al. 2022):
  *
  *   prompt, negative prompt --tokenizer--> ids [2, 77] --CLIP--> conditioning (context [2, 77, C]; conditioning.ts)
- *   seed --TorchGenerator--> noise [1, h, w, 4] --sampler + UNet with CFG (denoise.ts)--> latent [1, h, w, 4]
+ *   seed --TorchGenerator--> noise [1, h, w, 4] --sampler (denoise.ts) + UNet with CFG (eps.ts)--> latent [1, h, w, 4]
  *   latent / scale_factor --VAE decoder--> [1, H, W, 3] in [-1, 1] --> clamp(x / 2 + 0.5, 0, 1) --> RGB uint8 + PNG
  *
  * img2img starts instead from the init image: [-1, 1] --VAE encoder--> moments; mean + std * posterior noise,
@@ -65,7 +65,8 @@ import {
 import { detectFamily, type ModelFamily } from './families.js';
 import { diffusersFolderConfig } from './diffusers-config.js';
 import { SDXL_BASE_PIPELINE, type SdxlPipelineConfig } from './sdxl-config.js';
-import { denoise, guidedEps, throwIfAborted, type AfterStep } from './denoise.js';
+import { denoise, throwIfAborted, type AfterStep } from './denoise.js';
+import { guidedEps } from './eps.js';
 import { resolveParams, usesGuidance, type ParamLimits } from './params.js';
 // -- ControlNet, IP-Adapter, inpainting (./control.ts, ./ip.ts, ./inpaint-run.ts, ./eps.ts)
 import { ControlNetCache } from './control.js';
@@ -243,8 +244,9 @@ export class StableDiffusion {
   }
 
   /**
-   * CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance; SD 1.x
-   * prompts in A1111 syntax of different token counts: the prompt's, with the negative's as `uncond`. `negative`
+   * CFG conditioning of batch 2 (negative prompt, then prompt), or of batch 1 (prompt) without guidance; prompts
+   * in A1111 syntax: a row per AND part, and of different token counts the prompt's, with the negative's as
+   * `uncond` (unless r.padCondUncond pads them into one batch). `negative`
    * null: none was given (SD 1.x encodes "", SDXL base uses zeros); default: the resolved negative prompt.
    * Dispose with disposeGuided.
    */
@@ -255,7 +257,7 @@ export class StableDiffusion {
       const tags = extractLoraTags(r.prompt).loras;
       if (tags.length > 0) this.warn(`LoRA tags not applied (${tags.map((t) => `<lora:${t.name}>`).join(', ')}): this model was loaded without LoRAs`);
     }
-    return this.text.encode(prompts, { guidance: usesGuidance(r), clipSkip: r.clipSkip, micro, promptSyntax, warn: this.warn });
+    return this.text.encode(prompts, { guidance: usesGuidance(r), clipSkip: r.clipSkip, micro, promptSyntax, warn: this.warn, padCondUncond: r.padCondUncond });
   }
 
   /** image NHWC [1, H, W, 3] in [-1, 1] -> init latent [1, h, w, 4] = (mean + std * noise) * scale_factor. */
@@ -454,6 +456,7 @@ export class StableDiffusion {
       seed,
       model: this.modelName,
       promptSyntax: r.promptSyntax,
+      padConds: cond.padded === true,
       ...adapterParameters(r, this.family),
     });
     return { png, rgb, seed };
@@ -480,7 +483,7 @@ interface X0Hooks {
 
 /** What inpainting and ControlNets change in sampleLatent (./adapters.ts). */
 export interface AdapterHooks {
-  /** The noise predictor, instead of guidedEps of cond (ControlNets, a 9-channel UNet). */
+  /** The noise predictor, instead of guidedEps of cond alone (with the ControlNets, a 9-channel UNet's inputs). */
   readonly eps?: EpsFn;
   /** The start noise drawn by the caller (inpainting draws it between two VAE samples); not disposed. */
   readonly startNoise?: tf.Tensor4D;

@@ -55,6 +55,7 @@ interface Args extends AdapterArgs {
   batch?: number;
   noise?: NoiseSource;
   'prompt-syntax'?: PromptSyntax;
+  'pad-cond-uncond'?: boolean;
   conventions?: ConventionsName;
   'lora-dir'?: string;
   lora?: string[];
@@ -109,6 +110,7 @@ export function toParams(args: Args): GenerateParams {
     batch: args.batch,
     noise: args.noise,
     promptSyntax: args['prompt-syntax'],
+    padCondUncond: args['pad-cond-uncond'],
     conventions: args.conventions,
     originalSize: pair('original-size', args['original-size']),
     cropTopLeft: pair('crop-top-left', args['crop-top-left']),
@@ -251,7 +253,8 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('strength', { type: 'number', describe: 'img2img: how much to change the image, (0, 1] (default 0.75)' })
       .option('batch', { type: 'number', describe: 'images to make, 1..8 (default 1)' })
       .option('noise', { choices: NOISE_SOURCES, describe: "random numbers: cpu = torch's CPU generator (default; diffusers, ComfyUI), gpu = torch's CUDA one (A1111's default)" })
-      .option('prompt-syntax', { choices: PROMPT_SYNTAXES, describe: "a1111 (default): (emphasis:1.2), [less], BREAK, past 75 tokens, <lora:...>; plain: text, cut at 75 tokens. SDXL: plain" })
+      .option('prompt-syntax', { choices: PROMPT_SYNTAXES, describe: 'a1111 (default): (emphasis:1.2), [less], BREAK, past 75 tokens, "a cat AND a dog :0.7", <lora:...>; plain: text, cut at 75 tokens' })
+      .option('pad-cond-uncond', { type: 'boolean', describe: "a1111 syntax: pad prompt and negative prompt of different lengths with empty-prompt chunks and run them as one batch (A1111's pad_cond_uncond; a different image)" })
       .option('conventions', { choices: CONVENTION_NAMES, describe: "sampler conventions: a1111 (k-diffusion) or diffusers; default: a diffusers folder's, else a1111 for SD 1.x, diffusers for SDXL" })
       .option('lora-dir', { type: 'string', describe: 'folder of LoRA files the prompt\'s <lora:NAME:WEIGHT> tags are looked up in' })
       .option('lora', { type: 'string', array: true, describe: 'a LoRA file to apply, FILE[:MULTIPLIER] (default 1) or FILE:TE:UNET; repeatable, with the prompt\'s tags' })
