@@ -15,6 +15,10 @@
  * Prints a table, or one JSON object with --json. Progress goes to stderr.
  * --controlnet, --ip-adapter [--image-encoder-config FILE]: the adapters' parts (adapters.ts) on the same UNet.
  * --lora-switch (SD 1.5): switching a rank-32 LoCon on and off in a loaded pipeline (lora.ts).
+ * The sgemm peak (peak.ts): with the native kernels in use, their `linear` on a few large shapes, the best rate given
+ * as "sgemm peak (kernels' best shape)" and the UNet step's effective GFLOP/s as a share of it.
+ * --peers [--peer-python PATH]: then the PyTorch and ONNX Runtime peers on the same work, one after the other, and
+ * the ratios ours/peer per part and against the faster peer (peers.ts).
  */
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -38,6 +42,8 @@ import { SD15_PIPELINE } from '../src/pipeline/config.js';
 import { formatHeapPlan, wasmHeapPlan } from '../src/pipeline/wasm-plan.js';
 import { adapterRows, benchControlNet, benchIpAdapter, type ControlNetBench, type IpAdapterBench } from './adapters.js';
 import { benchLoraSwitch, loraRows } from './lora.js';
+import { measureSgemmPeak, shapeName } from './peak.js';
+import { peerTable, runPeers, type PeersReport } from './peers.js';
 
 /**
  * Useful FLOPs (2 x multiply-adds of the convolutions, linears and attention products; norms, activations and the
@@ -154,6 +160,8 @@ const args = await yargs(hideBin(process.argv))
   .option('ip-adapter', { type: 'boolean', default: false, describe: 'also time the image encoder (ViT-H/14), the IP-Adapter tokens and a UNet step with them' })
   .option('lora-switch', { type: 'boolean', default: false, describe: 'SD 1.5: also time switching a random rank-32 LoCon on and off in the loaded pipeline' })
   .option('image-encoder-config', { type: 'string', describe: 'with --ip-adapter: a transformers image encoder config.json instead of ViT-H/14 (e.g. a tiny one)' })
+  .option('peers', { type: 'boolean', default: false, describe: 'then time the PyTorch and ONNX Runtime peers on the same work and print ours/peer' })
+  .option('peer-python', { type: 'string', describe: 'with --peers: the Python with torch, onnxruntime, onnx, numpy (default $SD_PEER_PYTHON, /tmp/peer/bin/python, python3)' })
   .strict()
   .parseAsync();
 
@@ -363,22 +371,35 @@ const loraPart = !args.loraSwitch ? null : await benchLoraSwitch({
   weights: fp16, modelShapes: randomModelShapes(args.model), tokenizer: 'tests/fixtures/tokenizer', cache: args.cache, modelName: weightsName,
   latent: [lh, lw], unetStepFlop: unetFlops, unetStepSeconds: unetStep, runs: args.runs, say,
 });
+const threads = choice.threads ?? cpus().length;
+say('sgemm peak: the kernels\' linear on large shapes');
+const peak = measureSgemmPeak(threads, 3, say);
+const unetGflops = unetFlops / unetStep / 1e9;
+let peers: PeersReport | null = null;
+if (args.peers) {
+  if (args.config !== undefined) say('peers: skipped (they time the full-size models, not a --config)');
+  else peers = await runPeers({ model: args.model, size: width, runs: args.runs, threads, cache: args.cache, python: args.peerPython, say }, { unet: unetStep, vae: vaeDecode });
+}
 const result = {
   model: args.model,
   config: args.config ?? null,
   width,
   height,
   backend: choice.name,
-  threads: choice.threads ?? cpus().length,
+  threads,
   cpu,
   text_encode_s: textEncode,
   unet_cfg_step_s: unetStep,
   unet_cfg_step_tflop: unetFlops / 1e12,
-  unet_gflops: unetFlops / unetStep / 1e9,
+  unet_gflops: unetGflops,
   vae_decode_s: vaeDecode,
   vae_decode_tflop: vaeFlops / 1e12,
   vae_gflops: vaeFlops / vaeDecode / 1e9,
   native_kernels: kernelsProblem() ?? 'in use',
+  /** The kernels' linear at its best of a few large shapes (peak.ts); a string when not measured (why). */
+  sgemm_peak: peak,
+  /** The UNet step's effective GFLOP/s over the sgemm peak. */
+  unet_of_sgemm_peak: typeof peak === 'string' ? null : unetGflops / peak.gflops,
   /** txt2img at the model's size (512x512 for SD 1.5, 1024x1024 for SDXL), 20 steps. */
   txt2img_20_steps_s: measured !== null && args.steps === 20 ? measured : textEncode + 20 * unetStep + vaeDecode,
   txt2img_projected: measured === null || args.steps !== 20,
@@ -398,6 +419,8 @@ const result = {
   controlnet: controlNetPart,
   ip_adapter: ipAdapterPart,
   lora_switch: loraPart,
+  /** --peers: the PyTorch and ONNX Runtime peers' timings of the same parts, and ours/peer. */
+  peers,
 };
 
 if (args.json) {
@@ -410,6 +433,8 @@ if (args.json) {
     [`UNet CFG step (batch 2, ${latentSize})`, `${unetStep.toFixed(2)} s (${result.unet_cfg_step_tflop.toFixed(2)} TFLOP, ${result.unet_gflops.toFixed(0)} GFLOP/s effective)`],
     [`VAE decode (${latentSize} latent)`, `${vaeDecode.toFixed(2)} s (${result.vae_decode_tflop.toFixed(2)} TFLOP, ${result.vae_gflops.toFixed(0)} GFLOP/s effective)`],
     ['native kernels', result.native_kernels],
+    ["sgemm peak (kernels' best shape)", typeof peak === 'string' ? peak : `${peak.gflops.toFixed(1)} GFLOP/s (linear ${shapeName(peak.shape)}, M x K x N, ${peak.threads} threads)`],
+    ['UNet step effective / sgemm peak', result.unet_of_sgemm_peak === null ? 'n/a' : `${(100 * result.unet_of_sgemm_peak).toFixed(0)}%`],
     [`txt2img ${width}x${height}, 20 steps${result.txt2img_projected ? ' (projected from the parts)' : ' (measured, median)'}`, `${result.txt2img_20_steps_s.toFixed(1)} s`],
     ...generations.map((g, i): [string, string] => [
       `  generation ${i + 1} (${args.steps} steps)`,
@@ -427,4 +452,8 @@ if (args.json) {
   if (result.wasm_heap_plan !== null) rows.push(...formatHeapPlan(result.wasm_heap_plan).map((l): [string, string] => ['wasm heap plan (projected)', l]));
   const w = Math.max(...rows.map(([k]) => k.length));
   for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);
+  if (peers !== null) {
+    process.stdout.write(`\npeers, same run, on ${cpu}:\n`);
+    for (const l of peerTable(peers, { unet: `UNet CFG step (batch 2, ${latentSize})`, vae: `VAE decode (${latentSize} latent)` })) process.stdout.write(`${l}\n`);
+  }
 }
