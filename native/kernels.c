@@ -12,7 +12,8 @@
  * where the CPU has AVX-512, a 12x32 tile in 24 of its 32 registers does the same over two panels at once (chosen
  * once when the module loads; both add each output's products in the same order, so they agree bit for bit).
  * The right-hand matrix is packed once into panels of 16 columns ("packWeights", done at model load for weights;
- * per call for attention's K and V). The left-hand rows are not packed at all: the kernel reads each of its 6 rows
+ * per call for attention's K and V); weight panels whose values are all exactly halves (any fp16 checkpoint) are
+ * held as halves ("halvePanels") and widened one 256-deep block at a time, for every row of a block. The left-hand rows are not packed at all: the kernel reads each of its 6 rows
  * through its own pointer, so a convolution reads its input in place, one kernel tap at a time, and a padded tap
  * points at a row of zeros (indirect convolution, Dukhan 2019): no im2col buffer.
  *
@@ -276,18 +277,28 @@ typedef struct {
   /* The shared dimension in blocks that a row provider can serve contiguously (convolution: within one tap). */
   const size_t *kstart;
   size_t kblocks;
-  const float *packed; /* ceil(N/16) panels of [K][16] */
-  epi_t epi;           /* bias and residual */
+  const float *packed;   /* ceil(N/16) panels of [K][16] */
+  const uint16_t *half;  /* or the same panels in IEEE half precision (then packed is NULL) */
+  epi_t epi;             /* bias and residual */
   float *c;
   size_t ldc;
 } gemm_t;
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
+/* out[0, n) = the halves h[0, n) as floats, n a multiple of 16 (F16C: every AVX2 CPU has it). */
+__attribute__((target("avx2,f16c"))) static void widen(const uint16_t *h, size_t n, float *out) {
+  for (size_t i = 0; i < n; i += 16) {
+    _mm256_store_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    _mm256_store_ps(out + i + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i + 8))));
+  }
+}
+
 /* One block of rows [ic, ic + mc) times the panels [jp0, jp1) of B, over the shared blocks [kb0, kb1). */
 AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, size_t jp1, size_t kb0, size_t kb1) {
   const float *rows[MC + MR_MAX];
   float tile[MR_MAX * 2 * NR];
+  float wide[2 * KC * NR] __attribute__((aligned(64))); /* half panels, widened once for all the block's rows */
   const size_t mr = micro.mr;
   for (size_t kb = kb0; kb < kb1; kb++) {
     const size_t k0 = g->kstart[kb], kc = g->kstart[kb + 1] - k0;
@@ -297,8 +308,14 @@ AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, s
     for (size_t jp = jp0; jp < jp1; jp += np) {
       const micro_fn kernel = micro_for(jp, jp1, &np);
       const float *b = g->packed + (jp * g->K + k0) * NR;
+      size_t bstride = g->K * NR;
+      if (g->half) {
+        for (size_t p = 0; p < np; p++) widen(g->half + ((jp + p) * g->K + k0) * NR, kc * NR, wide + p * kc * NR);
+        b = wide;
+        bstride = kc * NR;
+      }
       for (size_t ir = 0; ir < mc; ir += mr) {
-        kernel((int)kc, rows + ir, b, g->K * NR, tile, np * NR, 0);
+        kernel((int)kc, rows + ir, b, bstride, tile, np * NR, 0);
         for (size_t p = 0; p < np; p++) {
           const size_t col0 = (jp + p) * NR;
           write_tile(tile + p * NR, np * NR, g->c + (ic + ir) * g->ldc + col0, g->ldc, (int)min_sz(mr, mc - ir),
@@ -406,6 +423,34 @@ static float *f32(args_t *a, size_t i, const char *name, size_t need, int option
   return data;
 }
 
+/*
+ * Packed panels of at least `need` values: a Float32Array (into *packed), or a Uint16Array of halves from halvePanels
+ * (into *half).
+ */
+static void panels_arg(args_t *a, size_t i, size_t need, const float **packed, const uint16_t **half) {
+  *packed = NULL;
+  *half = NULL;
+  if (a->failed) return;
+  bool is = false;
+  napi_typedarray_type tt;
+  size_t len = 0;
+  void *data = NULL;
+  if (i < a->argc) napi_is_typedarray(a->env, a->argv[i], &is);
+  if (!is || napi_get_typedarray_info(a->env, a->argv[i], &tt, &len, &data, NULL, NULL) != napi_ok ||
+      (tt != napi_float32_array && tt != napi_uint16_array)) {
+    fail(a, "sd_kernels: packed must be a Float32Array, or a Uint16Array of halves");
+    return;
+  }
+  if (len < need) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "sd_kernels: packed holds %zu values, the shapes need %zu", len, need);
+    fail(a, msg);
+    return;
+  }
+  if (tt == napi_float32_array) *packed = data;
+  else *half = data;
+}
+
 static int get_args(napi_env env, napi_callback_info info, napi_value *argv, size_t max, args_t *a) {
   a->env = env;
   a->argv = argv;
@@ -457,6 +502,47 @@ static napi_value pack_weights(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/*
+ * halvePanels(panels Float32Array) -> Uint16Array of the same values as IEEE halves, or null when a value is not
+ * exactly a half (the panels then stay float32). Weights read from an fp16 checkpoint always are: held this way they
+ * take half the memory and compute exactly as before, widened block by block in gemm_block.
+ */
+__attribute__((target("avx2,f16c"))) static int halve(const float *x, size_t n, uint16_t *h) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m128i hv = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 back = _mm256_cvtph_ps(hv);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(back, v, _CMP_EQ_OQ)) != 0xff) return 0;
+    _mm_storeu_si128((__m128i *)(h + i), hv);
+  }
+  for (; i < n; i++) {
+    const __m128i hv = _mm_cvtps_ph(_mm_set_ss(x[i]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (_mm_cvtss_f32(_mm_cvtph_ps(hv)) != x[i]) return 0;
+    h[i] = (uint16_t)_mm_extract_epi16(hv, 0);
+  }
+  return 1;
+}
+
+static napi_value halve_panels(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  args_t a;
+  if (!get_args(env, info, argv, 1, &a)) return NULL;
+  const float *x = f32(&a, 0, "panels", 0, 0);
+  if (a.failed) return NULL;
+  size_t len = 0;
+  napi_get_typedarray_info(env, argv[0], NULL, &len, NULL, NULL, NULL);
+  napi_value buf, out, none;
+  void *data;
+  if (napi_create_arraybuffer(env, len * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
+  if (!halve(x, len, data)) {
+    napi_get_null(env, &none);
+    return none;
+  }
+  napi_create_typedarray(env, napi_uint16_array, len, buf, 0, &out);
+  return out;
+}
+
 /* tuneAllocator(): glibc serves every block from its heap and keeps freed memory for reuse (see src/backend/kernels.ts) */
 
 static napi_value tune_allocator(napi_env env, napi_callback_info info) {
@@ -488,7 +574,9 @@ static napi_value linear(napi_env env, napi_callback_info info) {
   const size_t M = dim(&a, 1, "M"), K = dim(&a, 2, "K"), N = dim(&a, 4, "N");
   const int threads = threads_arg(&a, 7);
   const float *x = f32(&a, 0, "x", M * K, 0);
-  const float *packed = f32(&a, 3, "packed", packed_len(K, N), 0);
+  const float *packed;
+  const uint16_t *half;
+  panels_arg(&a, 3, packed_len(K, N), &packed, &half);
   const float *bias = f32(&a, 5, "bias", N, 1);
   float *out = f32(&a, 6, "out", M * N, 0);
   const float *res = f32(&a, 8, "residual", M * N, 1);
@@ -501,7 +589,7 @@ static napi_value linear(napi_env env, napi_callback_info info) {
   size_t *kstart = malloc(sizeof(size_t) * (K / KC + 2));
   if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
   dense_rows_t rows = { x, K };
-  gemm_t g = { M, N, K, dense_row, &rows, kstart, k_blocks(K, K, kstart), packed, { bias, 0, N, res, N }, out, N };
+  gemm_t g = { M, N, K, dense_row, &rows, kstart, k_blocks(K, K, kstart), packed, half, { bias, 0, N, res, N }, out, N };
   parallel(gemm_task, &g, threads);
   free(kstart);
   return NULL;
@@ -540,7 +628,9 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
   if (!a.failed && (kernel == 0 || stride == 0 || Cin == 0)) fail(&a, "sd_kernels: kernel, stride and Cin must be positive");
   const size_t K = kernel * kernel * Cin;
   const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
-  const float *packed = f32(&a, 5, "packed", packed_len(K, Cout), 0);
+  const float *packed;
+  const uint16_t *half;
+  panels_arg(&a, 5, packed_len(K, Cout), &packed, &half);
   bool per_image = false;
   if (!a.failed && a.argc > 17) napi_get_value_bool(env, argv[17], &per_image);
   const float *bias = f32(&a, 13, "bias", per_image ? B * Cout : Cout, 1);
@@ -551,7 +641,7 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
   if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
   conv_rows_t rows = { x, H, W, Cin, kernel, stride, Hout, Wout, (long)padTop, (long)padLeft };
   const epi_t epi = { bias, per_image ? Hout * Wout : 0, Cout, res, Cout };
-  gemm_t g = { B * Hout * Wout, Cout, K, conv_row, &rows, kstart, k_blocks(K, Cin, kstart), packed, epi, out, Cout };
+  gemm_t g = { B * Hout * Wout, Cout, K, conv_row, &rows, kstart, k_blocks(K, Cin, kstart), packed, half, epi, out, Cout };
   parallel(gemm_task, &g, threads);
   free(kstart);
   return NULL;
@@ -688,7 +778,7 @@ static void wino_task(void *ctx, int t, int nthreads) {
       wino_input(s, b0, n, v);
       for (size_t xi = 0; xi < 16; xi++) {
         dense_rows_t rows = { v + xi * n * s->Cin, s->Cin };
-        gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->packed + xi * one,
+        gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->packed + xi * one, NULL,
                      { NULL, 0, 0, NULL, 0 }, m + xi * n * s->Cout, s->Cout };
         gemm_rows(&g, 0, n);
       }
@@ -1098,7 +1188,7 @@ static napi_value available(napi_env env, napi_callback_info info) {
   (void)info;
   __builtin_cpu_init();
   napi_value r;
-  napi_get_boolean(env, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &r);
+  napi_get_boolean(env, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"), &r);
   return r;
 }
 
@@ -1143,6 +1233,7 @@ NAPI_MODULE_INIT() {
     { "source", NULL, source_hash, NULL, NULL, NULL, napi_default, NULL },
     { "tuneAllocator", NULL, tune_allocator, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
+    { "halvePanels", NULL, halve_panels, NULL, NULL, NULL, napi_default, NULL },
     { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },
     { "conv2d", NULL, conv2d, NULL, NULL, NULL, napi_default, NULL },
     { "packWinograd", NULL, pack_winograd, NULL, NULL, NULL, napi_default, NULL },

@@ -43,6 +43,11 @@ function bothWays(make: (native: boolean) => tf.Tensor): { tfjs: Float32Array; n
   return { tfjs: run(false), native: run(true) };
 }
 
+/** The micro-kernels this CPU runs. */
+function cpuIsas(): ('avx2' | 'avx512')[] {
+  return readFileSync('/proc/cpuinfo', 'utf8').includes(' avx512f') ? ['avx2', 'avx512'] : ['avx2'];
+}
+
 describe.runIf(built)('native kernels', () => {
   const saved = process.env.SD_KERNELS;
   beforeAll(async () => {
@@ -184,6 +189,56 @@ describe.runIf(built)('native kernels', () => {
         expect(Buffer.from(wide.buffer, wide.byteOffset, wide.byteLength).equals(Buffer.from(narrow.buffer, narrow.byteOffset, narrow.byteLength)), name).toBe(true);
         expect(wide.every(Number.isFinite), name).toBe(true);
       }
+    });
+  });
+
+  describe('panels held as halves', () => {
+    /** Values k / 1024, |k| <= 512: every one exactly an IEEE half. */
+    const halves = (n: number) => rand(n).map((v) => Math.round(v * 1024) / 1024);
+    const withFloatPanels = <T>(f: () => T): T => {
+      process.env.SD_HALF_PANELS = '0';
+      try {
+        return f();
+      } finally {
+        delete process.env.SD_HALF_PANELS;
+      }
+    };
+    const bytes = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+
+    it('are used exactly when every weight is a half, at half the bytes', () => {
+      const exact = kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null);
+      expect(exact.panels).toBeInstanceOf(Uint16Array);
+      const float = withFloatPanels(() => kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null));
+      expect(float.panels).toBeInstanceOf(Float32Array);
+      expect(exact.panels.byteLength * 2).toBe(float.panels.byteLength);
+      const w = halves(40 * 24);
+      w[517] += 1 / 8192; // one weight that is not a half keeps the whole matrix float32
+      expect(kernels.packWeight(w, 40, { kind: 'linear' }, null).panels).toBeInstanceOf(Float32Array);
+      const wino = kernels.packWeight(halves(16 * 16 * 9), 16, { kind: 'conv', kernel: 3, winograd: true }, null);
+      expect(wino.panels).toBeInstanceOf(Float32Array); // transformed weights are not halves
+    });
+
+    it.each(cpuIsas())('compute bit for bit what float32 panels compute (%s micro-kernel)', (isa) => {
+      microKernel(isa);
+      const cases: [string, (halfPanels: boolean) => Float32Array][] = [];
+      for (const [m, k, n] of [[7, 300, 48], [13, 768, 320], [37, 50, 1283], [130, 600, 272]]) {
+        const wv = halves(n * k), x = { data: rand(m * k), shape: [m, k] }, b = rand(n);
+        cases.push([`linear ${m}x${k}x${n}`, (h) => {
+          const w = h ? kernels.packWeight(wv, n, { kind: 'linear' }, b) : withFloatPanels(() => kernels.packWeight(wv, n, { kind: 'linear' }, b));
+          expect(w.panels instanceof Uint16Array).toBe(h);
+          return kernels.linearHost(x, w).data;
+        }]);
+      }
+      for (const [cin, cout, kernel, stride] of [[16, 48, 3, 1], [300, 33, 1, 1], [8, 24, 3, 2]]) {
+        const wv = halves(cout * cin * kernel * kernel), x = { data: rand(2 * 9 * 11 * cin), shape: [2, 9, 11, cin] }, b = rand(cout);
+        const pad = (kernel === 3 ? [1, 1, 1, 1] : [0, 0, 0, 0]) as [number, number, number, number];
+        cases.push([`conv ${cin}->${cout} ${kernel}x${kernel}/${stride}`, (h) => {
+          const pack = () => kernels.packWeight(wv, cout, { kind: 'conv', kernel }, b);
+          const w = h ? pack() : withFloatPanels(pack);
+          return kernels.conv2dHost(x, w, { kernel, stride, pad }).data;
+        }]);
+      }
+      for (const [name, f] of cases) expect(bytes(f(true)).equals(bytes(f(false))), name).toBe(true);
     });
   });
 

@@ -33,12 +33,14 @@ interface Addon {
   /** The micro-kernel in use ('avx2' | 'avx512'); with a name, switches to it (RangeError where the CPU lacks it). */
   microKernel(name?: string): string;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
+  /** The panels as IEEE halves, or null when a value is not exactly a half. */
+  halvePanels(panels: Float32Array): Uint16Array | null;
   linear(
-    x: Float32Array, m: number, k: number, packed: Float32Array, n: number, bias: Float32Array | null, out: Float32Array,
+    x: Float32Array, m: number, k: number, packed: Float32Array | Uint16Array, n: number, bias: Float32Array | null, out: Float32Array,
     threads: number, residual: Float32Array | null,
   ): void;
   conv2d(
-    x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array, cout: number, kernel: number,
+    x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array | Uint16Array, cout: number, kernel: number,
     stride: number, padTop: number, padLeft: number, hOut: number, wOut: number, bias: Float32Array | null,
     out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
   ): void;
@@ -91,7 +93,7 @@ function load(): Addon | null {
       return null;
     }
     if (!a.available()) {
-      loadProblem = 'this CPU lacks AVX2 or FMA';
+      loadProblem = 'this CPU lacks AVX2, FMA or F16C';
       return null;
     }
     const isa = process.env.SD_KERNELS_ISA;
@@ -152,11 +154,15 @@ const threads = (): number => Number(process.env.SD_THREADS) || availableParalle
  */
 export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; winograd?: boolean };
 
-/** A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. */
+/**
+ * A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. The panels are IEEE halves
+ * when every weight is exactly one (any weight read from an fp16 checkpoint): half the memory, the same products,
+ * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block).
+ */
 export interface PackedWeight {
   readonly k: number;
   readonly n: number;
-  readonly panels: Float32Array;
+  readonly panels: Float32Array | Uint16Array;
   readonly bias: Float32Array | null;
   /** Packed as the 16 transformed matrices [Cin, Cout] of Winograd F(2x2, 3x3) (then k is Cin). */
   readonly winograd?: boolean;
@@ -182,7 +188,13 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   if (format.kind === 'conv' && format.winograd === true) {
     return { k: k / taps, n: out, panels: kernels().packWinograd(w, k / taps, out), bias, winograd: true };
   }
-  return { k, n: out, panels: kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps), bias };
+  const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
+  return { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
+}
+
+/** Whether packed panels are kept as halves where that is exact (SD_HALF_PANELS=0 keeps them all float32). */
+function halfPanels(): boolean {
+  return process.env.SD_HALF_PANELS !== '0';
 }
 
 /** Called after each native kernel with its name, input shape and milliseconds (bench/profile.ts listens). */
@@ -273,10 +285,12 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   const residual = checkResidual(extras.residual, shape);
   const perImage = extras.imageBias !== undefined;
   if (w.winograd === true) {
+    const panels = w.panels;
+    if (!(panels instanceof Float32Array)) throw new TypeError('Winograd panels are float32 (their transformed weights are not halves)');
     if (!winogradFits(cin, w.n, g) || cin !== w.k) throw new RangeError(`a Winograd-packed weight [${w.k} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
     return timed('conv2d 3x3/1 winograd', x.shape, () => {
       const out = new Float32Array(b * hOut * wOut * w.n);
-      kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage);
+      kernels().conv3x3Winograd(x.data, b, h, wd, cin, panels, w.n, bias, out, threads(), residual, perImage);
       return { data: out, shape };
     });
   }

@@ -15,6 +15,7 @@ import * as tf from '../backend/tf.js';
 import * as kernels from '../backend/kernels.js';
 import type { WeightView } from './weight-view.js';
 import { ConfigError } from './errors.js';
+import { decodeToFloat32 } from '../weights/dtypes.js';
 
 /** Keeps a tensor made at load time out of any enclosing tidy: the module owns it until dispose(). */
 function own<T extends tf.Tensor>(make: () => T): T {
@@ -51,7 +52,9 @@ function channelSlice<T extends tf.Tensor>(x: T, index: number, count: number): 
 
 /** A copy of the values a Linear or Conv2d computes with: its tensors', or its packed panels and bias. */
 function runValues(run: LinearRun | ConvRun): Float32Array[] {
-  const packed = (w: kernels.PackedWeight) => [w.panels.slice(), ...(w.bias === null ? [] : [w.bias.slice()])];
+  const widened = (panels: Float32Array | Uint16Array) =>
+    panels instanceof Uint16Array ? decodeToFloat32(new Uint8Array(panels.buffer, panels.byteOffset, panels.byteLength), 'F16') : panels.slice();
+  const packed = (w: kernels.PackedWeight) => [widened(w.panels), ...(w.bias === null ? [] : [w.bias.slice()])];
   const copies = (tensors: tf.Tensor[]) => tensors.map((t) => Float32Array.from(t.dataSync()));
   if ('panels' in run) return packed(run);
   if ('packed' in run) return packed(run.packed);
