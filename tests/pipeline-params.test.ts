@@ -34,6 +34,7 @@ describe('resolveParams', () => {
       batch: 1,
       noise: 'cpu',
       promptSyntax: 'a1111',
+      padCondUncond: false,
       conventions: 'a1111',
       originalSize: [512, 512],
       cropTopLeft: [0, 0],
