@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import type { GenerateOptions, GenerateParams, GenerateResult } from '../src/pipeline/api.js';
 import type { ParamLimits } from '../src/pipeline/params.js';
 import type { Engine } from '../src/server/engine.js';
+import type { StableDiffusion } from '../src/pipeline/pipeline.js';
 import type { SdServer, ServerOptions } from '../src/server/server.js';
 import type { TensorInfo, TensorSource } from '../src/weights/types.js';
 
@@ -95,3 +96,20 @@ export async function callJson(s: { url: string }, method: string, route: string
 }
 
 export const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
+
+/** The tiny fixture model (tests/fixtures/pipeline) on the cpu backend, as the server tests run it for real. */
+export async function loadTinyModel(): Promise<StableDiffusion> {
+  const [{ initBackend }, { StableDiffusion, pipelineConfigFromLdm }, { readFileSync }] = await Promise.all([
+    import('../src/backend/select.js'),
+    import('../src/pipeline/pipeline.js'),
+    import('node:fs'),
+  ]);
+  await initBackend({ backend: 'cpu', log: null });
+  const config = pipelineConfigFromLdm(JSON.parse(readFileSync(`${TINY_MODEL}/fixture.json`, 'utf8')).config);
+  return StableDiffusion.load({ weights: `${TINY_MODEL}/model.safetensors`, config, tokenizer: 'tests/fixtures/tokenizer' });
+}
+
+export const TINY_MODEL = 'tests/fixtures/pipeline';
+
+/** `engine` lent to a server: its shutdown does not dispose it (the test goes on using it). */
+export const borrowed = (engine: Engine): Engine => ({ limits: engine.limits, generate: (p, o) => engine.generate(p, o), dispose: () => {} });

@@ -4,30 +4,22 @@
  * queue (429), and a table of malformed requests that must all be answered 4xx, leaving the server healthy.
  * Queue edge cases with a fake engine: tests/server-queue.test.ts; load and shutdown: tests/server-load.test.ts.
  */
-import { readFileSync } from 'node:fs';
 import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { initBackend } from '../src/backend/select.js';
-import { StableDiffusion, pipelineConfigFromLdm } from '../src/pipeline/pipeline.js';
+import type { StableDiffusion } from '../src/pipeline/pipeline.js';
 import { parseParameters } from '../src/image/parameters.js';
 import { readPngParameters } from '../src/image/codec.js';
-import type { Engine } from '../src/server/engine.js';
 import { SdServer } from '../src/server/server.js';
+import { borrowed, loadTinyModel } from './helpers.js';
 
-const FIXTURE = 'tests/fixtures/pipeline';
 const KEY = 'test-key-123';
 const AUTH = { authorization: `Bearer ${KEY}` };
 
 let engine: StableDiffusion;
 let server: SdServer;
 let outDir = '';
-
-async function loadFixtureModel(): Promise<StableDiffusion> {
-  const config = pipelineConfigFromLdm(JSON.parse(readFileSync(`${FIXTURE}/fixture.json`, 'utf8')).config);
-  return StableDiffusion.load({ weights: `${FIXTURE}/model.safetensors`, config, tokenizer: 'tests/fixtures/tokenizer' });
-}
 
 interface Answer {
   readonly status: number;
@@ -54,13 +46,11 @@ async function until<T>(what: string, get: () => Promise<T>, ok: (v: T) => boole
 }
 
 beforeAll(async () => {
-  await initBackend({ backend: 'cpu', log: null });
-  engine = await loadFixtureModel();
+  engine = await loadTinyModel();
   outDir = await mkdtemp(path.join(tmpdir(), 'sd-server-'));
   // The engine outlives this server: the test compares against it directly after the server used it.
-  const shared: Engine = { limits: engine.limits, generate: (p, o) => engine.generate(p, o), dispose: () => {} };
   server = await SdServer.start(
-    { loadEngine: async () => shared, outputs: outDir, apiKey: KEY, backend: () => 'cpu' },
+    { loadEngine: async () => borrowed(engine), outputs: outDir, apiKey: KEY, backend: () => 'cpu' },
     { port: 0, host: '127.0.0.1' },
   );
   await server.ready();
