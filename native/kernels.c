@@ -427,7 +427,7 @@ static float *f32(args_t *a, size_t i, const char *name, size_t need, int option
  * Packed panels of at least `need` values: a Float32Array (into *packed), or a Uint16Array of halves from halvePanels
  * (into *half).
  */
-static void panels_arg(args_t *a, size_t i, size_t need, const float **packed, const uint16_t **half) {
+static void panels_arg(args_t *a, size_t i, size_t need, size_t need_half, const float **packed, const uint16_t **half) {
   *packed = NULL;
   *half = NULL;
   if (a->failed) return;
@@ -441,6 +441,7 @@ static void panels_arg(args_t *a, size_t i, size_t need, const float **packed, c
     fail(a, "sd_kernels: packed must be a Float32Array, or a Uint16Array of halves");
     return;
   }
+  if (tt == napi_uint16_array) need = need_half;
   if (len < need) {
     char msg[160];
     snprintf(msg, sizeof msg, "sd_kernels: packed holds %zu values, the shapes need %zu", len, need);
@@ -576,7 +577,7 @@ static napi_value linear(napi_env env, napi_callback_info info) {
   const float *x = f32(&a, 0, "x", M * K, 0);
   const float *packed;
   const uint16_t *half;
-  panels_arg(&a, 3, packed_len(K, N), &packed, &half);
+  panels_arg(&a, 3, packed_len(K, N), packed_len(K, N), &packed, &half);
   const float *bias = f32(&a, 5, "bias", N, 1);
   float *out = f32(&a, 6, "out", M * N, 0);
   const float *res = f32(&a, 8, "residual", M * N, 1);
@@ -630,7 +631,7 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
   const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
   const float *packed;
   const uint16_t *half;
-  panels_arg(&a, 5, packed_len(K, Cout), &packed, &half);
+  panels_arg(&a, 5, packed_len(K, Cout), packed_len(K, Cout), &packed, &half);
   bool per_image = false;
   if (!a.failed && a.argc > 17) napi_get_value_bool(env, argv[17], &per_image);
   const float *bias = f32(&a, 13, "bias", per_image ? B * Cout : Cout, 1);
@@ -658,37 +659,91 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
 
 #define WT 96 /* tiles per block: a block's transformed inputs for one xi (96 x Cin) stay in L2 through its GEMM */
 
+/*
+ * The weights of a 3x3 conv as "taps": per panel of 16 output channels and input channel, the 9 taps of 16 outputs,
+ * [ceil(Cout/16)][Cin][9][16] (outputs past Cout are zero); wino_weights turns them into the 16 matrices U_xi.
+ */
+static void wino_taps(const float *w, size_t Cin, size_t Cout, float *taps) {
+  for (size_t co = 0; co < Cout; co++)
+    for (size_t ci = 0; ci < Cin; ci++)
+      for (int k = 0; k < 9; k++) taps[(((co / NR) * Cin + ci) * 9 + (size_t)k) * NR + co % NR] = w[(co * Cin + ci) * 9 + (size_t)k];
+}
+
+/*
+ * U_xi = (G g G^T)[xi] for the output panels [cp0, cp1), 16 outputs per vector: from taps as floats (tf) or as
+ * halves (th), into p (16 packed matrices, each packed_len(Cin, Cout) apart). Every U is summed in the same order
+ * whichever the source, so a conv computes the same from either.
+ */
+typedef struct { const float *tf; const uint16_t *th; float *p; size_t Cin, Cout; } wino_w_t;
+
+__attribute__((target("avx2,f16c"))) static void wino_weights(const wino_w_t *s, size_t cp0, size_t cp1) {
+  const size_t one = packed_len(s->Cin, s->Cout);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  for (size_t cp = cp0; cp < cp1; cp++)
+    for (size_t ci = 0; ci < s->Cin; ci++)
+      for (int lane = 0; lane < 2; lane++) { /* 16 outputs as two vectors of 8 */
+        const size_t at = (cp * s->Cin + ci) * 9 * NR + (size_t)lane * 8;
+        __m256 g[9], t[4][3];
+        for (int k = 0; k < 9; k++)
+          g[k] = s->th ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s->th + at + (size_t)k * NR))) : _mm256_loadu_ps(s->tf + at + (size_t)k * NR);
+        for (int j = 0; j < 3; j++) { /* t = G g (rows) */
+          t[0][j] = g[j];
+          t[1][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(g[j], g[3 + j]), g[6 + j]));
+          t[2][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(g[j], g[3 + j]), g[6 + j]));
+          t[3][j] = g[6 + j];
+        }
+        float *o = s->p + (cp * s->Cin + ci) * NR + (size_t)lane * 8;
+        for (int i = 0; i < 4; i++) { /* u = t G^T (columns) */
+          _mm256_storeu_ps(o + (size_t)(4 * i) * one, t[i][0]);
+          _mm256_storeu_ps(o + (size_t)(4 * i + 1) * one, _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2])));
+          _mm256_storeu_ps(o + (size_t)(4 * i + 2) * one, _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2])));
+          _mm256_storeu_ps(o + (size_t)(4 * i + 3) * one, t[i][2]);
+        }
+      }
+}
+
+static void wino_weights_task(void *ctx, int t, int n) {
+  const wino_w_t *s = ctx;
+  const size_t panels = (s->Cout + NR - 1) / NR;
+  wino_weights(s, panels * (size_t)t / (size_t)n, panels * (size_t)(t + 1) / (size_t)n);
+}
+
+/*
+ * packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout, asTaps) -> the 16 packed matrices U_xi (Float32Array); with
+ * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][Cin][9][16]), or null when a weight is not
+ * exactly a half: 9/32 of the memory, turned into U_xi by each call (a few milliseconds beside the conv's GEMMs).
+ */
 static napi_value pack_winograd(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
+  napi_value argv[4];
   args_t a;
-  if (!get_args(env, info, argv, 3, &a)) return NULL;
+  if (!get_args(env, info, argv, 4, &a)) return NULL;
   const size_t Cin = dim(&a, 1, "Cin"), Cout = dim(&a, 2, "Cout");
   const float *w = f32(&a, 0, "w", Cout * Cin * 9, 0);
+  bool as_taps = false;
+  if (!a.failed && a.argc > 3) napi_get_value_bool(env, argv[3], &as_taps);
   if (a.failed) return NULL;
-  const size_t one = packed_len(Cin, Cout), len = 16 * one;
+  const size_t ntaps = packed_len(9 * Cin, Cout);
+  float *taps = calloc(ntaps, sizeof(float));
+  if (!taps) { fail(&a, "sd_kernels: out of memory"); return NULL; }
+  wino_taps(w, Cin, Cout, taps);
   napi_value buf, out;
   void *data;
-  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
-  float *p = data;
-  memset(p, 0, len * sizeof(float));
-  for (size_t co = 0; co < Cout; co++)
-    for (size_t ci = 0; ci < Cin; ci++) {
-      const float *g = w + (co * Cin + ci) * 9;
-      float t[4][3], u[4][4]; /* t = G g (rows), u = t G^T */
-      for (int j = 0; j < 3; j++) {
-        t[0][j] = g[j];
-        t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-        t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-        t[3][j] = g[6 + j];
-      }
-      for (int i = 0; i < 4; i++) {
-        u[i][0] = t[i][0];
-        u[i][1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-        u[i][2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-        u[i][3] = t[i][2];
-      }
-      for (int xi = 0; xi < 16; xi++) p[xi * one + ((co / NR) * Cin + ci) * NR + co % NR] = u[xi / 4][xi % 4];
+  if (as_taps) {
+    if (napi_create_arraybuffer(env, ntaps * sizeof(uint16_t), &data, &buf) != napi_ok) { free(taps); return NULL; }
+    const int exact = halve(taps, ntaps, data);
+    free(taps);
+    if (!exact) {
+      napi_get_null(env, &out);
+      return out;
     }
+    napi_create_typedarray(env, napi_uint16_array, ntaps, buf, 0, &out);
+    return out;
+  }
+  const size_t len = 16 * packed_len(Cin, Cout);
+  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) { free(taps); return NULL; }
+  const wino_w_t ws = { taps, NULL, data, Cin, Cout };
+  wino_weights(&ws, 0, (Cout + NR - 1) / NR);
+  free(taps);
   napi_create_typedarray(env, napi_float32_array, len, buf, 0, &out);
   return out;
 }
@@ -798,7 +853,9 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   const int threads = threads_arg(&a, 9);
   if (!a.failed && (Cin == 0 || Cin % 8 || Cout % 8)) fail(&a, "sd_kernels: conv3x3Winograd needs Cin and Cout that are positive multiples of 8");
   const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
-  const float *packed = f32(&a, 5, "packed", 16 * packed_len(Cin, Cout), 0);
+  const float *packed;
+  const uint16_t *taps;
+  panels_arg(&a, 5, 16 * packed_len(Cin, Cout), packed_len(9 * Cin, Cout), &packed, &taps);
   bool per_image = false;
   if (!a.failed && a.argc > 11) napi_get_value_bool(env, argv[11], &per_image);
   const float *bias = f32(&a, 7, "bias", per_image ? B * Cout : Cout, 1);
@@ -806,11 +863,18 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   const float *res = f32(&a, 10, "residual", B * H * W * Cout, 1);
   if (a.failed || B * H * W == 0 || Cout == 0) return NULL;
   size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
-  if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  float *made = taps ? malloc(sizeof(float) * 16 * packed_len(Cin, Cout)) : NULL; /* U_xi from the taps, this call */
+  if (!kstart || !zero_row(KC) || (taps && !made)) { free(kstart); free(made); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  if (taps) {
+    const wino_w_t ws = { NULL, taps, made, Cin, Cout };
+    parallel(wino_weights_task, (void *)&ws, threads);
+    packed = made;
+  }
   const size_t th = (H + 1) / 2, tw = (W + 1) / 2;
   wino_t s = { x, packed, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, kstart, k_blocks(Cin, Cin, kstart) };
   parallel(wino_task, &s, threads);
   free(kstart);
+  free(made);
   return NULL;
 }
 

@@ -214,8 +214,13 @@ describe.runIf(built)('native kernels', () => {
       const w = halves(40 * 24);
       w[517] += 1 / 8192; // one weight that is not a half keeps the whole matrix float32
       expect(kernels.packWeight(w, 40, { kind: 'linear' }, null).panels).toBeInstanceOf(Float32Array);
-      const wino = kernels.packWeight(halves(16 * 16 * 9), 16, { kind: 'conv', kernel: 3, winograd: true }, null);
-      expect(wino.panels).toBeInstanceOf(Float32Array); // transformed weights are not halves
+      // Winograd keeps the untransformed taps as halves: 9/32 of the bytes of its 16 transformed float32 matrices
+      const wv = halves(40 * 24 * 9);
+      const wino = kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null);
+      const winoFloat = withFloatPanels(() => kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null));
+      expect(wino.panels).toBeInstanceOf(Uint16Array);
+      expect(winoFloat.panels).toBeInstanceOf(Float32Array);
+      expect(wino.panels.byteLength * 32).toBe(winoFloat.panels.byteLength * 9);
     });
 
     it.each(cpuIsas())('compute bit for bit what float32 panels compute (%s micro-kernel)', (isa) => {
@@ -229,12 +234,14 @@ describe.runIf(built)('native kernels', () => {
           return kernels.linearHost(x, w).data;
         }]);
       }
-      for (const [cin, cout, kernel, stride] of [[16, 48, 3, 1], [300, 33, 1, 1], [8, 24, 3, 2]]) {
+      const convs = [[16, 48, 3, 1, false], [300, 33, 1, 1, false], [8, 24, 3, 2, false], [24, 40, 3, 1, true], [264, 8, 3, 1, true], [16, 16, 3, 1, true]] as const;
+      for (const [cin, cout, kernel, stride, winograd] of convs) {
         const wv = halves(cout * cin * kernel * kernel), x = { data: rand(2 * 9 * 11 * cin), shape: [2, 9, 11, cin] }, b = rand(cout);
         const pad = (kernel === 3 ? [1, 1, 1, 1] : [0, 0, 0, 0]) as [number, number, number, number];
-        cases.push([`conv ${cin}->${cout} ${kernel}x${kernel}/${stride}`, (h) => {
-          const pack = () => kernels.packWeight(wv, cout, { kind: 'conv', kernel }, b);
+        cases.push([`conv ${cin}->${cout} ${kernel}x${kernel}/${stride}${winograd ? ' Winograd' : ''}`, (h) => {
+          const pack = () => kernels.packWeight(wv, cout, { kind: 'conv', kernel, winograd }, b);
           const w = h ? pack() : withFloatPanels(pack);
+          expect(w.panels instanceof Uint16Array).toBe(h);
           return kernels.conv2dHost(x, w, { kernel, stride, pad }).data;
         }]);
       }
@@ -275,7 +282,9 @@ describe.runIf(built)('native kernels', () => {
     expect(() => addon.attention(f(80), f(80), f(79), 1, 2, 2, 1, 40, 0.1, f(80), 2)).toThrow(/v holds 79 floats/);
     expect(() => addon.attention(f(80), f(80), f(80), 1, 2, 2, 1.5, 40, 0.1, f(80), 2)).toThrow(/heads must be a non-negative integer/);
     expect(() => addon.conv3x3Winograd(f(12), 1, 2, 2, 3, f(16 * 16 * 3), 8, null, f(32), 2, null, false)).toThrow(/multiples of 8/);
-    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, f(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 floats/);
+    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, f(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 values, the shapes need 2048/);
+    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, new Uint16Array(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 values, the shapes need 1152/);
+    expect(() => addon.linear(new Float32Array(8), 2, 4, new Int32Array(64), 3, null, new Float32Array(6), 2)).toThrow(/packed must be a Float32Array, or a Uint16Array of halves/);
   });
 
   it('the model fixtures pass their parity checks with every layer on the kernels', async () => {

@@ -44,9 +44,11 @@ interface Addon {
     stride: number, padTop: number, padLeft: number, hOut: number, wOut: number, bias: Float32Array | null,
     out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
   ): void;
-  packWinograd(w: Float32Array, cin: number, cout: number): Float32Array;
+  /** The 16 transformed matrices; with asTaps, the untransformed taps as halves (null when not exact). */
+  packWinograd(w: Float32Array, cin: number, cout: number, asTaps?: false): Float32Array;
+  packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true): Uint16Array | null;
   conv3x3Winograd(
-    x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array, cout: number,
+    x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array | Uint16Array, cout: number,
     bias: Float32Array | null, out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
   ): void;
   attention(
@@ -157,14 +159,15 @@ export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; wi
 /**
  * A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. The panels are IEEE halves
  * when every weight is exactly one (any weight read from an fp16 checkpoint): half the memory, the same products,
- * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block).
+ * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block). A Winograd weight as halves holds
+ * its untransformed taps (9/32 of the transformed matrices' bytes), transformed by each call.
  */
 export interface PackedWeight {
   readonly k: number;
   readonly n: number;
   readonly panels: Float32Array | Uint16Array;
   readonly bias: Float32Array | null;
-  /** Packed as the 16 transformed matrices [Cin, Cout] of Winograd F(2x2, 3x3) (then k is Cin). */
+  /** Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves. */
   readonly winograd?: boolean;
 }
 
@@ -186,7 +189,9 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const k = w.length / out;
   if (format.kind === 'conv' && format.winograd === true) {
-    return { k: k / taps, n: out, panels: kernels().packWinograd(w, k / taps, out), bias, winograd: true };
+    const cin = k / taps;
+    const halves = halfPanels() ? kernels().packWinograd(w, cin, out, true) : null;
+    return { k: cin, n: out, panels: halves ?? kernels().packWinograd(w, cin, out), bias, winograd: true };
   }
   const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
   return { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
@@ -285,12 +290,10 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   const residual = checkResidual(extras.residual, shape);
   const perImage = extras.imageBias !== undefined;
   if (w.winograd === true) {
-    const panels = w.panels;
-    if (!(panels instanceof Float32Array)) throw new TypeError('Winograd panels are float32 (their transformed weights are not halves)');
     if (!winogradFits(cin, w.n, g) || cin !== w.k) throw new RangeError(`a Winograd-packed weight [${w.k} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
     return timed('conv2d 3x3/1 winograd', x.shape, () => {
       const out = new Float32Array(b * hOut * wOut * w.n);
-      kernels().conv3x3Winograd(x.data, b, h, wd, cin, panels, w.n, bias, out, threads(), residual, perImage);
+      kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage);
       return { data: out, shape };
     });
   }
