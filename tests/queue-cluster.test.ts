@@ -181,7 +181,7 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
   }, 60_000);
 
   it("previews across processes: GET /jobs/:id's preview, /jobs/:id/preview.png and the event stream's preview events", async () => {
-    const s = await call('POST', '/jobs', { ...LONG, uid: 'preview-1' });
+    const s = await call('POST', '/jobs', { ...LONG, width: 64, height: 64, uid: 'preview-1' }); // long enough to watch
     const id = String(s.json.id);
     const running = await until('a preview', () => job(id), (a) => a.json.status === 'running' && a.json.preview !== null && a.json.preview !== undefined);
     expect(running.json.preview).toBe(`/jobs/${id}/preview.png`);
@@ -192,11 +192,11 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     expect(png.headers.get('x-sd-total')).toBe('200');
     const bytes = Buffer.from(await png.arrayBuffer());
     expect(bytes.subarray(1, 4).toString()).toBe('PNG');
-    expect(bytes.readUInt32BE(16)).toBe(8); // 32 px at the fixture VAE's factor 4: the approx preview
+    expect(bytes.readUInt32BE(16)).toBe(16); // 64 px at the fixture VAE's factor 4: the approx preview
     const seen = await events(id, (e) => e.some((x) => x.event === 'preview') && e.some((x) => x.event === 'progress'));
     expect(seen[0]).toMatchObject({ event: 'status', data: { id, status: 'running' } });
     expect(seen.find((x) => x.event === 'progress')?.data).toMatchObject({ total: 200 });
-    expect(seen.find((x) => x.event === 'preview')?.data).toMatchObject({ total: 200, width: 8, height: 8, decoder: 'approx', url: expect.stringMatching(new RegExp(`^/jobs/${id}/preview\\.png\\?step=\\d+$`)) });
+    expect(seen.find((x) => x.event === 'preview')?.data).toMatchObject({ total: 200, width: 16, height: 16, decoder: 'approx', url: expect.stringMatching(new RegExp(`^/jobs/${id}/preview\\.png\\?step=\\d+$`)) });
     const p = await call('GET', '/sdapi/v1/progress');
     expect(Buffer.from(String(p.json.current_image), 'base64').subarray(1, 4).toString()).toBe('PNG');
     expect((await call('DELETE', `/jobs/${id}`)).status).toBe(202);

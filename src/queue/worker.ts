@@ -81,6 +81,8 @@ interface Running {
 
 /** Seconds a preview stays in Redis when its worker never removes it (killed mid-job). */
 const PREVIEW_TTL_S = 600;
+/** A preview at most this often (ms): fast steps (a small model) would otherwise spend more on previews than on steps. */
+const PREVIEW_EVERY_MS = 250;
 
 const SHUTDOWN = 'shutdown';
 
@@ -280,7 +282,8 @@ export class QueueWorker {
 /**
  * One job's progress and previews into Redis, in order and one write at a time: a preview is encoded to PNG and set
  * under `sd:preview:<id>` before the progress that names its step; a preview made while the last one is still being
- * written replaces the one waiting (only the latest matters). close() removes the key once the job ends.
+ * written replaces the one waiting (only the latest matters), and one made within PREVIEW_EVERY_MS of the last one
+ * written is let go. close() removes the key once the job ends.
  */
 class PreviewWriter {
   private step = 0;
@@ -289,6 +292,7 @@ class PreviewWriter {
   private waiting: StepPreview | null = null;
   private writing: Promise<void> | null = null;
   private closed = false;
+  private writtenAt = 0;
 
   constructor(
     private readonly redis: Redis,
@@ -303,6 +307,7 @@ class PreviewWriter {
   }
 
   preview(p: StepPreview): void {
+    if (Date.now() - this.writtenAt < PREVIEW_EVERY_MS) return;
     this.waiting = p;
     this.writing ??= this.drain().finally(() => (this.writing = null));
   }
@@ -321,6 +326,7 @@ class PreviewWriter {
     while (this.waiting !== null && !this.closed) {
       const p = this.waiting;
       this.waiting = null;
+      this.writtenAt = Date.now();
       try {
         const png = await encodePng({ rgb: p.rgb, width: p.width, height: p.height });
         if (png.length > MAX_PREVIEW_BYTES || this.closed) continue;
