@@ -9,17 +9,15 @@
  *   included, and override_settings), a GIMP plugin's img2img (init_images, denoising_strength, mask null).
  * A second server with --api-auth, an API key and one place in the queue (maxQueue 1) tests auth and the full queue.
  */
-import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { initBackend } from '../src/backend/select.js';
-import { StableDiffusion, pipelineConfigFromLdm } from '../src/pipeline/pipeline.js';
+import type { StableDiffusion } from '../src/pipeline/pipeline.js';
 import { parseParameters } from '../src/image/parameters.js';
 import { readPngParameters } from '../src/image/codec.js';
-import type { Engine } from '../src/server/engine.js';
 import { SdServer } from '../src/server/server.js';
+import { borrowed, loadTinyModel } from './helpers.js';
 
 const FIXTURE = 'tests/fixtures/pipeline';
 const KEY = 'a1111-test-key';
@@ -70,16 +68,13 @@ function read(a: Answer): { pngs: Buffer[]; info: Record<string, unknown>; texts
 async function start(o: { apiKey?: string; apiAuth?: string; maxQueue?: number }): Promise<SdServer> {
   const dir = await mkdtemp(path.join(tmpdir(), 'sd-a1111-'));
   dirs.push(dir);
-  const shared: Engine = { limits: engine.limits, generate: (p, g) => engine.generate(p, g), dispose: () => {} };
-  const s = await SdServer.start({ loadEngine: async () => shared, outputs: dir, weights: `${FIXTURE}/model.safetensors`, ...o }, { port: 0, host: '127.0.0.1' });
+  const s = await SdServer.start({ loadEngine: async () => borrowed(engine), outputs: dir, weights: `${FIXTURE}/model.safetensors`, ...o }, { port: 0, host: '127.0.0.1' });
   await s.ready();
   return s;
 }
 
 beforeAll(async () => {
-  await initBackend({ backend: 'cpu', log: null });
-  const config = pipelineConfigFromLdm(JSON.parse(readFileSync(`${FIXTURE}/fixture.json`, 'utf8')).config);
-  engine = await StableDiffusion.load({ weights: `${FIXTURE}/model.safetensors`, config, tokenizer: 'tests/fixtures/tokenizer' });
+  engine = await loadTinyModel();
   open = await start({});
   guarded = await start({ apiKey: KEY, apiAuth: USERS, maxQueue: 1 });
 });
@@ -227,6 +222,21 @@ describe('A1111 API: clients as they are', () => {
     expect(png.json.parameters).toMatchObject({ Prompt: 'a fern, watercolor', Seed: '11' });
   });
 
+  it("pad_cond_uncond (override_settings, then options): prompt and negative prompt padded to one length, the PNG says 'Pad conds: True'", async () => {
+    const long = { prompt: Array.from({ length: 90 }, (_, i) => `word${i}`).join(' '), negative_prompt: 'blurry', steps: 1, seed: 3, width: 32, height: 32 };
+    const plain = read(await call(open, 'POST', '/sdapi/v1/txt2img', long));
+    expect(plain.texts[0]).not.toContain('Pad conds');
+    const padded = read(await call(open, 'POST', '/sdapi/v1/txt2img', { ...long, override_settings: { pad_cond_uncond: true } }));
+    expect(padded.texts[0]).toContain('Pad conds: True');
+    expect((await call(open, 'POST', '/sdapi/v1/options', { pad_cond_uncond: 'true' })).status).toBe(200);
+    expect((await call(open, 'GET', '/sdapi/v1/options')).json.pad_cond_uncond).toBe(true);
+    try {
+      expect(read(await call(open, 'POST', '/sdapi/v1/txt2img', long)).texts[0]).toContain('Pad conds: True');
+    } finally {
+      expect((await call(open, 'POST', '/sdapi/v1/options', { pad_cond_uncond: false })).status).toBe(200);
+    }
+  });
+
   it('numbers as strings and integral floats, sampler_index alone, an unknown sampler falling back to Euler', async () => {
     const { info } = read(await call(open, 'POST', '/sdapi/v1/txt2img', { prompt: 'x', steps: '1', cfg_scale: '7.0', seed: '-1', width: 32.0, height: '32', sampler_index: 'k_euler' }));
     expect(info).toMatchObject({ steps: 1, cfg_scale: 7, width: 32, sampler_name: 'Euler' });
@@ -305,6 +315,8 @@ const MALFORMED: readonly (readonly [string, string, unknown, string])[] = [
   ['"Only masked" inpainting', 'img2img', { prompt: 'x', init_images: ['iVBORw0KGgo='], mask: 'iVBORw0KGgo=', inpaint_full_res: true }, 'inpaint_full_res'],
   ['denoising_strength 2', 'img2img', { prompt: 'x', init_images: ['iVBORw0KGgo='], denoising_strength: 2 }, 'denoising_strength'],
   ['samples_format jpg', 'options', { samples_format: 'jpg' }, 'samples_format'],
+  ['pad_cond_uncond not a boolean', 'txt2img', { prompt: 'x', override_settings: { pad_cond_uncond: 'sometimes' } }, 'override_settings.pad_cond_uncond'],
+  ['pad_cond_uncond in options not a boolean', 'options', { pad_cond_uncond: 2 }, 'options.pad_cond_uncond'],
   ['png-info image a number', 'png-info', { image: 5 }, 'image'],
 ];
 

@@ -187,6 +187,7 @@ export function toGenerateParams(g: A1111Generation, s: Settings, i: number, ima
     width: g.width,
     height: g.height,
     clipSkip: s.clipSkip,
+    ...(s.padCondUncond ? { padCondUncond: true } : {}),
     noise: s.noise,
     ...(initImage !== undefined ? { initImage, strength: g.strength ?? undefined } : {}),
     ...(mask !== undefined ? { mask } : {}),
