@@ -13,6 +13,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cannotOpen } from '../weights/files.js';
 import { openWeightFile } from '../weights/open.js';
+import { DelegatingSource } from '../weights/delegating.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 import type { UNetConfig } from '../unet/config.js';
 import { checkFitsUNet, controlNetConfig, controlNetConfigFromDiffusers, type ControlNetConfig, type DiffusersControlNetJson } from './config.js';
@@ -34,38 +35,32 @@ export interface OpenedControlNet {
 const FOLDER_FILES = ['diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.fp16.safetensors', 'diffusion_pytorch_model.bin', 'diffusion_pytorch_model.fp16.bin'];
 
 /** A diffusers ControlNetModel weight file under the original names (`control_model.*`). */
-class RenamedSource implements TensorSource {
+class RenamedSource extends DelegatingSource {
   constructor(
-    private readonly inner: TensorSource,
+    base: TensorSource,
     private readonly names: ReadonlyMap<string, string>,
-  ) {}
-
-  get path(): string {
-    return this.inner.path;
+  ) {
+    super(base);
   }
 
-  keys(): string[] {
+  override keys(): string[] {
     return [...this.names.keys()];
   }
 
-  has(key: string): boolean {
+  override has(key: string): boolean {
     return this.names.has(key);
   }
 
-  info(key: string): TensorInfo {
-    return this.inner.info(this.mapped(key));
+  override info(key: string): TensorInfo {
+    return this.base.info(this.mapped(key));
   }
 
-  bytes(key: string): Uint8Array {
-    return this.inner.bytes(this.mapped(key));
+  override bytes(key: string): Uint8Array {
+    return this.base.bytes(this.mapped(key));
   }
 
-  float32(key: string): Float32Array {
-    return this.inner.float32(this.mapped(key));
-  }
-
-  close(): void {
-    this.inner.close();
+  override float32(key: string): Float32Array {
+    return this.base.float32(this.mapped(key));
   }
 
   private mapped(key: string): string {

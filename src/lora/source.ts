@@ -8,6 +8,7 @@
  * weight of the model, or one whose shapes do not fit is refused (LoraError) naming the first such module.
  * Merging runs when a weight is read, once per read; the models read each weight once, at load.
  */
+import { DelegatingSource } from '../weights/delegating.js';
 import type { TensorInfo, TensorSource } from '../weights/types.js';
 import { readLora } from './format.js';
 import { loraTargets, sdxlModuleHint } from './keys.js';
@@ -73,46 +74,33 @@ export function withLoraFiles(base: TensorSource, specs: readonly LoraSpec[]): T
   return withLoras(base, readLoras(specs));
 }
 
-class LoraMergedSource implements TensorSource {
+/** `base` with the LoRAs' deltas added to the weights they touch (float32), every other tensor as it was. */
+class LoraMergedSource extends DelegatingSource {
   constructor(
-    private readonly base: TensorSource,
+    base: TensorSource,
     /** What was applied, in order. */
     readonly loras: readonly AppliedLora[],
     private readonly merged: ReadonlyMap<string, readonly BoundModule[]>,
-  ) {}
-
-  get path(): string {
-    return this.base.path;
+  ) {
+    super(base);
   }
 
-  keys(): string[] {
-    return this.base.keys();
-  }
-
-  has(key: string): boolean {
-    return this.base.has(key);
-  }
-
-  info(key: string): TensorInfo {
+  override info(key: string): TensorInfo {
     const info = this.base.info(key);
     return this.merged.has(key) ? { dtype: 'F32', shape: info.shape } : info;
   }
 
-  bytes(key: string): Uint8Array {
+  override bytes(key: string): Uint8Array {
     if (!this.merged.has(key)) return this.base.bytes(key);
     const w = this.float32(key);
     return new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
   }
 
-  float32(key: string): Float32Array {
+  override float32(key: string): Float32Array {
     const parts = this.merged.get(key);
     if (parts === undefined) return this.base.float32(key);
     const w = this.base.float32(key).slice(); // a copy: whatever the base hands out stays as it was
     for (const { module, multiplier } of parts) addLoraDelta(w, module, multiplier);
     return w;
-  }
-
-  close(): void {
-    this.base.close();
   }
 }

@@ -13,7 +13,8 @@
  * wasm's default) builds its layers anew at every use, from that copy: the copy records itself instead, and a reload
  * serves the new values from it in place of the old, which it keeps to put back.
  */
-import type { TensorInfo, TensorSource } from '../weights/types.js';
+import { DelegatingSource } from '../weights/delegating.js';
+import type { TensorSource } from '../weights/types.js';
 import type { HostTensors } from './residency.js';
 
 /** Loads a layer's weights again from `src` and puts them in use; returns what puts the previous ones back. */
@@ -91,37 +92,11 @@ function asFloat32(bytes: Uint8Array): Float32Array {
 }
 
 /** A TensorSource whose loads are logged: it serves `base` unchanged. */
-export class LoggedSource implements TensorSource {
+export class LoggedSource extends DelegatingSource {
   constructor(
-    private readonly base: TensorSource,
+    base: TensorSource,
     readonly log: LayerLog,
-  ) {}
-
-  get path(): string {
-    return this.base.path;
-  }
-
-  keys(): string[] {
-    return this.base.keys();
-  }
-
-  has(key: string): boolean {
-    return this.base.has(key);
-  }
-
-  info(key: string): TensorInfo {
-    return this.base.info(key);
-  }
-
-  bytes(key: string): Uint8Array {
-    return this.base.bytes(key);
-  }
-
-  float32(key: string): Float32Array {
-    return this.base.float32(key);
-  }
-
-  close(): void {
-    this.base.close();
+  ) {
+    super(base);
   }
 }
