@@ -4,7 +4,9 @@
  *   torch        ../shared/peers/torch_sd_bench.py: the SD 1.5 / SDXL base UNet and VAE decoder as PyTorch users run
  *                them (fp32, channels_last, scaled_dot_product_attention), random weights;
  *   onnxruntime  bench/peers/onnx_sd_bench.py: the same modules exported with torch.onnx.export (cached under
- *                <--cache>/onnx) and run on onnxruntime's CPU execution provider, every graph optimisation on.
+ *                <--cache>/onnx; attention as onnxruntime's fused MultiHeadAttention) and run on onnxruntime's CPU
+ *                execution provider, every graph optimisation on. SDXL's UNet (10.3 GB of fp32 weights) is skipped,
+ *                with the reason in the table, where the machine has too little free memory to export and run it.
  * Both print one JSON line per part (median of N timed runs after a warm-up), which is parsed here, and the ratios
  * ours/peer are computed per part and against the faster peer ("best").
  *
@@ -235,8 +237,10 @@ export function peerTable(r: PeersReport, labels: Record<PartName, string>): str
   const out = [fmt(head), ...rows.map(fmt)];
   for (const name of PEER_NAMES) {
     const p = r[name];
+    const attention = (p.unet ?? p.vae)?.line.attention;
     const what = p.status === 'ok'
-      ? `${name} ${p.version ?? ''}, ${p.unet?.threads ?? p.vae?.threads ?? '?'} threads, ${p.seconds.toFixed(0)} s in all`
+      ? `${name} ${p.version ?? ''}${typeof attention === 'string' ? `, attention ${attention === 'mha' ? 'as MultiHeadAttention' : attention}` : ''}, `
+        + `${p.unet?.threads ?? p.vae?.threads ?? '?'} threads, ${p.seconds.toFixed(0)} s in all`
       : `${name}: ${p.status}: ${p.problem ?? ''}`;
     out.push(`  ${what}`);
     if (p.status === 'ok' && p.problem !== null) out.push(`  ${name}: ${p.problem}`);

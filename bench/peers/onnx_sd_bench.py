@@ -6,11 +6,22 @@ with torch.onnx.export and run with onnxruntime's CPU execution provider on the 
         time ids [2,6]; VAE decode of a latent of the same size.
 
 The export is TorchScript-based (dynamo=False: the torch.export-based exporter needs onnxscript, which the peers'
-install line does not have), opset 17, constants folded, the weights as external data (every model here but the
-VAE is over protobuf's 2 GB). It is cached in --cache (default .cache/bench/onnx), one folder per model, part and
-latent size (e.g. sd15-unet-b2-64/), and reused while the peer's source and torch's version are the ones it was made
-from. The session: CPUExecutionProvider, intra-op threads = --threads (default: the CPUs this process may run on),
-sequential execution, every graph optimisation (ORT_ENABLE_ALL).
+install line does not have), opset 17, constants folded, the weights as external data (protobuf stops at 2 GB; one
+file per tensor beside model.onnx). scaled_dot_product_attention is exported as onnxruntime's fused
+com.microsoft.MultiHeadAttention (--attention plain: as the exporter writes it, MatMul-Softmax-MatMul, ~20% slower
+on a 4096-token self-attention here), which is what an ONNX Runtime user's SD graph holds after onnxruntime's own
+attention fusion (whose patterns do not match this exporter's SDPA). The export runs in a child process (all its
+memory is returned before the session is made), is cached in --cache (default .cache/bench/onnx), one folder per
+model, part, latent size and attention (e.g. sd15-unet-b2-64-mha/), and is reused while the peer's source, torch's
+version and EXPORT_VERSION are the ones it was made with. The session: CPUExecutionProvider, intra-op threads =
+--threads (default: the CPUs this process may run on), sequential execution, every graph optimisation
+(ORT_ENABLE_ALL). --check compares the output with the torch module's on the same inputs.
+
+Memory, measured on SD 1.5's UNet (3.4 GB of fp32 weights): the export's process peaks at 4.6 GB (1.33x the
+weights), the session and its runs at 7.2 GB (2.1x: the initializers and the CPU EP's prepacked copies). A part
+whose estimate (1.5x the weights to export, 2.2x to run) exceeds MemAvailable is skipped, and its line says so:
+SDXL's UNet (10.3 GB of weights) needs about 23 GB free to run, so on a 23 GB machine it is skipped ("needs about
+22.6 GB of free memory to export and run it ...") while the torch peer (11 GB) still runs.
 
 usage: /tmp/peer/bin/pip install torch==2.13.0+cpu onnxruntime numpy onnx
        /tmp/peer/bin/python bench/peers/onnx_sd_bench.py [unet|vae|both] [runs] [--model sd15|sdxl] [--size N]
@@ -29,16 +40,19 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER = HERE.parent.parent.parent / "shared" / "peers" / "torch_sd_bench.py"
 OPSET = 17
-EXPORT_RSS, RUN_RSS = 2.2, 2.2  # peak RSS / fp32 weight bytes, see main()
+EXPORT_VERSION = 2  # bump when export() changes what it writes: the cached exports are then redone
+EXPORT_RSS, RUN_RSS = 1.5, 2.2  # peak RSS / fp32 weight bytes, see main()
 
 
 def load_peer(path):
@@ -71,8 +85,8 @@ def log(s):
 class Part:
     """One timed model: how to build it, its example inputs (numpy, by input name) and its GFLOP."""
 
-    def __init__(self, name, key, build, inputs, gflop, params, extra=None):
-        self.name, self.key, self.build, self.inputs = name, key, build, inputs
+    def __init__(self, peer, name, key, build, inputs, gflop, params, extra=None):
+        self.peer, self.name, self.key, self.build, self.inputs = peer, name, key, build, inputs
         self.gflop, self.params, self.extra = gflop, params, extra or {}
 
 
@@ -82,11 +96,11 @@ def parts(peer, model, size, what):
     out = []
     if model == "sd15":
         if what in ("unet", "both"):
-            out.append(Part("unet_cfg_step_b2_64", "sd15-unet-b2-64", peer.UNet,
+            out.append(Part(peer, "unet_cfg_step_b2_64", "sd15-unet-b2-64", peer.UNet,
                             {"x": randn(2, 4, 64, 64), "t": np.array([500, 500], np.int64), "ctx": randn(2, 77, 768)},
                             1610.0, 859_520_964))
         if what in ("vae", "both"):
-            out.append(Part("vae_decode_64", "sd15-vae-64", peer.Decoder, {"z": randn(1, 4, 64, 64)}, 2520.0, 49_490_179))
+            out.append(Part(peer, "vae_decode_64", "sd15-vae-64", peer.Decoder, {"z": randn(1, 4, 64, 64)}, 2520.0, 49_490_179))
         return out
     lat = size // 8
     if what in ("unet", "both"):
@@ -94,11 +108,11 @@ def parts(peer, model, size, what):
         gflop = peer.count_gflop(lambda: peer.UNet(**peer.SDXL), *shapes)
         inputs = {"x": randn(*shapes[0]), "t": np.array(shapes[1], np.int64), "ctx": randn(*shapes[2]),
                   "pooled": randn(*shapes[3]), "time_ids": np.array(shapes[4], np.float32)}
-        out.append(Part(f"sdxl_unet_cfg_step_b2_{lat}", f"sdxl-unet-b2-{lat}", lambda: peer.UNet(**peer.SDXL), inputs,
+        out.append(Part(peer, f"sdxl_unet_cfg_step_b2_{lat}", f"sdxl-unet-b2-{lat}", lambda: peer.UNet(**peer.SDXL), inputs,
                         gflop, 2_567_463_684, {"gflop": round(gflop, 1)}))
     if what in ("vae", "both"):
         gflop = peer.count_gflop(peer.Decoder, (1, 4, lat, lat))
-        out.append(Part(f"sdxl_vae_decode_{lat}", f"sdxl-vae-{lat}", peer.Decoder, {"z": randn(1, 4, lat, lat)},
+        out.append(Part(peer, f"sdxl_vae_decode_{lat}", f"sdxl-vae-{lat}", peer.Decoder, {"z": randn(1, 4, lat, lat)},
                         gflop, 49_490_179, {"gflop": round(gflop, 1)}))
     return out
 
@@ -115,7 +129,42 @@ def cached_export(folder, stamp):
     return None
 
 
-def export(part, folder, stamp):
+class FusedAttention(torch.autograd.Function):
+    """scaled_dot_product_attention (q, k, v [B, H, S, D], no mask, default scale: all the peer uses), exported as
+    onnxruntime's fused com.microsoft.MultiHeadAttention, which takes [B, S, H*D]: what an ORT user's graph has after
+    onnxruntime.transformers' attention fusion (whose patterns do not match this exporter's SDPA). The head count comes
+    in as a Python int: the traced shapes of q are not static in the peer's UNet."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads):  # noqa: ARG004  (the same values as SDPA: only the export differs)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads):
+        to_bsd = g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64))
+
+        def bsd(t):
+            return g.op("Reshape", g.op("Transpose", t, perm_i=[0, 2, 1, 3]), to_bsd)
+
+        o = g.op("com.microsoft::MultiHeadAttention", bsd(q), bsd(k), bsd(v), num_heads_i=heads)
+        o = g.op("Reshape", o, g.op("Constant", value_t=torch.tensor([0, 0, heads, -1], dtype=torch.int64)))
+        return g.op("Transpose", o, perm_i=[0, 2, 1, 3])
+
+
+class FusedF:
+    """torch.nn.functional with scaled_dot_product_attention as FusedAttention: put in the peer module's `F` while
+    exporting (its code calls F.scaled_dot_product_attention), and taken out again after."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(q, k, v, *args, **kwargs):
+        assert not args and not kwargs, "the fused export covers the peer's plain SDPA only"
+        return FusedAttention.apply(q, k, v, int(q.shape[1]))
+
+
+def export(part, folder, stamp, attention):
     """torch.onnx.export of the peer's module into folder/model.onnx (+ external data files); done.json, written
     last, marks it complete and records the seconds and this process's peak RSS."""
     onnx_path, done = folder / "model.onnx", folder / "done.json"
@@ -130,8 +179,17 @@ def export(part, folder, stamp):
         assert n == part.params, (part.name, n)
         args = tuple(torch.from_numpy(v) for v in part.inputs.values())
         log(f"{part.name}: exporting {n:,} parameters to {onnx_path}")
-        torch.onnx.export(module, args, str(onnx_path), dynamo=False, opset_version=OPSET,
-                          input_names=list(part.inputs), output_names=["out"], do_constant_folding=True)
+        peer_f = part.peer.F
+        if attention == "mha":
+            part.peer.F = FusedF()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation, and the tracer's on int(q.shape[1])
+                torch.onnx.export(module, args, str(onnx_path), dynamo=False, opset_version=OPSET,
+                                  input_names=list(part.inputs), output_names=["out"], do_constant_folding=True,
+                                  custom_opsets={"com.microsoft": 1} if attention == "mha" else None)
+        finally:
+            part.peer.F = peer_f
     del module, args
     gc.collect()
     seconds = time.perf_counter() - t0
@@ -147,14 +205,22 @@ def session(onnx_path, threads):
     return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
 
 
-def timed(part, sess, runs, threads, export_s, export_rss, session_s):
+def check(part, out):
+    """max |onnx - torch| / max |torch| of the output, the torch module built as export() built it (same seed)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        ref = part.build().eval()(*(torch.from_numpy(v) for v in part.inputs.values())).numpy()
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def timed(part, sess, runs, threads, export_s, export_rss, session_s, attention, with_check):
     feed = part.inputs
 
     def fn():
-        sess.run(None, feed)
+        return sess.run(None, feed)[0]
 
     t0 = time.perf_counter()
-    fn()
+    first = fn()
     warm = time.perf_counter() - t0
     times = []
     for i in range(runs):
@@ -163,8 +229,10 @@ def timed(part, sess, runs, threads, export_s, export_rss, session_s):
         times.append(round(time.perf_counter() - t0, 3))
         log(f"{part.name}: run {i + 1}/{runs} {times[-1]:.2f} s")
     med = statistics.median(times)
+    extra = {"check_rel_err": check(part, first)} if with_check else {}
     print(json.dumps({"model": part.name, "peer": "onnxruntime", "onnxruntime": ort.__version__,
-                      "torch": torch.__version__, "opset": OPSET, "threads": threads, "warmup_s": round(warm, 2),
+                      "torch": torch.__version__, "opset": OPSET, "attention": attention, **extra,
+                      "threads": threads, "warmup_s": round(warm, 2),
                       "runs_s": times, "median_s": med, **part.extra, "gflop_per_s": round(part.gflop / med, 1),
                       "export_s": export_s, "export_peak_rss_mb": export_rss, "session_s": round(session_s, 1),
                       "peak_rss_mb": peak_rss_mb()}), flush=True)
@@ -186,6 +254,11 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="onnxruntime intra-op threads (default: the CPUs this process may use)")
     ap.add_argument("--cache", default=".cache/bench/onnx", help="where the exports are kept (default .cache/bench/onnx)")
+    ap.add_argument("--attention", default="mha", choices=("mha", "plain"),
+                    help="mha (default): SDPA exported as onnxruntime's fused MultiHeadAttention; plain: as the "
+                         "exporter writes it (MatMul, Softmax, MatMul)")
+    ap.add_argument("--check", action="store_true",
+                    help="also run the torch module on the same inputs and print max |onnx - torch| / max |torch|")
     ap.add_argument("--export-only", action="store_true", help=argparse.SUPPRESS)  # the child that exports
     ap.add_argument("--peer", default=os.environ.get("SD_TORCH_PEER", str(DEFAULT_PEER)),
                     help=f"the torch peer's script (default $SD_TORCH_PEER or {DEFAULT_PEER})")
@@ -195,28 +268,30 @@ def main():
     size = a.size or (1024 if a.model == "sdxl" else 512)
     peer_src = Path(a.peer).read_bytes()
     peer = load_peer(a.peer)
-    stamp = f"{hashlib.sha256(peer_src).hexdigest()[:16]} torch {torch.__version__} opset {OPSET}"
+    stamp = (f"{hashlib.sha256(peer_src).hexdigest()[:16]} export v{EXPORT_VERSION}"
+             f" torch {torch.__version__} opset {OPSET} attention {a.attention}")
     torch.set_num_threads(a.threads)
     for part in parts(peer, a.model, size, a.what):
-        folder = Path(a.cache) / part.key
+        folder = Path(a.cache) / f"{part.key}-{a.attention}"
         if a.export_only:
-            export(part, folder, stamp)
+            export(part, folder, stamp, a.attention)
             continue
         weights = 4 * part.params
         avail = mem_available_bytes()
         done = cached_export(folder, stamp)
-        # RSS measured on SD 1.5's UNet (3.4 GB of weights): the export's process peaks at about EXPORT_RSS x the
-        # weights (module, traced graph and folded constants at once), the session at about RUN_RSS x
-        need = (EXPORT_RSS if done is None else RUN_RSS) * weights
+        # RSS measured on SD 1.5's UNet (3.4 GB of weights): the export's process peaked at 4.6 GB (1.33x the weights:
+        # module, traced graph and initializers), the session and its runs at 7.2 GB (2.1x: the initializers and
+        # the CPU EP's prepacked copies of them)
+        need = (RUN_RSS if done else max(EXPORT_RSS, RUN_RSS)) * weights
         if avail is not None and avail < need:
-            skipped(part, f"needs about {need / 1e9:.1f} GB of free memory to {'run' if done else 'export'} it "
+            skipped(part, f"needs about {need / 1e9:.1f} GB of free memory to {'run' if done else 'export and run'} it "
                           f"({weights / 1e9:.1f} GB of fp32 weights), {avail / 1e9:.1f} GB available")
             continue
         try:
             export_s = None
             if done is None:  # in a child process, so that all of the export's memory is returned before the run
                 cmd = [sys.executable, __file__, part.key.split("-")[1], "--model", a.model, "--size", str(size),
-                       "--cache", a.cache, "--peer", a.peer, "--export-only"]
+                       "--cache", a.cache, "--peer", a.peer, "--attention", a.attention, "--export-only"]
                 if subprocess.run(cmd).returncode != 0 or (done := cached_export(folder, stamp)) is None:
                     raise RuntimeError(f"the export failed (see above): {' '.join(cmd)}")
                 export_s = done.get("export_s")
@@ -229,7 +304,7 @@ def main():
             t0 = time.perf_counter()
             sess = session(folder / "model.onnx", a.threads)
             session_s = time.perf_counter() - t0
-            timed(part, sess, a.runs, a.threads, export_s, export_rss, session_s)
+            timed(part, sess, a.runs, a.threads, export_s, export_rss, session_s, a.attention, a.check)
             del sess
             gc.collect()
         except Exception as e:  # noqa: BLE001  one part failing must not hide the others'
