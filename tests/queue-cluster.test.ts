@@ -110,7 +110,7 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     const storage = ['--outputs', `s3://${s3.bucket}/${PREFIX}`, '--s3-endpoint', s3.endpoint];
     const loras = ['--lora-dir', path.join(ROOT, 'tests/fixtures/lora')]; // the workers' folder; the front has none
     workers.push(
-      WorkerProcess.spawn(redis.url, [...storage, ...loras, '--model-name', 'tiny']),
+      WorkerProcess.spawn(redis.url, [...storage, ...loras, '--controlnet-dir', path.join(ROOT, 'tests/fixtures/controlnet'), '--model-name', 'tiny']),
       WorkerProcess.spawn(redis.url, [...storage, ...loras, '--model-name', 'tiny']),
       WorkerProcess.spawn(redis.url, [...storage, '--model-name', 'other']),
     );
@@ -245,6 +245,13 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     const traversal = await call('POST', '/jobs', { ...SMALL, loras: [{ name: '../pipeline/model' }] });
     expect(traversal.status).toBe(400); // refused by the front: not a name
     expect(String(traversal.json.message)).toMatch(/is not a LoRA name/);
+    // the A1111 listings: what the workers' folders hold (each listed once, by name)
+    const listed = (await call('GET', '/sdapi/v1/loras')).json as unknown as { name: string; path: string }[];
+    expect(listed.map((l) => l.name)).toEqual(['botanical', 'botanical_peft', 'ink', 'io']);
+    expect(listed.find((l) => l.name === 'ink')?.path).toBe('ink.safetensors');
+    const cn = (await call('GET', '/controlnet/model_list')).json.model_list as string[];
+    expect(cn).toEqual(expect.arrayContaining([expect.stringMatching(/^control_tiny \[[0-9a-f]{8}\]$/)]));
+    expect(cn.filter((c) => c.startsWith('control_tiny'))).toHaveLength(1); // .safetensors and .pth: one name
   }, 120_000);
 
   it('cancel across processes: DELETE stops the running job on its worker; nothing is stored', async () => {

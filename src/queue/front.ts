@@ -29,6 +29,7 @@ import {
   WORKER_KEYS,
   cancelKey,
   encodeParams,
+  listingsKey,
   previewKey,
   queueName,
   stopKey,
@@ -40,6 +41,7 @@ import {
   type PreviewFacts,
   type RemotePreview,
   type WorkerInfo,
+  type WorkerListings,
 } from './protocol.js';
 import type { JobStore } from './store.js';
 
@@ -149,6 +151,25 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
     const byName = new Map<string, ModelInfo>();
     for (const w of this.workers_) for (const m of w.models) if (!byName.has(m.name)) byName.set(m.name, announcedModelInfo(m.name, m.file ?? null));
     return [...byName.values()].sort((a, b) => a.model_name.localeCompare(b.model_name));
+  }
+
+  /** What the live workers' model folders hold, merged by name (the first worker's entry of a name is kept). */
+  async listings(): Promise<WorkerListings> {
+    const ids = this.workers_.map((w) => w.id);
+    const values = ids.length > 0 ? await this.redis.mget(...ids.map(listingsKey)).catch(() => []) : [];
+    const loras = new Map<string, Record<string, unknown>>();
+    const controlnet = new Map<string, string>();
+    for (const v of values) {
+      if (v === null || v === undefined) continue;
+      const l = JSON.parse(v) as WorkerListings;
+      for (const lora of l.loras) if (!loras.has(String(lora.name))) loras.set(String(lora.name), lora);
+      for (const c of l.controlnet) {
+        const k = c.replace(/\s*\[[0-9a-f]+\]$/i, '').toLowerCase();
+        if (!controlnet.has(k)) controlnet.set(k, c);
+      }
+    }
+    const byKey = <T>(m: Map<string, T>): T[] => [...m.entries()].sort(([a], [b]) => a.toLowerCase().localeCompare(b.toLowerCase())).map(([, v]) => v);
+    return { loras: byKey(loras), controlnet: byKey(controlnet) };
   }
 
   /** The model a job without one runs on: the default, else the first announced; null when none is known. */

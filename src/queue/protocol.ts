@@ -9,6 +9,7 @@
  *   key     `sd:preview:<job id>`  the running job's latest preview (a small PNG, JSON RemotePreview), set by its worker
  *   key     `sd:worker:<id>`       a worker's announcement (models, limits, counters), refreshed every few seconds
  *   key     `sd:uid:<uid>`         a uid reserved by a job in flight (SET NX), so two fronts cannot give it twice
+ *   key     `sd:listings:<id>`     what a worker's model folders hold, as A1111 lists it (WorkerListings), set at start
  *
  * A job's data is JSON: the uid and the GenerateParams, with every byte array (init image, mask, control and
  * IP-Adapter images) as {"$bytes": base64}; BullMQ would otherwise store a Buffer as an array of numbers.
@@ -27,6 +28,13 @@ export const previewKey = (jobId: string): string => `sd:preview:${jobId}`;
 export const workerKey = (workerId: string): string => `sd:worker:${workerId}`;
 export const WORKER_KEYS = 'sd:worker:*';
 export const uidKey = (uid: string): string => `sd:uid:${uid}`;
+export const listingsKey = (workerId: string): string => `sd:listings:${workerId}`;
+
+/** A worker's model folders as the front's A1111 listings answer them (/sdapi/v1/loras, /controlnet/model_list). */
+export interface WorkerListings {
+  readonly loras: readonly Record<string, unknown>[];
+  readonly controlnet: readonly string[];
+}
 
 /** Model names as A1111 lists them: the weights' file name without its extension. Any other character becomes '_'. */
 export function queueName(model: string): string {

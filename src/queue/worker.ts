@@ -30,6 +30,7 @@ import type { Engine } from '../server/engine.js';
 import { HttpError, toHttpError } from '../server/errors.js';
 import type { ModelDirs } from '../server/models-dir.js';
 import type { OutputStorage } from '../storage/outputs.js';
+import { controlNetModelList, loraList } from '../server/a1111/listings.js';
 import { resolveModelNames } from './model-names.js';
 import { bullConnection, redisClient } from './connection.js';
 import {
@@ -37,6 +38,7 @@ import {
   MAX_PREVIEW_BYTES,
   cancelKey,
   decodeParams,
+  listingsKey,
   previewKey,
   queueName,
   stopKey,
@@ -49,6 +51,7 @@ import {
   type PreviewFacts,
   type RemotePreview,
   type WorkerInfo,
+  type WorkerListings,
 } from './protocol.js';
 
 export interface QueueWorkerOptions {
@@ -97,6 +100,8 @@ export class QueueWorker {
   private succeeded = 0;
   private failed = 0;
   private stopping: Promise<void> | null = null;
+  /** JSON WorkerListings, once listed. */
+  private listings: string | null = null;
 
   private constructor(private readonly o: QueueWorkerOptions) {
     this.id = o.id ?? `${hostname()}-${process.pid}-${randomUUID().slice(0, 8)}`;
@@ -122,6 +127,7 @@ export class QueueWorker {
   static async start(o: QueueWorkerOptions): Promise<QueueWorker> {
     const w = new QueueWorker(o);
     await w.subscriber.subscribe(CANCEL_CHANNEL);
+    await w.list();
     w.subscriber.on('message', (_channel: string, message: string) => w.onCancel(message));
     await w.announce();
     void w.worker.run().catch((e: unknown) => o.log.error({ err: (e as Error).message }, 'the worker stopped taking jobs'));
@@ -155,7 +161,7 @@ export class QueueWorker {
     await this.worker.close(); // waits for the running job
     clearTimeout(timer);
     clearInterval(this.beat);
-    await this.redis.del(workerKey(this.id)).catch(() => 0);
+    await this.redis.del(workerKey(this.id), listingsKey(this.id)).catch(() => 0);
     this.subscriber.disconnect();
     this.redis.disconnect();
     this.o.model.engine.dispose();
@@ -274,8 +280,27 @@ export class QueueWorker {
       startedAt: this.startedAt,
       seenAt: Date.now(),
     };
-    const ttl = Math.ceil((this.o.heartbeatS ?? 5) * 3);
-    await this.redis.set(workerKey(this.id), JSON.stringify(info), 'EX', ttl).catch(() => undefined);
+    await this.redis.set(workerKey(this.id), JSON.stringify(info), 'EX', this.ttlS).catch(() => undefined);
+    if (this.listings !== null) {
+      const kept = await this.redis.expire(listingsKey(this.id), this.ttlS).catch(() => 1);
+      if (kept === 0) await this.redis.set(listingsKey(this.id), this.listings, 'EX', this.ttlS).catch(() => undefined); // Redis restarted
+    }
+  }
+
+  private get ttlS(): number {
+    return Math.ceil((this.o.heartbeatS ?? 5) * 3);
+  }
+
+  /** What the model folders hold, listed once at start into `sd:listings:<id>` (kept alive with the announcement). */
+  private async list(): Promise<void> {
+    const dirs = this.o.models ?? {};
+    try {
+      const listings: WorkerListings = { loras: loraList(dirs), controlnet: controlNetModelList(dirs) };
+      this.listings = JSON.stringify(listings);
+      await this.redis.set(listingsKey(this.id), this.listings, 'EX', this.ttlS);
+    } catch (e) {
+      this.o.log.warn({ err: (e as Error).message }, 'the model folders were not listed for the front');
+    }
   }
 }
 

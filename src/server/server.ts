@@ -156,8 +156,10 @@ export class SdServer {
       registerWebPage(ours, server); // GET /, /web/*, /info, /outputs (./web.ts)
       guardJsonBodies(ours, bodyLimit);
     });
-    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, basicAuth: apiAuth.length > 0, models: namesIn(o) });
-    await app.register(controlNetRoutes, { prefix: '/controlnet', models: o.models ?? {} }); // the ControlNet extension's own routes
+    const front = o.front;
+    const remote = front !== undefined ? { remote: () => front.listings() } : {}; // queue mode: the workers' folders
+    await app.register(a1111Routes, { prefix: '/sdapi/v1', host: server, bodyLimit, basicAuth: apiAuth.length > 0, models: namesIn(o), ...remote });
+    await app.register(controlNetRoutes, { prefix: '/controlnet', models: o.models ?? {}, ...remote }); // the ControlNet extension's own routes
     app.get('/metrics', async (_request, reply) => reply.type(METRICS_CONTENT_TYPE).send(server.metricsText()));
     if (o.front !== undefined) registerFrontHooks(app, o.front);
     await app.listen({ port: listen.port, host: listen.host });

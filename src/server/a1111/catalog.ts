@@ -7,12 +7,14 @@
 import { samplerList, schedulerList } from './names.js';
 import type { CheckpointHost } from './options.js';
 import type { ModelDirs } from '../models-dir.js';
-import { loraList } from './listings.js';
+import { allLoras, type RemoteListings } from './listings.js';
 
 export interface CatalogFacts {
   readonly checkpoints: CheckpointHost;
   readonly basicAuth: boolean;
   readonly models: ModelDirs;
+  /** Queue mode: the workers' folders. */
+  readonly remote?: RemoteListings;
 }
 
 /** GET route (after /sdapi/v1/) -> its answer. */
@@ -27,7 +29,7 @@ export function catalog(f: CatalogFacts): Readonly<Record<string, () => unknown>
     'sd-vae': () => [],
     upscalers: () => [],
     'latent-upscale-modes': () => [],
-    loras: () => loraList(f.models),
+    loras: () => allLoras(f.models, f.remote),
     embeddings: () => ({ loaded: {}, skipped: {} }),
     hypernetworks: () => [],
     'face-restorers': () => [],

@@ -5,6 +5,7 @@
  * ("name [hash]", A1111's short model hash, the IP-Adapters of --ip-adapter-dir too, as the extension lists them
  * with its ControlNets), `/controlnet/module_list` (the preprocessors this server runs, with
  * their sliders), `/controlnet/settings`. Paths are given relative to their folder: a client only needs names.
+ * In queue mode the workers' folders are listed (each worker lists its own at start), then the front's, by name.
  */
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync, statSync } from 'node:fs';
@@ -13,6 +14,33 @@ import { listModels, safetensorsMetadata, type ModelDirs } from '../models-dir.j
 import { HttpError } from '../errors.js';
 import { JSON_LIMITS } from '../body.js';
 import { CANNY_SLIDERS, MAX_UNITS } from './controlnet.js';
+
+/** What model folders hold, as listed here: the LoRAs (loraList) and the extension's model_list (controlNetModelList). */
+export interface FolderListings {
+  readonly loras: readonly Record<string, unknown>[];
+  readonly controlnet: readonly string[];
+}
+
+/** Queue mode: the workers' listings (the front's QueueFront.listings). */
+export type RemoteListings = () => Promise<FolderListings>;
+
+/** `first`'s entries, then those of `then` whose key is new. */
+function union<T>(first: readonly T[], then: readonly T[], key: (t: T) => string): T[] {
+  const seen = new Set(first.map(key));
+  return [...first, ...then.filter((t) => !seen.has(key(t)) && seen.add(key(t)) !== undefined)];
+}
+
+/** /sdapi/v1/loras: the workers' (queue mode), then this server's --lora-dir. */
+export async function allLoras(dirs: ModelDirs, remote?: RemoteListings): Promise<Record<string, unknown>[]> {
+  const local = loraList(dirs);
+  return remote === undefined ? local : union((await remote()).loras, local, (l) => String(l.name));
+}
+
+/** /controlnet/model_list: the workers' (queue mode), then this server's folders. */
+export async function allControlNets(dirs: ModelDirs, remote?: RemoteListings): Promise<string[]> {
+  const local = controlNetModelList(dirs);
+  return remote === undefined ? local : union((await remote()).controlnet, local, (c) => c.replace(/\s*\[[0-9a-f]+\]$/i, '').toLowerCase());
+}
 
 /** sd-webui-controlnet's get_api_version(). */
 export const CONTROLNET_API_VERSION = 3;
@@ -91,13 +119,13 @@ export function controlNetModules(): Record<string, unknown> {
 }
 
 /** The extension's routes, registered under /controlnet (a plugin of their own: they are not under /sdapi/v1). */
-export async function controlNetRoutes(app: FastifyInstance, o: { models: ModelDirs }): Promise<void> {
+export async function controlNetRoutes(app: FastifyInstance, o: { models: ModelDirs; remote?: RemoteListings }): Promise<void> {
   app.addHook('onRequest', async (request) => {
     const length = Number(request.headers['content-length'] ?? 0);
     if (length > JSON_LIMITS.bytesWithoutBody) throw new HttpError(413, `body: Content-Length ${length} is over the limit of ${JSON_LIMITS.bytesWithoutBody} bytes for ${request.method} ${request.url}`, 'body');
   });
   app.get('/version', async () => ({ version: CONTROLNET_API_VERSION }));
-  app.get('/model_list', async () => ({ model_list: controlNetModelList(o.models) }));
+  app.get('/model_list', async () => ({ model_list: await allControlNets(o.models, o.remote) }));
   app.get('/module_list', async () => controlNetModules());
   app.get('/settings', async () => ({ control_net_unit_count: MAX_UNITS }));
 }

@@ -30,6 +30,7 @@ import { HttpError, errorBody } from '../errors.js';
 import type { ServerJob, ServerState } from '../work.js';
 import { answerOf, type Made } from './answer.js';
 import { catalog } from './catalog.js';
+import type { RemoteListings } from './listings.js';
 import { asBody, invalid, obj, str } from './fields.js';
 import { A1111Options, type CheckpointHost } from './options.js';
 import { A1111Progress, INTERRUPTED, SKIPPED, type ProgressHost } from './progress.js';
@@ -56,6 +57,8 @@ export interface A1111RouteOptions {
   readonly basicAuth: boolean;
   /** The model folders (--controlnet-dir, --lora-dir, ...): alwayson_scripts.controlnet, <lora:> tags, the listings. */
   readonly models?: ModelDirs;
+  /** Queue mode: what the workers' folders hold, listed before the front's own. */
+  readonly remote?: RemoteListings;
 }
 
 const PREFIX = '/sdapi/v1';
@@ -124,7 +127,7 @@ export async function a1111Routes(app: FastifyInstance, o: A1111RouteOptions): P
     return true;
   });
 
-  for (const [route, answer] of Object.entries(catalog({ checkpoints: host, basicAuth: o.basicAuth, models }))) app.get(`/${route}`, async () => answer());
+  for (const [route, answer] of Object.entries(catalog({ checkpoints: host, basicAuth: o.basicAuth, models, ...(o.remote !== undefined ? { remote: o.remote } : {}) }))) app.get(`/${route}`, async () => answer());
   for (const route of ['refresh-checkpoints', 'refresh-vae', 'refresh-loras', 'refresh-embeddings']) {
     app.post(`/${route}`, async (_request, reply) => reply.type('application/json').send('null'));
   }
