@@ -241,6 +241,7 @@ describe.skipIf(SKIP_REASON !== null)('queue: front, Redis, S3 and sd worker pro
     expect(Buffer.compare(await pixels(tagged), await pixels(named))).toBe(0); // the tag and the field: the same LoRA
     const unknown = await call('POST', '/inference', { ...SMALL, loras: [{ name: 'nope' }] });
     expect(unknown.status).toBe(400);
+    expect(unknown.json.field).toBe('loras[0].name');
     expect(String(unknown.json.message)).toMatch(/^loras\[0\]\.name: no LoRA named "nope" in this worker's --lora-dir: it has .*\bink\b/);
     const traversal = await call('POST', '/jobs', { ...SMALL, loras: [{ name: '../pipeline/model' }] });
     expect(traversal.status).toBe(400); // refused by the front: not a name

@@ -404,7 +404,7 @@ export class QueueFront implements JobStore<WorkItem, InferenceResult> {
         job.cancelReason ??= outcome.reason;
         return this.finish(entry, 'cancelled');
       }
-      job.error = { statusCode: outcome.statusCode, message: outcome.message };
+      job.error = { statusCode: outcome.statusCode, message: outcome.message, ...(outcome.field !== undefined ? { field: outcome.field } : {}) };
       return this.finish(entry, 'failed');
     }
     if (state === 'failed') {

@@ -87,7 +87,7 @@ export const MAX_PREVIEW_BYTES = 512 * 1024;
 
 export type Outcome =
   | { readonly status: 'succeeded'; readonly result: InferenceResult; readonly timings: JobTimings }
-  | { readonly status: 'failed'; readonly statusCode: number; readonly message: string }
+  | { readonly status: 'failed'; readonly statusCode: number; readonly message: string; readonly field?: string }
   | { readonly status: 'cancelled'; readonly reason: string };
 
 /** Milliseconds, measured by the worker. */

@@ -245,7 +245,7 @@ export class QueueWorker {
       this.failed += 1;
       if (h.statusCode >= 500) log.error({ err: e }, `generation failed: ${h.message}`);
       else log.info({ status: 'failed', error: h.message }, 'job failed');
-      return { status: 'failed', statusCode: h.statusCode, message: h.message };
+      return { status: 'failed', statusCode: h.statusCode, message: h.message, ...(h.field !== undefined ? { field: h.field } : {}) };
     } finally {
       this.running.delete(id);
       previews.close();

@@ -33,7 +33,7 @@ export function jobView(job: ServerJob, position: number, hasPreview: boolean): 
     case 'succeeded':
       return { ...base, finished_at: finishedAt, result: job.result };
     case 'failed':
-      return { ...base, finished_at: finishedAt, error: job.error?.message, error_status: job.error?.statusCode };
+      return { ...base, finished_at: finishedAt, error: job.error?.message, error_status: job.error?.statusCode, ...(job.error?.field !== undefined ? { error_field: job.error.field } : {}) };
     case 'cancelled':
       return { ...base, finished_at: finishedAt, reason: job.cancelReason };
   }

@@ -27,6 +27,8 @@ export interface JobFailure {
   /** The HTTP status this failure is answered with on the synchronous route (400 bad input, 500 ours). */
   readonly statusCode: number;
   readonly message: string;
+  /** The request field it names, when it is bad input. */
+  readonly field?: string;
 }
 
 export interface Job<I, R> {

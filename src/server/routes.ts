@@ -141,8 +141,8 @@ function findJob(server: RouteHost, id: string): ServerJob {
 function answerInference(job: ServerJob, reply: FastifyReply): FastifyReply {
   if (job.status === 'succeeded' && job.result !== null) return reply.code(200).send(job.result);
   if (job.status === 'failed' && job.error !== null) {
-    const { statusCode, message } = job.error;
-    return reply.code(statusCode).send(errorBody(statusCode, message));
+    const { statusCode, message, field } = job.error;
+    return reply.code(statusCode).send(errorBody(statusCode, message, field));
   }
   const why = job.cancelReason === 'shutdown' ? 'the server is shutting down' : `cancelled (${job.cancelReason ?? 'unknown'})`;
   return reply.code(503).send(errorBody(503, `not generated: ${why}`));

@@ -126,7 +126,7 @@ export class SdServer {
       describeError: (e) => {
         const h = toHttpError(e);
         if (h.statusCode >= 500) app.log.error({ err: e }, `generation failed: ${h.message}`);
-        return { statusCode: h.statusCode, message: h.message };
+        return { statusCode: h.statusCode, message: h.message, ...(h.field !== undefined ? { field: h.field } : {}) };
       },
       maxQueue: o.maxQueue ?? DEFAULT_SERVER.maxQueue,
       concurrency: o.concurrency ?? DEFAULT_SERVER.concurrency,

@@ -240,7 +240,7 @@ function enqueueAll(host: A1111Host, params: readonly GenerateParams[], model: s
  */
 function answerJobs(reply: FastifyReply, body: Readonly<Record<string, unknown>>, g: A1111Generation, jobs: readonly ServerJob[], m: Omit<Made, 'results' | 'missing'>): FastifyReply {
   const failed = jobs.find((j) => j.status === 'failed');
-  if (failed?.error != null) return reply.code(failed.error.statusCode).send(errorBody(failed.error.statusCode, failed.error.message));
+  if (failed?.error != null) return reply.code(failed.error.statusCode).send(errorBody(failed.error.statusCode, failed.error.message, failed.error.field));
   const stopped = (j: ServerJob): boolean => j.status === 'cancelled' && (j.cancelReason === INTERRUPTED || j.cancelReason === SKIPPED);
   const lost = jobs.find((j) => j.status === 'cancelled' && !stopped(j));
   if (lost !== undefined) {
