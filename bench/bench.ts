@@ -373,7 +373,7 @@ const loraPart = !args.loraSwitch ? null : await benchLoraSwitch({
 });
 const threads = choice.threads ?? cpus().length;
 say('sgemm peak: the kernels\' linear on large shapes');
-const peak = measureSgemmPeak(threads, 3, say);
+const peak = measureSgemmPeak(threads, 5, say);
 const unetGflops = unetFlops / unetStep / 1e9;
 let peers: PeersReport | null = null;
 if (args.peers) {

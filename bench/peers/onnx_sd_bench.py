@@ -18,10 +18,10 @@ version and EXPORT_VERSION are the ones it was made with. The session: CPUExecut
 (ORT_ENABLE_ALL). --check compares the output with the torch module's on the same inputs.
 
 Memory, measured on SD 1.5's UNet (3.4 GB of fp32 weights): the export's process peaks at 4.6 GB (1.33x the
-weights), the session and its runs at 7.2 GB (2.1x: the initializers and the CPU EP's prepacked copies). A part
-whose estimate (1.5x the weights to export, 2.2x to run) exceeds MemAvailable is skipped, and its line says so:
-SDXL's UNet (10.3 GB of weights) needs about 23 GB free to run, so on a 23 GB machine it is skipped ("needs about
-22.6 GB of free memory to export and run it ...") while the torch peer (11 GB) still runs.
+weights), the session and its runs at 4.8 GB (1.4x; 7.2 GB with --attention plain, whose score matrices are
+materialised). A part whose estimate (1.5x the weights to export, 1.6x to run) exceeds MemAvailable is skipped, and
+its line says so ("needs about 16.4 GB of free memory to export and run it (10.3 GB of fp32 weights), ... GB
+available" for SDXL's UNet).
 
 usage: /tmp/peer/bin/pip install torch==2.13.0+cpu onnxruntime numpy onnx
        /tmp/peer/bin/python bench/peers/onnx_sd_bench.py [unet|vae|both] [runs] [--model sd15|sdxl] [--size N]
@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_PEER = HERE.parent.parent.parent / "shared" / "peers" / "torch_sd_bench.py"
 OPSET = 17
 EXPORT_VERSION = 2  # bump when export() changes what it writes: the cached exports are then redone
-EXPORT_RSS, RUN_RSS = 1.5, 2.2  # peak RSS / fp32 weight bytes, see main()
+EXPORT_RSS, RUN_RSS = 1.5, 1.6  # peak RSS / fp32 weight bytes, see main()
 
 
 def load_peer(path):
@@ -64,6 +64,14 @@ def load_peer(path):
 
 
 def peak_rss_mb():
+    """This process's peak RSS: VmHWM (ru_maxrss would count the RSS of the process that started it, the bench's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -280,8 +288,8 @@ def main():
         avail = mem_available_bytes()
         done = cached_export(folder, stamp)
         # RSS measured on SD 1.5's UNet (3.4 GB of weights): the export's process peaked at 4.6 GB (1.33x the weights:
-        # module, traced graph and initializers), the session and its runs at 7.2 GB (2.1x: the initializers and
-        # the CPU EP's prepacked copies of them)
+        # module, traced graph and initializers), the session and its runs at 4.8 GB (1.4x: the initializers, the
+        # CPU EP's prepacked copies of some, the activations); the margin is for SDXL's larger activations
         need = (RUN_RSS if done else max(EXPORT_RSS, RUN_RSS)) * weights
         if avail is not None and avail < need:
             skipped(part, f"needs about {need / 1e9:.1f} GB of free memory to {'run' if done else 'export and run'} it "
