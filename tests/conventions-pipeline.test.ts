@@ -27,7 +27,7 @@ import { ClipTextEncoder } from '../src/clip/index.js';
 import { downsampleFactor } from '../src/vae/index.js';
 import { ClipTokenizer } from '../src/tokenizer/index.js';
 import { openWeights } from '../src/weights/open.js';
-import { A1111_CONVENTIONS, createSampler, DIFFUSERS_CONVENTIONS, TorchGenerator, torchNoise, type NoiseFn } from '../src/scheduler/index.js';
+import { A1111_CONVENTIONS, createSampler, DIFFUSERS_CONVENTIONS, SD15_DIFFUSERS_CONVENTIONS, TorchGenerator, torchNoise, type NoiseFn } from '../src/scheduler/index.js';
 import { philoxRandn, PhiloxGenerator } from '../src/scheduler/philox.js';
 import { generationSources, parseParameters } from '../src/image/parameters.js';
 import { readPngParameters } from '../src/image/codec.js';
@@ -141,11 +141,11 @@ describe('conventions by model source', () => {
     const fromFolder = sourceConventions(folder, SD15_PIPELINE);
     expect(fromFolder.default).toBe('diffusers');
     expect(fromFolder.diffusers.sigma.spacing).toBe('trailing');
-    expect(sourceConventions(`${DIR}/model.safetensors`, SD15_PIPELINE)).toEqual({ diffusers: DIFFUSERS_CONVENTIONS, default: 'a1111' });
+    expect(sourceConventions(`${DIR}/model.safetensors`, SD15_PIPELINE)).toEqual({ diffusers: SD15_DIFFUSERS_CONVENTIONS, default: 'a1111' });
     expect(sourceConventions(`${DIR}/model.safetensors`, SDXL_BASE_PIPELINE)).toEqual({ diffusers: DIFFUSERS_CONVENTIONS, default: 'diffusers' });
     expect(sd.limits.conventions).toBe('a1111');
     expect(sd.samplerConfig(resolveParams(QUICK, sd.limits)).conventions).toBe(A1111_CONVENTIONS);
-    expect(sd.samplerConfig(resolveParams({ ...QUICK, conventions: 'diffusers' }, sd.limits)).conventions).toBe(DIFFUSERS_CONVENTIONS);
+    expect(sd.samplerConfig(resolveParams({ ...QUICK, conventions: 'diffusers' }, sd.limits)).conventions).toBe(SD15_DIFFUSERS_CONVENTIONS);
   });
 
   it('records Conventions: diffusers and keeps the requested steps when DDIM runs more (uniform spacing)', async () => {

@@ -19,6 +19,7 @@ import {
   conventionsFromSchedulerConfig,
   createSampler,
   DIFFUSERS_CONVENTIONS,
+  SD15_DIFFUSERS_CONVENTIONS,
   SAMPLERS,
   SamplerError,
   sigmaTable,
@@ -290,13 +291,17 @@ describe('conventionsFromSchedulerConfig', () => {
     expect(conventionsFromSchedulerConfig(json)).toEqual({ conventions: DIFFUSERS_CONVENTIONS, sampler: 'euler', karras: false });
   });
 
-  it("reads SD 1.5's PNDM config (no timestep_spacing: PNDM's leading) the same, with no sampler of its own", () => {
+  it("reads SD 1.5's PNDM config (no timestep_spacing: each class made from it runs its own default) as SD15_DIFFUSERS_CONVENTIONS, with no sampler of its own", () => {
     const sd15 = {
       _class_name: 'PNDMScheduler', _diffusers_version: '0.6.0', beta_end: 0.012, beta_schedule: 'scaled_linear',
       beta_start: 0.00085, num_train_timesteps: 1000, set_alpha_to_one: false, skip_prk_steps: true, steps_offset: 1,
       trained_betas: null, clip_sample: false,
     };
-    expect(conventionsFromSchedulerConfig(sd15)).toEqual({ conventions: DIFFUSERS_CONVENTIONS, sampler: null, karras: false });
+    expect(conventionsFromSchedulerConfig(sd15)).toEqual({ conventions: SD15_DIFFUSERS_CONVENTIONS, sampler: null, karras: false });
+    // diffusers' from_config skips keys the config only had by default: DDIM and DDPM leading, the others linspace
+    expect(SD15_DIFFUSERS_CONVENTIONS).toMatchObject({ ddim: 'leading', ddpm: 'leading', stepsOffset: 1, sigma: { spacing: 'linspace', startScale: 'sigma' } });
+    expect(SD15_DIFFUSERS_CONVENTIONS.dpmSolver.spacing).toBe('linspace');
+    expect(conventionsFromSchedulerConfig({ ...sd15, timestep_spacing: 'leading' }).conventions).toEqual(DIFFUSERS_CONVENTIONS); // saved again by diffusers
   });
 
   it('a DPM-Solver config: Karras, linspace by its class default, steps_offset 0', () => {

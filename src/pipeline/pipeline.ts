@@ -33,7 +33,7 @@ import {
   conventionsFromSchedulerConfig,
   createGenerator,
   createSampler,
-  DIFFUSERS_CONVENTIONS,
+  SD15_DIFFUSERS_CONVENTIONS,
   TorchGenerator,
   torchNoise,
   type EpsFn,
@@ -103,14 +103,17 @@ interface SourceConventions {
   readonly default: ConventionsName;
 }
 
-/** A diffusers folder with scheduler/scheduler_config.json: its conventions (and the default); else the family's. */
+/**
+ * A diffusers folder with scheduler/scheduler_config.json: its conventions (and the default); else the family's
+ * (SD 1.x: diffusers' are those of SD 1.5's scheduler config, SD15_DIFFUSERS_CONVENTIONS).
+ */
 export function sourceConventions(weights: string, cfg: AnyPipelineConfig): SourceConventions {
   const path = join(weights, 'scheduler', 'scheduler_config.json');
   if (existsSync(weights) && statSync(weights).isDirectory() && existsSync(path)) {
     return { diffusers: conventionsFromSchedulerConfig(JSON.parse(readFileSync(path, 'utf8'))).conventions, default: 'diffusers' };
   }
   const family = 'conventions' in cfg ? cfg.conventions : A1111_CONVENTIONS;
-  return { diffusers: family.name === 'diffusers' ? family : DIFFUSERS_CONVENTIONS, default: family.name === 'diffusers' ? 'diffusers' : 'a1111' };
+  return { diffusers: family.name === 'diffusers' ? family : SD15_DIFFUSERS_CONVENTIONS, default: family.name === 'diffusers' ? 'diffusers' : 'a1111' };
 }
 
 const stderrWarn = (message: string): void => {

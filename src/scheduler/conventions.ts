@@ -4,10 +4,11 @@
  * timesteps and sigmas it visits, what t the UNet is given, what the first latent is, and when noise is drawn.
  *
  *   difference               A1111_CONVENTIONS (k-diffusion, A1111,     DIFFUSERS_CONVENTIONS (diffusers with the
- *                            ComfyUI; CompVis DDIM)                     SD 1.5 / SDXL scheduler configs)
+ *                            ComfyUI; CompVis DDIM)                     SDXL base scheduler config)
  *   precision                float64 betas (LDM's alphas_cumprod        float32 betas (torch.linspace float32);
  *                            buffer, read by k-diffusion)               sigmas and timesteps stored as float32
- *   sigma samplers' spacing  linspace: t = linspace(999, 0, n)          leading: i * (1000 // n) + steps_offset (1)
+ *   sigma samplers' spacing  linspace: t = linspace(999, 0, n)          leading: i * (1000 // n) + steps_offset (1);
+ *                                                                        SD 1.5's config (none given): linspace
  *   sigma at a spaced t      log-sigma interpolation (t_to_sigma)       np.interp of sigma itself
  *   UNet's t for a sigma     t(sigma), fractional                       the spaced t; Karras: t(sigma), fractional,
  *                                                                        DPM-Solver ROUND(t(sigma))
@@ -22,6 +23,8 @@
  *                            (at most 999), each step to the next one   t - 1000 // n
  *   DDPM                     leading, offset 0 (educational sampler)    leading + steps_offset
  *
+ * SD15_DIFFUSERS_CONVENTIONS is diffusers with SD 1.5's PNDM config, which names no timestep_spacing: each class
+ * made from it runs its own default, leading for DDIM and DDPM, linspace (np.linspace, np.interp) for the others.
  * For n dividing 1000 DDIM's uniform and leading + 1 agree; otherwise uniform runs more than n steps.
  * Samplers whose rules are not listed (heun, lms) follow their family's; img2img is the same in every tool.
  * conventionsFromSchedulerConfig translates a diffusers scheduler_config.json into these values.
@@ -93,8 +96,20 @@ export const A1111_CONVENTIONS: SamplerConventions = Object.freeze({
   ddpm: 'leading',
 });
 
+/**
+ * Which spacing each diffusers scheduler class runs: the config's timestep_spacing when it has one, else the
+ * class's own default (diffusers' from_config skips the keys a config only had by default, `_use_default_values`).
+ */
+interface DiffusersSpacings {
+  /** EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, LMSDiscrete and DPMSolverMultistep (default linspace). */
+  readonly sigma: Exclude<TimestepSpacing, 'uniform'>;
+  /** DDIM and DDPM (default leading). */
+  readonly timestep: Exclude<TimestepSpacing, 'uniform'>;
+}
+
 /** What diffusers' scheduler classes do with a diffusers scheduler config (its Euler family, or its DPM-Solver). */
-function diffusersConventions(spacing: Exclude<TimestepSpacing, 'uniform'>, stepsOffset: number): SamplerConventions {
+function diffusersConventions(spacings: DiffusersSpacings, stepsOffset: number): SamplerConventions {
+  const spacing = spacings.sigma;
   const euler: SigmaConventions = Object.freeze({
     spacing,
     points: 'n',
@@ -116,15 +131,23 @@ function diffusersConventions(spacing: Exclude<TimestepSpacing, 'uniform'>, step
       startScale: 'variance-preserving',
     }),
     ancestralNoise: 'every-step',
-    ddim: spacing,
-    ddpm: spacing,
+    ddim: spacings.timestep,
+    ddpm: spacings.timestep,
   });
 }
 
-/** diffusers with SD 1.5's and SDXL base's scheduler config: leading spacing, steps_offset 1. */
-export const DIFFUSERS_CONVENTIONS: SamplerConventions = diffusersConventions('leading', 1);
+/** diffusers with SDXL base's scheduler config (timestep_spacing "leading" for every class, steps_offset 1). */
+export const DIFFUSERS_CONVENTIONS: SamplerConventions = diffusersConventions({ sigma: 'leading', timestep: 'leading' }, 1);
 
-/** The presets by name (a `--conventions` value). */
+/**
+ * diffusers with SD 1.5's scheduler config (PNDM, steps_offset 1, no timestep_spacing): a scheduler made from it
+ * with from_config runs its own class's default spacing, leading for DDIM and DDPM, linspace for the Euler family
+ * and DPM-Solver (so x_T * sigma_0 starts Euler; a folder saved again by diffusers writes "leading" out, and then
+ * every class runs leading: DIFFUSERS_CONVENTIONS).
+ */
+export const SD15_DIFFUSERS_CONVENTIONS: SamplerConventions = diffusersConventions({ sigma: 'linspace', timestep: 'leading' }, 1);
+
+/** The presets by name (a `--conventions` value; 'diffusers' is SDXL's, SD 1.x models get SD15_DIFFUSERS_CONVENTIONS). */
 export const CONVENTIONS: Readonly<Record<'a1111' | 'diffusers', SamplerConventions>> = Object.freeze({
   a1111: A1111_CONVENTIONS,
   diffusers: DIFFUSERS_CONVENTIONS,
@@ -139,16 +162,16 @@ export interface DiffusersSchedulerConfig {
   readonly karras: boolean;
 }
 
-/** diffusers scheduler classes: our sampler, and the class's own default timestep_spacing (used when absent). */
-const DIFFUSERS_CLASSES: Readonly<Record<string, { sampler: SamplerName | null; spacing: 'linspace' | 'leading' }>> = {
-  EulerDiscreteScheduler: { sampler: 'euler', spacing: 'linspace' },
-  EulerAncestralDiscreteScheduler: { sampler: 'euler_a', spacing: 'linspace' },
-  HeunDiscreteScheduler: { sampler: 'heun', spacing: 'linspace' },
-  LMSDiscreteScheduler: { sampler: 'lms', spacing: 'linspace' },
-  DPMSolverMultistepScheduler: { sampler: 'dpmpp_2m', spacing: 'linspace' },
-  DDIMScheduler: { sampler: 'ddim', spacing: 'leading' },
-  DDPMScheduler: { sampler: 'ddpm', spacing: 'leading' },
-  PNDMScheduler: { sampler: null, spacing: 'leading' },
+/** diffusers scheduler classes that a config may name, and our sampler of each. */
+const DIFFUSERS_CLASSES: Readonly<Record<string, { sampler: SamplerName | null }>> = {
+  EulerDiscreteScheduler: { sampler: 'euler' },
+  EulerAncestralDiscreteScheduler: { sampler: 'euler_a' },
+  HeunDiscreteScheduler: { sampler: 'heun' },
+  LMSDiscreteScheduler: { sampler: 'lms' },
+  DPMSolverMultistepScheduler: { sampler: 'dpmpp_2m' },
+  DDIMScheduler: { sampler: 'ddim' },
+  DDPMScheduler: { sampler: 'ddpm' },
+  PNDMScheduler: { sampler: null },
 };
 
 /** Keys whose value must be one of these (or absent): the alternatives change the math and are not implemented. */
@@ -179,9 +202,11 @@ const SUPPORTED: Readonly<Record<string, readonly unknown[]>> = {
 };
 
 /**
- * A diffusers `scheduler/scheduler_config.json` (parsed) as conventions. A missing timestep_spacing is the default
- * of the config's own `_class_name` (leading for PNDM/DDIM/DDPM, as SD 1.5's config means; linspace for the others);
- * a missing steps_offset is 0. A value this project cannot honour (v-prediction, other betas, thresholding, ...)
+ * A diffusers `scheduler/scheduler_config.json` (parsed) as conventions, for the scheduler class of each sampler
+ * made from it with `<Class>.from_config(config)`, as a diffusers user switches schedulers. A missing
+ * timestep_spacing is each target class's own default, not the config class's: diffusers' from_config drops keys
+ * the loaded config only had by default, so SD 1.5's PNDM config runs DDIM and DDPM leading but Euler, Euler a,
+ * Heun, LMS and DPM-Solver linspace (SD15_DIFFUSERS_CONVENTIONS); a missing steps_offset is 0. A value this project cannot honour (v-prediction, other betas, thresholding, ...)
  * is a SamplerError naming the key, the value and what is supported.
  */
 export function conventionsFromSchedulerConfig(json: unknown): DiffusersSchedulerConfig {
@@ -203,10 +228,11 @@ export function conventionsFromSchedulerConfig(json: unknown): DiffusersSchedule
       throw new SamplerError(`scheduler_config.json: ${key} ${JSON.stringify(v)} is not supported${why}; use ${want}`);
     }
   }
-  const spacing = cfg.timestep_spacing ?? known?.spacing ?? 'linspace';
-  if (spacing !== 'linspace' && spacing !== 'leading' && spacing !== 'trailing') {
+  const spacing = cfg.timestep_spacing;
+  if (spacing !== undefined && spacing !== 'linspace' && spacing !== 'leading' && spacing !== 'trailing') {
     throw new SamplerError(`scheduler_config.json: timestep_spacing ${JSON.stringify(spacing)}; use "linspace", "leading" or "trailing"`);
   }
+  const spacings: DiffusersSpacings = spacing === undefined ? { sigma: 'linspace', timestep: 'leading' } : { sigma: spacing, timestep: spacing };
   const offset = cfg.steps_offset ?? 0;
   if (typeof offset !== 'number' || !Number.isInteger(offset) || offset < 0) {
     throw new SamplerError(`scheduler_config.json: steps_offset must be a non-negative integer, got ${JSON.stringify(offset)}`);
@@ -215,5 +241,5 @@ export function conventionsFromSchedulerConfig(json: unknown): DiffusersSchedule
   if (typeof karras !== 'boolean') {
     throw new SamplerError(`scheduler_config.json: use_karras_sigmas must be true or false, got ${JSON.stringify(karras)}`);
   }
-  return Object.freeze({ conventions: diffusersConventions(spacing, offset), sampler: known?.sampler ?? null, karras });
+  return Object.freeze({ conventions: diffusersConventions(spacings, offset), sampler: known?.sampler ?? null, karras });
 }

@@ -38,6 +38,7 @@ export {
   CONVENTIONS,
   conventionsFromSchedulerConfig,
   DIFFUSERS_CONVENTIONS,
+  SD15_DIFFUSERS_CONVENTIONS,
   TIMESTEP_SPACINGS,
   type DiffusersSchedulerConfig,
   type SamplerConventions,
