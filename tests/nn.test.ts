@@ -210,6 +210,20 @@ describe('WeightView', () => {
     norm.dispose();
     expect(tf.memory().numTensors).toBe(before);
   });
+
+  it('a disposed Linear or Conv2d lets go of its weights (packed panels too) and says so when used again', () => {
+    const src = source({ 'c.weight': [4, 2, 3, 3], 'c.bias': [4], 'l.weight': [3, 4], 'l.bias': [3] });
+    const conv = Conv2d.load(WeightView.root(src, 'c'), 2, 4, 3);
+    const lin = Linear.load(WeightView.root(src, 'l'), 4, 3);
+    conv.dispose();
+    lin.dispose();
+    conv.dispose(); // twice is harmless
+    const x = tf.ones([1, 4, 4, 2]) as tf.Tensor4D;
+    expect(() => conv.apply(x)).toThrow(/Conv2d: used after dispose/);
+    expect(() => lin.apply(tf.ones([2, 4]))).toThrow(/Linear: used after dispose/);
+    expect(() => conv.native).toThrow(/used after dispose/);
+    x.dispose();
+  });
 });
 
 describe('ResnetBlock', () => {

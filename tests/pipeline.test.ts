@@ -108,6 +108,25 @@ describe('generate', () => {
     expect(seen).toEqual([1, 2]);
     expect(tf.memory().numTensors).toBe(before);
   });
+
+  it('oneShot frees the text encoder after encoding and the UNet before the last decode: the same images, then it refuses', async () => {
+    const quick: GenerateParams = { prompt: 'a fern', negativePrompt: 'blurry', seed: 7, steps: 2, sampler: 'euler', width: 32, height: 32, batch: 2 };
+    const kept = await sd.generate(quick);
+    const own = await StableDiffusion.load({ weights: `${DIR}/model.safetensors`, config, tokenizer: 'tests/fixtures/tokenizer' });
+    try {
+      const loaded = tf.memory().numTensors;
+      let duringLast = -1;
+      const once = await own.generate(quick, { oneShot: true, onProgress: (s, n) => s === n && (duringLast = tf.memory().numTensors) });
+      expect(once.images.map((i) => i.png)).toEqual(kept.images.map((i) => i.png));
+      // by the last step the text encoder is gone; after the call the UNet too: only the VAE's tensors are left
+      expect(duringLast).toBeGreaterThan(0);
+      expect(duringLast).toBeLessThan(loaded);
+      expect(tf.memory().numTensors).toBeLessThan(duringLast);
+      await expect(own.generate(quick)).rejects.toThrow(/oneShot generation freed this model's networks; load it again/);
+    } finally {
+      own.dispose();
+    }
+  });
 });
 
 describe('StableDiffusion.load', () => {

@@ -73,8 +73,14 @@ export class Linear {
   private constructor(
     readonly inFeatures: number,
     readonly outFeatures: number,
-    private run: LinearRun,
+    private held: LinearRun | null,
   ) {}
+
+  /** The weights in use; after dispose() none (their memory, packed panels included, is free to go). */
+  private get run(): LinearRun {
+    if (this.held === null) throw new Error('Linear: used after dispose()');
+    return this.held;
+  }
 
   /** From a checkpoint weight [out, in] and bias [out]. `splits`: slices of the inputs (default `inputSplits`). */
   static load(p: WeightView, inFeatures: number, outFeatures: number, opts: { bias?: boolean; splits?: number } = {}): Linear {
@@ -135,7 +141,7 @@ export class Linear {
   /** Puts `run` in use (a reload, nn/reload.ts); returns the one in use before. */
   private swapRun(run: LinearRun): LinearRun {
     const old = this.run;
-    this.run = run;
+    this.held = run;
     return old;
   }
 
@@ -171,7 +177,9 @@ export class Linear {
   }
 
   dispose(): void {
-    Linear.disposeRun(this.run);
+    if (this.held === null) return;
+    Linear.disposeRun(this.held);
+    this.held = null;
   }
 }
 
@@ -215,8 +223,14 @@ type ConvRun = { filters: tf.Tensor4D[]; bias: tf.Tensor1D; stride: number; pad:
 export class Conv2d {
   private constructor(
     readonly outChannels: number,
-    private run: ConvRun,
+    private held: ConvRun | null,
   ) {}
+
+  /** The weights in use; after dispose() none (their memory, packed panels included, is free to go). */
+  private get run(): ConvRun {
+    if (this.held === null) throw new Error('Conv2d: used after dispose()');
+    return this.held;
+  }
 
   static load(p: WeightView, cin: number, cout: number, kernel: number, opts: ConvOptions = {}): Conv2d {
     const layer = new Conv2d(cout, Conv2d.loadRun(p, cin, cout, kernel, opts));
@@ -246,7 +260,7 @@ export class Conv2d {
   /** Puts `run` in use (a reload, nn/reload.ts); returns the one in use before. */
   private swapRun(run: ConvRun): ConvRun {
     const old = this.run;
-    this.run = run;
+    this.held = run;
     return old;
   }
 
@@ -279,7 +293,9 @@ export class Conv2d {
   }
 
   dispose(): void {
-    Conv2d.disposeRun(this.run);
+    if (this.held === null) return;
+    Conv2d.disposeRun(this.held);
+    this.held = null;
   }
 }
 

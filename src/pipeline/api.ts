@@ -179,6 +179,13 @@ export interface GenerateOptions {
   readonly onPreview?: (p: StepPreview) => void | Promise<void>;
   /** Finish early (A1111's interrupt): stop between steps; the image is the last step's predicted x0, decoded. */
   readonly stop?: AbortSignal;
+  /**
+   * One generation, then done (sd generate): each network is freed once this call no longer needs it, the text
+   * encoders when the prompts are encoded, the UNet with its ControlNets and IP-Adapters when the last image is
+   * sampled, so the VAE decode does not sit on top of them. The model is spent afterwards: generate() refuses.
+   * Networks a request's LoRAs are switched on in (GenerateParams.loras) are kept until dispose().
+   */
+  readonly oneShot?: boolean;
 }
 
 export const PREVIEW_DECODERS = ['approx', 'vae'] as const;

@@ -150,6 +150,8 @@ async function tensorToRgb(image: tf.Tensor4D): Promise<Uint8Array> {
 
 export class StableDiffusion {
   private disposed = false;
+  /** Set by a oneShot generate (GenerateOptions.oneShot): some networks are freed. */
+  private spent = false;
 
   private constructor(
     readonly config: AnyPipelineConfig,
@@ -337,6 +339,8 @@ export class StableDiffusion {
   /** Runs with the request's LoRAs on (switched to if others were), the base weights when it has none. */
   async generate(p: GenerateParams, o: GenerateOptions = {}): Promise<GenerateResult> {
     if (this.disposed) throw new Error('StableDiffusion.generate: the model has been disposed');
+    if (this.spent) throw new Error('StableDiffusion.generate: a oneShot generation freed this model\'s networks; load it again');
+    if (o.oneShot === true) this.spent = true;
     const release = this.loras.use(p.loras ?? []);
     try {
       return await this.generateOnWeights(p, o);
@@ -364,6 +368,7 @@ export class StableDiffusion {
     try {
       throwIfAborted(o.signal);
       cond = this.encodePrompts(r, p.negativePrompt ?? null);
+      if (o.oneShot === true && !this.loras.on) this.text.dispose();
       initImage = init === null ? null : rgbToTensor(init);
       joined = adapters.ip === null ? null : withImageTokens(cond, adapters.ip.tokens, usesGuidance(r));
       const c = joined?.cond ?? cond;
@@ -377,7 +382,8 @@ export class StableDiffusion {
             stop: o.stop,
             onStopped: (step) => (stoppedAt = done + step),
           };
-          images.push(await this.generateOne(r, (r.seed + i) >>> 0, c, image, o.signal, onStep, hooks, adapters));
+          const sampled = o.oneShot === true && i === r.batch - 1 ? () => this.freeSampling() : undefined;
+          images.push(await this.generateOne(r, (r.seed + i) >>> 0, c, image, o.signal, onStep, { ...hooks, sampled }, adapters));
         }
       });
     } finally {
@@ -446,6 +452,7 @@ export class StableDiffusion {
       encode: (image, post) => this.encodeImage(image, post),
       sample: (s) => this.sampleLatent({ cond, guidanceScale, noise, latentShape, signal, onStep, ...hooks, ...s }),
     }, adapters);
+    hooks.sampled?.();
     const image = this.decodeLatent(latent);
     latent.dispose();
     let rgb: Uint8Array;
@@ -465,6 +472,15 @@ export class StableDiffusion {
     return { png, rgb, seed };
   }
 
+  /** oneShot: the UNet, ControlNets and IP-Adapters go once the last latent is sampled (kept while LoRAs are switched on). */
+  private freeSampling(): void {
+    if (this.loras.on) return;
+    this.controlCache?.dispose();
+    this.controlCache = null;
+    this.ipCache.dispose();
+    this.unet.dispose();
+  }
+
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
@@ -482,6 +498,8 @@ interface X0Hooks {
   readonly onX0?: (x0: tf.Tensor4D, step: number, total: number) => Promise<void>;
   readonly stop?: AbortSignal;
   readonly onStopped?: (step: number) => void;
+  /** After the latent is sampled, before it is decoded (oneShot's last image: the sampling networks are freed). */
+  readonly sampled?: () => void;
 }
 
 /** What inpainting and ControlNets change in sampleLatent (./adapters.ts). */

@@ -285,7 +285,8 @@ export const generateCommand: CommandModule<object, Args> = {
     const { signal, release } = abortOnSigint();
     const bar = lazyBar('sampling');
     try {
-      const result = await sd.generate({ ...params, seed }, { signal, onProgress: bar.update, ...saveStepsOptions(args['save-steps'], params.batch ?? 1) });
+      // one generation and exit: each network is freed once done with (the text encoders, then the UNet before the VAE)
+      const result = await sd.generate({ ...params, seed }, { signal, onProgress: bar.update, oneShot: true, ...saveStepsOptions(args['save-steps'], params.batch ?? 1) });
       bar.finish();
       for (const img of result.images) {
         const path = writeNew(outputPath(args.out, img.seed), img.png);
