@@ -508,6 +508,7 @@ static napi_value pack_weights(napi_env env, napi_callback_info info) {
  * exactly a half (the panels then stay float32). Weights read from an fp16 checkpoint always are: held this way they
  * take half the memory and compute exactly as before, widened block by block in gemm_block.
  */
+/* Whether x[0, n) are all exactly halves; with h, also writes them there. */
 __attribute__((target("avx2,f16c"))) static int halve(const float *x, size_t n, uint16_t *h) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -515,14 +516,28 @@ __attribute__((target("avx2,f16c"))) static int halve(const float *x, size_t n, 
     const __m128i hv = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 back = _mm256_cvtph_ps(hv);
     if (_mm256_movemask_ps(_mm256_cmp_ps(back, v, _CMP_EQ_OQ)) != 0xff) return 0;
-    _mm_storeu_si128((__m128i *)(h + i), hv);
+    if (h) _mm_storeu_si128((__m128i *)(h + i), hv);
   }
   for (; i < n; i++) {
     const __m128i hv = _mm_cvtps_ph(_mm_set_ss(x[i]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (_mm_cvtss_f32(_mm_cvtph_ps(hv)) != x[i]) return 0;
-    h[i] = (uint16_t)_mm_extract_epi16(hv, 0);
+    if (h) h[i] = (uint16_t)_mm_extract_epi16(hv, 0);
   }
   return 1;
+}
+
+/* x[0, n) as a Uint16Array of halves, or JS null when one is not exactly a half (checked before allocating). */
+static napi_value halves_or_null(napi_env env, const float *x, size_t n) {
+  napi_value buf, out;
+  void *data;
+  if (!halve(x, n, NULL)) {
+    napi_get_null(env, &out);
+    return out;
+  }
+  if (napi_create_arraybuffer(env, n * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
+  halve(x, n, data);
+  napi_create_typedarray(env, napi_uint16_array, n, buf, 0, &out);
+  return out;
 }
 
 static napi_value halve_panels(napi_env env, napi_callback_info info) {
@@ -533,15 +548,29 @@ static napi_value halve_panels(napi_env env, napi_callback_info info) {
   if (a.failed) return NULL;
   size_t len = 0;
   napi_get_typedarray_info(env, argv[0], NULL, &len, NULL, NULL, NULL);
-  napi_value buf, out, none;
-  void *data;
-  if (napi_create_arraybuffer(env, len * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
-  if (!halve(x, len, data)) {
-    napi_get_null(env, &none);
-    return none;
+  return halves_or_null(env, x, len);
+}
+
+/*
+ * releasePanels(panels) -> whether their memory was freed now: the ArrayBuffer is detached (every view of it reads
+ * as empty from then on), so its bytes go back to the allocator at once instead of at some later garbage collection
+ * (a disposed model's weights, before the next allocation that could reuse them). Only a view of the whole buffer is
+ * released; one sharing its buffer is left alone (false).
+ */
+static napi_value release_panels(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], buf, r;
+  size_t offset = 0, length = 0, bytes = 0;
+  napi_typedarray_type type;
+  bool done = false;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 1 &&
+      napi_get_typedarray_info(env, argv[0], &type, &length, NULL, &buf, &offset) == napi_ok &&
+      napi_get_arraybuffer_info(env, buf, NULL, &bytes) == napi_ok) {
+    const size_t size = type == napi_uint16_array ? 2 : type == napi_float32_array ? 4 : 0;
+    done = size > 0 && offset == 0 && length * size == bytes && napi_detach_arraybuffer(env, buf) == napi_ok;
   }
-  napi_create_typedarray(env, napi_uint16_array, len, buf, 0, &out);
-  return out;
+  napi_get_boolean(env, done, &r);
+  return r;
 }
 
 /* tuneAllocator(): glibc serves every block from its heap and keeps freed memory for reuse (see src/backend/kernels.ts) */
@@ -555,6 +584,22 @@ static napi_value tune_allocator(napi_env env, napi_callback_info info) {
   const int ok = 0;
 #endif
   napi_get_boolean(env, ok, &r);
+  return r;
+}
+
+/*
+ * trimHeap() -> whether the allocator was asked: the heap's free pages go back to the system (glibc malloc_trim).
+ * tuneAllocator keeps freed memory for reuse, which is right between steps; after a model is freed it is not.
+ */
+static napi_value trim_heap(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value r;
+#ifdef __GLIBC__
+  malloc_trim(0);
+  napi_get_boolean(env, true, &r);
+#else
+  napi_get_boolean(env, false, &r);
+#endif
   return r;
 }
 
@@ -710,8 +755,8 @@ static void wino_weights_task(void *ctx, int t, int n) {
 
 /*
  * packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout, asTaps) -> the 16 packed matrices U_xi (Float32Array); with
- * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][Cin][9][16]), or null when a weight is not
- * exactly a half: 9/32 of the memory, turned into U_xi by each call (a few milliseconds beside the conv's GEMMs).
+ * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][Cin][9][16]) when every weight is exactly a half
+ * (else the matrices): 9/32 of the memory, turned into U_xi by each call (a few milliseconds beside the conv's GEMMs).
  */
 static napi_value pack_winograd(napi_env env, napi_callback_info info) {
   napi_value argv[4];
@@ -728,15 +773,9 @@ static napi_value pack_winograd(napi_env env, napi_callback_info info) {
   wino_taps(w, Cin, Cout, taps);
   napi_value buf, out;
   void *data;
-  if (as_taps) {
-    if (napi_create_arraybuffer(env, ntaps * sizeof(uint16_t), &data, &buf) != napi_ok) { free(taps); return NULL; }
-    const int exact = halve(taps, ntaps, data);
+  if (as_taps && halve(taps, ntaps, NULL)) {
+    out = halves_or_null(env, taps, ntaps);
     free(taps);
-    if (!exact) {
-      napi_get_null(env, &out);
-      return out;
-    }
-    napi_create_typedarray(env, napi_uint16_array, ntaps, buf, 0, &out);
     return out;
   }
   const size_t len = 16 * packed_len(Cin, Cout);
@@ -1296,8 +1335,10 @@ NAPI_MODULE_INIT() {
     { "available", NULL, available, NULL, NULL, NULL, napi_default, NULL },
     { "source", NULL, source_hash, NULL, NULL, NULL, napi_default, NULL },
     { "tuneAllocator", NULL, tune_allocator, NULL, NULL, NULL, napi_default, NULL },
+    { "trimHeap", NULL, trim_heap, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
     { "halvePanels", NULL, halve_panels, NULL, NULL, NULL, napi_default, NULL },
+    { "releasePanels", NULL, release_panels, NULL, NULL, NULL, napi_default, NULL },
     { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },
     { "conv2d", NULL, conv2d, NULL, NULL, NULL, napi_default, NULL },
     { "packWinograd", NULL, pack_winograd, NULL, NULL, NULL, napi_default, NULL },

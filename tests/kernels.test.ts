@@ -221,6 +221,27 @@ describe.runIf(built)('native kernels', () => {
       expect(wino.panels).toBeInstanceOf(Uint16Array);
       expect(winoFloat.panels).toBeInstanceOf(Float32Array);
       expect(wino.panels.byteLength * 32).toBe(winoFloat.panels.byteLength * 9);
+      // a Winograd weight that is not all halves gets its float32 matrices from the same call, the same as asked for
+      wv[100] = 0.1; // not a half
+      const inexact = kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null);
+      expect(inexact.panels).toBeInstanceOf(Float32Array);
+      const asked = withFloatPanels(() => kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null));
+      expect(bytes(inexact.panels as Float32Array).equals(bytes(asked.panels as Float32Array))).toBe(true);
+    });
+
+    it('are freed when released (a disposed layer), a view of part of a buffer left alone', () => {
+      const w = kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null);
+      const f = withFloatPanels(() => kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null));
+      const before = process.memoryUsage().arrayBuffers;
+      kernels.releaseWeight(w);
+      kernels.releaseWeight(f);
+      expect(w.panels.length).toBe(0);
+      expect(f.panels.length).toBe(0);
+      expect(process.memoryUsage().arrayBuffers).toBeLessThan(before); // at once, not at a garbage collection
+      const shared = new Float32Array(64);
+      kernels.releaseWeight({ k: 4, n: 4, panels: shared.subarray(16, 32), bias: null });
+      expect(shared.length).toBe(64);
+      kernels.trimHeap(); // harmless at any time
     });
 
     it.each(cpuIsas())('compute bit for bit what float32 panels compute (%s micro-kernel)', (isa) => {

@@ -30,6 +30,7 @@ interface Addon {
   /** sha256 (hex) of the native/kernels.c it was built from. */
   source(): string;
   tuneAllocator(): boolean;
+  trimHeap(): boolean;
   /** The micro-kernel in use ('avx2' | 'avx512'); with a name, switches to it (RangeError where the CPU lacks it). */
   microKernel(name?: string): string;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
@@ -46,7 +47,10 @@ interface Addon {
   ): void;
   /** The 16 transformed matrices; with asTaps, the untransformed taps as halves (null when not exact). */
   packWinograd(w: Float32Array, cin: number, cout: number, asTaps?: false): Float32Array;
-  packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true): Uint16Array | null;
+  /** With asTaps: the taps as halves when every weight is exactly one, else the transformed matrices. */
+  packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true): Uint16Array | Float32Array;
+  /** Detaches the panels' buffer, freeing it now (false, and nothing done, for a view of part of a buffer). */
+  releasePanels(panels: Float32Array | Uint16Array): boolean;
   conv3x3Winograd(
     x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array | Uint16Array, cout: number,
     bias: Float32Array | null, out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
@@ -190,11 +194,26 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   const k = w.length / out;
   if (format.kind === 'conv' && format.winograd === true) {
     const cin = k / taps;
-    const halves = halfPanels() ? kernels().packWinograd(w, cin, out, true) : null;
-    return { k: cin, n: out, panels: halves ?? kernels().packWinograd(w, cin, out), bias, winograd: true };
+    return { k: cin, n: out, panels: halfPanels() ? kernels().packWinograd(w, cin, out, true) : kernels().packWinograd(w, cin, out), bias, winograd: true };
   }
   const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
   return { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
+}
+
+/**
+ * Frees a packed weight's panels now (its layer is disposed): without this they would wait for a garbage collection,
+ * and an allocation made meanwhile (the VAE decode after a oneShot generation freed the UNet) would not reuse them.
+ */
+export function releaseWeight(w: PackedWeight): void {
+  kernels().releasePanels(w.panels);
+}
+
+/**
+ * Gives the heap's free pages back to the system, after a model is freed (tuneAllocator's allocator keeps freed
+ * memory for the next step otherwise). A no-op where the kernels are not loaded.
+ */
+export function trimHeap(): void {
+  if (addon !== undefined && addon !== null && allocatorTuned) addon.trimHeap();
 }
 
 /** Whether packed panels are kept as halves where that is exact (SD_HALF_PANELS=0 keeps them all float32). */

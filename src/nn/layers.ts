@@ -146,7 +146,7 @@ export class Linear {
   }
 
   private static disposeRun(run: LinearRun): void {
-    if ('panels' in run) return;
+    if ('panels' in run) return kernels.releaseWeight(run);
     tf.dispose(run.weights);
     run.bias?.dispose();
   }
@@ -265,7 +265,7 @@ export class Conv2d {
   }
 
   private static disposeRun(run: ConvRun): void {
-    if ('packed' in run) return;
+    if ('packed' in run) return kernels.releaseWeight(run.packed);
     tf.dispose(run.filters);
     run.bias.dispose();
   }

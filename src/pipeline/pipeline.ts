@@ -43,6 +43,7 @@ import {
   type SamplerConventions,
 } from '../scheduler/index.js';
 import { openWeights } from '../weights/open.js';
+import { trimHeap } from '../backend/kernels.js';
 import { extractLoraTags, readLoras, withLoras, type LoraSpec } from '../lora/index.js';
 import { LayerLog } from '../nn/reload.js';
 import { LoraSwitch } from './lora-switch.js';
@@ -479,6 +480,7 @@ export class StableDiffusion {
     this.controlCache = null;
     this.ipCache.dispose();
     this.unet.dispose();
+    trimHeap(); // their pages back to the system before the VAE decode allocates
   }
 
   dispose(): void {
@@ -490,6 +492,7 @@ export class StableDiffusion {
     this.text.dispose();
     this.unet.dispose();
     this.vae.dispose();
+    trimHeap();
   }
 }
 
