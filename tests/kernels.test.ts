@@ -5,7 +5,8 @@
  * agree; then the model fixtures must pass their parity checks with every layer on the kernels (SD_KERNELS=1).
  * Whole blocks on the kernels: tests/native-blocks.test.ts.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { decodeToFloat32 } from '../src/weights/dtypes.js';
 import { createRequire } from 'node:module';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { maxRelError } from '../src/parity/compare.js';
@@ -268,6 +269,38 @@ describe.runIf(built)('native kernels', () => {
       }
       for (const [name, f] of cases) expect(bytes(f(true)).equals(bytes(f(false))), name).toBe(true);
     });
+  });
+
+  describe('loading helpers', () => {
+    it('widen every IEEE half to the float32 the lookup table gives (fp16 checkpoints decode through them)', () => {
+      const all = new Uint16Array(65536).map((_, i) => i);
+      const bytes = new Uint8Array(all.buffer);
+      const native = decodeToFloat32(bytes, 'F16');
+      process.env.SD_KERNELS = '0';
+      let table: Float32Array;
+      try {
+        table = decodeToFloat32(bytes, 'F16');
+      } finally {
+        delete process.env.SD_KERNELS;
+      }
+      const widened = new Float32Array(65536);
+      expect(kernels.widenHalves(all, widened)).toBe(true);
+      const same = (a: number, b: number) => Object.is(a, b) || (Number.isNaN(a) && Number.isNaN(b));
+      const differ = [...all].filter((h) => !same(widened[h], table[h]) || !same(native[h], table[h]));
+      expect(differ).toEqual([]);
+      expect(widened[0x3c00]).toBe(1);
+      expect(widened[0x0001]).toBe(2 ** -24); // the smallest subnormal
+    });
+
+    it('ask the system to read a weights file ahead', () => {
+      const fd = openSync('tests/fixtures/unet/weights.safetensors', 'r');
+      try {
+        expect(kernels.readAhead(fd, 0, 1 << 20)).toBe(true);
+      } finally {
+        closeSync(fd);
+      }
+    });
+
   });
 
   it('layers on the kernels leave no tensors behind', () => {

@@ -51,6 +51,8 @@ interface Addon {
   packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true): Uint16Array | Float32Array;
   /** Detaches the panels' buffer, freeing it now (false, and nothing done, for a view of part of a buffer). */
   releasePanels(panels: Float32Array | Uint16Array): boolean;
+  widenHalves(src: Uint16Array, out: Float32Array): void;
+  readAhead(fd: number, offset: number, length: number): boolean;
   conv3x3Winograd(
     x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array | Uint16Array, cout: number,
     bias: Float32Array | null, out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
@@ -206,6 +208,25 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
  */
 export function releaseWeight(w: PackedWeight): void {
   kernels().releasePanels(w.panels);
+}
+
+/**
+ * IEEE halves -> float32 with F16C when the kernels are built for this CPU (SD_KERNELS=0 aside, on any backend:
+ * it is exact); false when they are not, and the caller decodes them itself.
+ */
+export function widenHalves(src: Uint16Array, out: Float32Array): boolean {
+  if (process.env.SD_KERNELS === '0' || load() === null) return false;
+  addon!.widenHalves(src, out);
+  return true;
+}
+
+/**
+ * Asks the system to read [offset, offset + length) of an open file into its page cache in the background, where the
+ * kernels are built (any backend): a weights file is read ahead of its decoding. False when it could not ask.
+ */
+export function readAhead(fd: number, offset: number, length: number): boolean {
+  if (process.env.SD_KERNELS === '0' || load() === null) return false;
+  return addon!.readAhead(fd, offset, length);
 }
 
 /**

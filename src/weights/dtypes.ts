@@ -3,6 +3,8 @@
  * Computation is always float32; fp16 and bf16 are storage formats only.
  */
 
+import { widenHalves } from '../backend/kernels.js';
+
 export const DTYPE_BYTES = {
   BOOL: 1, U8: 1, I8: 1, F8_E5M2: 1, F8_E4M3: 1,
   I16: 2, U16: 2, F16: 2, BF16: 2,
@@ -25,6 +27,9 @@ export function isFloatDType(d: DType): boolean {
 
 // IEEE half -> float32 through a 64 Ki-entry table: one lookup per value, exact for every input.
 let halfTable: Float32Array | null = null;
+/** From this many values up, halves are widened by the native kernels when they are there (a call costs ~1 us). */
+const NATIVE_HALVES_FROM = 4096;
+
 function halfToFloatTable(): Float32Array {
   if (halfTable !== null) return halfTable;
   const t = new Float32Array(65536);
@@ -58,6 +63,7 @@ export function decodeInto(bytes: Uint8Array, dtype: DType, out: Float32Array): 
       return;
     case 'F16': {
       const src = new Uint16Array(aligned.buffer, aligned.byteOffset, n);
+      if (n >= NATIVE_HALVES_FROM && widenHalves(src, out)) return; // F16C, where the native kernels are built
       const table = halfToFloatTable();
       for (let i = 0; i < n; i++) out[i] = table[src[i]];
       return;

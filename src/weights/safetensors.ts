@@ -12,6 +12,7 @@ import { DTYPE_BYTES, decodeToFloat32, isDType, isFloatDType, type DType } from 
 import { checkTensorBytes, openOwned, readFully, writeFully } from './files.js';
 import { parseHeaderText, type RawEntry } from './safetensors-header.js';
 import { WeightsError, WeightsLimitError, count, type TensorInfo, type TensorSource } from './types.js';
+import { readAhead } from '../backend/kernels.js';
 
 /**
  * The most header bytes read or written: 16 MiB. SD 1.x and SDXL headers are 50-300 KB (~110 bytes a tensor);
@@ -28,10 +29,16 @@ interface Entry extends TensorInfo {
   readonly end: number;
 }
 
+/** How far past what has been read the system is asked to read the file (see readAheadOf). */
+const READ_AHEAD = 128 * 2 ** 20;
+
 export class SafetensorsFile implements TensorSource {
   private fd: number | null;
   /** Reused for the raw bytes of tensors decoded to float32 (fp16, bf16): one fresh array per tensor, not two. */
   private scratch: Uint8Array | null = null;
+  /** Bytes of tensors read so far, and how far into the file the system has been asked to read ahead. */
+  private consumed = 0;
+  private ahead: number;
 
   private constructor(
     readonly path: string,
@@ -40,14 +47,31 @@ export class SafetensorsFile implements TensorSource {
     private readonly dataStart: number,
     /** `__metadata__`, in the order of the file. */
     readonly metadata: ReadonlyMap<string, string>,
+    /** Bytes of the file. */
+    private readonly size: number,
   ) {
     this.fd = fd;
+    this.ahead = dataStart;
+  }
+
+  /**
+   * Keeps the system reading READ_AHEAD bytes past what has been read (kernels.readAhead, where the native kernels
+   * are built): the disk works while the last tensor is decoded. Read order is the model's, not the file's, so how
+   * much was read stands for how far.
+   */
+  private readAheadOf(bytes: number): void {
+    if (this.fd === null) return;
+    this.consumed += bytes;
+    const want = Math.min(this.dataStart + this.consumed + READ_AHEAD, this.size);
+    if (want - this.ahead < READ_AHEAD / 4) return;
+    if (!readAhead(this.fd, this.ahead, want - this.ahead)) this.ahead = this.size; // not there: stop asking
+    else this.ahead = want;
   }
 
   static open(path: string): SafetensorsFile {
     return openOwned(path, (fd) => {
       const { entries, dataStart, metadata } = parseHeader(path, fd);
-      return new SafetensorsFile(path, fd, entries, dataStart, metadata);
+      return new SafetensorsFile(path, fd, entries, dataStart, metadata, fstatSync(fd).size);
     });
   }
 
@@ -69,6 +93,7 @@ export class SafetensorsFile implements TensorSource {
     if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     checkTensorBytes(this.path, key, e.end - e.begin);
     const out = new Uint8Array(e.end - e.begin);
+    this.readAheadOf(out.byteLength);
     readAt(this.fd, out, this.dataStart + e.begin, this.path);
     return out;
   }
@@ -82,6 +107,7 @@ export class SafetensorsFile implements TensorSource {
       // Read straight into the result: no intermediate copy, so loading runs at the speed of the reads.
       if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
       const out = new Float32Array((e.end - e.begin) / 4);
+      this.readAheadOf(out.byteLength);
       readAt(this.fd, new Uint8Array(out.buffer), this.dataStart + e.begin, this.path);
       return out;
     }
@@ -89,6 +115,7 @@ export class SafetensorsFile implements TensorSource {
     const n = e.end - e.begin;
     if (this.scratch === null || this.scratch.byteLength < n) this.scratch = new Uint8Array(n);
     const raw = this.scratch.subarray(0, n);
+    this.readAheadOf(n);
     readAt(this.fd, raw, this.dataStart + e.begin, this.path);
     return decodeToFloat32(raw, e.dtype);
   }
