@@ -240,6 +240,7 @@ function readAll(path: string): { seconds: number; mbPerS: number } {
 }
 
 const choice = await initBackend({ backend: args.backend as BackendName | undefined });
+kernelsProblem(); // where the kernels are in use this tunes the allocator, as loading a model does before it reads
 const fp32 = model.dtypes.includes('fp32') ? ensureWeights(false) : null;
 const fp16 = ensureWeights(true);
 
