@@ -287,12 +287,14 @@ typedef struct {
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
-/* out[0, n) = the halves h[0, n) as floats, n a multiple of 16 (F16C: every AVX2 CPU has it). */
+/* out[0, n) = the halves h[0, n) as floats (F16C: every AVX2 CPU has it); gemm_block's panels and widenHalves. */
 __attribute__((target("avx2,f16c"))) static void widen(const uint16_t *h, size_t n, float *out) {
-  for (size_t i = 0; i < n; i += 16) {
-    _mm256_store_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-    _mm256_store_ps(out + i + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i + 8))));
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    _mm256_storeu_ps(out + i + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i + 8))));
   }
+  for (; i < n; i++) out[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h[i])));
 }
 
 /* One block of rows [ic, ic + mc) times the panels [jp0, jp1) of B, over the shared blocks [kb0, kb1). */
@@ -527,14 +529,10 @@ __attribute__((target("avx2,f16c"))) static int halve(const float *x, size_t n, 
   return 1;
 }
 
-/* x[0, n) as a Uint16Array of halves, or JS null when one is not exactly a half (checked before allocating). */
-static napi_value halves_or_null(napi_env env, const float *x, size_t n) {
+/* x[0, n), every one exactly a half (halve said so), as a Uint16Array of halves. */
+static napi_value halves_of(napi_env env, const float *x, size_t n) {
   napi_value buf, out;
   void *data;
-  if (!halve(x, n, NULL)) {
-    napi_get_null(env, &out);
-    return out;
-  }
   if (napi_create_arraybuffer(env, n * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
   halve(x, n, data);
   napi_create_typedarray(env, napi_uint16_array, n, buf, 0, &out);
@@ -549,19 +547,16 @@ static napi_value halve_panels(napi_env env, napi_callback_info info) {
   if (a.failed) return NULL;
   size_t len = 0;
   napi_get_typedarray_info(env, argv[0], NULL, &len, NULL, NULL, NULL);
-  return halves_or_null(env, x, len);
+  if (halve(x, len, NULL)) return halves_of(env, x, len); /* checked before allocating */
+  napi_value none;
+  napi_get_null(env, &none);
+  return none;
 }
 
 /*
  * widenHalves(src Uint16Array, out Float32Array): IEEE halves -> float32 (F16C), the same values as a table lookup;
  * fp16 checkpoints decode through it as they load (src/weights/dtypes.ts), several times faster than JS.
  */
-__attribute__((target("avx2,f16c"))) static void widen_any(const uint16_t *h, size_t n, float *x) {
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-  for (; i < n; i++) x[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h[i])));
-}
-
 static napi_value widen_halves(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -575,7 +570,7 @@ static napi_value widen_halves(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "sd_kernels: widenHalves(src Uint16Array, out Float32Array of the same length)");
     return NULL;
   }
-  widen_any(hs, ns, xo);
+  widen(hs, ns, xo);
   return NULL;
 }
 
@@ -821,7 +816,7 @@ static napi_value pack_winograd(napi_env env, napi_callback_info info) {
   napi_value buf, out;
   void *data;
   if (as_taps && halve(taps, ntaps, NULL)) {
-    out = halves_or_null(env, taps, ntaps);
+    out = halves_of(env, taps, ntaps);
     free(taps);
     return out;
   }

@@ -215,9 +215,9 @@ export function releaseWeight(w: PackedWeight): void {
  * it is exact); false when they are not, and the caller decodes them itself.
  */
 export function widenHalves(src: Uint16Array, out: Float32Array): boolean {
-  if (process.env.SD_KERNELS === '0' || load() === null) return false;
-  addon!.widenHalves(src, out);
-  return true;
+  const a = loadedAddon();
+  a?.widenHalves(src, out);
+  return a !== null;
 }
 
 /**
@@ -225,8 +225,12 @@ export function widenHalves(src: Uint16Array, out: Float32Array): boolean {
  * kernels are built (any backend): a weights file is read ahead of its decoding. False when it could not ask.
  */
 export function readAhead(fd: number, offset: number, length: number): boolean {
-  if (process.env.SD_KERNELS === '0' || load() === null) return false;
-  return addon!.readAhead(fd, offset, length);
+  return loadedAddon()?.readAhead(fd, offset, length) ?? false;
+}
+
+/** The addon for loading's helpers (any backend), unless SD_KERNELS=0 or it is not built for this CPU. */
+function loadedAddon(): Addon | null {
+  return process.env.SD_KERNELS === '0' ? null : load();
 }
 
 /**
