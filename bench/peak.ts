@@ -5,8 +5,8 @@
  * step's effective GFLOP/s is then given as a share of it: how far the model is from what the same kernel does on a
  * plain large product.
  *
- * The shapes: every dimension a whole number of the kernel's blocks (native/kernels.c: rows of 96 per block, so M a
- * multiple of 192 gives each of 2 threads whole blocks; K a multiple of KC = 256; N a multiple of 16 x 32 = 512
+ * The shapes: every dimension a whole number of the kernel's blocks (native/kernels.c: rows of 192 per block, so M a
+ * multiple of 384 gives each of 2 threads whole blocks; K a multiple of KC = 256; N a multiple of 16 x 32 = 512
  * columns), so no block or micro-tile is partial, and big enough (>= 8 GFLOP each, 0.05-0.3 s) that the per-call
  * thread start-up is lost in the work; sized like SD's largest products (4096 tokens of a 64x64 latent by the
  * 1280-channel Linears, the GEGLU's 1280 -> 5120). Each is timed `reps` times after a warm-up and its best time kept
@@ -23,11 +23,11 @@ export interface GemmShape {
 
 /** The shapes timed (M x K x N). */
 export const PEAK_SHAPES: readonly GemmShape[] = [
-  { m: 4032, k: 1280, n: 5120 },
-  { m: 4032, k: 2048, n: 2048 },
+  { m: 4224, k: 1280, n: 5120 },
+  { m: 4224, k: 2048, n: 2048 },
   { m: 8064, k: 768, n: 1536 },
-  { m: 4032, k: 1280, n: 1536 },
-  { m: 4032, k: 512, n: 2048 },
+  { m: 4224, k: 1280, n: 1536 },
+  { m: 4224, k: 512, n: 2048 },
 ];
 
 export interface SgemmPeak {
@@ -75,7 +75,7 @@ export function measureSgemmPeak(threads: number, reps = 3, say: (s: string) => 
   return { gflops: top.gflops, shape: { m: top.m, k: top.k, n: top.n }, threads, tried };
 }
 
-/** "4032x1280x5120" (M x K x N). */
+/** "4224x1280x5120" (M x K x N). */
 export function shapeName(s: GemmShape): string {
   return `${s.m}x${s.k}x${s.n}`;
 }
