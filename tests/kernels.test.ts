@@ -14,7 +14,7 @@ import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/nn/attention.js';
 import { initBackend } from '../src/backend/select.js';
 import * as kernels from '../src/backend/kernels.js';
-import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, winogradFits } from '../src/backend/kernels.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, WINOGRAD_MAX_WEIGHTS, winogradFits } from '../src/backend/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
 import { WeightView } from '../src/nn/weight-view.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
@@ -87,11 +87,11 @@ describe.runIf(built)('native kernels', () => {
     x.dispose();
   });
 
-  it('Winograd serves 3x3 stride-1 convs with channels in eights and at most WINOGRAD_MAX_WEIGHTS weights', () => {
+  it('Winograd serves 3x3 stride-1 convs with channels in eights', () => {
     const same = { kernel: 3, stride: 1, pad: [1, 1, 1, 1] } as const;
     expect(winogradFits(320, 320, same)).toBe(true);
     expect(winogradFits(1280, 640, same)).toBe(true);
-    expect(winogradFits(1280, 1280, same)).toBe(false); // 16/9 of 14.7 M weights: kept direct
+    expect(winogradFits(1280, 1280, same)).toBe(true); // packWeight decides by its weights (below)
     expect(winogradFits(4, 320, same)).toBe(false); // conv_in
     expect(winogradFits(320, 320, { ...same, stride: 2 })).toBe(false);
     expect(winogradFits(320, 320, { kernel: 3, stride: 1, pad: [0, 1, 0, 1] })).toBe(false);
@@ -228,6 +228,25 @@ describe.runIf(built)('native kernels', () => {
       expect(inexact.panels).toBeInstanceOf(Float32Array);
       const asked = withFloatPanels(() => kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null));
       expect(bytes(inexact.panels as Float32Array).equals(bytes(asked.panels as Float32Array))).toBe(true);
+    });
+
+    it('let a conv over WINOGRAD_MAX_WEIGHTS run Winograd when they are halves, and keep it direct when float32', () => {
+      const c = 1024; // 9.4 M weights > 1280 x 640 x 9
+      expect(c * c * 9).toBeGreaterThan(WINOGRAD_MAX_WEIGHTS);
+      const wv = halves(c * c * 9);
+      const conv = { kind: 'conv', kernel: 3, winograd: true } as const;
+      const wino = kernels.packWeight(wv, c, conv, null);
+      expect(wino.winograd).toBe(true);
+      expect(wino.panels).toBeInstanceOf(Uint16Array);
+      expect(wino.panels.length).toBe(c * c * 9); // the taps: as many halves as the direct kernel's half panels
+      const float = withFloatPanels(() => kernels.packWeight(wv, c, conv, null));
+      expect(float.winograd).toBeUndefined();
+      expect(float.panels.length).toBe(c * c * 9); // direct panels, not 16 transformed matrices
+      wv[7] = 0.1; // not a half: float32 whatever SD_HALF_PANELS says, so direct too
+      const inexact = kernels.packWeight(wv, c, conv, null);
+      expect(inexact.winograd).toBeUndefined();
+      expect(inexact.panels).toBeInstanceOf(Float32Array);
+      for (const w of [wino, float, inexact]) kernels.releaseWeight(w);
     });
 
     it('are freed when released (a disposed layer), a view of part of a buffer left alone', () => {

@@ -157,8 +157,9 @@ export function microKernel(use?: MicroKernel): MicroKernel {
 const threads = (): number => Number(process.env.SD_THREADS) || availableParallelism();
 
 /**
- * What is packed: a Linear weight [out, in] or a conv weight OIHW, and how. A conv packed `winograd` runs as Winograd F(2x2, 3x3)
- * (native/kernels.c): 3x3, stride 1, padding 1 only, channels in multiples of 8; its packed weight is 16/9 the size.
+ * What is packed: a Linear weight [out, in] or a conv weight OIHW, and how. A conv asking for `winograd` runs as
+ * Winograd F(2x2, 3x3) (native/kernels.c; 3x3, stride 1, padding 1 only, channels in multiples of 8: winogradFits)
+ * unless its weights are float32 and more than WINOGRAD_MAX_WEIGHTS; PackedWeight.winograd says which it got.
  */
 export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; winograd?: boolean };
 
@@ -179,15 +180,18 @@ export interface PackedWeight {
 
 /**
  * Winograd F(2x2, 3x3) computes a 3x3 conv with 16/36 of the multiplications: 1.8-2.1x faster than the direct
- * kernel on SD's convs from 32x32 up (2-core EPYC), within 3e-7 of it. Its weights take 16/9 the memory, so layers
- * with more weights than this (the UNet's 1280-channel convs, which run at 16x16 and 8x8 where Winograd gains
- * least, and hold most of its conv weights) keep the direct kernel.
+ * kernel on SD's convs from 32x32 up (2-core EPYC), within 3e-7 of it; on the UNet's 1280-channel convs 1.4-1.8x
+ * at 16x16 and 0.94-1.3x at 8x8 (Xeon @ 2.80GHz, AVX-512). Its float32 weights take 16/9 the memory of the direct
+ * kernel's, so a float32 layer with more weights than this (the UNet's 1280-channel convs, most of its conv weights)
+ * keeps the direct kernel; a layer whose weights are all halves (any fp16 checkpoint) holds its taps as halves,
+ * the same bytes as the direct kernel's half panels, and runs Winograd whatever its size (each call transforms them
+ * into a buffer it frees: 210 MB for the UNet's 2560 -> 1280 conv, the largest).
  */
 export const WINOGRAD_MAX_WEIGHTS = 1280 * 640 * 9;
 
-/** Whether a conv of this shape and geometry is packed for Winograd. */
+/** Whether a conv of this shape and geometry can run as Winograd (packWeight then decides by its weights). */
 export function winogradFits(cin: number, cout: number, g: ConvGeometry): boolean {
-  return g.kernel === 3 && g.stride === 1 && g.pad.every((p) => p === 1) && cin % 8 === 0 && cout % 8 === 0 && cin * cout * 9 <= WINOGRAD_MAX_WEIGHTS;
+  return g.kernel === 3 && g.stride === 1 && g.pad.every((p) => p === 1) && cin % 8 === 0 && cout % 8 === 0;
 }
 
 /** Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight. */
@@ -195,8 +199,10 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const k = w.length / out;
   if (format.kind === 'conv' && format.winograd === true) {
-    const cin = k / taps;
-    return { k: cin, n: out, panels: halfPanels() ? kernels().packWinograd(w, cin, out, true) : kernels().packWinograd(w, cin, out), bias, winograd: true };
+    const cin = k / taps, small = w.length <= WINOGRAD_MAX_WEIGHTS;
+    const panels = halfPanels() ? kernels().packWinograd(w, cin, out, true) : small ? kernels().packWinograd(w, cin, out) : null;
+    // a large float32 layer's 16/9 matrices are dropped for the direct kernel's panels (WINOGRAD_MAX_WEIGHTS)
+    if (panels !== null && (small || panels instanceof Uint16Array)) return { k: cin, n: out, panels, bias, winograd: true };
   }
   const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
   return { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
