@@ -357,8 +357,8 @@ AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, s
         kernel((int)kc, rows + ir, b, bstride, tile, np * NR, 0);
         for (size_t p = 0; p < np; p++) {
           const size_t col0 = (jp + p) * NR;
-          write_tile(tile + p * NR, np * NR, g->c + (ic + ir) * g->ldc + col0, g->ldc, (int)min_sz(mr, mc - ir),
-                     (int)min_sz(NR, g->N - col0), ic + ir, col0, &g->epi, kb > 0);
+          write_tile(tile + p * NR, np * NR, c + p * NR, g->ldc, (int)min_sz(mr, mc - ir), (int)min_sz(NR, g->N - col0),
+                     ic + ir, col0, &g->epi, kb > 0);
         }
       }
     }
@@ -836,16 +836,18 @@ static void wino_weights_task(void *ctx, int t, int n) {
 /*
  * packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout, asTaps) -> the 16 packed matrices U_xi (Float32Array); with
  * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][Cin][9][16]) when every weight is exactly a half
- * (else the matrices): 9/32 of the memory, turned into U_xi by each call (a few milliseconds beside the conv's GEMMs).
+ * (else the matrices, or null when orMatrices is false: a layer too large for them packs direct instead): 9/32 of
+ * the memory, turned into U_xi by each call (a few milliseconds beside the conv's GEMMs).
  */
 static napi_value pack_winograd(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
+  napi_value argv[5];
   args_t a;
-  if (!get_args(env, info, argv, 4, &a)) return NULL;
+  if (!get_args(env, info, argv, 5, &a)) return NULL;
   const size_t Cin = dim(&a, 1, "Cin"), Cout = dim(&a, 2, "Cout");
   const float *w = f32(&a, 0, "w", Cout * Cin * 9, 0);
-  bool as_taps = false;
+  bool as_taps = false, or_matrices = true;
   if (!a.failed && a.argc > 3) napi_get_value_bool(env, argv[3], &as_taps);
+  if (!a.failed && a.argc > 4) napi_get_value_bool(env, argv[4], &or_matrices);
   if (a.failed) return NULL;
   const size_t ntaps = packed_len(9 * Cin, Cout);
   float *taps = calloc(ntaps, sizeof(float));
@@ -853,8 +855,10 @@ static napi_value pack_winograd(napi_env env, napi_callback_info info) {
   wino_taps(w, Cin, Cout, taps);
   napi_value buf, out;
   void *data;
-  if (as_taps && halve(taps, ntaps, NULL)) {
-    out = halves_of(env, taps, ntaps);
+  const bool exact = as_taps && halve(taps, ntaps, NULL);
+  if (exact || (as_taps && !or_matrices)) {
+    if (exact) out = halves_of(env, taps, ntaps);
+    else napi_get_null(env, &out);
     free(taps);
     return out;
   }
@@ -1032,8 +1036,8 @@ static void pack_kv_task(void *ctx, int t, int n) {
 /*
  * The softmax over a row of scores, in 32 lanes: lane l sums (or maxes) the scores j = l mod 32, four AVX2 registers
  * or two AVX-512 ones wide (four and two independent chains, where one would wait on each add's latency), then the
- * 32 lanes are added half onto half in one fixed order, so both ISAs give the same bits. The rest of the row (under 32) goes 8 at a
- * time into the same lanes, then one by one.
+ * 32 lanes are added half onto half in one fixed order, so both ISAs give the same bits. The rest of the row (under
+ * 32) goes 8 at a time into the same lanes, then one by one.
  */
 AVX2 static float row_max_rest(const float *r, size_t j, size_t n, float *lanes) {
   for (; j + 8 <= n; j += 8) {

@@ -45,10 +45,13 @@ interface Addon {
     stride: number, padTop: number, padLeft: number, hOut: number, wOut: number, bias: Float32Array | null,
     out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
   ): void;
-  /** The 16 transformed matrices; with asTaps, the untransformed taps as halves (null when not exact). */
+  /** The 16 transformed matrices. */
   packWinograd(w: Float32Array, cin: number, cout: number, asTaps?: false): Float32Array;
-  /** With asTaps: the taps as halves when every weight is exactly one, else the transformed matrices. */
-  packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true): Uint16Array | Float32Array;
+  /**
+   * With asTaps: the taps as halves when every weight is exactly one, else the transformed matrices, or null when
+   * orMatrices is false (then nothing is transformed).
+   */
+  packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true, orMatrices?: boolean): Uint16Array | Float32Array | null;
   /** Detaches the panels' buffer, freeing it now (false, and nothing done, for a view of part of a buffer). */
   releasePanels(panels: Float32Array | Uint16Array): boolean;
   widenHalves(src: Uint16Array, out: Float32Array): void;
@@ -199,10 +202,10 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const k = w.length / out;
   if (format.kind === 'conv' && format.winograd === true) {
+    // a float32 layer over WINOGRAD_MAX_WEIGHTS gets no 16/9-size matrices: it packs direct below
     const cin = k / taps, small = w.length <= WINOGRAD_MAX_WEIGHTS;
-    const panels = halfPanels() ? kernels().packWinograd(w, cin, out, true) : small ? kernels().packWinograd(w, cin, out) : null;
-    // a large float32 layer's 16/9 matrices are dropped for the direct kernel's panels (WINOGRAD_MAX_WEIGHTS)
-    if (panels !== null && (small || panels instanceof Uint16Array)) return { k: cin, n: out, panels, bias, winograd: true };
+    const panels = halfPanels() ? kernels().packWinograd(w, cin, out, true, small) : small ? kernels().packWinograd(w, cin, out) : null;
+    if (panels !== null) return { k: cin, n: out, panels, bias, winograd: true };
   }
   const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
   return { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
