@@ -26,6 +26,7 @@
  */
 #define NAPI_VERSION 8
 #include <node_api.h>
+#include <cpuid.h>
 #include <fcntl.h>
 #include <immintrin.h>
 #include <math.h>
@@ -37,6 +38,10 @@
 #include <malloc.h>
 #endif
 #include <string.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define NR 16         /* columns of the micro-tile: two AVX registers */
 #ifndef KC
@@ -312,6 +317,9 @@ typedef struct {
   epi_t epi;             /* bias and residual */
   float *c;
   size_t ldc;
+  const uint16_t *bf16;  /* or the panels as bfloat16 pairs, for the AMX product (then packed and half are NULL) */
+  size_t segment;        /* the AMX product: K's segments (a conv's Cin: one tap), each padded to a multiple of 32 */
+  uint16_t *abuf;        /* the AMX product's rows as bfloat16, per thread (gemm allocates them) */
 } gemm_t;
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
@@ -398,6 +406,181 @@ static size_t k_blocks(size_t K, size_t segment, size_t *kstart) {
   }
   kstart[n] = K;
   return n;
+}
+
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* bfloat16 on AMX: the opt-in `--precision bf16` product                                                           */
+/*                                                                                                                  */
+/* Intel AMX multiplies tiles: TDPBF16PS adds A[16][32] B[32][16] (bfloat16 inputs, float32 sums) into C[16][16]     */
+/* (float32) in one instruction, 16x the multiply-adds of an AVX-512 FMA per cycle. The weights are packed once as   */
+/* bfloat16 (bf16Panels: round to nearest even, 8 bits of mantissa instead of float32's 24) in the float32           */
+/* product's 16-column panels, with each pair of consecutive k interleaved, [K/2][16][2]: the layout a B tile reads, */
+/* 16 pair-rows of 64 bytes. A block of rows of A is rounded to bfloat16 once, over the whole shared dimension, each  */
+/* segment (a conv's tap: Cin values) zero-filled to a multiple of 32, and serves every panel; a 32 x 32 block of C   */
+/* is four C tiles fed by two A tiles and two B tiles per 32 k, summed over all of K in the tiles and written once   */
+/* with its bias and residual. The zero-filled k past a segment's end meet whatever B holds there (the next tap, the */
+/* next panel, or BF16_PAD zeros after the last panel) and add nothing. Only the inputs are rounded; the README gives */
+/* the image PSNR this costs against float32.                                                                       */
+
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+#define BF16_PAD 512         /* bfloat16 values after the last panel: what a tile reading past the end of K meets */
+#define ABUF_BYTES (1 << 19) /* a thread's block of A rows as bfloat16 (at least 32 rows): stays in L2 */
+
+static int amx_state = -1; /* -1 not asked yet; 0 no; 1 this CPU has AMX-BF16 and the kernel lets this process use it */
+
+/* Whether the bf16 product can run: AMX-TILE, AMX-BF16 and AVX512-BF16, and Linux's permission for tile state. */
+static int amx_ready(void) {
+  if (amx_state < 0) {
+    unsigned a = 0, b = 0, c = 0, d = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+    int ok = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 24)) && (d & (1u << 22)) &&
+             __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5));
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: tile registers are off for a process until it asks */
+    ok = ok && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    ok = 0;
+#endif
+    amx_state = ok;
+  }
+  return amx_state;
+}
+
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16); /* round to nearest, ties to even */
+}
+
+/* The bf16 product's shape: K in segments of `segment` values, each padded to spad (a multiple of 32); rows per block. */
+static size_t bf16_spad(const gemm_t *g) { return (g->segment + 31) & ~(size_t)31; }
+static size_t bf16_kp(const gemm_t *g) { return g->K / g->segment * bf16_spad(g); }
+static size_t bf16_rows(const gemm_t *g) {
+  const size_t fit = ABUF_BYTES / (bf16_kp(g) * sizeof(uint16_t)) & ~(size_t)31;
+  return fit < 32 ? 32 : fit > MC ? MC : fit;
+}
+
+/* out[i] = row ic + i of A over all of K as bfloat16, each segment zero-filled to spad, for i < mc; zeros to mcp. */
+AMX static void pack_rows_bf16(const gemm_t *g, size_t ic, size_t mc, size_t mcp, uint16_t *out) {
+  const size_t spad = bf16_spad(g), kp = bf16_kp(g), S = g->segment;
+  for (size_t i = 0; i < mcp; i++) {
+    uint16_t *row = out + i * kp;
+    if (i >= mc) {
+      memset(row, 0, kp * sizeof(uint16_t));
+      continue;
+    }
+    for (size_t s = 0; s * S < g->K; s++) {
+      uint16_t *dst = row + s * spad;
+      size_t k = 0;
+      for (size_t k0 = 0; k0 < S; k0 += KC) { /* a row provider serves at most KC values at a time */
+        const size_t kc = min_sz(KC, S - k0);
+        const float *r = g->row(g->row_ctx, ic + i, s * S + k0);
+        uint16_t *d = dst + k0;
+        size_t j = 0;
+        for (; j + 32 <= kc; j += 32) {
+          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + j + 16), _mm512_loadu_ps(r + j));
+          _mm512_storeu_si512(d + j, (__m512i)v);
+        }
+        for (; j < kc; j++) d[j] = to_bf16(r[j]);
+        k = k0 + kc;
+      }
+      for (; k < spad; k++) dst[k] = 0;
+    }
+  }
+}
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config_t;
+
+/* Tiles 0-3: a 32 x 32 block of C (16 x 16 floats each); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pair-rows x 16). */
+AMX static void amx_begin(void) {
+  tile_config_t cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+/* Rows [ic, ic + mc) of C times all its panels, from the rows packed in a, 32 x 32 of C at a time. */
+AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint16_t *a) {
+  float tmp[32 * 32] __attribute__((aligned(64)));
+  const size_t mcp = (mc + 31) & ~(size_t)31, ldc = g->ldc, kp = bf16_kp(g), spad = bf16_spad(g), S = g->segment;
+  const size_t panels = (g->N + NR - 1) / NR;
+  const int epilogue = g->epi.bias || g->epi.res;
+  for (size_t jp = 0; jp < panels; jp += 2) {
+    const int two = jp + 1 < panels, whole_cols = two && (jp + 2) * NR <= g->N;
+    const uint16_t *b0 = g->bf16 + jp * g->K * NR, *b1 = b0 + g->K * NR;
+    for (size_t ir = 0; ir < mcp; ir += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint16_t *ar = a + ir * kp;
+      for (size_t s = 0; s * S < g->K; s++) {
+        const uint16_t *as = ar + s * spad, *bs0 = b0 + s * S * NR, *bs1 = b1 + s * S * NR;
+        for (size_t kk = 0; kk < spad; kk += 32) {
+          _tile_loadd(4, as + kk, kp * 2);
+          _tile_loadd(5, as + 16 * kp + kk, kp * 2);
+          _tile_loadd(6, bs0 + kk * NR, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two) {
+            _tile_loadd(7, bs1 + kk * NR, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+      float *c = g->c + (ic + ir) * ldc + jp * NR;
+      if (!epilogue && whole_cols && ir + 32 <= mc) {
+        _tile_stored(0, c, ldc * 4);
+        _tile_stored(1, c + NR, ldc * 4);
+        _tile_stored(2, c + 16 * ldc, ldc * 4);
+        _tile_stored(3, c + 16 * ldc + NR, ldc * 4);
+        continue;
+      }
+      _tile_stored(0, tmp, 128);
+      _tile_stored(1, tmp + NR, 128);
+      _tile_stored(2, tmp + 16 * 32, 128);
+      _tile_stored(3, tmp + 16 * 32 + NR, 128);
+      for (size_t p = 0; p < (two ? 2u : 1u); p++) {
+        const size_t col0 = (jp + p) * NR;
+        write_tile(tmp + p * NR, 32, c + p * NR, ldc, (int)min_sz(32, mc - ir), (int)min_sz(NR, g->N - col0), ic + ir, col0,
+                   &g->epi, 0);
+      }
+    }
+  }
+}
+
+AMX static void gemm_task_amx(void *ctx, int t, int n) {
+  const gemm_t *g = ctx;
+  const size_t tiles = (g->M + 31) / 32, rows = bf16_rows(g);
+  const size_t m0 = min_sz(g->M, tiles * t / n * 32), m1 = min_sz(g->M, tiles * (t + 1) / n * 32);
+  if (m1 <= m0) return;
+  uint16_t *a = g->abuf + (size_t)t * rows * bf16_kp(g);
+  amx_begin();
+  for (size_t ic = m0; ic < m1; ic += rows) {
+    const size_t mc = min_sz(rows, m1 - ic);
+    pack_rows_bf16(g, ic, mc, (mc + 31) & ~(size_t)31, a);
+    gemm_block_amx(g, ic, mc, a);
+  }
+  _tile_release();
+}
+
+/* The product for g: the AMX one for bf16 panels, else the float32 one; 0 when out of memory (nothing computed). */
+static int gemm(gemm_t *g, int threads) {
+  if (!g->bf16) {
+    parallel(gemm_task, g, threads);
+    return 1;
+  }
+  g->abuf = aligned_alloc(64, (size_t)threads * bf16_rows(g) * bf16_kp(g) * sizeof(uint16_t));
+  if (!g->abuf) return 0;
+  parallel(gemm_task_amx, g, threads);
+  free(g->abuf);
+  g->abuf = NULL;
+  return 1;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------- */
@@ -506,6 +689,20 @@ static int threads_arg(args_t *a, size_t i) {
   return t < 1 ? 1 : t > MAX_THREADS ? MAX_THREADS : (int)t;
 }
 
+static int bool_arg(args_t *a, size_t i) {
+  bool v = false;
+  if (!a->failed && i < a->argc) napi_get_value_bool(a->env, a->argv[i], &v);
+  return v;
+}
+
+/* bf16 panels (bf16Panels) for a product whose shared segments (K, or a conv's Cin) are even, on a CPU with AMX. */
+static void bf16_check(args_t *a, const float *packed, size_t segment) {
+  if (a->failed) return;
+  if (packed) fail(a, "sd_kernels: bf16 panels must be the Uint16Array bf16Panels made");
+  else if (segment % 2) fail(a, "sd_kernels: bf16 panels need an even shared dimension (a conv's Cin)");
+  else if (!amx_ready()) fail(a, "sd_kernels: bf16 panels need AMX-BF16, which this CPU (or its OS) does not offer");
+}
+
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* packWeights(w, K, N, layout, taps) -> Float32Array, ceil(N/16) panels of [K][16] holding B[k][n], where w is    */
 /*   layout 0: B itself, [K, N] row-major;  1: [N, K] (nn.Linear's [out, in]);                                    */
@@ -589,6 +786,41 @@ static napi_value halve_panels(napi_env env, napi_callback_info info) {
   napi_value none;
   napi_get_null(env, &none);
   return none;
+}
+
+/*
+ * bf16Panels(panels Float32Array, K) -> Uint16Array: packWeights' panels [ceil(N/16)][K][16] as bfloat16 (round to
+ * nearest even) with each pair of k interleaved, [ceil(N/16)][K/2][16][2], then BF16_PAD zeros: the AMX product's B.
+ */
+static napi_value bf16_panels(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  args_t a;
+  if (!get_args(env, info, argv, 2, &a)) return NULL;
+  const size_t K = dim(&a, 1, "K");
+  const float *x = f32(&a, 0, "panels", 0, 0);
+  size_t len = 0;
+  if (!a.failed) napi_get_typedarray_info(env, argv[0], NULL, &len, NULL, NULL, NULL);
+  if (!a.failed && (K == 0 || K % 2 || len % (K * NR))) fail(&a, "sd_kernels: bf16Panels: K must be even and the panels [n][K][16]");
+  if (a.failed) return NULL;
+  napi_value buf, out;
+  void *data;
+  if (napi_create_arraybuffer(env, (len + BF16_PAD) * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
+  uint16_t *o = data;
+  for (size_t p = 0; p < len / (K * NR); p++)
+    for (size_t k = 0; k < K; k += 2)
+      for (size_t j = 0; j < NR; j++)
+        for (size_t h = 0; h < 2; h++) o[(p * K + k) * NR + 2 * j + h] = to_bf16(x[(p * K + k + h) * NR + j]);
+  memset(o + len, 0, BF16_PAD * sizeof(uint16_t));
+  napi_create_typedarray(env, napi_uint16_array, len + BF16_PAD, buf, 0, &out);
+  return out;
+}
+
+/* bf16() -> whether this CPU and OS run the bf16 product (AMX-BF16). */
+static napi_value bf16_available(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value r;
+  napi_get_boolean(env, amx_ready(), &r);
+  return r;
 }
 
 /*
@@ -694,15 +926,17 @@ static const float *dense_row(const void *ctx, size_t m, size_t k0) {
 }
 
 static napi_value linear(napi_env env, napi_callback_info info) {
-  napi_value argv[9];
+  napi_value argv[10];
   args_t a;
-  if (!get_args(env, info, argv, 9, &a)) return NULL;
+  if (!get_args(env, info, argv, 10, &a)) return NULL;
   const size_t M = dim(&a, 1, "M"), K = dim(&a, 2, "K"), N = dim(&a, 4, "N");
   const int threads = threads_arg(&a, 7);
   const float *x = f32(&a, 0, "x", M * K, 0);
   const float *packed;
   const uint16_t *half;
-  panels_arg(&a, 3, packed_len(K, N), packed_len(K, N), &packed, &half);
+  const int bf = bool_arg(&a, 9);
+  panels_arg(&a, 3, packed_len(K, N), packed_len(K, N) + (bf ? BF16_PAD : 0), &packed, &half);
+  if (bf) bf16_check(&a, packed, K);
   const float *bias = f32(&a, 5, "bias", N, 1);
   float *out = f32(&a, 6, "out", M * N, 0);
   const float *res = f32(&a, 8, "residual", M * N, 1);
@@ -715,8 +949,9 @@ static napi_value linear(napi_env env, napi_callback_info info) {
   size_t *kstart = malloc(sizeof(size_t) * (K / KC + 2));
   if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
   dense_rows_t rows = { x, K };
-  gemm_t g = { M, N, K, dense_row, &rows, kstart, k_blocks(K, K, kstart), packed, half, { bias, 0, N, res, N }, out, N };
-  parallel(gemm_task, &g, threads);
+  gemm_t g = { M, N, K, dense_row, &rows, kstart, k_blocks(K, K, kstart), packed, bf ? NULL : half, { bias, 0, N, res, N },
+               out, N, bf ? half : NULL, K, NULL };
+  if (!gemm(&g, threads)) fail(&a, "sd_kernels: out of memory");
   free(kstart);
   return NULL;
 }
@@ -743,9 +978,9 @@ static const float *conv_row(const void *ctx, size_t m, size_t k0) {
 }
 
 static napi_value conv2d(napi_env env, napi_callback_info info) {
-  napi_value argv[18];
+  napi_value argv[19];
   args_t a;
-  if (!get_args(env, info, argv, 18, &a)) return NULL;
+  if (!get_args(env, info, argv, 19, &a)) return NULL;
   const size_t B = dim(&a, 1, "B"), H = dim(&a, 2, "H"), W = dim(&a, 3, "W"), Cin = dim(&a, 4, "Cin");
   const size_t Cout = dim(&a, 6, "Cout"), kernel = dim(&a, 7, "kernel"), stride = dim(&a, 8, "stride");
   const size_t padTop = dim(&a, 9, "padTop"), padLeft = dim(&a, 10, "padLeft");
@@ -756,7 +991,9 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
   const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
   const float *packed;
   const uint16_t *half;
-  panels_arg(&a, 5, packed_len(K, Cout), packed_len(K, Cout), &packed, &half);
+  const int bf = bool_arg(&a, 18);
+  panels_arg(&a, 5, packed_len(K, Cout), packed_len(K, Cout) + (bf ? BF16_PAD : 0), &packed, &half);
+  if (bf) bf16_check(&a, packed, Cin);
   bool per_image = false;
   if (!a.failed && a.argc > 17) napi_get_value_bool(env, argv[17], &per_image);
   const float *bias = f32(&a, 13, "bias", per_image ? B * Cout : Cout, 1);
@@ -767,8 +1004,9 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
   if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
   conv_rows_t rows = { x, H, W, Cin, kernel, stride, Hout, Wout, (long)padTop, (long)padLeft };
   const epi_t epi = { bias, per_image ? Hout * Wout : 0, Cout, res, Cout };
-  gemm_t g = { B * Hout * Wout, Cout, K, conv_row, &rows, kstart, k_blocks(K, Cin, kstart), packed, half, epi, out, Cout };
-  parallel(gemm_task, &g, threads);
+  gemm_t g = { B * Hout * Wout, Cout, K, conv_row, &rows, kstart, k_blocks(K, Cin, kstart), packed, bf ? NULL : half, epi,
+               out, Cout, bf ? half : NULL, Cin, NULL };
+  if (!gemm(&g, threads)) fail(&a, "sd_kernels: out of memory");
   free(kstart);
   return NULL;
 }
@@ -1013,7 +1251,34 @@ typedef struct {
   float *kp, *vp; /* per item: K^T as ceil(Nk/16) panels of [D][16]; V as ceil(D/16) panels of [Nk][16] */
   size_t kp_item, vp_item;
   size_t units_per_item;
+  /* bf16 (AMX): the same panels as bfloat16 pairs, D and Nk padded to multiples of 32 (dp, nkp) with zeros */
+  uint16_t *kb, *vb;
+  size_t dp, nkp;
 } attn_t;
+
+/* Where row r, column c of a bfloat16 B panel is: pairs of rows interleaved, [rows/2][16][2]. */
+static size_t pair_at(size_t r, size_t c) { return r / 2 * 2 * NR + c * 2 + r % 2; }
+
+/* K^T and V of each item as bfloat16 B panels: K^T [dp/2][16 keys][2] per 16 keys, V [nkp/2][16][2] per 16 of D. */
+static void pack_kv_bf16_task(void *ctx, int t, int n) {
+  attn_t *s = ctx;
+  const size_t items = s->B * s->heads, kpanels = (s->Nk + NR - 1) / NR, dpanels = (s->D + NR - 1) / NR;
+  const size_t kb_item = kpanels * NR * s->dp, vb_item = dpanels * NR * s->nkp;
+  for (size_t it = (size_t)t; it < items; it += (size_t)n) {
+    const size_t b = it / s->heads, h = it % s->heads;
+    const float *k = s->k + b * s->Nk * s->C + h * s->D, *v = s->v + b * s->Nk * s->C + h * s->D;
+    uint16_t *kb = s->kb + it * kb_item, *vb = s->vb + it * vb_item;
+    memset(kb, 0, kb_item * sizeof(uint16_t));
+    memset(vb, 0, vb_item * sizeof(uint16_t));
+    for (size_t j = 0; j < s->Nk; j++) {
+      const float *kj = k + j * s->C, *vj = v + j * s->C;
+      for (size_t d = 0; d < s->D; d++) {
+        kb[(j / NR) * s->dp * NR + pair_at(d, j % NR)] = to_bf16(kj[d]);
+        vb[(d / NR) * s->nkp * NR + pair_at(j, d % NR)] = to_bf16(vj[d]);
+      }
+    }
+  }
+}
 
 static void pack_kv_task(void *ctx, int t, int n) {
   attn_t *s = ctx;
@@ -1191,6 +1456,136 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
   }
 }
 
+/*
+ * attend_unit on AMX (bf16): q k^T and p v as tile products of bfloat16 inputs with float32 sums, the online softmax
+ * in float32 between them as above; the probabilities are rounded to bfloat16 for p v.
+ */
+AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uint16_t *pb, uint16_t *qb, float *acc, float *mx,
+                                float *sum) {
+  const size_t it = unit / s->units_per_item, q0 = (unit % s->units_per_item) * QB;
+  const size_t b = it / s->heads, h = it % s->heads, D = s->D, dp = s->dp;
+  const size_t qn = min_sz(QB, s->Nq - q0), qnp = (qn + 31) & ~(size_t)31, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR;
+  const uint16_t *kb = s->kb + it * ((s->Nk + NR - 1) / NR * NR * dp), *vb = s->vb + it * (dpanels * NR * s->nkp);
+  for (size_t i = 0; i < qnp; i++) {
+    uint16_t *row = qb + i * dp;
+    const float *qi = s->q + (b * s->Nq + q0 + i) * s->C + h * D;
+    for (size_t d = 0; d < dp; d++) row[d] = i < qn && d < D ? to_bf16(qi[d]) : 0;
+  }
+  memset(pb + qn * KB, 0, (qnp - qn) * KB * sizeof(uint16_t)); /* rows past qn stay zero */
+  for (size_t i = 0; i < qn; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
+  memset(acc, 0, QB * dpad * sizeof(float));
+  for (size_t k0 = 0; k0 < s->Nk; k0 += KB) {
+    const size_t kn = min_sz(KB, s->Nk - k0), kpanels = (kn + NR - 1) / NR, knp = (kn + 31) & ~(size_t)31;
+    /* scores [qnp, KB] = q k^T (columns past kn are never read) */
+    for (size_t jp = 0; jp < kpanels; jp += 2) {
+      const int two = jp + 1 < kpanels;
+      const uint16_t *b0 = kb + (k0 / NR + jp) * dp * NR, *b1 = b0 + dp * NR;
+      for (size_t ir = 0; ir < qnp; ir += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (size_t kk = 0; kk < dp; kk += 32) {
+          _tile_loadd(4, qb + ir * dp + kk, dp * 2);
+          _tile_loadd(5, qb + (ir + 16) * dp + kk, dp * 2);
+          _tile_loadd(6, b0 + kk * NR, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two) {
+            _tile_loadd(7, b1 + kk * NR, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        float *c = scores + ir * KB + jp * NR;
+        _tile_stored(0, c, KB * 4);
+        _tile_stored(2, c + 16 * KB, KB * 4);
+        if (two) {
+          _tile_stored(1, c + NR, KB * 4);
+          _tile_stored(3, c + 16 * KB + NR, KB * 4);
+        }
+      }
+    }
+    /* online softmax as in attend_unit; p as bfloat16, zero-filled to knp */
+    for (size_t i = 0; i < qn; i++) {
+      float *r = scores + i * KB;
+      const float m = micro.row_max(r, kn) * s->scale, m_new = m > mx[i] ? m : mx[i];
+      const float alpha = mx[i] == -INFINITY ? 0.0f : expf(mx[i] - m_new);
+      mx[i] = m_new;
+      sum[i] = sum[i] * alpha + micro.row_exp(r, kn, s->scale, m_new);
+      if (alpha != 1.0f) for (size_t d = 0; d < dpad; d++) acc[i * dpad + d] *= alpha;
+      uint16_t *p = pb + i * KB;
+      size_t j = 0;
+      for (; j + 32 <= kn; j += 32)
+        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + j + 16), _mm512_loadu_ps(r + j)));
+      for (; j < kn; j++) p[j] = to_bf16(r[j]);
+      for (; j < knp; j++) p[j] = 0;
+    }
+    /* acc [qnp, dpad] += p [qnp, knp] v[k0 : k0 + knp] */
+    for (size_t dq = 0; dq < dpanels; dq += 2) {
+      const int two = dq + 1 < dpanels;
+      const uint16_t *v0 = vb + (dq * s->nkp + k0) * NR, *v1 = v0 + s->nkp * NR;
+      for (size_t ir = 0; ir < qnp; ir += 32) {
+        float *c = acc + ir * dpad + dq * NR;
+        _tile_loadd(0, c, dpad * 4);
+        _tile_loadd(2, c + 16 * dpad, dpad * 4);
+        if (two) {
+          _tile_loadd(1, c + NR, dpad * 4);
+          _tile_loadd(3, c + 16 * dpad + NR, dpad * 4);
+        }
+        for (size_t kk = 0; kk < knp; kk += 32) {
+          _tile_loadd(4, pb + ir * KB + kk, KB * 2);
+          _tile_loadd(5, pb + (ir + 16) * KB + kk, KB * 2);
+          _tile_loadd(6, v0 + kk * NR, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two) {
+            _tile_loadd(7, v1 + kk * NR, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c, dpad * 4);
+        _tile_stored(2, c + 16 * dpad, dpad * 4);
+        if (two) {
+          _tile_stored(1, c + NR, dpad * 4);
+          _tile_stored(3, c + 16 * dpad + NR, dpad * 4);
+        }
+      }
+    }
+  }
+  for (size_t i = 0; i < qn; i++) {
+    float *o = s->out + (b * s->Nq + q0 + i) * s->C + h * D;
+    const float inv = 1.0f / sum[i];
+    for (size_t d = 0; d < D; d++) o[d] = acc[i * dpad + d] * inv;
+  }
+}
+
+AMX static void attend_task_amx(void *ctx, int t, int n) {
+  const attn_t *s = ctx;
+  const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
+  float *scores = aligned_alloc(64, sizeof(float) * QB * KB), *acc = aligned_alloc(64, sizeof(float) * QB * dpad);
+  uint16_t *pb = aligned_alloc(64, sizeof(uint16_t) * QB * KB), *qb = aligned_alloc(64, sizeof(uint16_t) * QB * s->dp);
+  float mx[QB], sum[QB];
+  const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
+  if (scores && acc && pb && qb) {
+    amx_begin();
+    for (size_t u = u0; u < u1; u++) attend_unit_amx(s, u, scores, pb, qb, acc, mx, sum);
+    _tile_release();
+  } else {
+    /* Leave NaN so a failed allocation can never pass for a result. */
+    for (size_t u = u0; u < u1; u++) {
+      const size_t it = u / s->units_per_item, q0 = (u % s->units_per_item) * QB;
+      for (size_t i = q0; i < min_sz(q0 + QB, s->Nq); i++)
+        for (size_t d = 0; d < s->D; d++) s->out[((it / s->heads) * s->Nq + i) * s->C + (it % s->heads) * s->D + d] = NAN;
+    }
+  }
+  free(scores);
+  free(acc);
+  free(pb);
+  free(qb);
+}
+
 static void attend_task(void *ctx, int t, int n) {
   const attn_t *s = ctx;
   const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
@@ -1212,9 +1607,11 @@ static void attend_task(void *ctx, int t, int n) {
 }
 
 static napi_value attention(napi_env env, napi_callback_info info) {
-  napi_value argv[11];
+  napi_value argv[12];
   args_t a;
-  if (!get_args(env, info, argv, 11, &a)) return NULL;
+  if (!get_args(env, info, argv, 12, &a)) return NULL;
+  const int bf = bool_arg(&a, 11);
+  if (bf && !a.failed && !amx_ready()) fail(&a, "sd_kernels: bf16 attention needs AMX-BF16, which this CPU (or its OS) does not offer");
   const size_t B = dim(&a, 3, "B"), Nq = dim(&a, 4, "Nq"), Nk = dim(&a, 5, "Nk"), heads = dim(&a, 6, "heads");
   const size_t D = dim(&a, 7, "D");
   const float scale = (float)num(&a, 8, "scale");
@@ -1224,7 +1621,24 @@ static napi_value attention(napi_env env, napi_callback_info info) {
   const float *q = f32(&a, 0, "q", B * Nq * C, 0), *k = f32(&a, 1, "k", B * Nk * C, 0), *v = f32(&a, 2, "v", B * Nk * C, 0);
   float *out = f32(&a, 9, "out", B * Nq * C, 0);
   if (a.failed || B * Nq == 0) return NULL;
-  attn_t s = { q, k, v, out, B, Nq, Nk, heads, D, C, scale, NULL, NULL, 0, 0, (Nq + QB - 1) / QB };
+  attn_t s = { q, k, v, out, B, Nq, Nk, heads, D, C, scale, NULL, NULL, 0, 0, (Nq + QB - 1) / QB, NULL, NULL, 0, 0 };
+  if (bf) {
+    s.dp = (D + 31) & ~(size_t)31;
+    s.nkp = (Nk + 31) & ~(size_t)31;
+    s.kb = malloc(sizeof(uint16_t) * ((Nk + NR - 1) / NR * NR) * s.dp * B * heads);
+    s.vb = malloc(sizeof(uint16_t) * ((D + NR - 1) / NR * NR) * s.nkp * B * heads);
+    if (!s.kb || !s.vb) {
+      free(s.kb);
+      free(s.vb);
+      fail(&a, "sd_kernels: out of memory for attention's packed keys and values");
+      return NULL;
+    }
+    parallel(pack_kv_bf16_task, &s, threads);
+    parallel(attend_task_amx, &s, threads);
+    free(s.kb);
+    free(s.vb);
+    return NULL;
+  }
   s.kp_item = (Nk + NR - 1) / NR * NR * D;
   s.vp_item = (D + NR - 1) / NR * NR * Nk;
   s.kp = malloc(sizeof(float) * s.kp_item * B * heads);
@@ -1507,6 +1921,8 @@ NAPI_MODULE_INIT() {
     { "trimHeap", NULL, trim_heap, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
     { "halvePanels", NULL, halve_panels, NULL, NULL, NULL, napi_default, NULL },
+    { "bf16Panels", NULL, bf16_panels, NULL, NULL, NULL, napi_default, NULL },
+    { "bf16", NULL, bf16_available, NULL, NULL, NULL, napi_default, NULL },
     { "releasePanels", NULL, release_panels, NULL, NULL, NULL, napi_default, NULL },
     { "widenHalves", NULL, widen_halves, NULL, NULL, NULL, napi_default, NULL },
     { "readAhead", NULL, read_ahead, NULL, NULL, NULL, napi_default, NULL },

@@ -36,14 +36,18 @@ interface Addon {
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
   /** The panels as IEEE halves, or null when a value is not exactly a half. */
   halvePanels(panels: Float32Array): Uint16Array | null;
+  /** The panels [n][K][16] as bfloat16 pairs [n][K/2][16][2] (K even), for the AMX product. */
+  bf16Panels(panels: Float32Array, k: number): Uint16Array;
+  /** Whether this CPU and OS run the bfloat16 product (AMX-BF16). */
+  bf16(): boolean;
   linear(
     x: Float32Array, m: number, k: number, packed: Float32Array | Uint16Array, n: number, bias: Float32Array | null, out: Float32Array,
-    threads: number, residual: Float32Array | null,
+    threads: number, residual: Float32Array | null, bf16?: boolean,
   ): void;
   conv2d(
     x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array | Uint16Array, cout: number, kernel: number,
     stride: number, padTop: number, padLeft: number, hOut: number, wOut: number, bias: Float32Array | null,
-    out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
+    out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean, bf16?: boolean,
   ): void;
   /** The 16 transformed matrices. */
   packWinograd(w: Float32Array, cin: number, cout: number, asTaps?: false): Float32Array;
@@ -62,7 +66,7 @@ interface Addon {
   ): void;
   attention(
     q: Float32Array, k: Float32Array, v: Float32Array, b: number, nq: number, nk: number, heads: number, d: number,
-    scale: number, out: Float32Array, threads: number,
+    scale: number, out: Float32Array, threads: number, bf16?: boolean,
   ): void;
   groupNorm(
     x: Float32Array, b: number, p: number, c: number, groups: number, eps: number, gamma: Float32Array,
@@ -160,6 +164,39 @@ export function microKernel(use?: MicroKernel): MicroKernel {
 const threads = (): number => Number(process.env.SD_THREADS) || availableParallelism();
 
 /**
+ * The precision of the kernels' matrix products. `float32` (the default) is the reference's arithmetic. `bf16`, an
+ * explicit opt-in (`--precision bf16`, SD_PRECISION) where the CPU has AMX-BF16 (Intel Xeon from Sapphire Rapids
+ * on), rounds both inputs of every Linear and Conv2d whose shared dimension allows it to bfloat16 and sums in
+ * float32 on AMX tiles: several times the speed of those layers, at a cost in the image the README measures (PSNR
+ * against float32 on the same seed). Attention, the norms and everything outside the products stay float32.
+ * Chosen before a model loads: weights are packed for it.
+ */
+export type Precision = 'float32' | 'bf16';
+export const PRECISIONS: readonly Precision[] = ['float32', 'bf16'];
+let precision: Precision = 'float32';
+
+/** Why the bf16 product cannot run here, or null when it can. */
+export function bf16Problem(): string | null {
+  const why = kernelsProblem();
+  if (why !== null) return `it runs in the native kernels, which are not in use (${why})`;
+  if (!kernels().bf16()) return 'this CPU (or its OS) has no AMX-BF16: it needs an Intel Xeon from Sapphire Rapids on';
+  return null;
+}
+
+/** Sets the precision of the products packed from now on; a RangeError naming the reason where bf16 cannot run. */
+export function setPrecision(p: Precision): void {
+  if (p === 'bf16') {
+    const why = bf16Problem();
+    if (why !== null) throw new RangeError(`--precision bf16 is not available: ${why}`);
+  }
+  precision = p;
+}
+
+export function currentPrecision(): Precision {
+  return precision;
+}
+
+/**
  * What is packed: a Linear weight [out, in] or a conv weight OIHW, and how. A conv asking for `winograd` runs as
  * Winograd F(2x2, 3x3) (native/kernels.c; 3x3, stride 1, padding 1 only, channels in multiples of 8: winogradFits)
  * unless its weights are float32 and more than WINOGRAD_MAX_WEIGHTS; PackedWeight.winograd says which it got.
@@ -167,7 +204,8 @@ const threads = (): number => Number(process.env.SD_THREADS) || availableParalle
 export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; winograd?: boolean };
 
 /**
- * A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. The panels are IEEE halves
+ * A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. Under `--precision bf16` the
+ * panels are bfloat16 pairs for the AMX product (`bf16`). Otherwise they are IEEE halves
  * when every weight is exactly one (any weight read from an fp16 checkpoint): half the memory, the same products,
  * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block). A Winograd weight as halves holds
  * its untransformed taps (9/32 of the transformed matrices' bytes), transformed by each call.
@@ -179,6 +217,8 @@ export interface PackedWeight {
   readonly bias: Float32Array | null;
   /** Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves. */
   readonly winograd?: boolean;
+  /** The panels are bfloat16 pairs (bf16Panels), for the AMX product. */
+  readonly bf16?: boolean;
 }
 
 /**
@@ -201,6 +241,13 @@ export function winogradFits(cin: number, cout: number, g: ConvGeometry): boolea
 export function packWeight(w: Float32Array, out: number, format: PackFormat, bias: Float32Array | null): PackedWeight {
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const k = w.length / out;
+  if (precision === 'bf16' && (k / taps) % 2 === 0) {
+    // AMX runs a 3x3 conv directly at several times Winograd's float32 speed: no Winograd under bf16
+    const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
+    const bf16 = kernels().bf16Panels(panels, k);
+    kernels().releasePanels(panels);
+    return { k, n: out, panels: bf16, bias, bf16: true };
+  }
   if (format.kind === 'conv' && format.winograd === true) {
     // a float32 layer over WINOGRAD_MAX_WEIGHTS gets no 16/9-size matrices: it packs direct below
     const cin = k / taps, small = w.length <= WINOGRAD_MAX_WEIGHTS;
@@ -312,11 +359,11 @@ function checkResidual(res: Host | undefined, shape: readonly number[]): Float32
 
 /** x [..., K] W + b (+ residual) -> [..., N]. */
 export function linearHost(x: Host, w: PackedWeight, residual?: Host): Host {
-  return timed('linear', x.shape, () => {
+  return timed(w.bf16 === true ? 'linear bf16' : 'linear', x.shape, () => {
     const m = x.data.length / w.k;
     const shape = [...x.shape.slice(0, -1), w.n];
     const out = new Float32Array(m * w.n);
-    kernels().linear(x.data, m, w.k, w.panels, w.n, w.bias, out, threads(), checkResidual(residual, shape));
+    kernels().linear(x.data, m, w.k, w.panels, w.n, w.bias, out, threads(), checkResidual(residual, shape), w.bf16 === true);
     return { data: out, shape };
   });
 }
@@ -350,10 +397,11 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
       return { data: out, shape };
     });
   }
-  return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}`, x.shape, () => {
+  return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}${w.bf16 === true ? ' bf16' : ''}`, x.shape, () => {
     const out = new Float32Array(b * hOut * wOut * w.n);
     kernels().conv2d(
       x.data, b, h, wd, cin, w.panels, w.n, g.kernel, g.stride, t, l, hOut, wOut, bias, out, threads(), residual, perImage,
+      w.bf16 === true,
     );
     return { data: out, shape };
   });
@@ -363,9 +411,9 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
 export function attentionHost(q: Host, k: Host, v: Host, heads: number): Host {
   const [b, nq, c] = q.shape;
   const d = c / heads;
-  return timed('attention', [...q.shape, k.shape[1]], () => {
+  return timed(precision === 'bf16' ? 'attention bf16' : 'attention', [...q.shape, k.shape[1]], () => {
     const out = new Float32Array(b * nq * c);
-    kernels().attention(q.data, k.data, v.data, b, nq, k.shape[1], heads, d, 1 / Math.sqrt(d), out, threads());
+    kernels().attention(q.data, k.data, v.data, b, nq, k.shape[1], heads, d, 1 / Math.sqrt(d), out, threads(), precision === 'bf16');
     return { data: out, shape: q.shape };
   });
 }

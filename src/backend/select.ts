@@ -7,6 +7,7 @@
  */
 import * as tf from './tf.js';
 import { guardWasmHeap } from './heap.js';
+import { PRECISIONS, setPrecision, type Precision } from './kernels.js';
 
 export const BACKENDS = ['tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];
@@ -18,6 +19,11 @@ export interface BackendOptions {
   readonly threads?: number;
   /** Where the one-line choice is logged; default stderr. Pass null to stay silent. */
   readonly log?: ((line: string) => void) | null;
+  /**
+   * The native kernels' product precision (kernels.ts, Precision); default: SD_PRECISION, else float32. `bf16` is
+   * an opt-in for CPUs with AMX-BF16, on the tensorflow backend: a BackendError elsewhere. Set before models load.
+   */
+  readonly precision?: Precision;
 }
 
 export interface BackendChoice {
@@ -42,6 +48,25 @@ function fromEnv(): BackendName | undefined {
   if (env === undefined || env === '') return undefined;
   if (!isBackendName(env)) throw new BackendError(`SD_BACKEND=${env} is not a backend: use one of ${BACKENDS.join(', ')}`);
   return env;
+}
+
+function precisionFromEnv(): Precision | undefined {
+  const env = process.env.SD_PRECISION;
+  if (env === undefined || env === '') return undefined;
+  if (!(PRECISIONS as readonly string[]).includes(env)) throw new BackendError(`SD_PRECISION=${env} is not a precision: use one of ${PRECISIONS.join(', ')}`);
+  return env as Precision;
+}
+
+/** Sets the kernels' precision for the backend in use; bf16 only on tensorflow with the kernels and AMX. */
+function applyPrecision(p: Precision, backend: BackendName): void {
+  if (p === 'bf16' && backend !== 'tensorflow') {
+    throw new BackendError(`--precision bf16 runs in the tensorflow backend's native kernels; the backend in use is ${backend}`);
+  }
+  try {
+    setPrecision(p);
+  } catch (e) {
+    throw new BackendError(e instanceof Error ? e.message : String(e));
+  }
 }
 
 function threadsFromEnv(): number | undefined {
@@ -85,10 +110,12 @@ async function load(name: BackendName, threads: number | undefined): Promise<str
 export async function initBackend(opts: BackendOptions = {}): Promise<BackendChoice> {
   const want = opts.backend ?? fromEnv();
   const threads = opts.threads ?? threadsFromEnv();
+  const precision = opts.precision ?? precisionFromEnv();
   if (chosen !== null) {
     if (want !== undefined && want !== chosen.name) {
       throw new BackendError(`backend ${chosen.name} is already in use; cannot switch to ${want} in the same process`);
     }
+    if (precision !== undefined) applyPrecision(precision, chosen.name);
     return chosen;
   }
   const skipped: Record<string, string> = {};
@@ -96,9 +123,10 @@ export async function initBackend(opts: BackendOptions = {}): Promise<BackendCho
   for (const name of order) {
     const why = await load(name, threads);
     if (why === null) {
+      if (precision !== undefined) applyPrecision(precision, name);
       chosen = Object.freeze({ name, threads: name === 'wasm' ? await wasmThreads() : null, skipped });
       const log = opts.log === undefined ? (l: string) => process.stderr.write(l + '\n') : opts.log;
-      log?.(describeChoice(chosen));
+      log?.(describeChoice(chosen) + (precision === 'bf16' ? ', precision bf16 (AMX)' : ''));
       return chosen;
     }
     skipped[name] = why;

@@ -14,7 +14,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { describeChoice, initBackend, type BackendName } from '../backend/select.js';
-import { useKernels } from '../backend/kernels.js';
+import { useKernels, type Precision } from '../backend/kernels.js';
 import { ImageError } from '../image/codec.js';
 import { ParamError, type GenerateParams, type PreviewOptions, type ResolvedParams, type StepPreview } from '../pipeline/api.js';
 import type { ParamLimits } from '../pipeline/params.js';
@@ -30,6 +30,8 @@ export interface EngineSpec {
   readonly backend?: BackendName;
   /** tfjs threads (wasm), as initBackend takes them. */
   readonly threads?: number;
+  /** The native kernels' product precision, as initBackend takes it. */
+  readonly precision?: Precision;
 }
 
 export interface WireError {
@@ -77,7 +79,7 @@ async function main(): Promise<void> {
   let sd: StableDiffusion;
   let choice: string;
   try {
-    const chosen = await initBackend({ backend: spec.backend, threads: spec.threads, log: null });
+    const chosen = await initBackend({ backend: spec.backend, threads: spec.threads, precision: spec.precision, log: null });
     choice = describeChoice(chosen);
     const config = typeof spec.config === 'string' ? readPipelineConfig(spec.config) : spec.config;
     sd = await StableDiffusion.load({ weights: spec.weights, config, tokenizer: spec.tokenizer, warn: (message) => post({ type: 'warn', message }) });

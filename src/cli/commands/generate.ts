@@ -9,6 +9,7 @@ import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'no
 import { dirname, extname, join } from 'node:path';
 import type { CommandModule } from 'yargs';
 import { BACKENDS, initBackend, type BackendName } from '../../backend/select.js';
+import { PRECISIONS, type Precision } from '../../backend/kernels.js';
 import {
   CONVENTION_NAMES,
   NOISE_SOURCES,
@@ -64,6 +65,7 @@ interface Args extends AdapterArgs {
   'target-size'?: string;
   out: string;
   backend?: BackendName;
+  precision?: Precision;
   threads?: number;
 }
 
@@ -263,6 +265,7 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('target-size', { type: 'string', describe: 'SDXL target size conditioning H,W (default: the image size)' })
       .option('out', { alias: 'o', type: 'string', default: 'outputs', describe: 'a folder (images named <seed>.png) or a .png path' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
+      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 (faster, a slightly different image)' })
       .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' })
       .option('save-steps', { type: 'string', describe: "write every step's predicted x0 (VAE-decoded) into this folder as step_001.png, ... to watch the image emerge" }) as never,
   handler: async (args) => {
@@ -280,7 +283,7 @@ export const generateCommand: CommandModule<object, Args> = {
     }
     checkWeights(args.weights);
     const loras = (args.lora ?? []).map(loraFlag); // a bad --lora fails before the backend starts
-    await initBackend({ backend: args.backend, threads: args.threads });
+    await initBackend({ backend: args.backend, threads: args.threads, precision: args.precision });
     const sd = await loadModel(args, config, loras);
     const { signal, release } = abortOnSigint();
     const bar = lazyBar('sampling');

@@ -6,6 +6,7 @@
  */
 import type { Options } from 'yargs';
 import type { BackendName } from '../../backend/select.js';
+import type { Precision } from '../../backend/kernels.js';
 import { PREVIEW_DECODERS, type PreviewOptions } from '../../pipeline/api.js';
 import { WorkerEngine } from '../../server/engine-worker.js';
 import type { ServerOptions } from '../../server/server.js';
@@ -16,6 +17,7 @@ export interface EngineArgs {
   config?: string;
   tokenizer?: string;
   backend?: BackendName;
+  precision?: Precision;
   'in-process': boolean;
   preview: string;
   'preview-every': number;
@@ -43,7 +45,7 @@ export function engineServerOptions(a: EngineArgs, log: Log): Partial<ServerOpti
   return {
     ...base,
     loadEngine: async () => {
-      const spec = { weights: a.weights, config: a.config, tokenizer: a.tokenizer, backend: a.backend };
+      const spec = { weights: a.weights, config: a.config, tokenizer: a.tokenizer, backend: a.backend, precision: a.precision };
       engine = await WorkerEngine.start(spec, { log });
       return engine;
     },

@@ -8,6 +8,7 @@
 import { statSync } from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { BACKENDS, currentBackend, describeChoice, initBackend, type BackendName } from '../../backend/select.js';
+import { PRECISIONS, type Precision } from '../../backend/kernels.js';
 import { StableDiffusion, readPipelineConfig } from '../../pipeline/pipeline.js';
 import { DEFAULT_SERVER, SdServer } from '../../server/server.js';
 import type { RequestBounds } from '../../server/body.js';
@@ -36,6 +37,7 @@ interface Args extends QueueArgs, EngineArgs {
   'max-image-pixels': string;
   'max-decode-mib': number;
   backend?: BackendName;
+  precision?: Precision;
   'log-level': string;
   'controlnet-dir'?: string;
   'ip-adapter-dir'?: string;
@@ -67,6 +69,7 @@ export const serveCommand: CommandModule<object, Args> = {
       .option('max-image-pixels', { type: 'string', default: String(DEFAULT_UPLOAD_LIMITS.maxPixels), describe: 'largest width*height of an uploaded image' })
       .option('max-decode-mib', { type: 'number', default: DEFAULT_UPLOAD_LIMITS.maxDecodeBytes / 2 ** 20, describe: 'MiB the uploaded images of one request may decode to' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
+      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 (faster, a slightly different image)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
       .options(QUEUE_FLAGS) // --queue, --model, --s3-endpoint, --log-prompts: ./serve-queue.ts
       .options(ENGINE_FLAGS) // --in-process, --preview, --preview-every, --webhook-secret: ./serve-engine.ts
@@ -112,7 +115,7 @@ export const serveCommand: CommandModule<object, Args> = {
 
 /** `warn`: the model's warnings (a prompt cut at 77 tokens, LoRA tags the server does not apply) go to the log. */
 async function loadEngine(args: Args, log: (line: string) => void, warn: (line: string) => void): Promise<Engine> {
-  const choice = await initBackend({ backend: args.backend, log: null });
+  const choice = await initBackend({ backend: args.backend, precision: args.precision, log: null });
   log(describeChoice(choice));
   const config = args.config !== undefined ? readPipelineConfig(args.config) : undefined;
   return StableDiffusion.load({ weights: args.weights, config, tokenizer: args.tokenizer, warn });
