@@ -491,17 +491,18 @@ AMX static void pack_rows_bf16(const gemm_t *g, size_t ic, size_t mc, size_t mcp
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config_t;
 
-/* Tiles 0-3: a 32 x 32 block of C (16 x 16 floats each); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pair-rows x 16). */
-AMX static void amx_begin(void) {
-  tile_config_t cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
+/*
+ * Tiles 0-3: a 32 x 32 block of C (16 x 16 floats each); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pair-rows x 16).
+ * The configuration lives in static memory: GCC 12 does not see LDTILECFG read its 64 bytes and drops the stores of
+ * one built on the stack (then every tile instruction faults as unconfigured).
+ */
+static const tile_config_t TILES = {
+  .palette = 1,
+  .colsb = { 64, 64, 64, 64, 64, 64, 64, 64 },
+  .rows = { 16, 16, 16, 16, 16, 16, 16, 16 },
+};
+
+AMX static void amx_begin(void) { _tile_loadconfig(&TILES); }
 
 /* Rows [ic, ic + mc) of C times all its panels, from the rows packed in a, 32 x 32 of C at a time. */
 AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint16_t *a) {

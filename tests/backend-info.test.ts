@@ -25,6 +25,15 @@ describe('sd info', () => {
     expect(lines.find((l) => l.startsWith('native kernels'))).toMatch(/in use/);
     const off = infoLines({ ...base, kernels: 'turned off by SD_KERNELS=0', choice: { name: 'wasm', threads: 2, skipped: {} }, notUsed: [] });
     expect(off.find((l) => l.startsWith('native kernels'))).toMatch(/not in use: turned off by SD_KERNELS=0/);
+    expect(off.find((l) => l.startsWith('bf16'))).toBeUndefined(); // not said where the kernels are not in use
+  });
+
+  it('says whether --precision bf16 can run, and why not', () => {
+    const choice = { name: 'tensorflow', threads: null, skipped: {} } as const;
+    const yes = infoLines({ ...base, bf16: null, choice, notUsed: [] });
+    expect(yes.find((l) => l.startsWith('bf16 (AMX)'))).toMatch(/available: --precision bf16/);
+    const no = infoLines({ ...base, bf16: 'this CPU (or its OS) has no AMX-BF16', choice, notUsed: [] });
+    expect(no.find((l) => l.startsWith('bf16 (AMX)'))).toMatch(/not available: this CPU \(or its OS\) has no AMX-BF16/);
   });
 
   it('on the forced cpu backend lists tensorflow and wasm as better, wasm as available', async () => {

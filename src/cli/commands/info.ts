@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 import type { CommandModule } from 'yargs';
 import { UsageError } from '../errors.js';
 import { BACKENDS, initBackend, type BackendChoice, type BackendName } from '../../backend/select.js';
-import { kernelsProblem, microKernel } from '../../backend/kernels.js';
+import { bf16Problem, kernelsProblem, microKernel } from '../../backend/kernels.js';
 import { NATIVE_PACKAGES, nativeStatus, packageProblem, type NativeStatus } from '../../backend/tfjs-node.js';
 import * as tf from '../../backend/tf.js';
 import { wasmSimdSupported, wasmStatus, type WasmStatus } from '../../backend/wasm.js';
@@ -34,6 +34,8 @@ export interface InfoFacts {
   readonly kernels: string | null;
   /** The kernels' micro-kernel ('avx2' | 'avx512') when they are in use. */
   readonly microKernel?: string;
+  /** Why --precision bf16 cannot run here, or null when it can (undefined: the kernels are not in use). */
+  readonly bf16?: string | null;
 }
 
 export interface NotUsed {
@@ -93,6 +95,7 @@ export function infoLines(f: InfoFacts): string[] {
     ['native kernels', f.kernels === null ? `in use (native/kernels.c: matrix products, convolutions with Winograd for most 3x3, attention, norms; ${microKernelLine(f.microKernel)})` : `not in use: ${f.kernels}`],
     ['machine', `${f.cpu}, ${f.cores} logical cores, Node ${f.node}`],
   ];
+  if (f.bf16 !== undefined) lines.splice(5, 0, ['bf16 (AMX)', f.bf16 === null ? 'available: --precision bf16 (opt-in; faster, a slightly different image)' : `not available: ${f.bf16}`]);
   for (const n of f.notUsed) lines.push([`not ${n.name}`, n.why], ['  enable with', n.fix]);
   if (f.notUsed.length === 0) lines.push(['better', 'none: this is the fastest backend the engine has']);
   const width = Math.max(...lines.map(([k]) => k.length)) + 2;
@@ -133,6 +136,7 @@ export async function gatherInfo(args: { backend?: BackendName; threads?: number
     notUsed: notUsed(choice),
     kernels: kernelsProblem(),
     microKernel: kernelsProblem() === null ? microKernel() : undefined,
+    bf16: kernelsProblem() === null ? bf16Problem() : undefined,
   });
 }
 
