@@ -52,9 +52,11 @@ function channelSlice<T extends tf.Tensor>(x: T, index: number, count: number): 
 
 /** A copy of the values a Linear or Conv2d computes with: its tensors', or its packed panels and bias. */
 function runValues(run: LinearRun | ConvRun): Float32Array[] {
-  const widened = (panels: Float32Array | Uint16Array) =>
-    panels instanceof Uint16Array ? decodeToFloat32(new Uint8Array(panels.buffer, panels.byteOffset, panels.byteLength), 'F16') : panels.slice();
-  const packed = (w: kernels.PackedWeight) => [widened(w.panels), ...(w.bias === null ? [] : [w.bias.slice()])];
+  const widened = (panels: Float32Array | Uint16Array, bf16: boolean) =>
+    panels instanceof Uint16Array
+      ? decodeToFloat32(new Uint8Array(panels.buffer, panels.byteOffset, panels.byteLength), bf16 ? 'BF16' : 'F16')
+      : panels.slice();
+  const packed = (w: kernels.PackedWeight) => [widened(w.panels, w.bf16 === true), ...(w.bias === null ? [] : [w.bias.slice()])];
   const copies = (tensors: tf.Tensor[]) => tensors.map((t) => Float32Array.from(t.dataSync()));
   if ('panels' in run) return packed(run);
   if ('packed' in run) return packed(run.packed);
