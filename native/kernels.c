@@ -411,17 +411,19 @@ static size_t k_blocks(size_t K, size_t segment, size_t *kstart) {
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* bfloat16 on AMX: the opt-in `--precision bf16` product                                                           */
-/*                                                                                                                  */
-/* Intel AMX multiplies tiles: TDPBF16PS adds A[16][32] B[32][16] (bfloat16 inputs, float32 sums) into C[16][16]     */
-/* (float32) in one instruction, 16x the multiply-adds of an AVX-512 FMA per cycle. The weights are packed once as   */
-/* bfloat16 (bf16Panels: round to nearest even, 8 bits of mantissa instead of float32's 24) in the float32           */
-/* product's 16-column panels, with each pair of consecutive k interleaved, [K/2][16][2]: the layout a B tile reads, */
-/* 16 pair-rows of 64 bytes. A block of rows of A is rounded to bfloat16 once, over the whole shared dimension, each  */
-/* segment (a conv's tap: Cin values) zero-filled to a multiple of 32, and serves every panel; a 32 x 32 block of C   */
-/* is four C tiles fed by two A tiles and two B tiles per 32 k, summed over all of K in the tiles and written once   */
-/* with its bias and residual. The zero-filled k past a segment's end meet whatever B holds there (the next tap, the */
-/* next panel, or BF16_PAD zeros after the last panel) and add nothing. Only the inputs are rounded; the README gives */
-/* the image PSNR this costs against float32.                                                                       */
+
+/*
+ * Intel AMX multiplies tiles: TDPBF16PS adds A[16][32] B[32][16] (bfloat16 inputs, float32 sums) into C[16][16]
+ * (float32) in one instruction, 16x the multiply-adds of an AVX-512 FMA per cycle. The weights are packed once as
+ * bfloat16 (packWeights with bf16: round to nearest even, 8 bits of mantissa instead of float32's 24) in the float32
+ * product's 16-column panels, each pair of consecutive k interleaved, [K/2][16][2]: the layout a B tile reads, 16
+ * pair-rows of 64 bytes. A block of rows of A is rounded to bfloat16 once, over the whole shared dimension, each
+ * segment (a conv's tap: Cin values) zero-filled to a multiple of 32, and serves every panel; a 32 x 32 block of C
+ * is four C tiles fed by two A tiles and two B tiles per 32 k, summed over all of K in the tiles and written once
+ * with its bias and residual. The zero-filled k past a segment's end meet whatever B holds there (the next tap, the
+ * next panel, or BF16_PAD zeros after the last panel) and add nothing. Only the inputs are rounded; the README gives
+ * the image PSNR this costs against float32.
+ */
 
 #define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
 #define BF16_PAD 512         /* bfloat16 values after the last panel: what a tile reading past the end of K meets */
@@ -696,10 +698,10 @@ static int bool_arg(args_t *a, size_t i) {
   return v;
 }
 
-/* bf16 panels (bf16Panels) for a product whose shared segments (K, or a conv's Cin) are even, on a CPU with AMX. */
+/* bf16 panels (packWeights with bf16) for a product whose shared segments (K, or a conv's Cin) are even, on a CPU with AMX. */
 static void bf16_check(args_t *a, const float *packed, size_t segment) {
   if (a->failed) return;
-  if (packed) fail(a, "sd_kernels: bf16 panels must be the Uint16Array bf16Panels made");
+  if (packed) fail(a, "sd_kernels: bf16 panels must be the Uint16Array packWeights(..., bf16) made");
   else if (segment % 2) fail(a, "sd_kernels: bf16 panels need an even shared dimension (a conv's Cin)");
   else if (!amx_ready()) fail(a, "sd_kernels: bf16 panels need AMX-BF16, which this CPU (or its OS) does not offer");
 }
@@ -711,18 +713,46 @@ static void bf16_check(args_t *a, const float *packed, size_t segment) {
 
 static size_t packed_len(size_t K, size_t N) { return (N + NR - 1) / NR * K * NR; }
 
+/* Where row r, column c of a bfloat16 B panel is: pairs of rows interleaved, [rows/2][16][2]. */
+static size_t pair_at(size_t r, size_t c) { return r / 2 * 2 * NR + c * 2 + r % 2; }
+
+/*
+ * packWeights(..., bf16 = true): the same panels as bfloat16 (round to nearest even) with each pair of k
+ * interleaved, [ceil(N/16)][K/2][16][2], then BF16_PAD zeros: the AMX product's B, made without a float32 copy.
+ */
+static napi_value bf16_panels(napi_env env, const float *w, size_t K, size_t N, size_t layout, size_t taps) {
+  napi_value buf, out;
+  void *data;
+  const size_t len = packed_len(K, N), cin = K / taps;
+  if (napi_create_arraybuffer(env, (len + BF16_PAD) * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
+  uint16_t *p = data;
+  for (size_t jp = 0; jp * NR < N; jp++)
+    for (size_t k = 0; k < K; k++)
+      for (size_t j = 0; j < NR; j++) {
+        const size_t n = jp * NR + j;
+        const float v = n >= N ? 0.0f : layout == 0 ? w[k * N + n] : layout == 1 ? w[n * K + k] : w[(n * cin + k % cin) * taps + k / cin];
+        p[jp * K * NR + pair_at(k, j)] = to_bf16(v);
+      }
+  memset(p + len, 0, BF16_PAD * sizeof(uint16_t));
+  napi_create_typedarray(env, napi_uint16_array, len + BF16_PAD, buf, 0, &out);
+  return out;
+}
+
 static napi_value pack_weights(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
+  napi_value argv[6];
   args_t a;
-  if (!get_args(env, info, argv, 5, &a)) return NULL;
+  if (!get_args(env, info, argv, 6, &a)) return NULL;
   const size_t K = dim(&a, 1, "K"), N = dim(&a, 2, "N"), layout = dim(&a, 3, "layout");
   const size_t taps = layout == 2 ? dim(&a, 4, "taps") : 1;
+  const int bf = bool_arg(&a, 5);
   if (!a.failed && (layout > 2 || taps == 0 || K % taps != 0)) fail(&a, "sd_kernels: packWeights: layout must be 0, 1 or 2 and taps must divide K");
+  if (!a.failed && bf && (K / taps) % 2) fail(&a, "sd_kernels: packWeights: bf16 panels need an even shared segment (a conv's Cin)");
   const float *w = f32(&a, 0, "w", K * N, 0);
   if (a.failed) return NULL;
   napi_value buf, out;
   void *data;
   const size_t len = packed_len(K, N), cin = K / taps;
+  if (bf) return bf16_panels(env, w, K, N, layout, taps);
   if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
   float *p = data;
   for (size_t jp = 0; jp * NR < N; jp++) {
@@ -787,33 +817,6 @@ static napi_value halve_panels(napi_env env, napi_callback_info info) {
   napi_value none;
   napi_get_null(env, &none);
   return none;
-}
-
-/*
- * bf16Panels(panels Float32Array, K) -> Uint16Array: packWeights' panels [ceil(N/16)][K][16] as bfloat16 (round to
- * nearest even) with each pair of k interleaved, [ceil(N/16)][K/2][16][2], then BF16_PAD zeros: the AMX product's B.
- */
-static napi_value bf16_panels(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  args_t a;
-  if (!get_args(env, info, argv, 2, &a)) return NULL;
-  const size_t K = dim(&a, 1, "K");
-  const float *x = f32(&a, 0, "panels", 0, 0);
-  size_t len = 0;
-  if (!a.failed) napi_get_typedarray_info(env, argv[0], NULL, &len, NULL, NULL, NULL);
-  if (!a.failed && (K == 0 || K % 2 || len % (K * NR))) fail(&a, "sd_kernels: bf16Panels: K must be even and the panels [n][K][16]");
-  if (a.failed) return NULL;
-  napi_value buf, out;
-  void *data;
-  if (napi_create_arraybuffer(env, (len + BF16_PAD) * sizeof(uint16_t), &data, &buf) != napi_ok) return NULL;
-  uint16_t *o = data;
-  for (size_t p = 0; p < len / (K * NR); p++)
-    for (size_t k = 0; k < K; k += 2)
-      for (size_t j = 0; j < NR; j++)
-        for (size_t h = 0; h < 2; h++) o[(p * K + k) * NR + 2 * j + h] = to_bf16(x[(p * K + k + h) * NR + j]);
-  memset(o + len, 0, BF16_PAD * sizeof(uint16_t));
-  napi_create_typedarray(env, napi_uint16_array, len + BF16_PAD, buf, 0, &out);
-  return out;
 }
 
 /* bf16() -> whether this CPU and OS run the bf16 product (AMX-BF16). */
@@ -1256,9 +1259,6 @@ typedef struct {
   uint16_t *kb, *vb;
   size_t dp, nkp;
 } attn_t;
-
-/* Where row r, column c of a bfloat16 B panel is: pairs of rows interleaved, [rows/2][16][2]. */
-static size_t pair_at(size_t r, size_t c) { return r / 2 * 2 * NR + c * 2 + r % 2; }
 
 /* K^T and V of each item as bfloat16 B panels: K^T [dp/2][16 keys][2] per 16 keys, V [nkp/2][16][2] per 16 of D. */
 static void pack_kv_bf16_task(void *ctx, int t, int n) {
@@ -1922,7 +1922,6 @@ NAPI_MODULE_INIT() {
     { "trimHeap", NULL, trim_heap, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
     { "halvePanels", NULL, halve_panels, NULL, NULL, NULL, napi_default, NULL },
-    { "bf16Panels", NULL, bf16_panels, NULL, NULL, NULL, napi_default, NULL },
     { "bf16", NULL, bf16_available, NULL, NULL, NULL, napi_default, NULL },
     { "releasePanels", NULL, release_panels, NULL, NULL, NULL, napi_default, NULL },
     { "widenHalves", NULL, widen_halves, NULL, NULL, NULL, napi_default, NULL },

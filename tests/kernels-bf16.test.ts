@@ -174,7 +174,7 @@ describe.runIf(problem === null)('bf16 products on AMX', () => {
   it('refuses float32 panels or an odd shared dimension for a bf16 product', () => {
     const addon = createRequire(import.meta.url)(kernelsPath()) as { linear(...a: unknown[]): void; conv2d(...a: unknown[]): void };
     const f = (n: number) => new Float32Array(n);
-    expect(() => addon.linear(f(8), 2, 4, f(64), 3, null, f(6), 2, null, true)).toThrow(/bf16 panels must be the Uint16Array bf16Panels made/);
+    expect(() => addon.linear(f(8), 2, 4, f(64), 3, null, f(6), 2, null, true)).toThrow(/bf16 panels must be the Uint16Array packWeights\(\.\.\., bf16\) made/);
     expect(() => addon.linear(f(6), 2, 3, new Uint16Array(48 + 512), 3, null, f(6), 2, null, true)).toThrow(/even shared dimension/);
     expect(() => addon.linear(f(8), 2, 4, new Uint16Array(64), 3, null, f(6), 2, null, true)).toThrow(/packed holds 64 values, the shapes need 576/);
   });

@@ -34,10 +34,10 @@ interface Addon {
   /** The micro-kernel in use ('avx2' | 'avx512'); with a name, switches to it (RangeError where the CPU lacks it). */
   microKernel(name?: string): string;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
+  /** The same panels as bfloat16 pairs [n][K/2][16][2] (K / taps even), for the AMX product. */
+  packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number, bf16: true): Uint16Array;
   /** The panels as IEEE halves, or null when a value is not exactly a half. */
   halvePanels(panels: Float32Array): Uint16Array | null;
-  /** The panels [n][K][16] as bfloat16 pairs [n][K/2][16][2] (K even), for the AMX product. */
-  bf16Panels(panels: Float32Array, k: number): Uint16Array;
   /** Whether this CPU and OS run the bfloat16 product (AMX-BF16). */
   bf16(): boolean;
   linear(
@@ -217,7 +217,7 @@ export interface PackedWeight {
   readonly bias: Float32Array | null;
   /** Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves. */
   readonly winograd?: boolean;
-  /** The panels are bfloat16 pairs (bf16Panels), for the AMX product. */
+  /** The panels are bfloat16 pairs (packWeights with bf16), for the AMX product. */
   readonly bf16?: boolean;
 }
 
@@ -243,10 +243,8 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   const k = w.length / out;
   if (precision === 'bf16' && (k / taps) % 2 === 0) {
     // AMX runs a 3x3 conv directly at several times Winograd's float32 speed: no Winograd under bf16
-    const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
-    const bf16 = kernels().bf16Panels(panels, k);
-    kernels().releasePanels(panels);
-    return { k, n: out, panels: bf16, bias, bf16: true };
+    const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps, true);
+    return { k, n: out, panels, bias, bf16: true };
   }
   if (format.kind === 'conv' && format.winograd === true) {
     // a float32 layer over WINOGRAD_MAX_WEIGHTS gets no 16/9-size matrices: it packs direct below
