@@ -454,6 +454,14 @@ static uint16_t to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16); /* round to nearest, ties to even */
 }
 
+/* d[0, n) = r[0, n) as bfloat16 (round to nearest even). */
+AMX static inline void to_bf16_row(const float *r, size_t n, uint16_t *d) {
+  size_t j = 0;
+  for (; j + 32 <= n; j += 32)
+    _mm512_storeu_si512(d + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + j + 16), _mm512_loadu_ps(r + j)));
+  for (; j < n; j++) d[j] = to_bf16(r[j]);
+}
+
 /* The bf16 product's shape: K in segments of `segment` values, each padded to spad (a multiple of 32); rows per block. */
 static size_t bf16_spad(const gemm_t *g) { return (g->segment + 31) & ~(size_t)31; }
 static size_t bf16_kp(const gemm_t *g) { return g->K / g->segment * bf16_spad(g); }
@@ -476,14 +484,7 @@ AMX static void pack_rows_bf16(const gemm_t *g, size_t ic, size_t mc, size_t mcp
       size_t k = 0;
       for (size_t k0 = 0; k0 < S; k0 += KC) { /* a row provider serves at most KC values at a time */
         const size_t kc = min_sz(KC, S - k0);
-        const float *r = g->row(g->row_ctx, ic + i, s * S + k0);
-        uint16_t *d = dst + k0;
-        size_t j = 0;
-        for (; j + 32 <= kc; j += 32) {
-          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + j + 16), _mm512_loadu_ps(r + j));
-          _mm512_storeu_si512(d + j, (__m512i)v);
-        }
-        for (; j < kc; j++) d[j] = to_bf16(r[j]);
+        to_bf16_row(g->row(g->row_ctx, ic + i, s * S + k0), kc, dst + k0);
         k = k0 + kc;
       }
       for (; k < spad; k++) dst[k] = 0;
@@ -506,6 +507,52 @@ static const tile_config_t TILES = {
 
 AMX static void amx_begin(void) { _tile_loadconfig(&TILES); }
 
+/*
+ * C tiles 0-3 (a 32 x 32 block; 1 and 3 only when `two`) += A [32][k] B [k][32]: A rows lda bfloat16 apart, B as
+ * the panels b0 and b1 (pairs interleaved); k a multiple of 32.
+ */
+__attribute__((target("amx-tile,amx-bf16"), always_inline)) static inline void
+tiles_add(const uint16_t *a, size_t lda, const uint16_t *b0, const uint16_t *b1, size_t k, int two) {
+  for (size_t kk = 0; kk < k; kk += 32) {
+    _tile_loadd(4, a + kk, lda * 2);
+    _tile_loadd(5, a + 16 * lda + kk, lda * 2);
+    _tile_loadd(6, b0 + kk * NR, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (two) {
+      _tile_loadd(7, b1 + kk * NR, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+/* C tiles 0-3 to / from c (rows ldc floats apart); tiles 1 and 3, the right half, only when `two`. */
+__attribute__((target("amx-tile"), always_inline)) static inline void tiles_store(float *c, size_t ldc, int two) {
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(2, c + 16 * ldc, ldc * 4);
+  if (two) {
+    _tile_stored(1, c + NR, ldc * 4);
+    _tile_stored(3, c + 16 * ldc + NR, ldc * 4);
+  }
+}
+
+__attribute__((target("amx-tile"), always_inline)) static inline void tiles_load(const float *c, size_t ldc, int two) {
+  _tile_loadd(0, c, ldc * 4);
+  _tile_loadd(2, c + 16 * ldc, ldc * 4);
+  if (two) {
+    _tile_loadd(1, c + NR, ldc * 4);
+    _tile_loadd(3, c + 16 * ldc + NR, ldc * 4);
+  }
+}
+
+AMX static inline void tiles_zero(void) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
 /* Rows [ic, ic + mc) of C times all its panels, from the rows packed in a, 32 x 32 of C at a time. */
 AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint16_t *a) {
   float tmp[32 * 32] __attribute__((aligned(64)));
@@ -516,38 +563,15 @@ AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint
     const int two = jp + 1 < panels, whole_cols = two && (jp + 2) * NR <= g->N;
     const uint16_t *b0 = g->bf16 + jp * g->K * NR, *b1 = b0 + g->K * NR;
     for (size_t ir = 0; ir < mcp; ir += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      const uint16_t *ar = a + ir * kp;
-      for (size_t s = 0; s * S < g->K; s++) {
-        const uint16_t *as = ar + s * spad, *bs0 = b0 + s * S * NR, *bs1 = b1 + s * S * NR;
-        for (size_t kk = 0; kk < spad; kk += 32) {
-          _tile_loadd(4, as + kk, kp * 2);
-          _tile_loadd(5, as + 16 * kp + kk, kp * 2);
-          _tile_loadd(6, bs0 + kk * NR, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
-          if (two) {
-            _tile_loadd(7, bs1 + kk * NR, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-        }
-      }
+      tiles_zero();
+      /* each segment: its zero-filled spad values of A against the same k of B (past S: the next tap's, times 0) */
+      for (size_t s = 0; s * S < g->K; s++) tiles_add(a + ir * kp + s * spad, kp, b0 + s * S * NR, b1 + s * S * NR, spad, two);
       float *c = g->c + (ic + ir) * ldc + jp * NR;
       if (!epilogue && whole_cols && ir + 32 <= mc) {
-        _tile_stored(0, c, ldc * 4);
-        _tile_stored(1, c + NR, ldc * 4);
-        _tile_stored(2, c + 16 * ldc, ldc * 4);
-        _tile_stored(3, c + 16 * ldc + NR, ldc * 4);
+        tiles_store(c, ldc, 1);
         continue;
       }
-      _tile_stored(0, tmp, 128);
-      _tile_stored(1, tmp + NR, 128);
-      _tile_stored(2, tmp + 16 * 32, 128);
-      _tile_stored(3, tmp + 16 * 32 + NR, 128);
+      tiles_store(tmp, 32, 1);
       for (size_t p = 0; p < (two ? 2u : 1u); p++) {
         const size_t col0 = (jp + p) * NR;
         write_tile(tmp + p * NR, 32, c + p * NR, ldc, (int)min_sz(32, mc - ir), (int)min_sz(NR, g->N - col0), ic + ir, col0,
@@ -1457,6 +1481,15 @@ AVX2 static void attend_unit(const attn_t *s, size_t unit, float *scores, float 
   }
 }
 
+/* Units [u0, u1) of the output as NaN: a failed allocation can never pass for a result. */
+static void nan_units(const attn_t *s, size_t u0, size_t u1) {
+  for (size_t u = u0; u < u1; u++) {
+    const size_t it = u / s->units_per_item, q0 = (u % s->units_per_item) * QB;
+    for (size_t i = q0; i < min_sz(q0 + QB, s->Nq); i++)
+      for (size_t d = 0; d < s->D; d++) s->out[((it / s->heads) * s->Nq + i) * s->C + (it % s->heads) * s->D + d] = NAN;
+  }
+}
+
 /*
  * attend_unit on AMX (bf16): q k^T and p v as tile products of bfloat16 inputs with float32 sums, the online softmax
  * in float32 between them as above; the probabilities are rounded to bfloat16 for p v.
@@ -1482,29 +1515,9 @@ AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uin
       const int two = jp + 1 < kpanels;
       const uint16_t *b0 = kb + (k0 / NR + jp) * dp * NR, *b1 = b0 + dp * NR;
       for (size_t ir = 0; ir < qnp; ir += 32) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (size_t kk = 0; kk < dp; kk += 32) {
-          _tile_loadd(4, qb + ir * dp + kk, dp * 2);
-          _tile_loadd(5, qb + (ir + 16) * dp + kk, dp * 2);
-          _tile_loadd(6, b0 + kk * NR, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
-          if (two) {
-            _tile_loadd(7, b1 + kk * NR, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-        }
-        float *c = scores + ir * KB + jp * NR;
-        _tile_stored(0, c, KB * 4);
-        _tile_stored(2, c + 16 * KB, KB * 4);
-        if (two) {
-          _tile_stored(1, c + NR, KB * 4);
-          _tile_stored(3, c + 16 * KB + NR, KB * 4);
-        }
+        tiles_zero();
+        tiles_add(qb + ir * dp, dp, b0, b1, dp, two);
+        tiles_store(scores + ir * KB + jp * NR, KB, two);
       }
     }
     /* online softmax as in attend_unit; p as bfloat16, zero-filled to knp */
@@ -1515,12 +1528,8 @@ AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uin
       mx[i] = m_new;
       sum[i] = sum[i] * alpha + micro.row_exp(r, kn, s->scale, m_new);
       if (alpha != 1.0f) for (size_t d = 0; d < dpad; d++) acc[i * dpad + d] *= alpha;
-      uint16_t *p = pb + i * KB;
-      size_t j = 0;
-      for (; j + 32 <= kn; j += 32)
-        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + j + 16), _mm512_loadu_ps(r + j)));
-      for (; j < kn; j++) p[j] = to_bf16(r[j]);
-      for (; j < knp; j++) p[j] = 0;
+      to_bf16_row(r, kn, pb + i * KB);
+      memset(pb + i * KB + kn, 0, (knp - kn) * sizeof(uint16_t));
     }
     /* acc [qnp, dpad] += p [qnp, knp] v[k0 : k0 + knp] */
     for (size_t dq = 0; dq < dpanels; dq += 2) {
@@ -1528,30 +1537,9 @@ AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uin
       const uint16_t *v0 = vb + (dq * s->nkp + k0) * NR, *v1 = v0 + s->nkp * NR;
       for (size_t ir = 0; ir < qnp; ir += 32) {
         float *c = acc + ir * dpad + dq * NR;
-        _tile_loadd(0, c, dpad * 4);
-        _tile_loadd(2, c + 16 * dpad, dpad * 4);
-        if (two) {
-          _tile_loadd(1, c + NR, dpad * 4);
-          _tile_loadd(3, c + 16 * dpad + NR, dpad * 4);
-        }
-        for (size_t kk = 0; kk < knp; kk += 32) {
-          _tile_loadd(4, pb + ir * KB + kk, KB * 2);
-          _tile_loadd(5, pb + (ir + 16) * KB + kk, KB * 2);
-          _tile_loadd(6, v0 + kk * NR, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
-          if (two) {
-            _tile_loadd(7, v1 + kk * NR, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-        }
-        _tile_stored(0, c, dpad * 4);
-        _tile_stored(2, c + 16 * dpad, dpad * 4);
-        if (two) {
-          _tile_stored(1, c + NR, dpad * 4);
-          _tile_stored(3, c + 16 * dpad + NR, dpad * 4);
-        }
+        tiles_load(c, dpad, two);
+        tiles_add(pb + ir * KB, KB, v0, v1, knp, two);
+        tiles_store(c, dpad, two);
       }
     }
   }
@@ -1574,12 +1562,7 @@ AMX static void attend_task_amx(void *ctx, int t, int n) {
     for (size_t u = u0; u < u1; u++) attend_unit_amx(s, u, scores, pb, qb, acc, mx, sum);
     _tile_release();
   } else {
-    /* Leave NaN so a failed allocation can never pass for a result. */
-    for (size_t u = u0; u < u1; u++) {
-      const size_t it = u / s->units_per_item, q0 = (u % s->units_per_item) * QB;
-      for (size_t i = q0; i < min_sz(q0 + QB, s->Nq); i++)
-        for (size_t d = 0; d < s->D; d++) s->out[((it / s->heads) * s->Nq + i) * s->C + (it % s->heads) * s->D + d] = NAN;
-    }
+    nan_units(s, u0, u1);
   }
   free(scores);
   free(acc);
@@ -1592,16 +1575,11 @@ static void attend_task(void *ctx, int t, int n) {
   const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
   float *scores = malloc(sizeof(float) * QB * KB), *acc = malloc(sizeof(float) * QB * dpad);
   float mx[QB], sum[QB];
+  const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
   if (scores && acc) {
-    const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
     for (size_t u = u0; u < u1; u++) attend_unit(s, u, scores, acc, mx, sum);
   } else {
-    /* Leave NaN so a failed allocation can never pass for a result. */
-    for (size_t u = units * (size_t)t / (size_t)n; u < units * (size_t)(t + 1) / (size_t)n; u++) {
-      const size_t it = u / s->units_per_item, q0 = (u % s->units_per_item) * QB;
-      for (size_t i = q0; i < min_sz(q0 + QB, s->Nq); i++)
-        for (size_t d = 0; d < s->D; d++) s->out[((it / s->heads) * s->Nq + i) * s->C + (it % s->heads) * s->D + d] = NAN;
-    }
+    nan_units(s, u0, u1);
   }
   free(scores);
   free(acc);
