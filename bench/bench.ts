@@ -37,7 +37,7 @@ import { ClipTokenizer } from '../src/tokenizer/index.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
 import { SDXL_BASE_PIPELINE, StableDiffusion, sdxlConfigFromJson, type SdxlPipelineConfig } from '../src/pipeline/pipeline.js';
-import { currentPrecision, kernelsProblem, PRECISIONS, type Precision } from '../src/backend/kernels.js';
+import { bf16Isa, currentPrecision, kernelsProblem, PRECISIONS, type Precision } from '../src/backend/kernels.js';
 import { SD15_PIPELINE } from '../src/pipeline/config.js';
 import { formatHeapPlan, wasmHeapPlan } from '../src/pipeline/wasm-plan.js';
 import { adapterRows, benchControlNet, benchIpAdapter, type ControlNetBench, type IpAdapterBench } from './adapters.js';
@@ -150,7 +150,7 @@ const args = await yargs(hideBin(process.argv))
   .option('model', { choices: RANDOM_MODELS, default: 'sd15' as RandomModel })
   .option('config', { type: 'string', describe: 'with --model sdxl: a pipeline config JSON (the fixtures\' format), e.g. a tiny one to try the bench' })
   .option('backend', { choices: BACKENDS })
-  .option('precision', { choices: PRECISIONS, describe: "the native kernels' products: float32 (default) or bf16 (AMX-BF16 CPUs; the peers stay float32)" })
+  .option('precision', { choices: PRECISIONS, describe: "the native kernels' products: float32 (default) or bf16 (AMX-BF16 or AVX512-BF16 CPUs; the peers stay float32)" })
   .option('json', { type: 'boolean', default: false })
   .option('runs', { type: 'number', default: 2, describe: 'timed runs of each part after one warm-up' })
   .option('cache', { type: 'string', default: '.cache/bench' })
@@ -399,6 +399,7 @@ const result = {
   vae_gflops: vaeFlops / vaeDecode / 1e9,
   native_kernels: kernelsProblem() ?? 'in use',
   precision: currentPrecision(),
+  bf16_isa: currentPrecision() === 'bf16' ? bf16Isa() : null,
   /** The kernels' linear at its best of a few large shapes (peak.ts); a string when not measured (why). */
   sgemm_peak: peak,
   /** The UNet step's effective GFLOP/s over the sgemm peak. */
@@ -435,7 +436,7 @@ if (args.json) {
     [args.model === 'sdxl' ? 'text encode (both encoders, batch 2)' : 'text encode (batch 2)', `${textEncode.toFixed(2)} s`],
     [`UNet CFG step (batch 2, ${latentSize})`, `${unetStep.toFixed(2)} s (${result.unet_cfg_step_tflop.toFixed(2)} TFLOP, ${result.unet_gflops.toFixed(0)} GFLOP/s effective)`],
     [`VAE decode (${latentSize} latent)`, `${vaeDecode.toFixed(2)} s (${result.vae_decode_tflop.toFixed(2)} TFLOP, ${result.vae_gflops.toFixed(0)} GFLOP/s effective)`],
-    ['native kernels', result.precision === 'bf16' ? `${result.native_kernels}, products in bf16 (AMX)` : result.native_kernels],
+    ['native kernels', result.precision === 'bf16' ? `${result.native_kernels}, products in bf16 (${result.bf16_isa})` : result.native_kernels],
     [result.precision === 'bf16' ? "bf16 GEMM peak (kernels' best shape)" : "sgemm peak (kernels' best shape)", typeof peak === 'string' ? peak : `${peak.gflops.toFixed(1)} GFLOP/s (linear ${shapeName(peak.shape)}, M x K x N, ${peak.threads} threads)`],
     [result.precision === 'bf16' ? 'UNet step effective / bf16 GEMM peak' : 'UNet step effective / sgemm peak', result.unet_of_sgemm_peak === null ? 'n/a' : `${(100 * result.unet_of_sgemm_peak).toFixed(0)}%`],
     [`txt2img ${width}x${height}, 20 steps${result.txt2img_projected ? ' (projected from the parts)' : ' (measured, median)'}`, `${result.txt2img_20_steps_s.toFixed(1)} s`],

@@ -5,7 +5,7 @@
  * 512x512 for SD 1.5, 1024x1024 for SDXL, Euler, the given seed) generated in float32 and then in bf16 in one
  * process, each with its model loaded for that precision. Prints each generation's time, the speed-up, and the
  * bf16 image's PSNR (dB, peak 255) and largest difference against the float32 one. Needs the tensorflow backend
- * with the native kernels on a CPU with AMX-BF16 (it says so and exits 1 elsewhere). The README's figure comes from
+ * with the native kernels on a CPU with AMX-BF16 or AVX512-BF16 (it says so and exits 1 elsewhere). The README's figure comes from
  * here; the target is a PSNR of at least 40 dB.
  */
 import { existsSync } from 'node:fs';
@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { initBackend } from '../src/backend/select.js';
-import { bf16Problem, setPrecision, type Precision } from '../src/backend/kernels.js';
+import { bf16Isa, bf16Problem, setPrecision, type Precision } from '../src/backend/kernels.js';
 import { StableDiffusion } from '../src/pipeline/pipeline.js';
 
 const args = yargs(hideBin(process.argv))
@@ -88,7 +88,7 @@ else {
   const rows: [string, string][] = [
     ['txt2img', `${args.model}, ${size}x${size}, ${args.steps} Euler steps, seed ${args.seed}, on ${result.cpu}`],
     ['float32', `${float32.seconds.toFixed(1)} s`],
-    ['bf16 (AMX)', `${bf16.seconds.toFixed(1)} s (${result.speedup.toFixed(2)}x faster)`],
+    [`bf16 (${bf16Isa()})`, `${bf16.seconds.toFixed(1)} s (${result.speedup.toFixed(2)}x faster)`],
     ['bf16 image vs float32', `PSNR ${psnr.toFixed(1)} dB, max |diff| ${maxLevels} levels`],
   ];
   for (const [k, v] of rows) process.stdout.write(`${k.padEnd(24)}${v}\n`);

@@ -317,9 +317,9 @@ typedef struct {
   epi_t epi;             /* bias and residual */
   float *c;
   size_t ldc;
-  const uint16_t *bf16;  /* or the panels as bfloat16 pairs, for the AMX product (then packed and half are NULL) */
-  size_t segment;        /* the AMX product: K's segments (a conv's Cin: one tap), each padded to a multiple of 32 */
-  uint16_t *abuf;        /* the AMX product's rows as bfloat16, per thread (gemm allocates them) */
+  const uint16_t *bf16;  /* or the panels as bfloat16 pairs, for the bfloat16 product (then packed and half are NULL) */
+  size_t segment;        /* the bfloat16 product: K's segments (a conv's Cin: one tap), each padded to a multiple of 32 */
+  uint16_t *abuf;        /* the bfloat16 product's rows as bfloat16, per thread (gemm allocates them) */
 } gemm_t;
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
@@ -410,28 +410,32 @@ static size_t k_blocks(size_t K, size_t segment, size_t *kstart) {
 
 
 /* ---------------------------------------------------------------------------------------------------------------- */
-/* bfloat16 on AMX: the opt-in `--precision bf16` product                                                           */
+/* bfloat16 products: the opt-in `--precision bf16`, on AMX tiles or AVX512-BF16                                    */
 
 /*
- * Intel AMX multiplies tiles: TDPBF16PS adds A[16][32] B[32][16] (bfloat16 inputs, float32 sums) into C[16][16]
- * (float32) in one instruction, 16x the multiply-adds of an AVX-512 FMA per cycle. The weights are packed once as
- * bfloat16 (packWeights with bf16: round to nearest even, 8 bits of mantissa instead of float32's 24) in the float32
- * product's 16-column panels, each pair of consecutive k interleaved, [K/2][16][2]: the layout a B tile reads, 16
- * pair-rows of 64 bytes. A block of rows of A is rounded to bfloat16 once, over the whole shared dimension, each
- * segment (a conv's tap: Cin values) zero-filled to a multiple of 32, and serves every panel; a 32 x 32 block of C
- * is four C tiles fed by two A tiles and two B tiles per 32 k, summed over all of K in the tiles and written once
- * with its bias and residual. The zero-filled k past a segment's end meet whatever B holds there (the next tap, the
- * next panel, or BF16_PAD zeros after the last panel) and add nothing. Only the inputs are rounded; the README gives
- * the image PSNR this costs against float32.
+ * The weights are packed once as bfloat16 (packWeights with bf16: round to nearest even, 8 bits of mantissa instead
+ * of float32's 24) in the float32 product's 16-column panels, each pair of consecutive k interleaved, [K/2][16][2]:
+ * the layout an AMX B tile reads (16 pair-rows of 64 bytes) and the one a VDPBF16PS multiplies by a broadcast pair of
+ * A. A block of rows of A is rounded to bfloat16 once, over the whole shared dimension, each segment (a conv's tap:
+ * Cin values) zero-filled to a multiple of 32, and serves every panel; C is made 32 x 32 at a time, summed over all
+ * of K in float32 and written once with its bias and residual. The zero-filled k past a segment's end meet whatever
+ * B holds there (the next tap, the next panel, or BF16_PAD zeros after the last panel) and add nothing. Only the
+ * inputs are rounded; the README gives the image PSNR this costs against float32.
+ *
+ * Two ISAs compute that 32 x 32 block (`blocks_t`, chosen once): Intel AMX (Sapphire Rapids on), where TDPBF16PS
+ * adds A[16][32] B[32][16] into a C tile in one instruction, 16x an AVX-512 FMA's multiply-adds; and AVX512-BF16
+ * (AMD Zen 4 and 5, Intel Cooper Lake), where VDPBF16PS adds 16 columns' pairs of products into float32 lanes:
+ * twice an FMA's multiply-adds, from half the bytes.
  */
 
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
 #define BF16_PAD 512         /* bfloat16 values after the last panel: what a tile reading past the end of K meets */
 #define ABUF_BYTES (1 << 19) /* a thread's block of A rows as bfloat16 (at least 32 rows): stays in L2 */
 
 static int amx_state = -1; /* -1 not asked yet; 0 no; 1 this CPU has AMX-BF16 and the kernel lets this process use it */
 
-/* Whether the bf16 product can run: AMX-TILE, AMX-BF16 and AVX512-BF16, and Linux's permission for tile state. */
+/* Whether AMX can run: AMX-TILE, AMX-BF16 and AVX512-BF16, and Linux's permission for tile state. */
 static int amx_ready(void) {
   if (amx_state < 0) {
     unsigned a = 0, b = 0, c = 0, d = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
@@ -448,6 +452,12 @@ static int amx_ready(void) {
   return amx_state;
 }
 
+/* Whether VDPBF16PS can run: AVX512-BF16 with AVX512F and BW (and the OS saving zmm state, which cpu_supports checks). */
+static int avx512bf16_ready(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+}
+
 static uint16_t to_bf16(float f) {
   uint32_t u;
   memcpy(&u, &f, sizeof u);
@@ -455,15 +465,147 @@ static uint16_t to_bf16(float f) {
 }
 
 /* d[0, n) = r[0, n) as bfloat16 (round to nearest even). */
-AMX static inline void to_bf16_row(const float *r, size_t n, uint16_t *d) {
+BF16 static inline void to_bf16_row(const float *r, size_t n, uint16_t *d) {
   size_t j = 0;
   for (; j + 32 <= n; j += 32)
     _mm512_storeu_si512(d + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + j + 16), _mm512_loadu_ps(r + j)));
-  for (; j < n; j++) d[j] = to_bf16(r[j]);
+  if (j < n) { /* the last n - j < 32 values, under masks */
+    const size_t t = n - j;
+    const __mmask16 lo = (__mmask16)((1u << (t < 16 ? t : 16)) - 1), hi = (__mmask16)(t > 16 ? (1u << (t - 16)) - 1 : 0);
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, r + j + 16), _mm512_maskz_loadu_ps(lo, r + j));
+    _mm512_mask_storeu_epi16(d + j, (__mmask32)((1ull << t) - 1), (__m512i)v);
+  }
 }
 
-/* The bf16 product's shape: K in segments of `segment` values, each padded to spad (a multiple of 32); rows per block. */
-static size_t bf16_spad(const gemm_t *g) { return (g->segment + 31) & ~(size_t)31; }
+/*
+ * The block both ISAs compute: C [32][32] (float32, rows ldc apart) = (or += with `accumulate`) the sum over
+ * segments s < nseg of A_s [32][k] B_s [k][32], where A_s starts at a + s * sa (rows lda bfloat16 apart) and B_s at
+ * b0 + s * sb and b1 + s * sb (two panels, pairs of k interleaved); with `two` 0 only the left 16 columns, b0's.
+ * k is a multiple of `kalign`: 32 for AMX (a tile's depth), 2 for AVX512-BF16 (a pair).
+ */
+typedef void (*block_fn)(float *c, size_t ldc, int accumulate, const uint16_t *a, size_t lda, size_t nseg, size_t sa,
+                         const uint16_t *b0, const uint16_t *b1, size_t sb, size_t k, int two);
+
+typedef struct {
+  const char *name;
+  size_t kalign;
+  void (*begin)(void); /* on a thread, before its first block */
+  void (*end)(void);   /* and after its last */
+  block_fn block;
+} blocks_t;
+
+/* AMX: tiles 0-3 hold C (16 x 16 floats each); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pair-rows x 16). */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config_t;
+
+/*
+ * The configuration lives in static memory: GCC 12 does not see LDTILECFG read its 64 bytes and drops the stores of
+ * one built on the stack (then every tile instruction faults as unconfigured).
+ */
+static const tile_config_t TILES = {
+  .palette = 1,
+  .colsb = { 64, 64, 64, 64, 64, 64, 64, 64 },
+  .rows = { 16, 16, 16, 16, 16, 16, 16, 16 },
+};
+
+AMX static void tiles_begin(void) { _tile_loadconfig(&TILES); }
+AMX static void tiles_end(void) { _tile_release(); }
+
+AMX static void tiles_block(float *c, size_t ldc, int accumulate, const uint16_t *a, size_t lda, size_t nseg, size_t sa,
+                            const uint16_t *b0, const uint16_t *b1, size_t sb, size_t k, int two) {
+  if (accumulate) {
+    _tile_loadd(0, c, ldc * 4);
+    _tile_loadd(2, c + 16 * ldc, ldc * 4);
+    if (two) {
+      _tile_loadd(1, c + NR, ldc * 4);
+      _tile_loadd(3, c + 16 * ldc + NR, ldc * 4);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (size_t s = 0; s < nseg; s++, a += sa, b0 += sb, b1 += sb)
+    for (size_t kk = 0; kk < k; kk += 32) {
+      _tile_loadd(4, a + kk, lda * 2);
+      _tile_loadd(5, a + 16 * lda + kk, lda * 2);
+      _tile_loadd(6, b0 + kk * NR, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (two) {
+        _tile_loadd(7, b1 + kk * NR, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(2, c + 16 * ldc, ldc * 4);
+  if (two) {
+    _tile_stored(1, c + NR, ldc * 4);
+    _tile_stored(3, c + 16 * ldc + NR, ldc * 4);
+  }
+}
+
+static void nothing(void) {}
+
+/*
+ * AVX512-BF16: 8 rows of the block at a time, their sums in 16 registers (8 without `two`) over all segments; per
+ * pair of k, two B vectors and 8 broadcast pairs of A into VDPBF16PS.
+ */
+BF16 static inline void dp_rows(float *c, size_t ldc, int accumulate, const uint16_t *a, size_t lda, size_t nseg, size_t sa,
+                                const uint16_t *b0, const uint16_t *b1, size_t sb, size_t k, int two) {
+  __m512 s0[8], s1[8];
+  for (int i = 0; i < 8; i++) {
+    s0[i] = accumulate ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+    s1[i] = accumulate && two ? _mm512_loadu_ps(c + i * ldc + NR) : _mm512_setzero_ps();
+  }
+  for (size_t s = 0; s < nseg; s++, a += sa, b0 += sb, b1 += sb)
+    for (size_t p = 0; p < k; p += 2) {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(b0 + p * NR);
+      const __m512bh y = two ? (__m512bh)_mm512_loadu_si512(b1 + p * NR) : x;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; i++) {
+        uint32_t pair;
+        memcpy(&pair, a + i * lda + p, sizeof pair);
+        const __m512bh ai = (__m512bh)_mm512_set1_epi32((int)pair);
+        s0[i] = _mm512_dpbf16_ps(s0[i], ai, x);
+        if (two) s1[i] = _mm512_dpbf16_ps(s1[i], ai, y);
+      }
+    }
+  for (int i = 0; i < 8; i++) {
+    _mm512_storeu_ps(c + i * ldc, s0[i]);
+    if (two) _mm512_storeu_ps(c + i * ldc + NR, s1[i]);
+  }
+}
+
+BF16 static void dp_block(float *c, size_t ldc, int accumulate, const uint16_t *a, size_t lda, size_t nseg, size_t sa,
+                          const uint16_t *b0, const uint16_t *b1, size_t sb, size_t k, int two) {
+  for (size_t r = 0; r < 32; r += 8) {
+    if (two) dp_rows(c + r * ldc, ldc, accumulate, a + r * lda, lda, nseg, sa, b0, b1, sb, k, 1);
+    else dp_rows(c + r * ldc, ldc, accumulate, a + r * lda, lda, nseg, sa, b0, b0, sb, k, 0);
+  }
+}
+
+static const blocks_t BLOCKS_AMX = { "amx", 32, tiles_begin, tiles_end, tiles_block };
+static const blocks_t BLOCKS_AVX512 = { "avx512bf16", 2, nothing, nothing, dp_block };
+
+/* The bf16 products' ISA: AMX where it runs, else AVX512-BF16, else none (NULL); bf16() may switch it. */
+static const blocks_t *blocks;
+static int blocks_chosen;
+
+static const blocks_t *bf16_blocks(void) {
+  if (!blocks_chosen) {
+    blocks = amx_ready() ? &BLOCKS_AMX : avx512bf16_ready() ? &BLOCKS_AVX512 : NULL;
+    blocks_chosen = 1;
+  }
+  return blocks;
+}
+
+/* n rounded up to a multiple of the ISA's k alignment (a power of two). */
+static size_t kround(const blocks_t *bl, size_t n) { return (n + bl->kalign - 1) & ~(bl->kalign - 1); }
+
+/* The bf16 product's shape: K in segments of `segment` values, each padded to spad (the ISA's kalign); rows per block. */
+static size_t bf16_spad(const gemm_t *g) { return kround(bf16_blocks(), g->segment); }
 static size_t bf16_kp(const gemm_t *g) { return g->K / g->segment * bf16_spad(g); }
 static size_t bf16_rows(const gemm_t *g) {
   const size_t fit = ABUF_BYTES / (bf16_kp(g) * sizeof(uint16_t)) & ~(size_t)31;
@@ -471,7 +613,7 @@ static size_t bf16_rows(const gemm_t *g) {
 }
 
 /* out[i] = row ic + i of A over all of K as bfloat16, each segment zero-filled to spad, for i < mc; zeros to mcp. */
-AMX static void pack_rows_bf16(const gemm_t *g, size_t ic, size_t mc, size_t mcp, uint16_t *out) {
+BF16 static void pack_rows_bf16(const gemm_t *g, size_t ic, size_t mc, size_t mcp, uint16_t *out) {
   const size_t spad = bf16_spad(g), kp = bf16_kp(g), S = g->segment;
   for (size_t i = 0; i < mcp; i++) {
     uint16_t *row = out + i * kp;
@@ -492,69 +634,8 @@ AMX static void pack_rows_bf16(const gemm_t *g, size_t ic, size_t mc, size_t mcp
   }
 }
 
-typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config_t;
-
-/*
- * Tiles 0-3: a 32 x 32 block of C (16 x 16 floats each); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pair-rows x 16).
- * The configuration lives in static memory: GCC 12 does not see LDTILECFG read its 64 bytes and drops the stores of
- * one built on the stack (then every tile instruction faults as unconfigured).
- */
-static const tile_config_t TILES = {
-  .palette = 1,
-  .colsb = { 64, 64, 64, 64, 64, 64, 64, 64 },
-  .rows = { 16, 16, 16, 16, 16, 16, 16, 16 },
-};
-
-AMX static void amx_begin(void) { _tile_loadconfig(&TILES); }
-
-/*
- * C tiles 0-3 (a 32 x 32 block; 1 and 3 only when `two`) += A [32][k] B [k][32]: A rows lda bfloat16 apart, B as
- * the panels b0 and b1 (pairs interleaved); k a multiple of 32.
- */
-__attribute__((target("amx-tile,amx-bf16"), always_inline)) static inline void
-tiles_add(const uint16_t *a, size_t lda, const uint16_t *b0, const uint16_t *b1, size_t k, int two) {
-  for (size_t kk = 0; kk < k; kk += 32) {
-    _tile_loadd(4, a + kk, lda * 2);
-    _tile_loadd(5, a + 16 * lda + kk, lda * 2);
-    _tile_loadd(6, b0 + kk * NR, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 5, 6);
-    if (two) {
-      _tile_loadd(7, b1 + kk * NR, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-}
-
-/* C tiles 0-3 to / from c (rows ldc floats apart); tiles 1 and 3, the right half, only when `two`. */
-__attribute__((target("amx-tile"), always_inline)) static inline void tiles_store(float *c, size_t ldc, int two) {
-  _tile_stored(0, c, ldc * 4);
-  _tile_stored(2, c + 16 * ldc, ldc * 4);
-  if (two) {
-    _tile_stored(1, c + NR, ldc * 4);
-    _tile_stored(3, c + 16 * ldc + NR, ldc * 4);
-  }
-}
-
-__attribute__((target("amx-tile"), always_inline)) static inline void tiles_load(const float *c, size_t ldc, int two) {
-  _tile_loadd(0, c, ldc * 4);
-  _tile_loadd(2, c + 16 * ldc, ldc * 4);
-  if (two) {
-    _tile_loadd(1, c + NR, ldc * 4);
-    _tile_loadd(3, c + 16 * ldc + NR, ldc * 4);
-  }
-}
-
-AMX static inline void tiles_zero(void) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-}
-
 /* Rows [ic, ic + mc) of C times all its panels, from the rows packed in a, 32 x 32 of C at a time. */
-AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint16_t *a) {
+static void gemm_block_bf16(const gemm_t *g, const blocks_t *bl, size_t ic, size_t mc, const uint16_t *a) {
   float tmp[32 * 32] __attribute__((aligned(64)));
   const size_t mcp = (mc + 31) & ~(size_t)31, ldc = g->ldc, kp = bf16_kp(g), spad = bf16_spad(g), S = g->segment;
   const size_t panels = (g->N + NR - 1) / NR;
@@ -563,15 +644,13 @@ AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint
     const int two = jp + 1 < panels, whole_cols = two && (jp + 2) * NR <= g->N;
     const uint16_t *b0 = g->bf16 + jp * g->K * NR, *b1 = b0 + g->K * NR;
     for (size_t ir = 0; ir < mcp; ir += 32) {
-      tiles_zero();
       /* each segment: its zero-filled spad values of A against the same k of B (past S: the next tap's, times 0) */
-      for (size_t s = 0; s * S < g->K; s++) tiles_add(a + ir * kp + s * spad, kp, b0 + s * S * NR, b1 + s * S * NR, spad, two);
       float *c = g->c + (ic + ir) * ldc + jp * NR;
       if (!epilogue && whole_cols && ir + 32 <= mc) {
-        tiles_store(c, ldc, 1);
+        bl->block(c, ldc, 0, a + ir * kp, kp, g->K / S, spad, b0, b1, S * NR, spad, 1);
         continue;
       }
-      tiles_store(tmp, 32, 1);
+      bl->block(tmp, 32, 0, a + ir * kp, kp, g->K / S, spad, b0, b1, S * NR, spad, two);
       for (size_t p = 0; p < (two ? 2u : 1u); p++) {
         const size_t col0 = (jp + p) * NR;
         write_tile(tmp + p * NR, 32, c + p * NR, ldc, (int)min_sz(32, mc - ir), (int)min_sz(NR, g->N - col0), ic + ir, col0,
@@ -581,22 +660,23 @@ AMX static void gemm_block_amx(const gemm_t *g, size_t ic, size_t mc, const uint
   }
 }
 
-AMX static void gemm_task_amx(void *ctx, int t, int n) {
+static void gemm_task_bf16(void *ctx, int t, int n) {
   const gemm_t *g = ctx;
+  const blocks_t *bl = bf16_blocks();
   const size_t tiles = (g->M + 31) / 32, rows = bf16_rows(g);
   const size_t m0 = min_sz(g->M, tiles * t / n * 32), m1 = min_sz(g->M, tiles * (t + 1) / n * 32);
   if (m1 <= m0) return;
   uint16_t *a = g->abuf + (size_t)t * rows * bf16_kp(g);
-  amx_begin();
+  bl->begin();
   for (size_t ic = m0; ic < m1; ic += rows) {
     const size_t mc = min_sz(rows, m1 - ic);
     pack_rows_bf16(g, ic, mc, (mc + 31) & ~(size_t)31, a);
-    gemm_block_amx(g, ic, mc, a);
+    gemm_block_bf16(g, bl, ic, mc, a);
   }
-  _tile_release();
+  bl->end();
 }
 
-/* The product for g: the AMX one for bf16 panels, else the float32 one; 0 when out of memory (nothing computed). */
+/* The product for g: the bfloat16 one for bf16 panels, else the float32 one; 0 when out of memory (nothing computed). */
 static int gemm(gemm_t *g, int threads) {
   if (!g->bf16) {
     parallel(gemm_task, g, threads);
@@ -604,7 +684,7 @@ static int gemm(gemm_t *g, int threads) {
   }
   g->abuf = aligned_alloc(64, (size_t)threads * bf16_rows(g) * bf16_kp(g) * sizeof(uint16_t));
   if (!g->abuf) return 0;
-  parallel(gemm_task_amx, g, threads);
+  parallel(gemm_task_bf16, g, threads);
   free(g->abuf);
   g->abuf = NULL;
   return 1;
@@ -722,12 +802,12 @@ static int bool_arg(args_t *a, size_t i) {
   return v;
 }
 
-/* bf16 panels (packWeights with bf16) for a product whose shared segments (K, or a conv's Cin) are even, on a CPU with AMX. */
+/* bf16 panels (packWeights with bf16) for a product whose shared segments (K, or a conv's Cin) are even, on a CPU with AMX or AVX512-BF16. */
 static void bf16_check(args_t *a, const float *packed, size_t segment) {
   if (a->failed) return;
   if (packed) fail(a, "sd_kernels: bf16 panels must be the Uint16Array packWeights(..., bf16) made");
   else if (segment % 2) fail(a, "sd_kernels: bf16 panels need an even shared dimension (a conv's Cin)");
-  else if (!amx_ready()) fail(a, "sd_kernels: bf16 panels need AMX-BF16, which this CPU (or its OS) does not offer");
+  else if (!bf16_blocks()) fail(a, "sd_kernels: bf16 panels need AMX-BF16 or AVX512-BF16, which this CPU (or its OS) does not offer");
 }
 
 /* ---------------------------------------------------------------------------------------------------------------- */
@@ -742,7 +822,7 @@ static size_t pair_at(size_t r, size_t c) { return r / 2 * 2 * NR + c * 2 + r % 
 
 /*
  * packWeights(..., bf16 = true): the same panels as bfloat16 (round to nearest even) with each pair of k
- * interleaved, [ceil(N/16)][K/2][16][2], then BF16_PAD zeros: the AMX product's B, made without a float32 copy.
+ * interleaved, [ceil(N/16)][K/2][16][2], then BF16_PAD zeros: the bfloat16 product's B, made without a float32 copy.
  */
 static napi_value bf16_panels(napi_env env, const float *w, size_t K, size_t N, size_t layout, size_t taps) {
   napi_value buf, out;
@@ -843,11 +923,38 @@ static napi_value halve_panels(napi_env env, napi_callback_info info) {
   return none;
 }
 
-/* bf16() -> whether this CPU and OS run the bf16 product (AMX-BF16). */
-static napi_value bf16_available(napi_env env, napi_callback_info info) {
-  (void)info;
+/*
+ * bf16([name]) -> the ISA of the bfloat16 products ("amx" or "avx512bf16"), or null where this CPU (or its OS) runs
+ * neither; with a name, switches to it first (a RangeError when it cannot run here). Only between calls.
+ */
+static napi_value bf16_isa(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  size_t argc = 1;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  napi_valuetype type = napi_undefined;
+  if (argc > 0) napi_typeof(env, argv[0], &type);
+  const blocks_t *use = bf16_blocks();
+  if (type != napi_undefined) {
+    char name[16] = "";
+    size_t len = 0;
+    if (type != napi_string || napi_get_value_string_utf8(env, argv[0], name, sizeof name, &len) != napi_ok) {
+      napi_throw_type_error(env, NULL, "sd_kernels: bf16 takes \"amx\" or \"avx512bf16\"");
+      return NULL;
+    }
+    use = strcmp(name, "amx") == 0 && amx_ready() ? &BLOCKS_AMX
+        : strcmp(name, "avx512bf16") == 0 && avx512bf16_ready() ? &BLOCKS_AVX512
+        : NULL;
+    if (!use) {
+      char msg[112];
+      snprintf(msg, sizeof msg, "sd_kernels: bf16 ISA \"%s\" is not one this CPU runs (amx, avx512bf16)", name);
+      napi_throw_range_error(env, NULL, msg);
+      return NULL;
+    }
+    blocks = use;
+  }
   napi_value r;
-  napi_get_boolean(env, amx_ready(), &r);
+  if (use) napi_create_string_utf8(env, use->name, NAPI_AUTO_LENGTH, &r);
+  else napi_get_null(env, &r);
   return r;
 }
 
@@ -1279,7 +1386,7 @@ typedef struct {
   float *kp, *vp; /* per item: K^T as ceil(Nk/16) panels of [D][16]; V as ceil(D/16) panels of [Nk][16] */
   size_t kp_item, vp_item;
   size_t units_per_item;
-  /* bf16 (AMX): the same panels as bfloat16 pairs, D and Nk padded to multiples of 32 (dp, nkp) with zeros */
+  /* bf16: the same panels as bfloat16 pairs, D and Nk padded to the ISA's kalign (dp, nkp) with zeros */
   uint16_t *kb, *vb;
   size_t dp, nkp;
 } attn_t;
@@ -1491,11 +1598,12 @@ static void nan_units(const attn_t *s, size_t u0, size_t u1) {
 }
 
 /*
- * attend_unit on AMX (bf16): q k^T and p v as tile products of bfloat16 inputs with float32 sums, the online softmax
- * in float32 between them as above; the probabilities are rounded to bfloat16 for p v.
+ * attend_unit in bfloat16: q k^T and p v as 32 x 32 block products (blocks_t: AMX or AVX512-BF16) of bfloat16 inputs
+ * with float32 sums, the online softmax in float32 between them as above; the probabilities are rounded to bfloat16
+ * for p v.
  */
-AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uint16_t *pb, uint16_t *qb, float *acc, float *mx,
-                                float *sum) {
+BF16 static void attend_unit_bf16(const attn_t *s, const blocks_t *bl, size_t unit, float *scores, uint16_t *pb, uint16_t *qb,
+                                  float *acc, float *mx, float *sum) {
   const size_t it = unit / s->units_per_item, q0 = (unit % s->units_per_item) * QB;
   const size_t b = it / s->heads, h = it % s->heads, D = s->D, dp = s->dp;
   const size_t qn = min_sz(QB, s->Nq - q0), qnp = (qn + 31) & ~(size_t)31, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR;
@@ -1503,21 +1611,20 @@ AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uin
   for (size_t i = 0; i < qnp; i++) {
     uint16_t *row = qb + i * dp;
     const float *qi = s->q + (b * s->Nq + q0 + i) * s->C + h * D;
-    for (size_t d = 0; d < dp; d++) row[d] = i < qn && d < D ? to_bf16(qi[d]) : 0;
+    if (i < qn) to_bf16_row(qi, D, row);
+    for (size_t d = i < qn ? D : 0; d < dp; d++) row[d] = 0;
   }
   memset(pb + qn * KB, 0, (qnp - qn) * KB * sizeof(uint16_t)); /* rows past qn stay zero */
   for (size_t i = 0; i < qn; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
   memset(acc, 0, QB * dpad * sizeof(float));
   for (size_t k0 = 0; k0 < s->Nk; k0 += KB) {
-    const size_t kn = min_sz(KB, s->Nk - k0), kpanels = (kn + NR - 1) / NR, knp = (kn + 31) & ~(size_t)31;
+    const size_t kn = min_sz(KB, s->Nk - k0), kpanels = (kn + NR - 1) / NR, knp = kround(bl, kn);
     /* scores [qnp, KB] = q k^T (columns past kn are never read) */
     for (size_t jp = 0; jp < kpanels; jp += 2) {
       const int two = jp + 1 < kpanels;
       const uint16_t *b0 = kb + (k0 / NR + jp) * dp * NR, *b1 = b0 + dp * NR;
       for (size_t ir = 0; ir < qnp; ir += 32) {
-        tiles_zero();
-        tiles_add(qb + ir * dp, dp, b0, b1, dp, two);
-        tiles_store(scores + ir * KB + jp * NR, KB, two);
+        bl->block(scores + ir * KB + jp * NR, KB, 0, qb + ir * dp, dp, 1, 0, b0, b1, 0, dp, two);
       }
     }
     /* online softmax as in attend_unit; p as bfloat16, zero-filled to knp */
@@ -1536,10 +1643,7 @@ AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uin
       const int two = dq + 1 < dpanels;
       const uint16_t *v0 = vb + (dq * s->nkp + k0) * NR, *v1 = v0 + s->nkp * NR;
       for (size_t ir = 0; ir < qnp; ir += 32) {
-        float *c = acc + ir * dpad + dq * NR;
-        tiles_load(c, dpad, two);
-        tiles_add(pb + ir * KB, KB, v0, v1, knp, two);
-        tiles_store(c, dpad, two);
+        bl->block(acc + ir * dpad + dq * NR, dpad, 1, pb + ir * KB, KB, 1, 0, v0, v1, 0, knp, two);
       }
     }
   }
@@ -1550,17 +1654,18 @@ AMX static void attend_unit_amx(const attn_t *s, size_t unit, float *scores, uin
   }
 }
 
-AMX static void attend_task_amx(void *ctx, int t, int n) {
+static void attend_task_bf16(void *ctx, int t, int n) {
   const attn_t *s = ctx;
+  const blocks_t *bl = bf16_blocks();
   const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
   float *scores = aligned_alloc(64, sizeof(float) * QB * KB), *acc = aligned_alloc(64, sizeof(float) * QB * dpad);
   uint16_t *pb = aligned_alloc(64, sizeof(uint16_t) * QB * KB), *qb = aligned_alloc(64, sizeof(uint16_t) * QB * s->dp);
   float mx[QB], sum[QB];
   const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
   if (scores && acc && pb && qb) {
-    amx_begin();
-    for (size_t u = u0; u < u1; u++) attend_unit_amx(s, u, scores, pb, qb, acc, mx, sum);
-    _tile_release();
+    bl->begin();
+    for (size_t u = u0; u < u1; u++) attend_unit_bf16(s, bl, u, scores, pb, qb, acc, mx, sum);
+    bl->end();
   } else {
     nan_units(s, u0, u1);
   }
@@ -1590,7 +1695,7 @@ static napi_value attention(napi_env env, napi_callback_info info) {
   args_t a;
   if (!get_args(env, info, argv, 12, &a)) return NULL;
   const int bf = bool_arg(&a, 11);
-  if (bf && !a.failed && !amx_ready()) fail(&a, "sd_kernels: bf16 attention needs AMX-BF16, which this CPU (or its OS) does not offer");
+  if (bf && !a.failed && !bf16_blocks()) fail(&a, "sd_kernels: bf16 attention needs AMX-BF16 or AVX512-BF16, which this CPU (or its OS) does not offer");
   const size_t B = dim(&a, 3, "B"), Nq = dim(&a, 4, "Nq"), Nk = dim(&a, 5, "Nk"), heads = dim(&a, 6, "heads");
   const size_t D = dim(&a, 7, "D");
   const float scale = (float)num(&a, 8, "scale");
@@ -1602,8 +1707,8 @@ static napi_value attention(napi_env env, napi_callback_info info) {
   if (a.failed || B * Nq == 0) return NULL;
   attn_t s = { q, k, v, out, B, Nq, Nk, heads, D, C, scale, NULL, NULL, 0, 0, (Nq + QB - 1) / QB, NULL, NULL, 0, 0 };
   if (bf) {
-    s.dp = (D + 31) & ~(size_t)31;
-    s.nkp = (Nk + 31) & ~(size_t)31;
+    s.dp = kround(bf16_blocks(), D);
+    s.nkp = kround(bf16_blocks(), Nk);
     s.kb = malloc(sizeof(uint16_t) * ((Nk + NR - 1) / NR * NR) * s.dp * B * heads);
     s.vb = malloc(sizeof(uint16_t) * ((D + NR - 1) / NR * NR) * s.nkp * B * heads);
     if (!s.kb || !s.vb) {
@@ -1613,7 +1718,7 @@ static napi_value attention(napi_env env, napi_callback_info info) {
       return NULL;
     }
     parallel(pack_kv_bf16_task, &s, threads);
-    parallel(attend_task_amx, &s, threads);
+    parallel(attend_task_bf16, &s, threads);
     free(s.kb);
     free(s.vb);
     return NULL;
@@ -1900,7 +2005,7 @@ NAPI_MODULE_INIT() {
     { "trimHeap", NULL, trim_heap, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
     { "halvePanels", NULL, halve_panels, NULL, NULL, NULL, napi_default, NULL },
-    { "bf16", NULL, bf16_available, NULL, NULL, NULL, napi_default, NULL },
+    { "bf16", NULL, bf16_isa, NULL, NULL, NULL, napi_default, NULL },
     { "releasePanels", NULL, release_panels, NULL, NULL, NULL, napi_default, NULL },
     { "widenHalves", NULL, widen_halves, NULL, NULL, NULL, napi_default, NULL },
     { "readAhead", NULL, read_ahead, NULL, NULL, NULL, napi_default, NULL },

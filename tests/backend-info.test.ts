@@ -30,10 +30,12 @@ describe('sd info', () => {
 
   it('says whether --precision bf16 can run, and why not', () => {
     const choice = { name: 'tensorflow', threads: null, skipped: {} } as const;
-    const yes = infoLines({ ...base, bf16: null, choice, notUsed: [] });
-    expect(yes.find((l) => l.startsWith('bf16 (AMX)'))).toMatch(/available: --precision bf16/);
-    const no = infoLines({ ...base, bf16: 'this CPU (or its OS) has no AMX-BF16', choice, notUsed: [] });
-    expect(no.find((l) => l.startsWith('bf16 (AMX)'))).toMatch(/not available: this CPU \(or its OS\) has no AMX-BF16/);
+    const amx = infoLines({ ...base, bf16: null, bf16Isa: 'amx', choice, notUsed: [] });
+    expect(amx.find((l) => l.startsWith('bf16'))).toMatch(/available on AMX tiles: --precision bf16/);
+    const avx = infoLines({ ...base, bf16: null, bf16Isa: 'avx512bf16', choice, notUsed: [] });
+    expect(avx.find((l) => l.startsWith('bf16'))).toMatch(/available on AVX512-BF16 \(VDPBF16PS\): --precision bf16/);
+    const no = infoLines({ ...base, bf16: 'this CPU (or its OS) has neither AMX-BF16 nor AVX512-BF16', choice, notUsed: [] });
+    expect(no.find((l) => l.startsWith('bf16'))).toMatch(/not available: this CPU \(or its OS\) has neither AMX-BF16 nor AVX512-BF16/);
   });
 
   it('on the forced cpu backend lists tensorflow and wasm as better, wasm as available', async () => {

@@ -1,10 +1,11 @@
 /**
- * `--precision bf16`: the native kernels' Linear, Conv2d and attention as bfloat16 products on AMX tiles
- * (native/kernels.c, "bfloat16 on AMX"), where the CPU has AMX-BF16 and the kernels are built (skipped otherwise,
- * with the reason). Each layer runs on TensorFlow.js ops in float32 and on the kernels in bf16: the two must agree
- * to bfloat16's precision (8 bits of mantissa: a relative RMS error near 2^-9) and must differ by more than float32
- * rounding does, or bf16 was not used. The choice itself is tested everywhere: bf16 is refused off the tensorflow
- * backend, and a CPU without AMX names what it lacks.
+ * `--precision bf16`: the native kernels' Linear, Conv2d and attention as bfloat16 products (native/kernels.c,
+ * "bfloat16 products"), on each ISA this CPU runs of the two (AMX tiles; AVX512-BF16's VDPBF16PS), where the kernels
+ * are built (skipped otherwise, with the reason). Each layer runs on TensorFlow.js ops in float32 and on the kernels
+ * in bf16: the two must agree to bfloat16's precision (8 bits of mantissa: a relative RMS error near 2^-9) and must
+ * differ by more than float32 rounding does, or bf16 was not used; a product of inputs rounded to bfloat16 in JS and
+ * summed in float64 must match the kernels' to float32 summation. The choice itself is tested everywhere: bf16 is
+ * refused off the tensorflow backend, and a CPU without either ISA names what it lacks.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -18,15 +19,43 @@ import { WeightView } from '../src/nn/weight-view.js';
 import * as tf from '../src/backend/tf.js';
 import { rand, source } from './helpers.js';
 
-function buildProblem(): string | null {
+type Bf16Addon = { source?: () => string; bf16: (name?: string) => string | null };
+
+function addonOrProblem(): Bf16Addon | string {
   if (!existsSync(kernelsPath())) return `${kernelsPath()} is not built`;
-  const addon = createRequire(import.meta.url)(kernelsPath()) as { source?: () => string; bf16?: () => boolean };
+  const addon = createRequire(import.meta.url)(kernelsPath()) as Bf16Addon;
   if (addon.source?.() !== kernelsSourceHash()) return `${kernelsPath()} was built from another native/kernels.c`;
-  if (addon.bf16?.() !== true) return 'this CPU (or its OS) has no AMX-BF16';
-  return null;
+  if (addon.bf16() === null) return 'this CPU (or its OS) has neither AMX-BF16 nor AVX512-BF16';
+  return addon;
 }
-const problem = buildProblem();
+const found = addonOrProblem();
+const problem = typeof found === 'string' ? found : null;
 if (problem !== null) console.warn(`skipping the bf16 kernel tests: ${problem}`);
+
+/** The bf16 ISAs this CPU runs, the default (the first) restored after asking. */
+function isasHere(): string[] {
+  if (typeof found === 'string') return [];
+  const first = found.bf16() as string;
+  const all = ['amx', 'avx512bf16'].filter((name) => {
+    try {
+      return found.bf16(name) === name;
+    } catch {
+      return false;
+    }
+  });
+  found.bf16(first);
+  return [first, ...all.filter((n) => n !== first)];
+}
+const isas = isasHere();
+const CPU_FLAG: Record<string, RegExp> = { amx: / amx_bf16/, avx512bf16: / avx512_bf16/ };
+
+/** v rounded to bfloat16 (nearest, ties to even), as a float. */
+function bf16Round(v: Float32Array): Float32Array {
+  const out = new Float32Array(v);
+  const u = new Uint32Array(out.buffer);
+  for (let i = 0; i < u.length; i++) u[i] = ((u[i] + 0x7fff + ((u[i] >>> 16) & 1)) >>> 16) << 16;
+  return out;
+}
 
 /** sqrt(sum (a - b)^2 / sum b^2). */
 function relRms(a: Float32Array, b: Float32Array): number {
@@ -72,16 +101,49 @@ describe('the bf16 precision choice', () => {
   });
 });
 
-describe.runIf(problem === null)('bf16 products on AMX', () => {
+describe.each(isas)('bf16 products on %s', (isa) => {
   const saved = process.env.SD_KERNELS;
   beforeAll(async () => {
     await initBackend({ backend: 'cpu', log: () => undefined });
     process.env.SD_KERNELS = '1';
+    (found as Bf16Addon).bf16(isa);
   });
   afterAll(() => {
     kernels.setPrecision('float32');
+    (found as Bf16Addon).bf16(isas[0]);
     if (saved === undefined) delete process.env.SD_KERNELS;
     else process.env.SD_KERNELS = saved;
+  });
+
+  it('is the ISA the kernels report', () => {
+    expect(kernels.bf16Isa()).toBe(isa);
+  });
+
+  it.each([
+    [37, 70, 33],
+    [64, 320, 40],
+    [5, 2, 17],
+  ])('Linear %i x %i -> %i: the product of bfloat16-rounded inputs, summed in float32', (m, k, n) => {
+    const x = rand(m * k), w = rand(n * k), bias = rand(n);
+    kernels.setPrecision('bf16');
+    try {
+      const packed = kernels.packWeight(w, n, { kind: 'linear' }, bias);
+      expect(packed.bf16).toBe(true);
+      const xt = tf.tensor2d(x, [m, k]);
+      const y = kernels.linear(xt, packed);
+      const got = y.dataSync() as Float32Array;
+      tf.dispose([xt, y]);
+      const xr = bf16Round(x), wr = bf16Round(w), want = new Float32Array(m * n);
+      for (let i = 0; i < m; i++)
+        for (let j = 0; j < n; j++) {
+          let acc = 0;
+          for (let t = 0; t < k; t++) acc += xr[i * k + t] * wr[j * k + t];
+          want[i * n + j] = acc + bias[j];
+        }
+      expect(relRms(got, want)).toBeLessThan(2e-6);
+    } finally {
+      kernels.setPrecision('float32');
+    }
   });
 
   /** `make` on TensorFlow ops (float32), then on the kernels with precision bf16. */
@@ -179,7 +241,7 @@ describe.runIf(problem === null)('bf16 products on AMX', () => {
     expect(() => addon.linear(f(8), 2, 4, new Uint16Array(64), 3, null, f(6), 2, null, true)).toThrow(/packed holds 64 values, the shapes need 576/);
   });
 
-  it('the cpu flag list agrees: AMX-BF16 is in /proc/cpuinfo', () => {
-    expect(readFileSync('/proc/cpuinfo', 'utf8')).toMatch(/ amx_bf16/);
+  it('the cpu flag list agrees: the ISA is in /proc/cpuinfo', () => {
+    expect(readFileSync('/proc/cpuinfo', 'utf8')).toMatch(CPU_FLAG[isa]);
   });
 });

@@ -34,12 +34,15 @@ interface Addon {
   /** The micro-kernel in use ('avx2' | 'avx512'); with a name, switches to it (RangeError where the CPU lacks it). */
   microKernel(name?: string): string;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
-  /** The same panels as bfloat16 pairs [n][K/2][16][2] (K / taps even), for the AMX product. */
+  /** The same panels as bfloat16 pairs [n][K/2][16][2] (K / taps even), for the bfloat16 product. */
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number, bf16: true): Uint16Array;
   /** The panels as IEEE halves, or null when a value is not exactly a half. */
   halvePanels(panels: Float32Array): Uint16Array | null;
-  /** Whether this CPU and OS run the bfloat16 product (AMX-BF16). */
-  bf16(): boolean;
+  /**
+   * The ISA of the bfloat16 products ('amx' | 'avx512bf16'), or null where this CPU (or its OS) runs neither; with a
+   * name, switches to it (RangeError where it cannot run).
+   */
+  bf16(name?: string): string | null;
   linear(
     x: Float32Array, m: number, k: number, packed: Float32Array | Uint16Array, n: number, bias: Float32Array | null, out: Float32Array,
     threads: number, residual: Float32Array | null, bf16?: boolean,
@@ -113,6 +116,8 @@ function load(): Addon | null {
     }
     const isa = process.env.SD_KERNELS_ISA;
     if (isa !== undefined && isa !== '') a.microKernel(isa);
+    const bf16 = process.env.SD_KERNELS_BF16;
+    if (bf16 !== undefined && bf16 !== '') a.bf16(bf16);
     addon = a;
   } catch (e) {
     loadProblem = `${path} does not load: ${(e as Error).message}`;
@@ -166,10 +171,10 @@ const threads = (): number => Number(process.env.SD_THREADS) || availableParalle
 /**
  * The precision of the kernels' matrix products. `float32` (the default) is the reference's arithmetic. `bf16`, an
  * explicit opt-in (`--precision bf16`, SD_PRECISION) where the CPU has AMX-BF16 (Intel Xeon from Sapphire Rapids
- * on), rounds both inputs of every Linear and Conv2d whose shared dimension allows it to bfloat16 and sums in
- * float32 on AMX tiles: several times the speed of those layers, at a cost in the image the README measures (PSNR
- * against float32 on the same seed). Attention, the norms and everything outside the products stay float32.
- * Chosen before a model loads: weights are packed for it.
+ * on) or AVX512-BF16 (AMD Zen 4 on, Intel Cooper Lake), rounds both inputs of every Linear, Conv2d and attention
+ * product whose shared dimension allows it to bfloat16 and sums in float32 (on AMX tiles, or with VDPBF16PS):
+ * faster products at a cost in the image the README measures (PSNR against float32 on the same seed). The softmax,
+ * the norms and everything outside the products stay float32. Chosen before a model loads: weights are packed for it.
  */
 export type Precision = 'float32' | 'bf16';
 export const PRECISIONS: readonly Precision[] = ['float32', 'bf16'];
@@ -179,8 +184,16 @@ let precision: Precision = 'float32';
 export function bf16Problem(): string | null {
   const why = kernelsProblem();
   if (why !== null) return `it runs in the native kernels, which are not in use (${why})`;
-  if (!kernels().bf16()) return 'this CPU (or its OS) has no AMX-BF16: it needs an Intel Xeon from Sapphire Rapids on';
+  if (kernels().bf16() === null) {
+    return 'this CPU (or its OS) has neither AMX-BF16 nor AVX512-BF16: it needs an Intel Xeon from Sapphire Rapids on, an AMD Zen 4 on, or an Intel Cooper Lake';
+  }
   return null;
+}
+
+/** The bf16 products' ISA: AMX tiles, or AVX512-BF16's VDPBF16PS (SD_KERNELS_BF16 chooses); null where bf16 cannot run. */
+export type Bf16Isa = 'amx' | 'avx512bf16';
+export function bf16Isa(): Bf16Isa | null {
+  return bf16Problem() === null ? (kernels().bf16() as Bf16Isa) : null;
 }
 
 /** Sets the precision of the products packed from now on; a RangeError naming the reason where bf16 cannot run. */
@@ -205,7 +218,7 @@ export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; wi
 
 /**
  * A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. Under `--precision bf16` the
- * panels are bfloat16 pairs for the AMX product (`bf16`). Otherwise they are IEEE halves
+ * panels are bfloat16 pairs for the bfloat16 product (`bf16`). Otherwise they are IEEE halves
  * when every weight is exactly one (any weight read from an fp16 checkpoint): half the memory, the same products,
  * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block). A Winograd weight as halves holds
  * its untransformed taps (9/32 of the transformed matrices' bytes), transformed by each call.
@@ -217,7 +230,7 @@ export interface PackedWeight {
   readonly bias: Float32Array | null;
   /** Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves. */
   readonly winograd?: boolean;
-  /** The panels are bfloat16 pairs (packWeights with bf16), for the AMX product. */
+  /** The panels are bfloat16 pairs (packWeights with bf16), for the bfloat16 product. */
   readonly bf16?: boolean;
 }
 
@@ -242,7 +255,8 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const k = w.length / out;
   if (precision === 'bf16' && (k / taps) % 2 === 0) {
-    // AMX runs a 3x3 conv directly at several times Winograd's float32 speed: no Winograd under bf16
+    // bf16 runs a 3x3 conv directly at or above Winograd's float32 speed (AMX several times; AVX512-BF16 1.05-1.2x
+    // on a Zen 5 EPYC): no Winograd under bf16
     const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps, true);
     return { k, n: out, panels, bias, bf16: true };
   }

@@ -7,7 +7,7 @@
  */
 import * as tf from './tf.js';
 import { guardWasmHeap } from './heap.js';
-import { PRECISIONS, setPrecision, type Precision } from './kernels.js';
+import { bf16Isa, PRECISIONS, setPrecision, type Precision } from './kernels.js';
 
 export const BACKENDS = ['tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];
@@ -21,7 +21,7 @@ export interface BackendOptions {
   readonly log?: ((line: string) => void) | null;
   /**
    * The native kernels' product precision (kernels.ts, Precision); default: SD_PRECISION, else float32. `bf16` is
-   * an opt-in for CPUs with AMX-BF16, on the tensorflow backend: a BackendError elsewhere. Set before models load.
+   * an opt-in for CPUs with AMX-BF16 or AVX512-BF16, on the tensorflow backend: a BackendError elsewhere. Set before models load.
    */
   readonly precision?: Precision;
 }
@@ -57,7 +57,7 @@ function precisionFromEnv(): Precision | undefined {
   return env as Precision;
 }
 
-/** Sets the kernels' precision for the backend in use; bf16 only on tensorflow with the kernels and AMX. */
+/** Sets the kernels' precision for the backend in use; bf16 only on tensorflow with the kernels and a bf16 ISA. */
 function applyPrecision(p: Precision, backend: BackendName): void {
   if (p === 'bf16' && backend !== 'tensorflow') {
     throw new BackendError(`--precision bf16 runs in the tensorflow backend's native kernels; the backend in use is ${backend}`);
@@ -126,7 +126,7 @@ export async function initBackend(opts: BackendOptions = {}): Promise<BackendCho
       if (precision !== undefined) applyPrecision(precision, name);
       chosen = Object.freeze({ name, threads: name === 'wasm' ? await wasmThreads() : null, skipped });
       const log = opts.log === undefined ? (l: string) => process.stderr.write(l + '\n') : opts.log;
-      log?.(describeChoice(chosen) + (precision === 'bf16' ? ', precision bf16 (AMX)' : ''));
+      log?.(describeChoice(chosen) + (precision === 'bf16' ? `, precision bf16 (${bf16Isa()})` : ''));
       return chosen;
     }
     skipped[name] = why;

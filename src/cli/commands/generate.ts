@@ -265,7 +265,7 @@ export const generateCommand: CommandModule<object, Args> = {
       .option('target-size', { type: 'string', describe: 'SDXL target size conditioning H,W (default: the image size)' })
       .option('out', { alias: 'o', type: 'string', default: 'outputs', describe: 'a folder (images named <seed>.png) or a .png path' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
-      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 (faster, a slightly different image)' })
+      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 or AVX512-BF16 (faster, a slightly different image)' })
       .option('threads', { type: 'number', describe: 'wasm threads (default: SD_THREADS, else one per core)' })
       .option('save-steps', { type: 'string', describe: "write every step's predicted x0 (VAE-decoded) into this folder as step_001.png, ... to watch the image emerge" }) as never,
   handler: async (args) => {

@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 import type { CommandModule } from 'yargs';
 import { UsageError } from '../errors.js';
 import { BACKENDS, initBackend, type BackendChoice, type BackendName } from '../../backend/select.js';
-import { bf16Problem, kernelsProblem, microKernel } from '../../backend/kernels.js';
+import { bf16Isa, bf16Problem, kernelsProblem, microKernel } from '../../backend/kernels.js';
 import { NATIVE_PACKAGES, nativeStatus, packageProblem, type NativeStatus } from '../../backend/tfjs-node.js';
 import * as tf from '../../backend/tf.js';
 import { wasmSimdSupported, wasmStatus, type WasmStatus } from '../../backend/wasm.js';
@@ -36,6 +36,8 @@ export interface InfoFacts {
   readonly microKernel?: string;
   /** Why --precision bf16 cannot run here, or null when it can (undefined: the kernels are not in use). */
   readonly bf16?: string | null;
+  /** The ISA the bf16 products run on where they can ('amx' | 'avx512bf16'). */
+  readonly bf16Isa?: string | null;
 }
 
 export interface NotUsed {
@@ -86,6 +88,8 @@ function microKernelLine(m: string | undefined): string {
   return m === 'avx2' ? 'AVX2 6x16 micro-kernel' : 'micro-kernel unknown';
 }
 
+const BF16_ISA_NAMES: Record<string, string> = { amx: 'AMX tiles', avx512bf16: 'AVX512-BF16 (VDPBF16PS)' };
+
 export function infoLines(f: InfoFacts): string[] {
   const lines: [string, string][] = [
     ['backend', backendLine(f)],
@@ -95,7 +99,7 @@ export function infoLines(f: InfoFacts): string[] {
     ['native kernels', f.kernels === null ? `in use (native/kernels.c: matrix products, convolutions with Winograd for most 3x3, attention, norms; ${microKernelLine(f.microKernel)})` : `not in use: ${f.kernels}`],
     ['machine', `${f.cpu}, ${f.cores} logical cores, Node ${f.node}`],
   ];
-  if (f.bf16 !== undefined) lines.splice(5, 0, ['bf16 (AMX)', f.bf16 === null ? 'available: --precision bf16 (opt-in; faster, a slightly different image)' : `not available: ${f.bf16}`]);
+  if (f.bf16 !== undefined) lines.splice(5, 0, ['bf16', f.bf16 === null ? `available on ${BF16_ISA_NAMES[f.bf16Isa ?? ''] ?? f.bf16Isa}: --precision bf16 (opt-in; faster, a slightly different image)` : `not available: ${f.bf16}`]);
   for (const n of f.notUsed) lines.push([`not ${n.name}`, n.why], ['  enable with', n.fix]);
   if (f.notUsed.length === 0) lines.push(['better', 'none: this is the fastest backend the engine has']);
   const width = Math.max(...lines.map(([k]) => k.length)) + 2;
@@ -137,6 +141,7 @@ export async function gatherInfo(args: { backend?: BackendName; threads?: number
     kernels: kernelsProblem(),
     microKernel: kernelsProblem() === null ? microKernel() : undefined,
     bf16: kernelsProblem() === null ? bf16Problem() : undefined,
+    bf16Isa: kernelsProblem() === null ? bf16Isa() : undefined,
   });
 }
 

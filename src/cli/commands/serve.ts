@@ -69,7 +69,7 @@ export const serveCommand: CommandModule<object, Args> = {
       .option('max-image-pixels', { type: 'string', default: String(DEFAULT_UPLOAD_LIMITS.maxPixels), describe: 'largest width*height of an uploaded image' })
       .option('max-decode-mib', { type: 'number', default: DEFAULT_UPLOAD_LIMITS.maxDecodeBytes / 2 ** 20, describe: 'MiB the uploaded images of one request may decode to' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
-      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 (faster, a slightly different image)' })
+      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 or AVX512-BF16 (faster, a slightly different image)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
       .options(QUEUE_FLAGS) // --queue, --model, --s3-endpoint, --log-prompts: ./serve-queue.ts
       .options(ENGINE_FLAGS) // --in-process, --preview, --preview-every, --webhook-secret: ./serve-engine.ts

@@ -78,7 +78,7 @@ export const workerCommand: CommandModule<object, Args> = {
       .option('lock', { type: 'number', default: 60, describe: "seconds without a heartbeat after which a worker is taken for dead and its job re-queued" })
       .option('max-stalls', { type: 'number', default: 2, describe: 'times a job may be re-queued after its worker died; then it fails' })
       .option('backend', { choices: BACKENDS, describe: 'TensorFlow.js backend (default: SD_BACKEND, else the best available)' })
-      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 (faster, a slightly different image)' })
+      .option('precision', { choices: PRECISIONS, describe: 'native kernels\' matrix products: float32 (default: SD_PRECISION, else float32) or bf16, an opt-in for CPUs with AMX-BF16 or AVX512-BF16 (faster, a slightly different image)' })
       .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'log level (JSON lines on stdout)' })
       .option('log-prompts', { type: 'boolean', default: false, describe: 'log prompts at info level (they are not logged otherwise)' })
       .option('in-process', { type: 'boolean', default: false, describe: "run the model on the main thread (default: an engine worker thread, so the job's lock is renewed during a step)" })
