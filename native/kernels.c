@@ -320,6 +320,7 @@ typedef struct {
   const uint16_t *bf16;  /* or the panels as bfloat16 pairs, for the bfloat16 product (then packed and half are NULL) */
   size_t segment;        /* the bfloat16 product: K's segments (a conv's Cin: one tap), each padded to a multiple of 32 */
   uint16_t *abuf;        /* the bfloat16 product's rows as bfloat16, per thread (gemm allocates them) */
+  size_t c_row0, c_col0; /* c holds C from this row and column on (a block's scratch, linearGeglu); 0 and 0 for all of C */
 } gemm_t;
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
@@ -356,7 +357,7 @@ AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, s
       }
       const int whole_cols = (jp + np) * NR <= g->N;
       for (size_t ir = 0; ir < mc; ir += mr) {
-        float *c = g->c + (ic + ir) * g->ldc + jp * NR;
+        float *c = g->c + (ic + ir - g->c_row0) * g->ldc + (jp * NR - g->c_col0);
         if (kb > 0 && whole_cols && ir + mr <= mc) {
           /* a whole tile after the first shared block: added into C by the kernel itself */
           kernel((int)kc, rows + ir, b, bstride, c, g->ldc, 1);
@@ -1158,13 +1159,14 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
 #define WT 96 /* tiles per block: a block's transformed inputs for one xi (96 x Cin) stay in L2 through its GEMM */
 
 /*
- * The weights of a 3x3 conv as "taps": per panel of 16 output channels and input channel, the 9 taps of 16 outputs,
- * [ceil(Cout/16)][Cin][9][16] (outputs past Cout are zero); wino_weights turns them into the 16 matrices U_xi.
+ * The weights of a 3x3 conv as "taps": per panel of 16 output channels, tap and input channel, 16 outputs,
+ * [ceil(Cout/16)][9][Cin][16] (outputs past Cout are zero): the direct conv's panels (packWeights layout 2), so the
+ * same taps run either way; wino_weights turns them into the 16 matrices U_xi.
  */
 static void wino_taps(const float *w, size_t Cin, size_t Cout, float *taps) {
   for (size_t co = 0; co < Cout; co++)
     for (size_t ci = 0; ci < Cin; ci++)
-      for (int k = 0; k < 9; k++) taps[(((co / NR) * Cin + ci) * 9 + (size_t)k) * NR + co % NR] = w[(co * Cin + ci) * 9 + (size_t)k];
+      for (int k = 0; k < 9; k++) taps[(((co / NR) * 9 + (size_t)k) * Cin + ci) * NR + co % NR] = w[(co * Cin + ci) * 9 + (size_t)k];
 }
 
 /*
@@ -1180,10 +1182,10 @@ __attribute__((target("avx2,f16c"))) static void wino_weights(const wino_w_t *s,
   for (size_t cp = cp0; cp < cp1; cp++)
     for (size_t ci = 0; ci < s->Cin; ci++)
       for (int lane = 0; lane < 2; lane++) { /* 16 outputs as two vectors of 8 */
-        const size_t at = (cp * s->Cin + ci) * 9 * NR + (size_t)lane * 8;
+        const size_t at = (cp * 9 * s->Cin + ci) * NR + (size_t)lane * 8, tap = s->Cin * NR;
         __m256 g[9], t[4][3];
         for (int k = 0; k < 9; k++)
-          g[k] = s->th ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s->th + at + (size_t)k * NR))) : _mm256_loadu_ps(s->tf + at + (size_t)k * NR);
+          g[k] = s->th ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s->th + at + (size_t)k * tap))) : _mm256_loadu_ps(s->tf + at + (size_t)k * tap);
         for (int j = 0; j < 3; j++) { /* t = G g (rows) */
           t[0][j] = g[j];
           t[1][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(g[j], g[3 + j]), g[6 + j]));
@@ -1208,9 +1210,10 @@ static void wino_weights_task(void *ctx, int t, int n) {
 
 /*
  * packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout, asTaps) -> the 16 packed matrices U_xi (Float32Array); with
- * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][Cin][9][16]) when every weight is exactly a half
- * (else the matrices, or null when orMatrices is false: a layer too large for them packs direct instead): 9/32 of
- * the memory, turned into U_xi by each call (a few milliseconds beside the conv's GEMMs).
+ * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][9][Cin][16]: the direct conv's half panels) when
+ * every weight is exactly a half (else the matrices, or null when orMatrices is false: a layer too large for them
+ * packs direct instead): 9/32 of the memory, turned into U_xi by each call (a few milliseconds beside the conv's
+ * GEMMs), or run by conv2d directly where the image is too small to pay for that.
  */
 static napi_value pack_winograd(napi_env env, napi_callback_info info) {
   napi_value argv[5];
@@ -1910,20 +1913,84 @@ AVX2 static inline __m256 erf256(__m256 x) {
 
 typedef struct { const float *value, *gate; float *out; size_t n; } geglu_t;
 
-AVX2 static void geglu_task(void *ctx, int t, int n) {
+/* out[0, n) = value * GELU(gate), 8 at a time (the last n % 8 with libm's erff). */
+AVX2 static void geglu_span(const float *value, const float *gate, float *out, size_t n) {
+  size_t i = 0;
+  const __m256 half = _mm256_set1_ps(0.5f), rs2 = _mm256_set1_ps(0.70710678118654752f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(gate + i);
+    const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(_mm256_set1_ps(1.0f), erf256(_mm256_mul_ps(x, rs2))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(value + i), gelu));
+  }
+  for (; i < n; i++) out[i] = value[i] * 0.5f * gate[i] * (1.0f + erff(gate[i] * 0.70710678118654752f));
+}
+
+static void geglu_task(void *ctx, int t, int n) {
   const geglu_t *g = ctx;
   const size_t i0 = g->n * (size_t)t / (size_t)n / 8 * 8, i1 = t + 1 == n ? g->n : g->n * (size_t)(t + 1) / (size_t)n / 8 * 8;
-  size_t i = i0;
-  const __m256 half = _mm256_set1_ps(0.5f), rs2 = _mm256_set1_ps(0.70710678118654752f);
-  for (; i + 8 <= i1; i += 8) {
-    const __m256 x = _mm256_loadu_ps(g->gate + i);
-    const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(_mm256_set1_ps(1.0f), erf256(_mm256_mul_ps(x, rs2))));
-    _mm256_storeu_ps(g->out + i, _mm256_mul_ps(_mm256_loadu_ps(g->value + i), gelu));
+  geglu_span(g->value + i0, g->gate + i0, g->out + i0, i1 - i0);
+}
+
+/*
+ * linearGeglu(x, M, K, value, gate, N, valueBias | null, gateBias | null, out, threads): out [M, N] =
+ * (x Wv + bv) * GELU(x Wg + bg), the GEGLU feed-forward's projection without its two [M, N] products in memory
+ * (at SD 1.5's 64x64 level, batch 2: 42 MB each, written and read back). Per block of rows and columns both
+ * products are made into a thread's scratch block, as linear makes them, and combined as geglu does: the same bits
+ * as linear, linear and geglu wherever N is a multiple of 8. Float32 or half panels.
+ */
+typedef struct { const gemm_t *value, *gate; float *out; } gated_t;
+
+static void gated_task(void *ctx, int t, int n) {
+  const gated_t *s = ctx;
+  const gemm_t *gv = s->value;
+  /* half as many panels per block as linear's, so both scratch blocks (384 KiB together) stay in L2 */
+  const size_t jn = JN / 2, mr = micro.mr, tiles = (gv->M + mr - 1) / mr, N = gv->N, panels = (N + NR - 1) / NR, ld = jn * NR;
+  const size_t m0 = min_sz(gv->M, tiles * t / n * mr), m1 = min_sz(gv->M, tiles * (t + 1) / n * mr);
+  float *scratch = m1 > m0 ? malloc(sizeof(float) * 2 * MC * ld) : NULL;
+  if (!scratch) {
+    for (size_t m = m0; m < m1; m++) for (size_t j = 0; j < N; j++) s->out[m * N + j] = NAN; /* never passes for a result */
+    return;
   }
-  for (; i < i1; i++) {
-    const float x = g->gate[i];
-    g->out[i] = g->value[i] * 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-  }
+  for (size_t ic = m0; ic < m1; ic += MC)
+    for (size_t jp = 0; jp < panels; jp += jn) {
+      const size_t mc = min_sz(MC, m1 - ic), jp1 = min_sz(panels, jp + jn), cols = min_sz(ld, N - jp * NR);
+      gemm_t v = *gv, g = *s->gate;
+      v.c = scratch, g.c = scratch + MC * ld;
+      v.ldc = g.ldc = ld;
+      v.c_row0 = g.c_row0 = ic;
+      v.c_col0 = g.c_col0 = jp * NR;
+      gemm_block(&v, ic, mc, jp, jp1, 0, v.kblocks);
+      gemm_block(&g, ic, mc, jp, jp1, 0, g.kblocks);
+      for (size_t i = 0; i < mc; i++) geglu_span(v.c + i * ld, g.c + i * ld, s->out + (ic + i) * N + jp * NR, cols);
+    }
+  free(scratch);
+}
+
+static napi_value linear_geglu(napi_env env, napi_callback_info info) {
+  napi_value argv[10];
+  args_t a;
+  if (!get_args(env, info, argv, 10, &a)) return NULL;
+  const size_t M = dim(&a, 1, "M"), K = dim(&a, 2, "K"), N = dim(&a, 5, "N");
+  const int threads = threads_arg(&a, 9);
+  const float *x = f32(&a, 0, "x", M * K, 0);
+  const float *pv, *pg;
+  const uint16_t *hv, *hg;
+  panels_arg(&a, 3, packed_len(K, N), packed_len(K, N), &pv, &hv);
+  panels_arg(&a, 4, packed_len(K, N), packed_len(K, N), &pg, &hg);
+  const float *bv = f32(&a, 6, "valueBias", N, 1), *bg = f32(&a, 7, "gateBias", N, 1);
+  float *out = f32(&a, 8, "out", M * N, 0);
+  if (!a.failed && K == 0) fail(&a, "sd_kernels: linearGeglu needs K > 0");
+  if (a.failed || M == 0 || N == 0) return NULL;
+  size_t *kstart = malloc(sizeof(size_t) * (K / KC + 2));
+  if (!kstart || !zero_row(KC)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  dense_rows_t rows = { x, K };
+  const size_t kblocks = k_blocks(K, K, kstart);
+  const gemm_t value = { M, N, K, dense_row, &rows, kstart, kblocks, pv, hv, { bv, 0, N, NULL, N }, NULL, 0, NULL, K, NULL, 0, 0 };
+  const gemm_t gate = { M, N, K, dense_row, &rows, kstart, kblocks, pg, hg, { bg, 0, N, NULL, N }, NULL, 0, NULL, K, NULL, 0, 0 };
+  gated_t s = { &value, &gate, out };
+  parallel(gated_task, &s, threads);
+  free(kstart);
+  return NULL;
 }
 
 static napi_value geglu(napi_env env, napi_callback_info info) {
@@ -2017,6 +2084,7 @@ NAPI_MODULE_INIT() {
     { "groupNorm", NULL, group_norm, NULL, NULL, NULL, napi_default, NULL },
     { "layerNorm", NULL, layer_norm, NULL, NULL, NULL, napi_default, NULL },
     { "geglu", NULL, geglu, NULL, NULL, NULL, napi_default, NULL },
+    { "linearGeglu", NULL, linear_geglu, NULL, NULL, NULL, napi_default, NULL },
   };
   napi_define_properties(env, exports, sizeof fns / sizeof fns[0], fns);
   return exports;

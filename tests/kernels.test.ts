@@ -14,7 +14,7 @@ import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/nn/attention.js';
 import { initBackend } from '../src/backend/select.js';
 import * as kernels from '../src/backend/kernels.js';
-import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, WINOGRAD_MAX_WEIGHTS, winogradFits } from '../src/backend/kernels.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, WINOGRAD_MAX_WEIGHTS, WINOGRAD_MIN_PIXELS, winogradFits } from '../src/backend/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
 import { WeightView } from '../src/nn/weight-view.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
@@ -118,6 +118,25 @@ describe.runIf(built)('native kernels', () => {
     x.dispose();
   });
 
+  it.each([
+    ['[2, 300, 320] -> 1280 (two row blocks, N a multiple of 8: the same bits)', [2, 300, 320], 1280, true],
+    ['[37, 50] -> 83 (N not a multiple of 8: the last columns by libm erff)', [37, 50], 83, false],
+    ['[5, 600] -> 600 without bias (K over two shared blocks)', [5, 600], 600, true],
+  ])('linearGegluHost %s: value * GELU(gate) as linear, linear and geglu make it', (_name, shape, n, exact) => {
+    const k = shape[shape.length - 1], m = shape.slice(0, -1).reduce((a, b) => a * b, 1);
+    const bias = !_name.includes('without bias');
+    const value = kernels.packWeight(rand(n * k), n, { kind: 'linear' }, bias ? rand(n) : null);
+    const gate = kernels.packWeight(rand(n * k).map((v) => v * 3), n, { kind: 'linear' }, bias ? rand(n) : null);
+    const x = { data: rand(m * k), shape };
+    const fused = kernels.linearGegluHost(x, value, gate);
+    const apart = kernels.gegluHost(kernels.linearHost(x, value), kernels.linearHost(x, gate));
+    expect(fused.shape).toEqual([...shape.slice(0, -1), n]);
+    const same = Buffer.from(fused.data.buffer).equals(Buffer.from(apart.data.buffer));
+    if (exact) expect(same).toBe(true);
+    else expect(maxRelError(fused.data, apart.data)).toBeLessThan(1e-5);
+    expect(() => kernels.linearGegluHost(x, value, kernels.packWeight(rand(8 * k), 8, { kind: 'linear' }, null))).toThrow(/value \[\d+ -> \d+\] and gate \[\d+ -> 8\] differ/);
+  });
+
   it.each([false, true])('GroupNorm (then SiLU: %s) matches the tfjs ops', (withSilu) => {
     const src = source({ 'n.weight': [64], 'n.bias': [64] });
     const x = tf.tidy(() => tf.add(tf.mul(tf.tensor4d(rand(2 * 9 * 11 * 64), [2, 9, 11, 64]), 6), 2) as tf.Tensor4D);
@@ -213,7 +232,7 @@ describe.runIf(built)('native kernels', () => {
       expect(float.panels).toBeInstanceOf(Float32Array);
       expect(exact.panels.byteLength * 2).toBe(float.panels.byteLength);
       const w = halves(40 * 24);
-      w[517] += 1 / 8192; // one weight that is not a half keeps the whole matrix float32
+      w[517] = 0.1; // one weight that is not a half (0.1 needs more than a half's 11 bits) keeps the whole matrix float32
       expect(kernels.packWeight(w, 40, { kind: 'linear' }, null).panels).toBeInstanceOf(Float32Array);
       // Winograd keeps the untransformed taps as halves: 9/32 of the bytes of its 16 transformed float32 matrices
       const wv = halves(40 * 24 * 9);
@@ -249,6 +268,31 @@ describe.runIf(built)('native kernels', () => {
       for (const w of [wino, float, inexact]) kernels.releaseWeight(w);
     });
 
+    it('run a Winograd weight\'s taps directly on an image under WINOGRAD_MIN_PIXELS: the direct kernel, bit for bit', () => {
+      const [cin, cout] = [24, 40];
+      const wv = halves(cout * cin * 9), b = rand(cout), g = { kernel: 3, stride: 1, pad: [1, 1, 1, 1] } as const;
+      const wino = kernels.packWeight(wv, cout, { kind: 'conv', kernel: 3, winograd: true }, b);
+      const direct = kernels.packWeight(wv, cout, { kind: 'conv', kernel: 3 }, b);
+      expect(wino.winograd).toBe(true);
+      expect(wino.panels).toBeInstanceOf(Uint16Array);
+      expect(direct.winograd).toBeUndefined();
+      // the taps are the direct kernel's half panels, value for value
+      expect(Buffer.from(wino.panels.buffer).equals(Buffer.from(direct.panels.buffer))).toBe(true);
+      const run = (w: kernels.PackedWeight, shape: number[]) => {
+        const x = { data: new Float32Array(shape.reduce((p, q) => p * q, 1)).map((_, i) => Math.sin(i)), shape };
+        return kernels.conv2dHost(x, w, g).data;
+      };
+      const small = [1, 9, 11, cin]; // 99 pixels
+      expect(99).toBeLessThan(WINOGRAD_MIN_PIXELS);
+      expect(bytes(run(wino, small)).equals(bytes(run(direct, small)))).toBe(true);
+      // over the threshold the same weight runs Winograd: close to the direct result, not the same bits
+      const large = [2, 12, 11, cin]; // 264 pixels
+      expect(264).toBeGreaterThanOrEqual(WINOGRAD_MIN_PIXELS);
+      const [w1, d1] = [run(wino, large), run(direct, large)];
+      expect(bytes(w1).equals(bytes(d1))).toBe(false);
+      expect(maxRelError(w1, d1)).toBeLessThan(1e-5);
+    });
+
     it('are freed when released (a disposed layer), a view of part of a buffer left alone', () => {
       const w = kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null);
       const f = withFloatPanels(() => kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null));
@@ -277,7 +321,8 @@ describe.runIf(built)('native kernels', () => {
       }
       const convs = [[16, 48, 3, 1, false], [300, 33, 1, 1, false], [8, 24, 3, 2, false], [24, 40, 3, 1, true], [264, 8, 3, 1, true], [16, 16, 3, 1, true]] as const;
       for (const [cin, cout, kernel, stride, winograd] of convs) {
-        const wv = halves(cout * cin * kernel * kernel), x = { data: rand(2 * 9 * 11 * cin), shape: [2, 9, 11, cin] }, b = rand(cout);
+        // 2 x 12 x 11 pixels: over WINOGRAD_MIN_PIXELS, so the halves run Winograd too
+        const wv = halves(cout * cin * kernel * kernel), x = { data: rand(2 * 12 * 11 * cin), shape: [2, 12, 11, cin] }, b = rand(cout);
         const pad = (kernel === 3 ? [1, 1, 1, 1] : [0, 0, 0, 0]) as [number, number, number, number];
         cases.push([`conv ${cin}->${cout} ${kernel}x${kernel}/${stride}${winograd ? ' Winograd' : ''}`, (h) => {
           const pack = () => kernels.packWeight(wv, cout, { kind: 'conv', kernel, winograd }, b);

@@ -76,6 +76,10 @@ interface Addon {
     beta: Float32Array, silu: boolean, out: Float32Array, threads: number,
   ): void;
   layerNorm(x: Float32Array, m: number, c: number, eps: number, gamma: Float32Array, beta: Float32Array, out: Float32Array, threads: number): void;
+  linearGeglu(
+    x: Float32Array, m: number, k: number, value: Float32Array | Uint16Array, gate: Float32Array | Uint16Array, n: number,
+    valueBias: Float32Array | null, gateBias: Float32Array | null, out: Float32Array, threads: number,
+  ): void;
   geglu(value: Float32Array, gate: Float32Array, out: Float32Array, n: number, threads: number): void;
 }
 
@@ -228,7 +232,10 @@ export interface PackedWeight {
   readonly n: number;
   readonly panels: Float32Array | Uint16Array;
   readonly bias: Float32Array | null;
-  /** Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves. */
+  /**
+   * Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves
+   * (the direct kernel's half panels, which it runs on an image under WINOGRAD_MIN_PIXELS).
+   */
   readonly winograd?: boolean;
   /** The panels are bfloat16 pairs (packWeights with bf16), for the bfloat16 product. */
   readonly bf16?: boolean;
@@ -244,6 +251,14 @@ export interface PackedWeight {
  * into a buffer it frees: 210 MB for the UNet's 2560 -> 1280 conv, the largest).
  */
 export const WINOGRAD_MAX_WEIGHTS = 1280 * 640 * 9;
+
+/**
+ * Taps as halves are transformed by every Winograd call: a cost in proportion to the weights, which a small image
+ * does not earn back. Below this many output pixels (batch x height x width) such a conv runs its taps directly
+ * (they are the direct kernel's half panels): on SD 1.5's 8x8 level (batch 2, 128 pixels) the direct conv took
+ * 0.71x Winograd's time, at 16x16 (512 pixels) Winograd 0.71x the direct one's (2-core AMD EPYC, AVX-512).
+ */
+export const WINOGRAD_MIN_PIXELS = 256;
 
 /** Whether a conv of this shape and geometry can run as Winograd (packWeight then decides by its weights). */
 export function winogradFits(cin: number, cout: number, g: ConvGeometry): boolean {
@@ -403,11 +418,15 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   const perImage = extras.imageBias !== undefined;
   if (w.winograd === true) {
     if (!winogradFits(cin, w.n, g) || cin !== w.k) throw new RangeError(`a Winograd-packed weight [${w.k} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
-    return timed('conv2d 3x3/1 winograd', x.shape, () => {
-      const out = new Float32Array(b * hOut * wOut * w.n);
-      kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage);
-      return { data: out, shape };
-    });
+    // taps as halves on a small image run below as what they also are: the direct kernel's panels
+    const small = w.panels instanceof Uint16Array && b * hOut * wOut < WINOGRAD_MIN_PIXELS;
+    if (!small) {
+      return timed('conv2d 3x3/1 winograd', x.shape, () => {
+        const out = new Float32Array(b * hOut * wOut * w.n);
+        kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage);
+        return { data: out, shape };
+      });
+    }
   }
   return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}${w.bf16 === true ? ' bf16' : ''}`, x.shape, () => {
     const out = new Float32Array(b * hOut * wOut * w.n);
@@ -458,6 +477,22 @@ export function gegluHost(value: Host, gate: Host): Host {
     const out = new Float32Array(value.data.length);
     kernels().geglu(value.data, gate.data, out, out.length, threads());
     return { data: out, shape: value.shape };
+  });
+}
+
+/**
+ * The GEGLU projection (x Wv + bv) * GELU(x Wg + bg): [..., K] -> [..., N], made block by block without the two
+ * [..., N] products in memory (native/kernels.c, linearGeglu; the same bits as linearHost twice and gegluHost where N
+ * is a multiple of 8). bf16 panels take those three calls instead.
+ */
+export function linearGegluHost(x: Host, value: PackedWeight, gate: PackedWeight): Host {
+  if (value.k !== gate.k || value.n !== gate.n) throw new RangeError(`linearGeglu: value [${value.k} -> ${value.n}] and gate [${gate.k} -> ${gate.n}] differ`);
+  if (value.bf16 === true || gate.bf16 === true) return gegluHost(linearHost(x, value), linearHost(x, gate));
+  return timed('linear+geglu', x.shape, () => {
+    const m = x.data.length / value.k;
+    const out = new Float32Array(m * value.n);
+    kernels().linearGeglu(x.data, m, value.k, value.panels, gate.panels, value.n, value.bias, gate.bias, out, threads());
+    return { data: out, shape: [...x.shape.slice(0, -1), value.n] };
   });
 }
 

@@ -13,11 +13,16 @@
  * room imports nothing from the layers above it.
  */
 import * as tf from './tf.js';
-import { attentionHost, gegluHost, reshapeHost, toHost, toTensor, type ConvExtras, type Host } from './kernels.js';
+import { attentionHost, linearGegluHost, reshapeHost, toHost, toTensor, type ConvExtras, type Host, type PackedWeight } from './kernels.js';
 
 /** A Linear or Conv2d loaded for the kernels; `residual` is added to its output, `imageBias` ([B, out]) to its bias. */
 export interface HostLayer {
   applyHost(x: Host, extras?: ConvExtras): Host;
+}
+
+/** A Linear loaded for the kernels, whose packed weight a fused kernel can take. */
+export interface HostLinear extends HostLayer {
+  readonly packed: PackedWeight | null;
 }
 
 export interface HostGroupNorm {
@@ -64,7 +69,7 @@ export interface TransformerBlockOnHost {
   readonly norm2: HostLayerNorm;
   readonly attn2: AttentionOnHost;
   readonly norm3: HostLayerNorm;
-  readonly ff: { readonly value: HostLayer; readonly gate: HostLayer; readonly out: HostLayer };
+  readonly ff: { readonly value: HostLinear; readonly gate: HostLinear; readonly out: HostLayer };
 }
 
 export interface SpatialTransformerOnHost {
@@ -93,6 +98,13 @@ function attendOnHost(a: AttentionOnHost, x: Host, context: Host, extra: readonl
   return a.toOut.applyHost(o, { residual });
 }
 
+/** value(x) * GELU(gate(x)) in one kernel (linearGegluHost). */
+function gatedOnHost(ff: { readonly value: HostLinear; readonly gate: HostLinear }, x: Host): Host {
+  const [value, gate] = [ff.value.packed, ff.gate.packed];
+  if (value === null || gate === null) throw new Error('spatialTransformerOnHost: the feed-forward was not loaded for the native kernels');
+  return linearGegluHost(x, value, gate);
+}
+
 /** unet/transformer.ts SpatialTransformer: x [B, H, W, C] and its context -> [B, H, W, C]. */
 export function spatialTransformerOnHost(t: SpatialTransformerOnHost): (x: tf.Tensor4D, c: HostContext) => tf.Tensor4D {
   return (x, c) => {
@@ -107,7 +119,7 @@ export function spatialTransformerOnHost(t: SpatialTransformerOnHost): (x: tf.Te
       let y = attendOnHost(block.attn1, n1, n1, [], tokens);
       y = attendOnHost(block.attn2, block.norm2.applyHost(y), context, extra, y);
       const n3 = block.norm3.applyHost(y);
-      tokens = block.ff.out.applyHost(gegluHost(block.ff.value.applyHost(n3), block.ff.gate.applyHost(n3)), { residual: y });
+      tokens = block.ff.out.applyHost(gatedOnHost(block.ff, n3), { residual: y });
     }
     return toTensor(t.projOut.applyHost(reshapeHost(tokens, [b, h, w, ch]), { residual: xh }));
   };

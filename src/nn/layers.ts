@@ -158,6 +158,11 @@ export class Linear {
     return 'panels' in this.run;
   }
 
+  /** The kernels' packed weight in use, for a layer loaded for the native kernels (else null). */
+  get packed(): kernels.PackedWeight | null {
+    return 'panels' in this.run ? this.run : null;
+  }
+
   /** x W + b (+ residual) on the host: [..., in] -> [..., out]. Only for a layer loaded for the native kernels. */
   applyHost(x: kernels.Host, extras: kernels.ConvExtras = {}): kernels.Host {
     if (!('panels' in this.run)) throw new Error('Linear.applyHost: this layer was loaded for TensorFlow ops');
