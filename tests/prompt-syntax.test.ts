@@ -10,6 +10,7 @@ import * as tf from '../src/backend/tf.js';
 import { initBackend } from '../src/backend/select.js';
 import { ClipTextEncoder, clipConfigFromLdm } from '../src/clip/index.js';
 import {
+  applyEmphasis,
   encodeA1111Multicond,
   encodeA1111Prompt,
   encodeChunks,
@@ -185,6 +186,20 @@ describe('tokenizeLine (chunks of 75)', () => {
     expect(none.parsed).toEqual([['(dog:1.5) BREAK cat', 1]]);
     expect(none.chunks.length).toBe(1);
     expect(none.chunks[0].multipliers.every((m) => m === 1)).toBe(true);
+  });
+});
+
+describe("applyEmphasis 'Original'", () => {
+  it('rescales the weighted chunk to its mean, and leaves a chunk whose weighted mean is exactly 0 as weighted (not 0/0)', () => {
+    const z = tf.tensor3d([[[1, 2], [3, 4]]]);
+    const w = tf.tensor2d([[1, 2]]);
+    const out = applyEmphasis(z, w, 'Original');
+    // weighted [[1, 2], [6, 8]] (mean 4.25) scaled by 2.5 / 4.25
+    expect(Array.from(out.dataSync())).toEqual(Array.from(new Float32Array([1, 2, 6, 8].map((v) => Math.fround(v * Math.fround(2.5 / 4.25))))));
+    const centred = tf.tensor3d([[[1, -1], [2, -2]]]); // mean exactly 0, as random weights' final LayerNorm makes it
+    const kept = applyEmphasis(centred, tf.tensor2d([[1, 1]]), 'Original');
+    expect(Array.from(kept.dataSync())).toEqual([1, -1, 2, -2]);
+    tf.dispose([z, w, out, centred, kept]);
   });
 });
 

@@ -134,7 +134,9 @@ export function tokenizeLine(tokenizer: ClipTokenizer, line: string, opts: Parti
 /**
  * sd_emphasis.py after_transformers, each chunk on its own. z [k, 77, C], multipliers [k, 77] -> [k, 77, C].
  * 'Original' restores the mean because weighting shifts it; A1111 calls that "likely not correct, but it seems to
- * work well to prevent artifacts".
+ * work well to prevent artifacts". Where the weighted mean is exactly 0 A1111's 0/0 would make the whole context
+ * NaN (a black image: it happens with random weights, whose final LayerNorm centres every token); the mean is left
+ * as it is there.
  */
 export function applyEmphasis(z: tf.Tensor3D, multipliers: tf.Tensor2D, emphasis: Emphasis): tf.Tensor3D {
   return tf.tidy(() => {
@@ -143,7 +145,8 @@ export function applyEmphasis(z: tf.Tensor3D, multipliers: tf.Tensor2D, emphasis
     if (emphasis === 'No norm') return weighted;
     const originalMean = tf.mean(z, [1, 2], true);
     const newMean = tf.mean(weighted, [1, 2], true);
-    return tf.mul(weighted, tf.div(originalMean, newMean)) as tf.Tensor3D;
+    const ratio = tf.where(tf.equal(newMean, 0), tf.onesLike(newMean), tf.div(originalMean, newMean));
+    return tf.mul(weighted, ratio) as tf.Tensor3D;
   });
 }
 
