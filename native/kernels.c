@@ -843,23 +843,9 @@ static napi_value bf16_panels(napi_env env, const float *w, size_t K, size_t N, 
   return out;
 }
 
-static napi_value pack_weights(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  args_t a;
-  if (!get_args(env, info, argv, 6, &a)) return NULL;
-  const size_t K = dim(&a, 1, "K"), N = dim(&a, 2, "N"), layout = dim(&a, 3, "layout");
-  const size_t taps = layout == 2 ? dim(&a, 4, "taps") : 1;
-  const int bf = bool_arg(&a, 5);
-  if (!a.failed && (layout > 2 || taps == 0 || K % taps != 0)) fail(&a, "sd_kernels: packWeights: layout must be 0, 1 or 2 and taps must divide K");
-  if (!a.failed && bf && (K / taps) % 2) fail(&a, "sd_kernels: packWeights: bf16 panels need an even shared segment (a conv's Cin)");
-  const float *w = f32(&a, 0, "w", K * N, 0);
-  if (a.failed) return NULL;
-  napi_value buf, out;
-  void *data;
-  const size_t len = packed_len(K, N), cin = K / taps;
-  if (bf) return bf16_panels(env, w, K, N, layout, taps);
-  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
-  float *p = data;
+/* p = the packWeights panels of w (outputs past N zero). */
+static void pack_panels(const float *w, size_t K, size_t N, size_t layout, size_t taps, float *p) {
+  const size_t cin = K / taps;
   for (size_t jp = 0; jp * NR < N; jp++) {
     const size_t cols = min_sz(NR, N - jp * NR);
     for (size_t k = 0; k < K; k++) {
@@ -873,6 +859,25 @@ static napi_value pack_weights(napi_env env, napi_callback_info info) {
       }
     }
   }
+}
+
+static napi_value pack_weights(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  args_t a;
+  if (!get_args(env, info, argv, 6, &a)) return NULL;
+  const size_t K = dim(&a, 1, "K"), N = dim(&a, 2, "N"), layout = dim(&a, 3, "layout");
+  const size_t taps = layout == 2 ? dim(&a, 4, "taps") : 1;
+  const int bf = bool_arg(&a, 5);
+  if (!a.failed && (layout > 2 || taps == 0 || K % taps != 0)) fail(&a, "sd_kernels: packWeights: layout must be 0, 1 or 2 and taps must divide K");
+  if (!a.failed && bf && (K / taps) % 2) fail(&a, "sd_kernels: packWeights: bf16 panels need an even shared segment (a conv's Cin)");
+  const float *w = f32(&a, 0, "w", K * N, 0);
+  if (a.failed) return NULL;
+  napi_value buf, out;
+  void *data;
+  const size_t len = packed_len(K, N);
+  if (bf) return bf16_panels(env, w, K, N, layout, taps);
+  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
+  pack_panels(w, K, N, layout, taps, data);
   napi_create_typedarray(env, napi_float32_array, len, buf, 0, &out);
   return out;
 }
@@ -1159,15 +1164,10 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
 #define WT 96 /* tiles per block: a block's transformed inputs for one xi (96 x Cin) stay in L2 through its GEMM */
 
 /*
- * The weights of a 3x3 conv as "taps": per panel of 16 output channels, tap and input channel, 16 outputs,
- * [ceil(Cout/16)][9][Cin][16] (outputs past Cout are zero): the direct conv's panels (packWeights layout 2), so the
- * same taps run either way; wino_weights turns them into the 16 matrices U_xi.
+ * The weights of a 3x3 conv as "taps" are its direct panels (packWeights layout 2, pack_panels): per panel of 16
+ * output channels, tap and input channel, 16 outputs, [ceil(Cout/16)][9][Cin][16], so the same taps run either way;
+ * wino_weights turns them into the 16 matrices U_xi.
  */
-static void wino_taps(const float *w, size_t Cin, size_t Cout, float *taps) {
-  for (size_t co = 0; co < Cout; co++)
-    for (size_t ci = 0; ci < Cin; ci++)
-      for (int k = 0; k < 9; k++) taps[(((co / NR) * 9 + (size_t)k) * Cin + ci) * NR + co % NR] = w[(co * Cin + ci) * 9 + (size_t)k];
-}
 
 /*
  * U_xi = (G g G^T)[xi] for the output panels [cp0, cp1), 16 outputs per vector: from taps as floats (tf) or as
@@ -1226,9 +1226,9 @@ static napi_value pack_winograd(napi_env env, napi_callback_info info) {
   if (!a.failed && a.argc > 4) napi_get_value_bool(env, argv[4], &or_matrices);
   if (a.failed) return NULL;
   const size_t ntaps = packed_len(9 * Cin, Cout);
-  float *taps = calloc(ntaps, sizeof(float));
+  float *taps = malloc(ntaps * sizeof(float));
   if (!taps) { fail(&a, "sd_kernels: out of memory"); return NULL; }
-  wino_taps(w, Cin, Cout, taps);
+  pack_panels(w, 9 * Cin, Cout, 2, 9, taps);
   napi_value buf, out;
   void *data;
   const bool exact = as_taps && halve(taps, ntaps, NULL);
