@@ -37,7 +37,7 @@ import { ClipTokenizer } from '../src/tokenizer/index.js';
 import { SafetensorsFile } from '../src/weights/safetensors.js';
 import { writeRandomCheckpoint } from '../src/weights/random.js';
 import { SDXL_BASE_PIPELINE, StableDiffusion, sdxlConfigFromJson, type SdxlPipelineConfig } from '../src/pipeline/pipeline.js';
-import { bf16Isa, currentPrecision, kernelsProblem, PRECISIONS, type Precision } from '../src/backend/kernels.js';
+import { bf16Isa, currentPrecision, kernelsProblem, PRECISIONS, trimHeap, type Precision } from '../src/backend/kernels.js';
 import { SD15_PIPELINE } from '../src/pipeline/config.js';
 import { formatHeapPlan, wasmHeapPlan } from '../src/pipeline/wasm-plan.js';
 import { adapterRows, benchControlNet, benchIpAdapter, type ControlNetBench, type IpAdapterBench } from './adapters.js';
@@ -380,7 +380,12 @@ const unetGflops = unetFlops / unetStep / 1e9;
 let peers: PeersReport | null = null;
 if (args.peers) {
   if (args.config !== undefined) say('peers: skipped (they time the full-size models, not a --config)');
-  else peers = await runPeers({ model: args.model, size: width, runs: args.runs, threads, cache: args.cache, python: args.peerPython, say }, { unet: unetStep, vae: vaeDecode });
+  else {
+    // our models are freed by now; their heap pages go back to the system, or the peers (SDXL's ONNX export needs
+    // ~16 GB) would find them still held by this process
+    trimHeap();
+    peers = await runPeers({ model: args.model, size: width, runs: args.runs, threads, cache: args.cache, python: args.peerPython, say }, { unet: unetStep, vae: vaeDecode });
+  }
 }
 const result = {
   model: args.model,

@@ -17,7 +17,8 @@
  * through its own pointer, so a convolution reads its input in place, one kernel tap at a time, and a padded tap
  * points at a row of zeros (indirect convolution, Dukhan 2019): no im2col buffer.
  *
- * Work is split over rows of the output between `threads` POSIX threads made per call (a call lasts milliseconds).
+ * Work is shared out between `threads` POSIX threads made per call (a call lasts milliseconds) in units each takes
+ * in turn (blocks of output rows, of Winograd tiles, of attention queries), so a core held up elsewhere does less.
  * Every entry point checks that each array holds what the shapes claim before touching memory, and throws a
  * RangeError naming the argument when not. Built by `sd setup-native` (src/setup/kernels.ts) with plain
  * `cc -O3 -shared`; the AVX2 and AVX-512 code is compiled per function (target attribute), and `available()` says
@@ -30,6 +31,7 @@
 #include <fcntl.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -60,6 +62,11 @@
 
 static float *zeros = NULL; /* a row of zeros for padded taps and missing rows, at least as long as any kc */
 static size_t zeros_len = 0;
+
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
+
+static float *wino_made = NULL; /* Winograd's U_xi made from taps by a call (wino_scratch), kept for the next */
+static size_t wino_made_len = 0;
 
 static const float *zero_row(size_t len) {
   if (len > zeros_len) {
@@ -299,6 +306,36 @@ static void parallel(task_fn fn, void *ctx, int n) {
   for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
 }
 
+/*
+ * Units of work taken in turn: each thread takes the next unit until none is left. Splitting the work evenly in
+ * advance made every call wait for its slowest thread: a core held up for a while (the garbage collector, TensorFlow's
+ * threads, another tenant of the host) held up the whole call by as much. `units` is a multiple of the thread count
+ * whenever the work allows (units_of), so on idle cores the split stays even.
+ */
+typedef struct { atomic_size_t next; size_t units, size, total; } units_t;
+
+/* `total` items in units of about `pref` (at most, unless that leaves fewer units than threads), in multiples of `align`. */
+static void units_of(units_t *u, size_t total, size_t pref, size_t align, int threads) {
+  const size_t n = (size_t)(threads < 1 ? 1 : threads), per = n * pref;
+  const size_t want = n * ((total + per - 1) / per);
+  size_t size = (total + want - 1) / want;
+  size = (size + align - 1) / align * align;
+  if (size == 0) size = align;
+  atomic_init(&u->next, 0);
+  u->size = size;
+  u->total = total;
+  u->units = (total + size - 1) / size;
+}
+
+/* The next unit's items [*i0, *i1); 0 when none is left. */
+static int take(units_t *u, size_t *i0, size_t *i1) {
+  const size_t k = atomic_fetch_add(&u->next, 1);
+  if (k >= u->units) return 0;
+  *i0 = k * u->size;
+  *i1 = min_sz(u->total, *i0 + u->size);
+  return 1;
+}
+
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* The blocked product: C[M, N] = A[M, K] B[K, N] (+ bias), B packed, rows of A given block by block                */
 
@@ -322,8 +359,6 @@ typedef struct {
   uint16_t *abuf;        /* the bfloat16 product's rows as bfloat16, per thread (gemm allocates them) */
   size_t c_row0, c_col0; /* c holds C from this row and column on (a block's scratch, linearGeglu); 0 and 0 for all of C */
 } gemm_t;
-
-static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 /* out[0, n) = the halves h[0, n) as floats (F16C: every AVX2 CPU has it); gemm_block's panels and widenHalves. */
 __attribute__((target("avx2,f16c"))) static void widen(const uint16_t *h, size_t n, float *out) {
@@ -387,12 +422,14 @@ static void gemm_rows(const gemm_t *g, size_t m0, size_t m1) {
     for (size_t jp = 0; jp < panels; jp += jn) gemm_block(g, ic, min_sz(mc, m1 - ic), jp, min_sz(panels, jp + jn), 0, g->kblocks);
 }
 
+/* A product's rows shared out in units of about MC (whole micro-tiles). */
+typedef struct { const gemm_t *g; units_t rows; } gemm_work_t;
+
 static void gemm_task(void *ctx, int t, int n) {
-  const gemm_t *g = ctx;
-  /* Even split of rows, in whole micro-tiles. */
-  const size_t mr = micro.mr, tiles = (g->M + mr - 1) / mr;
-  const size_t m0 = min_sz(g->M, tiles * t / n * mr), m1 = min_sz(g->M, tiles * (t + 1) / n * mr);
-  if (m1 > m0) gemm_rows(g, m0, m1);
+  (void)t, (void)n;
+  gemm_work_t *w = ctx;
+  size_t m0, m1;
+  while (take(&w->rows, &m0, &m1)) gemm_rows(w->g, m0, m1);
 }
 
 /*
@@ -662,15 +699,15 @@ static void gemm_block_bf16(const gemm_t *g, const blocks_t *bl, size_t ic, size
 }
 
 static void gemm_task_bf16(void *ctx, int t, int n) {
-  const gemm_t *g = ctx;
+  (void)n;
+  gemm_work_t *w = ctx;
+  const gemm_t *g = w->g;
   const blocks_t *bl = bf16_blocks();
-  const size_t tiles = (g->M + 31) / 32, rows = bf16_rows(g);
-  const size_t m0 = min_sz(g->M, tiles * t / n * 32), m1 = min_sz(g->M, tiles * (t + 1) / n * 32);
-  if (m1 <= m0) return;
-  uint16_t *a = g->abuf + (size_t)t * rows * bf16_kp(g);
+  uint16_t *a = g->abuf + (size_t)t * bf16_rows(g) * bf16_kp(g);
+  size_t ic, m1;
   bl->begin();
-  for (size_t ic = m0; ic < m1; ic += rows) {
-    const size_t mc = min_sz(rows, m1 - ic);
+  while (take(&w->rows, &ic, &m1)) {
+    const size_t mc = m1 - ic;
     pack_rows_bf16(g, ic, mc, (mc + 31) & ~(size_t)31, a);
     gemm_block_bf16(g, bl, ic, mc, a);
   }
@@ -679,13 +716,16 @@ static void gemm_task_bf16(void *ctx, int t, int n) {
 
 /* The product for g: the bfloat16 one for bf16 panels, else the float32 one; 0 when out of memory (nothing computed). */
 static int gemm(gemm_t *g, int threads) {
+  gemm_work_t w = { g, { 0 } };
   if (!g->bf16) {
-    parallel(gemm_task, g, threads);
+    units_of(&w.rows, g->M, MC, micro.mr, threads);
+    parallel(gemm_task, &w, threads);
     return 1;
   }
   g->abuf = aligned_alloc(64, (size_t)threads * bf16_rows(g) * bf16_kp(g) * sizeof(uint16_t));
   if (!g->abuf) return 0;
-  parallel(gemm_task_bf16, g, threads);
+  units_of(&w.rows, g->M, bf16_rows(g), 32, threads);
+  parallel(gemm_task_bf16, &w, threads);
   free(g->abuf);
   g->abuf = NULL;
   return 1;
@@ -1047,6 +1087,9 @@ static napi_value tune_allocator(napi_env env, napi_callback_info info) {
 static napi_value trim_heap(napi_env env, napi_callback_info info) {
   (void)info;
   napi_value r;
+  free(wino_made);
+  wino_made = NULL;
+  wino_made_len = 0;
 #ifdef __GLIBC__
   malloc_trim(0);
   napi_get_boolean(env, true, &r);
@@ -1253,6 +1296,7 @@ typedef struct {
   size_t B, H, W, Cin, Cout, th, tw, tiles, bias_rows;
   const size_t *kstart;
   size_t kblocks;
+  units_t blocks; /* the tiles in blocks of at most WT */
 } wino_t;
 
 /* Tiles [t0, t0 + n) -> v[xi][n][Cin]: B^T d B per channel, 8 channels at a time; outside the image reads zeros. */
@@ -1319,16 +1363,15 @@ AVX2 static void wino_output(const wino_t *s, size_t t0, size_t n, const float *
   }
 }
 
-/* A thread's share of the tiles, in blocks of WT: transform, 16 GEMMs (this thread alone), transform back. */
+/* Blocks of tiles taken in turn: transform, 16 GEMMs (this thread alone), transform back. */
 static void wino_task(void *ctx, int t, int nthreads) {
-  const wino_t *s = ctx;
-  const size_t t0 = s->tiles * (size_t)t / (size_t)nthreads, t1 = s->tiles * (size_t)(t + 1) / (size_t)nthreads;
-  if (t1 <= t0) return;
+  (void)t, (void)nthreads;
+  wino_t *s = ctx;
   float *v = malloc(sizeof(float) * 16 * WT * s->Cin), *m = malloc(sizeof(float) * 16 * WT * s->Cout);
-  if (v && m) {
-    const size_t one = packed_len(s->Cin, s->Cout);
-    for (size_t b0 = t0; b0 < t1; b0 += WT) {
-      const size_t n = min_sz(WT, t1 - b0);
+  size_t b0, t1;
+  while (take(&s->blocks, &b0, &t1)) {
+    if (v && m) {
+      const size_t one = packed_len(s->Cin, s->Cout), n = t1 - b0;
       wino_input(s, b0, n, v);
       for (size_t xi = 0; xi < 16; xi++) {
         dense_rows_t rows = { v + xi * n * s->Cin, s->Cin };
@@ -1337,10 +1380,32 @@ static void wino_task(void *ctx, int t, int nthreads) {
         gemm_rows(&g, 0, n);
       }
       wino_output(s, b0, n, m);
+      continue;
+    }
+    for (size_t i = b0; i < t1; i++) { /* no scratch: these tiles as NaN, never passing for a result */
+      const size_t b = i / (s->th * s->tw), ty = i / s->tw % s->th, tx = i % s->tw;
+      for (size_t oy = 2 * ty; oy < min_sz(2 * ty + 2, s->H); oy++)
+        for (size_t ox = 2 * tx; ox < min_sz(2 * tx + 2, s->W); ox++)
+          for (size_t c = 0; c < s->Cout; c++) s->out[((b * s->H + oy) * s->W + ox) * s->Cout + c] = NAN;
     }
   }
   free(v);
   free(m);
+}
+
+/*
+ * Where a call turns taps into U_xi: one block kept from call to call and grown to the largest conv's (only the main
+ * thread calls in, as with zero_row). A block of its own per call (105 MB for a 1280 -> 1280 conv, 210 MB for
+ * 2560 -> 1280) rarely found that much free in the heap between the feature maps, so its pages faulted in zeroed
+ * every time: SD 1.5's 16x16 2560 -> 1280 conv took ~100 ms in the UNet against ~57 ms alone. trimHeap frees it.
+ */
+static float *wino_scratch(size_t len) {
+  if (len > wino_made_len) {
+    free(wino_made);
+    wino_made = malloc(len * sizeof(float));
+    wino_made_len = wino_made ? len : 0;
+  }
+  return wino_made;
 }
 
 static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
@@ -1362,18 +1427,18 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   const float *res = f32(&a, 10, "residual", B * H * W * Cout, 1);
   if (a.failed || B * H * W == 0 || Cout == 0) return NULL;
   size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
-  float *made = taps ? malloc(sizeof(float) * 16 * packed_len(Cin, Cout)) : NULL; /* U_xi from the taps, this call */
-  if (!kstart || !zero_row(KC) || (taps && !made)) { free(kstart); free(made); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  float *made = taps ? wino_scratch(16 * packed_len(Cin, Cout)) : NULL; /* U_xi from the taps, this call */
+  if (!kstart || !zero_row(KC) || (taps && !made)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
   if (taps) {
     const wino_w_t ws = { NULL, taps, made, Cin, Cout };
     parallel(wino_weights_task, (void *)&ws, threads);
     packed = made;
   }
   const size_t th = (H + 1) / 2, tw = (W + 1) / 2;
-  wino_t s = { x, packed, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, kstart, k_blocks(Cin, Cin, kstart) };
+  wino_t s = { x, packed, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, kstart, k_blocks(Cin, Cin, kstart), { 0 } };
+  units_of(&s.blocks, s.tiles, WT, 1, threads);
   parallel(wino_task, &s, threads);
   free(kstart);
-  free(made);
   return NULL;
 }
 
@@ -1392,6 +1457,7 @@ typedef struct {
   /* bf16: the same panels as bfloat16 pairs, D and Nk padded to the ISA's kalign (dp, nkp) with zeros */
   uint16_t *kb, *vb;
   size_t dp, nkp;
+  units_t work; /* the units (item, block of QB queries), taken in turn */
 } attn_t;
 
 /* K^T and V of each item as bfloat16 B panels: K^T [dp/2][16 keys][2] per 16 keys, V [nkp/2][16][2] per 16 of D. */
@@ -1658,20 +1724,20 @@ BF16 static void attend_unit_bf16(const attn_t *s, const blocks_t *bl, size_t un
 }
 
 static void attend_task_bf16(void *ctx, int t, int n) {
-  const attn_t *s = ctx;
+  (void)t, (void)n;
+  attn_t *s = ctx;
   const blocks_t *bl = bf16_blocks();
-  const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
+  const size_t dpad = (s->D + NR - 1) / NR * NR;
   float *scores = aligned_alloc(64, sizeof(float) * QB * KB), *acc = aligned_alloc(64, sizeof(float) * QB * dpad);
   uint16_t *pb = aligned_alloc(64, sizeof(uint16_t) * QB * KB), *qb = aligned_alloc(64, sizeof(uint16_t) * QB * s->dp);
   float mx[QB], sum[QB];
-  const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
-  if (scores && acc && pb && qb) {
-    bl->begin();
-    for (size_t u = u0; u < u1; u++) attend_unit_bf16(s, bl, u, scores, pb, qb, acc, mx, sum);
-    bl->end();
-  } else {
-    nan_units(s, u0, u1);
+  size_t u0, u1;
+  if (scores && acc && pb && qb) bl->begin();
+  while (take(&s->work, &u0, &u1)) {
+    if (scores && acc && pb && qb) attend_unit_bf16(s, bl, u0, scores, pb, qb, acc, mx, sum);
+    else nan_units(s, u0, u1);
   }
+  if (scores && acc && pb && qb) bl->end();
   free(scores);
   free(acc);
   free(pb);
@@ -1679,15 +1745,15 @@ static void attend_task_bf16(void *ctx, int t, int n) {
 }
 
 static void attend_task(void *ctx, int t, int n) {
-  const attn_t *s = ctx;
-  const size_t units = s->B * s->heads * s->units_per_item, dpad = (s->D + NR - 1) / NR * NR;
+  (void)t, (void)n;
+  attn_t *s = ctx;
+  const size_t dpad = (s->D + NR - 1) / NR * NR;
   float *scores = malloc(sizeof(float) * QB * KB), *acc = malloc(sizeof(float) * QB * dpad);
   float mx[QB], sum[QB];
-  const size_t u0 = units * (size_t)t / (size_t)n, u1 = units * (size_t)(t + 1) / (size_t)n;
-  if (scores && acc) {
-    for (size_t u = u0; u < u1; u++) attend_unit(s, u, scores, acc, mx, sum);
-  } else {
-    nan_units(s, u0, u1);
+  size_t u0, u1;
+  while (take(&s->work, &u0, &u1)) {
+    if (scores && acc) attend_unit(s, u0, scores, acc, mx, sum);
+    else nan_units(s, u0, u1);
   }
   free(scores);
   free(acc);
@@ -1708,7 +1774,8 @@ static napi_value attention(napi_env env, napi_callback_info info) {
   const float *q = f32(&a, 0, "q", B * Nq * C, 0), *k = f32(&a, 1, "k", B * Nk * C, 0), *v = f32(&a, 2, "v", B * Nk * C, 0);
   float *out = f32(&a, 9, "out", B * Nq * C, 0);
   if (a.failed || B * Nq == 0) return NULL;
-  attn_t s = { q, k, v, out, B, Nq, Nk, heads, D, C, scale, NULL, NULL, 0, 0, (Nq + QB - 1) / QB, NULL, NULL, 0, 0 };
+  attn_t s = { q, k, v, out, B, Nq, Nk, heads, D, C, scale, NULL, NULL, 0, 0, (Nq + QB - 1) / QB, NULL, NULL, 0, 0, { 0 } };
+  units_of(&s.work, B * heads * s.units_per_item, 1, 1, 1); /* one unit at a time */
   if (bf) {
     s.dp = kround(bf16_blocks(), D);
     s.nkp = kround(bf16_blocks(), Nk);
@@ -1938,22 +2005,23 @@ static void geglu_task(void *ctx, int t, int n) {
  * products are made into a thread's scratch block, as linear makes them, and combined as geglu does: the same bits
  * as linear, linear and geglu wherever N is a multiple of 8. Float32 or half panels.
  */
-typedef struct { const gemm_t *value, *gate; float *out; } gated_t;
+typedef struct { const gemm_t *value, *gate; float *out; units_t rows; } gated_t;
 
 static void gated_task(void *ctx, int t, int n) {
-  const gated_t *s = ctx;
+  (void)t, (void)n;
+  gated_t *s = ctx;
   const gemm_t *gv = s->value;
   /* half as many panels per block as linear's, so both scratch blocks (384 KiB together) stay in L2 */
-  const size_t jn = JN / 2, mr = micro.mr, tiles = (gv->M + mr - 1) / mr, N = gv->N, panels = (N + NR - 1) / NR, ld = jn * NR;
-  const size_t m0 = min_sz(gv->M, tiles * t / n * mr), m1 = min_sz(gv->M, tiles * (t + 1) / n * mr);
-  float *scratch = m1 > m0 ? malloc(sizeof(float) * 2 * MC * ld) : NULL;
-  if (!scratch) {
-    for (size_t m = m0; m < m1; m++) for (size_t j = 0; j < N; j++) s->out[m * N + j] = NAN; /* never passes for a result */
-    return;
-  }
-  for (size_t ic = m0; ic < m1; ic += MC)
+  const size_t jn = JN / 2, N = gv->N, panels = (N + NR - 1) / NR, ld = jn * NR;
+  float *scratch = malloc(sizeof(float) * 2 * MC * ld);
+  size_t ic, m1;
+  while (take(&s->rows, &ic, &m1)) {
+    if (!scratch) { /* never passes for a result */
+      for (size_t m = ic; m < m1; m++) for (size_t j = 0; j < N; j++) s->out[m * N + j] = NAN;
+      continue;
+    }
     for (size_t jp = 0; jp < panels; jp += jn) {
-      const size_t mc = min_sz(MC, m1 - ic), jp1 = min_sz(panels, jp + jn), cols = min_sz(ld, N - jp * NR);
+      const size_t mc = m1 - ic, jp1 = min_sz(panels, jp + jn), cols = min_sz(ld, N - jp * NR);
       gemm_t v = *gv, g = *s->gate;
       v.c = scratch, g.c = scratch + MC * ld;
       v.ldc = g.ldc = ld;
@@ -1963,6 +2031,7 @@ static void gated_task(void *ctx, int t, int n) {
       gemm_block(&g, ic, mc, jp, jp1, 0, g.kblocks);
       for (size_t i = 0; i < mc; i++) geglu_span(v.c + i * ld, g.c + i * ld, s->out + (ic + i) * N + jp * NR, cols);
     }
+  }
   free(scratch);
 }
 
@@ -1987,7 +2056,8 @@ static napi_value linear_geglu(napi_env env, napi_callback_info info) {
   const size_t kblocks = k_blocks(K, K, kstart);
   const gemm_t value = { M, N, K, dense_row, &rows, kstart, kblocks, pv, hv, { bv, 0, N, NULL, N }, NULL, 0, NULL, K, NULL, 0, 0 };
   const gemm_t gate = { M, N, K, dense_row, &rows, kstart, kblocks, pg, hg, { bg, 0, N, NULL, N }, NULL, 0, NULL, K, NULL, 0, 0 };
-  gated_t s = { &value, &gate, out };
+  gated_t s = { &value, &gate, out, { 0 } };
+  units_of(&s.rows, M, MC, micro.mr, threads);
   parallel(gated_task, &s, threads);
   free(kstart);
   return NULL;

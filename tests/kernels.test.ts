@@ -293,6 +293,22 @@ describe.runIf(built)('native kernels', () => {
       expect(maxRelError(w1, d1)).toBeLessThan(1e-5);
     });
 
+    it('turn taps into U_xi in one block kept between calls: convs of other sizes between them change nothing', () => {
+      const g = { kernel: 3, stride: 1, pad: [1, 1, 1, 1] } as const;
+      const layer = (cin: number, cout: number) => kernels.packWeight(halves(cout * cin * 9), cout, { kind: 'conv', kernel: 3, winograd: true }, rand(cout));
+      const small = layer(16, 8), large = layer(64, 48);
+      const image = (cin: number) => ({ data: rand(2 * 12 * 12 * cin), shape: [2, 12, 12, cin] });
+      const xs = image(16), xl = image(64);
+      const first = kernels.conv2dHost(xs, small, g).data;
+      kernels.conv2dHost(xl, large, g); // grows the block
+      const again = kernels.conv2dHost(xs, small, g).data; // a smaller conv in the larger block
+      (createRequire(import.meta.url)(kernelsPath()) as { trimHeap(): boolean }).trimHeap(); // frees it; the next call makes a new one
+      const afterTrim = kernels.conv2dHost(xs, small, g).data;
+      expect(bytes(again).equals(bytes(first))).toBe(true);
+      expect(bytes(afterTrim).equals(bytes(first))).toBe(true);
+      for (const w of [small, large]) kernels.releaseWeight(w);
+    });
+
     it('are freed when released (a disposed layer), a view of part of a buffer left alone', () => {
       const w = kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null);
       const f = withFloatPanels(() => kernels.packWeight(halves(40 * 24), 40, { kind: 'linear' }, null));
@@ -384,6 +400,45 @@ describe.runIf(built)('native kernels', () => {
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([x, x32, t]);
     for (const m of [conv, norm, block]) m.dispose();
+  });
+
+  it('write every element of their output (outputs are taken unzeroed): none of a NaN-filled output is left', () => {
+    const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
+    const poisoned = (n: number) => new Float32Array(n).fill(Number.NaN);
+    const finite = (a: Float32Array) => a.every(Number.isFinite);
+    const pack = (k: number, n: number, layout: number, taps: number) => addon.packWeights(rand(n * k), k, n, layout, taps) as Float32Array;
+    // odd sizes everywhere: partial micro-tiles, a last odd panel, edge tiles
+    const [m, k, n] = [29, 37, 45];
+    const out = poisoned(m * n);
+    addon.linear(rand(m * k), m, k, pack(k, n, 1, 1), n, rand(n), out, 2, null);
+    expect(finite(out)).toBe(true);
+    const [b, h, w, cin, cout] = [2, 7, 9, 8, 24];
+    for (const [kernel, stride, pad, ho, wo] of [[3, 1, 1, 7, 9], [3, 2, 1, 4, 5], [1, 1, 0, 7, 9]]) {
+      const o = poisoned(b * ho * wo * cout);
+      addon.conv2d(rand(b * h * w * cin), b, h, w, cin, pack(cin * kernel * kernel, cout, 2, kernel * kernel), cout, kernel, stride, pad, pad, ho, wo, null, o, 2, null, false);
+      expect(finite(o)).toBe(true);
+    }
+    const wino = poisoned(b * h * w * cout);
+    addon.conv3x3Winograd(rand(b * h * w * cin), b, h, w, cin, addon.packWinograd(rand(cout * cin * 9), cin, cout), cout, null, wino, 2, null, false);
+    expect(finite(wino)).toBe(true);
+    const [nq, nk, heads, d] = [13, 300, 2, 40];
+    const att = poisoned(b * nq * heads * d);
+    addon.attention(rand(b * nq * heads * d), rand(b * nk * heads * d), rand(b * nk * heads * d), b, nq, nk, heads, d, 0.15, att, 2);
+    expect(finite(att)).toBe(true);
+    const gn = poisoned(b * 10 * 32);
+    addon.groupNorm(rand(b * 10 * 32), b, 10, 32, 8, 1e-5, rand(32), rand(32), true, gn, 2);
+    expect(finite(gn)).toBe(true);
+    const ln = poisoned(11 * 20);
+    addon.layerNorm(rand(11 * 20), 11, 20, 1e-5, rand(20), rand(20), ln, 2);
+    expect(finite(ln)).toBe(true);
+    const gg = poisoned(m * n);
+    addon.linearGeglu(rand(m * k), m, k, pack(k, n, 1, 1), pack(k, n, 1, 1), n, rand(n), rand(n), gg, 2);
+    expect(finite(gg)).toBe(true);
+    const ge = poisoned(101);
+    addon.geglu(rand(101), rand(101), ge, 101, 2);
+    expect(finite(ge)).toBe(true);
+    // a conv with no input channels has nothing to write with: refused, not left unwritten
+    expect(() => addon.conv2d(new Float32Array(0), 1, 2, 2, 0, new Float32Array(0), 8, 1, 1, 0, 0, 2, 2, null, poisoned(32), 2, null, false)).toThrow(/Cin must be/);
   });
 
   it('refuses arrays shorter than the shapes say, naming the argument', () => {
