@@ -1196,53 +1196,69 @@ static napi_value conv2d(napi_env env, napi_callback_info info) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------------- */
-/* Winograd F(2x2, 3x3) (Lavin & Gray 2015) for 3x3 convs, stride 1, padding 1: each 2x2 block of outputs ("tile")  */
-/* is A^T [ (G g G^T) . (B^T d B) ] A over the 4x4 input patch d around it, so the channel sums become 16 GEMMs of     */
-/* [tiles, Cin] x [Cin, Cout] with 16/36 of the direct conv's multiplications. The transforms only add and halve.    */
+/* Winograd F(m x m, 3x3), m = 2 or 4 (Lavin & Gray 2015), for 3x3 convs, stride 1, padding 1: each m x m block of  */
+/* outputs ("tile") is A^T [ (G g G^T) . (B^T d B) ] A over the (m+2) x (m+2) input patch d around it, so the channel */
+/* sums become (m+2)^2 GEMMs of [tiles, Cin] x [Cin, Cout]: 16/36 of the direct conv's multiplications for m = 2,    */
+/* 36/144 for m = 4. F(2x2)'s transforms only add and halve; F(4x4)'s scale by up to 8 and lose a few more bits.     */
 /*                                                                                                                  */
-/* packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout) -> 16 packed matrices U_xi [Cin, Cout], xi = 4 * row + col.     */
-/* conv3x3Winograd(x, B, H, W, Cin, packed, Cout, bias | null, out, threads, residual | null, biasPerImage)          */
-/*   x, out, residual: [B, H, W, C] channels last; Cin and Cout multiples of 8; bias as in conv2d.                  */
+/* conv3x3Winograd(x, B, H, W, Cin, taps, Cout, bias | null, out, threads, residual | null, biasPerImage, m)        */
+/*   x, out, residual: [B, H, W, C] channels last; Cin and Cout multiples of 8; bias as in conv2d; taps the direct   */
+/*   conv's panels (packWeights layout 2: [ceil(Cout/16)][9][Cin][16]), float32 or halves; m the tile, 2 or 4.       */
 
 #define WT 96 /* tiles per block: a block's transformed inputs for one xi (96 x Cin) stay in L2 through its GEMM */
 
-/*
- * The weights of a 3x3 conv as "taps" are its direct panels (packWeights layout 2, pack_panels): per panel of 16
- * output channels, tap and input channel, 16 outputs, [ceil(Cout/16)][9][Cin][16], so the same taps run either way;
- * wino_weights turns them into the 16 matrices U_xi.
- */
+/* G, the weight transform: u = G g G^T for a 3x3 g, (m+2) x 3. */
+static const float G2[4][3] = { { 1, 0, 0 }, { 0.5f, 0.5f, 0.5f }, { 0.5f, -0.5f, 0.5f }, { 0, 0, 1 } };
+static const float G4[6][3] = { { 0.25f, 0, 0 },
+                                { -1 / 6.0f, -1 / 6.0f, -1 / 6.0f },
+                                { -1 / 6.0f, 1 / 6.0f, -1 / 6.0f },
+                                { 1 / 24.0f, 1 / 12.0f, 1 / 6.0f },
+                                { 1 / 24.0f, -1 / 12.0f, 1 / 6.0f },
+                                { 0, 0, 1 } };
 
 /*
- * U_xi = (G g G^T)[xi] for the output panels [cp0, cp1), 16 outputs per vector: from taps as floats (tf) or as
- * halves (th), into p (16 packed matrices, each packed_len(Cin, Cout) apart). Every U is summed in the same order
- * whichever the source, so a conv computes the same from either.
+ * U_xi = (G g G^T)[xi], xi = (m+2) * row + col, for the output panels [cp0, cp1), 16 outputs per vector: from the
+ * taps as floats (tf) or as halves (th), into p ((m+2)^2 packed matrices, each packed_len(Cin, Cout) apart). Every U
+ * is summed in the same order whichever the source, so a conv computes the same from either.
  */
-typedef struct { const float *tf; const uint16_t *th; float *p; size_t Cin, Cout; } wino_w_t;
+typedef struct { const float *tf; const uint16_t *th; float *p; size_t Cin, Cout; int m; } wino_w_t;
 
-__attribute__((target("avx2,f16c"))) static void wino_weights(const wino_w_t *s, size_t cp0, size_t cp1) {
+/* sum_k G[i][k] x[k * step] for the rows i of G, multiplications by 0 skipped (they are constants once inlined). */
+__attribute__((target("avx2,fma"), always_inline)) static inline void g_rows(const float (*G)[3], int rows, const __m256 *x, int step, __m256 *y) {
+  for (int i = 0; i < rows; i++) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int k = 0; k < 3; k++)
+      if (G[i][k] != 0) acc = _mm256_fmadd_ps(_mm256_set1_ps(G[i][k]), x[k * step], acc);
+    y[i] = acc;
+  }
+}
+
+__attribute__((target("avx2,f16c,fma"), always_inline)) static inline void wino_weights_m(const wino_w_t *s, size_t cp0, size_t cp1, const int m, const float (*G)[3]) {
   const size_t one = packed_len(s->Cin, s->Cout);
-  const __m256 half = _mm256_set1_ps(0.5f);
+  const int a = m + 2;
   for (size_t cp = cp0; cp < cp1; cp++)
     for (size_t ci = 0; ci < s->Cin; ci++)
       for (int lane = 0; lane < 2; lane++) { /* 16 outputs as two vectors of 8 */
         const size_t at = (cp * 9 * s->Cin + ci) * NR + (size_t)lane * 8, tap = s->Cin * NR;
-        __m256 g[9], t[4][3];
+        __m256 g[9], t[3][6], tc[6], u[6];
         for (int k = 0; k < 9; k++)
           g[k] = s->th ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s->th + at + (size_t)k * tap))) : _mm256_loadu_ps(s->tf + at + (size_t)k * tap);
-        for (int j = 0; j < 3; j++) { /* t = G g (rows) */
-          t[0][j] = g[j];
-          t[1][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(g[j], g[3 + j]), g[6 + j]));
-          t[2][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(g[j], g[3 + j]), g[6 + j]));
-          t[3][j] = g[6 + j];
+        for (int j = 0; j < 3; j++) { /* t = G g: column j of g to column j of t */
+          g_rows(G, a, g + j, 3, tc);
+          for (int i = 0; i < a; i++) t[j][i] = tc[i];
         }
         float *o = s->p + (cp * s->Cin + ci) * NR + (size_t)lane * 8;
-        for (int i = 0; i < 4; i++) { /* u = t G^T (columns) */
-          _mm256_storeu_ps(o + (size_t)(4 * i) * one, t[i][0]);
-          _mm256_storeu_ps(o + (size_t)(4 * i + 1) * one, _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2])));
-          _mm256_storeu_ps(o + (size_t)(4 * i + 2) * one, _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2])));
-          _mm256_storeu_ps(o + (size_t)(4 * i + 3) * one, t[i][2]);
+        for (int i = 0; i < a; i++) { /* u = t G^T: row i of t to row i of u */
+          const __m256 row[3] = { t[0][i], t[1][i], t[2][i] };
+          g_rows(G, a, row, 1, u);
+          for (int k = 0; k < a; k++) _mm256_storeu_ps(o + (size_t)(a * i + k) * one, u[k]);
         }
       }
+}
+
+__attribute__((target("avx2,f16c,fma"))) static void wino_weights(const wino_w_t *s, size_t cp0, size_t cp1) {
+  if (s->m == 4) wino_weights_m(s, cp0, cp1, 4, G4);
+  else wino_weights_m(s, cp0, cp1, 2, G2);
 }
 
 static void wino_weights_task(void *ctx, int t, int n) {
@@ -1251,146 +1267,149 @@ static void wino_weights_task(void *ctx, int t, int n) {
   wino_weights(s, panels * (size_t)t / (size_t)n, panels * (size_t)(t + 1) / (size_t)n);
 }
 
-/*
- * packWinograd(w OIHW [Cout, Cin, 3, 3], Cin, Cout, asTaps) -> the 16 packed matrices U_xi (Float32Array); with
- * asTaps, the taps as halves instead (Uint16Array, [ceil(Cout/16)][9][Cin][16]: the direct conv's half panels) when
- * every weight is exactly a half (else the matrices, or null when orMatrices is false: a layer too large for them
- * packs direct instead): 9/32 of the memory, turned into U_xi by each call (a few milliseconds beside the conv's
- * GEMMs), or run by conv2d directly where the image is too small to pay for that.
- */
-static napi_value pack_winograd(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  args_t a;
-  if (!get_args(env, info, argv, 5, &a)) return NULL;
-  const size_t Cin = dim(&a, 1, "Cin"), Cout = dim(&a, 2, "Cout");
-  const float *w = f32(&a, 0, "w", Cout * Cin * 9, 0);
-  bool as_taps = false, or_matrices = true;
-  if (!a.failed && a.argc > 3) napi_get_value_bool(env, argv[3], &as_taps);
-  if (!a.failed && a.argc > 4) napi_get_value_bool(env, argv[4], &or_matrices);
-  if (a.failed) return NULL;
-  const size_t ntaps = packed_len(9 * Cin, Cout);
-  float *taps = malloc(ntaps * sizeof(float));
-  if (!taps) { fail(&a, "sd_kernels: out of memory"); return NULL; }
-  pack_panels(w, 9 * Cin, Cout, 2, 9, taps);
-  napi_value buf, out;
-  void *data;
-  const bool exact = as_taps && halve(taps, ntaps, NULL);
-  if (exact || (as_taps && !or_matrices)) {
-    if (exact) out = halves_of(env, taps, ntaps);
-    else napi_get_null(env, &out);
-    free(taps);
-    return out;
-  }
-  const size_t len = 16 * packed_len(Cin, Cout);
-  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) { free(taps); return NULL; }
-  const wino_w_t ws = { taps, NULL, data, Cin, Cout };
-  wino_weights(&ws, 0, (Cout + NR - 1) / NR);
-  free(taps);
-  napi_create_typedarray(env, napi_float32_array, len, buf, 0, &out);
-  return out;
-}
-
 typedef struct {
   const float *x, *packed, *bias, *res;
   float *out;
   size_t B, H, W, Cin, Cout, th, tw, tiles, bias_rows;
+  int m;
   const size_t *kstart;
   size_t kblocks;
   units_t blocks; /* the tiles in blocks of at most WT */
 } wino_t;
 
+/* B^T d for one column (or row) d of the patch: m + 2 values to m + 2. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void input_1d(int m, const __m256 *d, __m256 *r) {
+  if (m == 2) {
+    r[0] = _mm256_sub_ps(d[0], d[2]);
+    r[1] = _mm256_add_ps(d[1], d[2]);
+    r[2] = _mm256_sub_ps(d[2], d[1]);
+    r[3] = _mm256_sub_ps(d[1], d[3]);
+    return;
+  }
+  const __m256 two = _mm256_set1_ps(2), four = _mm256_set1_ps(4), five = _mm256_set1_ps(5);
+  const __m256 d42 = _mm256_sub_ps(d[4], d[2]);
+  r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4]));
+  r[1] = _mm256_fnmadd_ps(four, _mm256_add_ps(d[1], d[2]), _mm256_add_ps(d[3], d[4]));
+  r[2] = _mm256_fmadd_ps(four, _mm256_sub_ps(d[1], d[2]), _mm256_sub_ps(d[4], d[3]));
+  r[3] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[3], d[1]), d42);
+  r[4] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[1], d[3]), d42);
+  r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
+}
+
+/* A^T u for one column (or row) u of a tile's products: m + 2 values to m. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void output_1d(int m, const __m256 *u, __m256 *y) {
+  if (m == 2) {
+    y[0] = _mm256_add_ps(_mm256_add_ps(u[0], u[1]), u[2]);
+    y[1] = _mm256_sub_ps(_mm256_sub_ps(u[1], u[2]), u[3]);
+    return;
+  }
+  const __m256 a = _mm256_add_ps(u[1], u[2]), b = _mm256_sub_ps(u[1], u[2]);
+  const __m256 c = _mm256_add_ps(u[3], u[4]), d = _mm256_sub_ps(u[3], u[4]);
+  y[0] = _mm256_add_ps(_mm256_add_ps(u[0], a), c);
+  y[1] = _mm256_fmadd_ps(_mm256_set1_ps(2), d, b);
+  y[2] = _mm256_fmadd_ps(_mm256_set1_ps(4), c, a);
+  y[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8), d, b), u[5]);
+}
+
 /* Tiles [t0, t0 + n) -> v[xi][n][Cin]: B^T d B per channel, 8 channels at a time; outside the image reads zeros. */
-AVX2 static void wino_input(const wino_t *s, size_t t0, size_t n, float *v) {
+__attribute__((target("avx2,fma"), always_inline)) static inline void wino_input_m(const wino_t *s, size_t t0, size_t n, float *v, const int m) {
   const size_t C = s->Cin;
+  const int a = m + 2;
   for (size_t i = 0; i < n; i++) {
     const size_t t = t0 + i, b = t / (s->th * s->tw), ty = t / s->tw % s->th, tx = t % s->tw;
-    const float *row[4][4];
-    for (int r = 0; r < 4; r++)
-      for (int c = 0; c < 4; c++) {
-        const long y = (long)(2 * ty) - 1 + r, x = (long)(2 * tx) - 1 + c;
-        row[r][c] = y < 0 || x < 0 || y >= (long)s->H || x >= (long)s->W ? NULL : s->x + ((b * s->H + (size_t)y) * s->W + (size_t)x) * C;
+    const float *at[6][6];
+    for (int r = 0; r < a; r++)
+      for (int c = 0; c < a; c++) {
+        const long y = (long)(m * ty) - 1 + r, x = (long)(m * tx) - 1 + c;
+        at[r][c] = y < 0 || x < 0 || y >= (long)s->H || x >= (long)s->W ? NULL : s->x + ((b * s->H + (size_t)y) * s->W + (size_t)x) * C;
       }
     for (size_t c = 0; c < C; c += 8) {
-      __m256 d[4][4], t[4][4];
-      for (int r = 0; r < 4; r++)
-        for (int q = 0; q < 4; q++) d[r][q] = row[r][q] ? _mm256_loadu_ps(row[r][q] + c) : _mm256_setzero_ps();
-      for (int q = 0; q < 4; q++) { /* B^T d: rows */
-        t[0][q] = _mm256_sub_ps(d[0][q], d[2][q]);
-        t[1][q] = _mm256_add_ps(d[1][q], d[2][q]);
-        t[2][q] = _mm256_sub_ps(d[2][q], d[1][q]);
-        t[3][q] = _mm256_sub_ps(d[1][q], d[3][q]);
+      __m256 t[6][6], d[6], r[6];
+      for (int q = 0; q < a; q++) { /* B^T d: column q */
+        for (int k = 0; k < a; k++) d[k] = at[k][q] ? _mm256_loadu_ps(at[k][q] + c) : _mm256_setzero_ps();
+        input_1d(m, d, r);
+        for (int k = 0; k < a; k++) t[k][q] = r[k];
       }
-      for (int r = 0; r < 4; r++) { /* (B^T d) B: columns */
-        float *o = v + (size_t)(4 * r) * n * C + i * C + c;
-        _mm256_storeu_ps(o, _mm256_sub_ps(t[r][0], t[r][2]));
-        _mm256_storeu_ps(o + n * C, _mm256_add_ps(t[r][1], t[r][2]));
-        _mm256_storeu_ps(o + 2 * n * C, _mm256_sub_ps(t[r][2], t[r][1]));
-        _mm256_storeu_ps(o + 3 * n * C, _mm256_sub_ps(t[r][1], t[r][3]));
+      for (int k = 0; k < a; k++) { /* (B^T d) B: row k */
+        input_1d(m, t[k], r);
+        float *o = v + (size_t)(a * k) * n * C + i * C + c;
+        for (int q = 0; q < a; q++) _mm256_storeu_ps(o + (size_t)q * n * C, r[q]);
       }
     }
   }
 }
 
-/* m[xi][n][Cout] -> the 2x2 outputs of tiles [t0, t0 + n): A^T m A, plus bias and residual; edges past H, W dropped. */
-AVX2 static void wino_output(const wino_t *s, size_t t0, size_t n, const float *m) {
+/* p[xi][n][Cout] -> the m x m outputs of tiles [t0, t0 + n): A^T p A, plus bias and residual; edges past H, W dropped. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void wino_output_m(const wino_t *s, size_t t0, size_t n, const float *p, const int m) {
   const size_t C = s->Cout;
+  const int a = m + 2;
   for (size_t i = 0; i < n; i++) {
     const size_t t = t0 + i, b = t / (s->th * s->tw), ty = t / s->tw % s->th, tx = t % s->tw;
     const float *bias = s->bias ? s->bias + (s->bias_rows ? b * C : 0) : NULL;
     for (size_t c = 0; c < C; c += 8) {
-      __m256 u[4][2];
-      for (int r = 0; r < 4; r++) { /* m A: columns */
-        const float *p = m + (size_t)(4 * r) * n * C + i * C + c;
-        const __m256 m0 = _mm256_loadu_ps(p), m1 = _mm256_loadu_ps(p + n * C);
-        const __m256 m2 = _mm256_loadu_ps(p + 2 * n * C), m3 = _mm256_loadu_ps(p + 3 * n * C);
-        u[r][0] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
-        u[r][1] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+      __m256 u[6][4], row[6], col[6], y[4];
+      for (int r = 0; r < a; r++) { /* p A: row r */
+        const float *at = p + (size_t)(a * r) * n * C + i * C + c;
+        for (int q = 0; q < a; q++) row[q] = _mm256_loadu_ps(at + (size_t)q * n * C);
+        output_1d(m, row, u[r]);
       }
       const __m256 bv = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
-      for (int q = 0; q < 2; q++) { /* A^T (m A): rows */
-        const __m256 y[2] = { _mm256_add_ps(_mm256_add_ps(u[0][q], u[1][q]), u[2][q]),
-                              _mm256_sub_ps(_mm256_sub_ps(u[1][q], u[2][q]), u[3][q]) };
-        for (int r = 0; r < 2; r++) {
-          const size_t oy = 2 * ty + (size_t)r, ox = 2 * tx + (size_t)q;
+      for (int q = 0; q < m; q++) { /* A^T (p A): column q */
+        for (int r = 0; r < a; r++) col[r] = u[r][q];
+        output_1d(m, col, y);
+        for (int r = 0; r < m; r++) {
+          const size_t oy = (size_t)m * ty + (size_t)r, ox = (size_t)m * tx + (size_t)q;
           if (oy >= s->H || ox >= s->W) continue;
-          const size_t at = ((b * s->H + oy) * s->W + ox) * C + c;
+          const size_t o = ((b * s->H + oy) * s->W + ox) * C + c;
           __m256 val = _mm256_add_ps(y[r], bv);
-          if (s->res) val = _mm256_add_ps(val, _mm256_loadu_ps(s->res + at));
-          _mm256_storeu_ps(s->out + at, val);
+          if (s->res) val = _mm256_add_ps(val, _mm256_loadu_ps(s->res + o));
+          _mm256_storeu_ps(s->out + o, val);
         }
       }
     }
   }
 }
 
-/* Blocks of tiles taken in turn: transform, 16 GEMMs (this thread alone), transform back. */
+AVX2 static void wino_input(const wino_t *s, size_t t0, size_t n, float *v) {
+  if (s->m == 4) wino_input_m(s, t0, n, v, 4);
+  else wino_input_m(s, t0, n, v, 2);
+}
+
+AVX2 static void wino_output(const wino_t *s, size_t t0, size_t n, const float *p) {
+  if (s->m == 4) wino_output_m(s, t0, n, p, 4);
+  else wino_output_m(s, t0, n, p, 2);
+}
+
+/* Blocks of tiles taken in turn: transform, (m+2)^2 GEMMs (this thread alone), transform back. */
 static void wino_task(void *ctx, int t, int nthreads) {
   (void)t, (void)nthreads;
   wino_t *s = ctx;
-  float *v = malloc(sizeof(float) * 16 * WT * s->Cin), *m = malloc(sizeof(float) * 16 * WT * s->Cout);
+  const size_t nxi = (size_t)(s->m + 2) * (size_t)(s->m + 2);
+  float *v = malloc(sizeof(float) * nxi * WT * s->Cin), *p = malloc(sizeof(float) * nxi * WT * s->Cout);
   size_t b0, t1;
   while (take(&s->blocks, &b0, &t1)) {
-    if (v && m) {
+    if (v && p) {
       const size_t one = packed_len(s->Cin, s->Cout), n = t1 - b0;
       wino_input(s, b0, n, v);
-      for (size_t xi = 0; xi < 16; xi++) {
+      for (size_t xi = 0; xi < nxi; xi++) {
         dense_rows_t rows = { v + xi * n * s->Cin, s->Cin };
         gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->packed + xi * one, NULL,
-                     { NULL, 0, 0, NULL, 0 }, m + xi * n * s->Cout, s->Cout };
+                     { NULL, 0, 0, NULL, 0 }, p + xi * n * s->Cout, s->Cout };
         gemm_rows(&g, 0, n);
       }
-      wino_output(s, b0, n, m);
+      wino_output(s, b0, n, p);
       continue;
     }
+    const size_t m = (size_t)s->m;
     for (size_t i = b0; i < t1; i++) { /* no scratch: these tiles as NaN, never passing for a result */
       const size_t b = i / (s->th * s->tw), ty = i / s->tw % s->th, tx = i % s->tw;
-      for (size_t oy = 2 * ty; oy < min_sz(2 * ty + 2, s->H); oy++)
-        for (size_t ox = 2 * tx; ox < min_sz(2 * tx + 2, s->W); ox++)
+      for (size_t oy = m * ty; oy < min_sz(m * ty + m, s->H); oy++)
+        for (size_t ox = m * tx; ox < min_sz(m * tx + m, s->W); ox++)
           for (size_t c = 0; c < s->Cout; c++) s->out[((b * s->H + oy) * s->W + ox) * s->Cout + c] = NAN;
     }
   }
   free(v);
-  free(m);
+  free(p);
 }
 
 /*
@@ -1409,17 +1428,19 @@ static float *wino_scratch(size_t len) {
 }
 
 static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
-  napi_value argv[12];
+  napi_value argv[13];
   args_t a;
-  if (!get_args(env, info, argv, 12, &a)) return NULL;
+  if (!get_args(env, info, argv, 13, &a)) return NULL;
   const size_t B = dim(&a, 1, "B"), H = dim(&a, 2, "H"), W = dim(&a, 3, "W"), Cin = dim(&a, 4, "Cin");
   const size_t Cout = dim(&a, 6, "Cout");
   const int threads = threads_arg(&a, 9);
+  const size_t m = a.argc > 12 ? dim(&a, 12, "m") : 2;
   if (!a.failed && (Cin == 0 || Cin % 8 || Cout % 8)) fail(&a, "sd_kernels: conv3x3Winograd needs Cin and Cout that are positive multiples of 8");
+  if (!a.failed && m != 2 && m != 4) fail(&a, "sd_kernels: conv3x3Winograd's tile m must be 2 or 4");
   const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
-  const float *packed;
-  const uint16_t *taps;
-  panels_arg(&a, 5, 16 * packed_len(Cin, Cout), packed_len(9 * Cin, Cout), &packed, &taps);
+  const float *tf;
+  const uint16_t *th;
+  panels_arg(&a, 5, packed_len(9 * Cin, Cout), packed_len(9 * Cin, Cout), &tf, &th);
   bool per_image = false;
   if (!a.failed && a.argc > 11) napi_get_value_bool(env, argv[11], &per_image);
   const float *bias = f32(&a, 7, "bias", per_image ? B * Cout : Cout, 1);
@@ -1427,15 +1448,12 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   const float *res = f32(&a, 10, "residual", B * H * W * Cout, 1);
   if (a.failed || B * H * W == 0 || Cout == 0) return NULL;
   size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
-  float *made = taps ? wino_scratch(16 * packed_len(Cin, Cout)) : NULL; /* U_xi from the taps, this call */
-  if (!kstart || !zero_row(KC) || (taps && !made)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
-  if (taps) {
-    const wino_w_t ws = { NULL, taps, made, Cin, Cout };
-    parallel(wino_weights_task, (void *)&ws, threads);
-    packed = made;
-  }
-  const size_t th = (H + 1) / 2, tw = (W + 1) / 2;
-  wino_t s = { x, packed, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, kstart, k_blocks(Cin, Cin, kstart), { 0 } };
+  float *made = wino_scratch((m + 2) * (m + 2) * packed_len(Cin, Cout)); /* U_xi from the taps, this call */
+  if (!kstart || !zero_row(KC) || !made) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  const wino_w_t ws = { tf, th, made, Cin, Cout, (int)m };
+  parallel(wino_weights_task, (void *)&ws, threads);
+  const size_t th_ = (H + m - 1) / m, tw = (W + m - 1) / m;
+  wino_t s = { x, made, bias, res, out, B, H, W, Cin, Cout, th_, tw, B * th_ * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 } };
   units_of(&s.blocks, s.tiles, WT, 1, threads);
   parallel(wino_task, &s, threads);
   free(kstart);
@@ -2148,7 +2166,6 @@ NAPI_MODULE_INIT() {
     { "readAhead", NULL, read_ahead, NULL, NULL, NULL, napi_default, NULL },
     { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },
     { "conv2d", NULL, conv2d, NULL, NULL, NULL, napi_default, NULL },
-    { "packWinograd", NULL, pack_winograd, NULL, NULL, NULL, napi_default, NULL },
     { "conv3x3Winograd", NULL, conv3x3_winograd, NULL, NULL, NULL, napi_default, NULL },
     { "attention", NULL, attention, NULL, NULL, NULL, napi_default, NULL },
     { "groupNorm", NULL, group_norm, NULL, NULL, NULL, napi_default, NULL },

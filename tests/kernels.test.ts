@@ -14,7 +14,7 @@ import { runParity, summary } from '../src/parity/runner.js';
 import { attention } from '../src/nn/attention.js';
 import { initBackend } from '../src/backend/select.js';
 import * as kernels from '../src/backend/kernels.js';
-import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, WINOGRAD_MAX_WEIGHTS, WINOGRAD_MIN_PIXELS, winogradFits } from '../src/backend/kernels.js';
+import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, WINOGRAD_F4_MAX_MATRICES, WINOGRAD_MIN_PIXELS, winogradFits, winogradTile } from '../src/backend/kernels.js';
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
 import { WeightView } from '../src/nn/weight-view.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
@@ -64,9 +64,10 @@ describe.runIf(built)('native kernels', () => {
   const convCases: [string, number, number, number, number, ConvPadding, number, number][] = [
     // name, cin, cout, kernel, stride, padding, h, w
     ['3x3 same', 21, 19, 3, 1, 'same-as-torch', 9, 7],
-    ['3x3 same, Winograd F(2x2, 3x3) (odd sides: partial tiles)', 24, 40, 3, 1, 'same-as-torch', 9, 7],
-    ['3x3 same, Winograd on a 1x1 image', 16, 16, 3, 1, 'same-as-torch', 1, 1],
-    ['3x3 same, Winograd over more than 256 input channels', 264, 8, 3, 1, 'same-as-torch', 4, 6],
+    ['3x3 same, Winograd F(2x2, 3x3) (odd sides: partial tiles)', 24, 40, 3, 1, 'same-as-torch', 13, 11],
+    ['3x3 same, Winograd F(4x4, 3x3) (odd sides: partial tiles)', 24, 40, 3, 1, 'same-as-torch', 31, 29],
+    ['3x3 same, a Winograd shape on a 1x1 image (direct: under WINOGRAD_MIN_PIXELS)', 16, 16, 3, 1, 'same-as-torch', 1, 1],
+    ['3x3 same, Winograd over more than 256 input channels', 264, 8, 3, 1, 'same-as-torch', 12, 11],
     ['3x3 stride 2, pad 1 (UNet Downsample)', 16, 8, 3, 2, 1, 11, 10],
     ['3x3 stride 2, pad (0,1,0,1) (VAE Downsample)', 8, 24, 3, 2, [0, 1, 0, 1], 10, 12],
     ['1x1 with more than 256 input channels', 300, 33, 1, 1, 0, 5, 6],
@@ -87,15 +88,46 @@ describe.runIf(built)('native kernels', () => {
     x.dispose();
   });
 
-  it('Winograd serves 3x3 stride-1 convs with channels in eights', () => {
+  it('Winograd serves 3x3 stride-1 convs with channels in eights, F(4x4) where it pays and its matrices fit', () => {
     const same = { kernel: 3, stride: 1, pad: [1, 1, 1, 1] } as const;
     expect(winogradFits(320, 320, same)).toBe(true);
     expect(winogradFits(1280, 640, same)).toBe(true);
-    expect(winogradFits(1280, 1280, same)).toBe(true); // packWeight decides by its weights (below)
+    expect(winogradFits(1280, 1280, same)).toBe(true);
+    // the cases above: F(2x2) at 2 x 13 x 11, F(4x4) at 2 x 31 x 29
+    expect(winogradTile(2, 13, 11, 24, 40)).toBe(2);
+    expect(winogradTile(2, 31, 29, 24, 40)).toBe(4);
+    // SD 1.5's UNet at 512x512 (batch 2): 64x64 and 32x32 levels F(4x4); 1280 channels F(2x2) (36 x 1280 x 1280 floats
+    // is over the matrices' limit)
+    expect(winogradTile(2, 64, 64, 320, 320)).toBe(4);
+    expect(winogradTile(2, 32, 32, 640, 640)).toBe(4);
+    expect(36 * 1280 * 1280).toBeGreaterThan(WINOGRAD_F4_MAX_MATRICES);
+    expect(winogradTile(2, 32, 32, 1280, 1280)).toBe(2);
     expect(winogradFits(4, 320, same)).toBe(false); // conv_in
     expect(winogradFits(320, 320, { ...same, stride: 2 })).toBe(false);
     expect(winogradFits(320, 320, { kernel: 3, stride: 1, pad: [0, 1, 0, 1] })).toBe(false);
     expect(winogradFits(320, 320, { kernel: 1, stride: 1, pad: [0, 0, 0, 0] })).toBe(false);
+  });
+
+  it.each([2, 4] as const)('conv3x3Winograd with tile m = %i computes the direct conv: edge tiles, 1x1 and thin images, Cin over a block, residual, per-image bias; half taps as float32 ones', (tile) => {
+    const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
+    const shapes = [[2, 9, 7, 24, 40], [1, 1, 1, 16, 16], [1, 2, 13, 8, 8], [2, 5, 6, 264, 24], [1, 12, 8, 8, 56], [1, 17, 3, 32, 8]];
+    for (const [b, h, w, cin, cout] of shapes) {
+      const weights = rand(cout * cin * 9).map((v) => Math.round(v * 1024) / 1024); // every one exactly a half
+      const taps = addon.packWeights(weights, 9 * cin, cout, 2, 9) as Float32Array;
+      const halfTaps = addon.halvePanels(taps) as Uint16Array;
+      expect(halfTaps).toBeInstanceOf(Uint16Array);
+      const x = rand(b * h * w * cin), bias = rand(b * cout), res = rand(b * h * w * cout);
+      const run = (t: Float32Array | Uint16Array, direct: boolean) => {
+        const out = new Float32Array(b * h * w * cout).fill(Number.NaN);
+        if (direct) addon.conv2d(x, b, h, w, cin, t, cout, 3, 1, 1, 1, h, w, bias, out, 2, res, true);
+        else addon.conv3x3Winograd(x, b, h, w, cin, t, cout, bias, out, 2, res, true, tile);
+        return out;
+      };
+      const direct = run(taps, true), wino = run(taps, false);
+      // F(4x4)'s transforms scale by up to 8 (G by 1/24): a few more bits lost than F(2x2)'s adds and halvings
+      expect(maxRelError(wino, direct), `${[b, h, w, cin, cout]}`).toBeLessThan(tile === 2 ? 1e-6 : 1e-5);
+      expect(Buffer.from(run(halfTaps, false).buffer).equals(Buffer.from(wino.buffer)), `${[b, h, w, cin, cout]}`).toBe(true);
+    }
   });
 
   const linearCases: [string, number[], number, boolean][] = [
@@ -194,7 +226,7 @@ describe.runIf(built)('native kernels', () => {
         const res = host([m, n]);
         cases.push([`linear ${m}x${k}x${n}`, () => kernels.linearHost(x, w, res).data]);
       }
-      for (const [cin, cout, h, wd, winograd] of [[24, 40, 9, 7, true], [16, 48, 5, 13, false], [264, 8, 4, 6, true]] as const) {
+      for (const [cin, cout, h, wd, winograd] of [[24, 40, 13, 11, true], [24, 40, 31, 29, true], [16, 48, 5, 13, false], [264, 8, 12, 11, true]] as const) {
         const w = kernels.packWeight(rand(cout * cin * 9), cout, { kind: 'conv', kernel: 3, winograd }, rand(cout));
         const x = host([2, h, wd, cin]);
         cases.push([`conv ${cin}->${cout} ${winograd ? 'winograd' : 'direct'}`, () => kernels.conv2dHost(x, w, { kernel: 3, stride: 1, pad: [1, 1, 1, 1] }).data]);
@@ -234,47 +266,32 @@ describe.runIf(built)('native kernels', () => {
       const w = halves(40 * 24);
       w[517] = 0.1; // one weight that is not a half (0.1 needs more than a half's 11 bits) keeps the whole matrix float32
       expect(kernels.packWeight(w, 40, { kind: 'linear' }, null).panels).toBeInstanceOf(Float32Array);
-      // Winograd keeps the untransformed taps as halves: 9/32 of the bytes of its 16 transformed float32 matrices
+      // a Winograd weight is the direct kernel's panels (its taps), as halves or float32 alike
       const wv = halves(40 * 24 * 9);
-      const wino = kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null);
-      const winoFloat = withFloatPanels(() => kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null));
+      const conv = { kind: 'conv', kernel: 3, winograd: true } as const;
+      const wino = kernels.packWeight(wv, 40, conv, null);
+      const winoFloat = withFloatPanels(() => kernels.packWeight(wv, 40, conv, null));
+      expect(wino.winograd).toBe(true);
+      expect(winoFloat.winograd).toBe(true);
       expect(wino.panels).toBeInstanceOf(Uint16Array);
       expect(winoFloat.panels).toBeInstanceOf(Float32Array);
-      expect(wino.panels.byteLength * 32).toBe(winoFloat.panels.byteLength * 9);
-      // a Winograd weight that is not all halves gets its float32 matrices from the same call, the same as asked for
-      wv[100] = 0.1; // not a half
-      const inexact = kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null);
+      expect(wino.panels.byteLength * 2).toBe(winoFloat.panels.byteLength);
+      const direct = withFloatPanels(() => kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3 }, null));
+      expect(bytes(winoFloat.panels as Float32Array).equals(bytes(direct.panels as Float32Array))).toBe(true);
+      wv[100] = 0.1; // not a half: float32 taps, still Winograd
+      const inexact = kernels.packWeight(wv, 40, conv, null);
       expect(inexact.panels).toBeInstanceOf(Float32Array);
-      const asked = withFloatPanels(() => kernels.packWeight(wv, 40, { kind: 'conv', kernel: 3, winograd: true }, null));
-      expect(bytes(inexact.panels as Float32Array).equals(bytes(asked.panels as Float32Array))).toBe(true);
+      expect(inexact.winograd).toBe(true);
     });
 
-    it('let a conv over WINOGRAD_MAX_WEIGHTS run Winograd when they are halves, and keep it direct when float32', () => {
-      const c = 1024; // 9.4 M weights > 1280 x 640 x 9
-      expect(c * c * 9).toBeGreaterThan(WINOGRAD_MAX_WEIGHTS);
-      const wv = halves(c * c * 9);
-      const conv = { kind: 'conv', kernel: 3, winograd: true } as const;
-      const wino = kernels.packWeight(wv, c, conv, null);
-      expect(wino.winograd).toBe(true);
-      expect(wino.panels).toBeInstanceOf(Uint16Array);
-      expect(wino.panels.length).toBe(c * c * 9); // the taps: as many halves as the direct kernel's half panels
-      const float = withFloatPanels(() => kernels.packWeight(wv, c, conv, null));
-      expect(float.winograd).toBeUndefined();
-      expect(float.panels.length).toBe(c * c * 9); // direct panels, not 16 transformed matrices
-      wv[7] = 0.1; // not a half: float32 whatever SD_HALF_PANELS says, so direct too
-      const inexact = kernels.packWeight(wv, c, conv, null);
-      expect(inexact.winograd).toBeUndefined();
-      expect(inexact.panels).toBeInstanceOf(Float32Array);
-      for (const w of [wino, float, inexact]) kernels.releaseWeight(w);
-    });
-
-    it('run a Winograd weight\'s taps directly on an image under WINOGRAD_MIN_PIXELS: the direct kernel, bit for bit', () => {
+    it.each([true, false])('run a Winograd weight\'s taps directly on an image under WINOGRAD_MIN_PIXELS: the direct kernel, bit for bit (halves: %s)', (asHalves) => {
       const [cin, cout] = [24, 40];
       const wv = halves(cout * cin * 9), b = rand(cout), g = { kernel: 3, stride: 1, pad: [1, 1, 1, 1] } as const;
-      const wino = kernels.packWeight(wv, cout, { kind: 'conv', kernel: 3, winograd: true }, b);
-      const direct = kernels.packWeight(wv, cout, { kind: 'conv', kernel: 3 }, b);
+      const pack = (winograd: boolean) => () => kernels.packWeight(wv, cout, { kind: 'conv', kernel: 3, winograd }, b);
+      const wino = asHalves ? pack(true)() : withFloatPanels(pack(true));
+      const direct = asHalves ? pack(false)() : withFloatPanels(pack(false));
       expect(wino.winograd).toBe(true);
-      expect(wino.panels).toBeInstanceOf(Uint16Array);
+      expect(wino.panels).toBeInstanceOf(asHalves ? Uint16Array : Float32Array);
       expect(direct.winograd).toBeUndefined();
       // the taps are the direct kernel's half panels, value for value
       expect(Buffer.from(wino.panels.buffer).equals(Buffer.from(direct.panels.buffer))).toBe(true);
@@ -337,7 +354,7 @@ describe.runIf(built)('native kernels', () => {
       }
       const convs = [[16, 48, 3, 1, false], [300, 33, 1, 1, false], [8, 24, 3, 2, false], [24, 40, 3, 1, true], [264, 8, 3, 1, true], [16, 16, 3, 1, true]] as const;
       for (const [cin, cout, kernel, stride, winograd] of convs) {
-        // 2 x 12 x 11 pixels: over WINOGRAD_MIN_PIXELS, so the halves run Winograd too
+        // 2 x 12 x 11 pixels: over WINOGRAD_MIN_PIXELS, so both kinds of panels run Winograd
         const wv = halves(cout * cin * kernel * kernel), x = { data: rand(2 * 12 * 11 * cin), shape: [2, 12, 11, cin] }, b = rand(cout);
         const pad = (kernel === 3 ? [1, 1, 1, 1] : [0, 0, 0, 0]) as [number, number, number, number];
         cases.push([`conv ${cin}->${cout} ${kernel}x${kernel}/${stride}${winograd ? ' Winograd' : ''}`, (h) => {
@@ -418,9 +435,11 @@ describe.runIf(built)('native kernels', () => {
       addon.conv2d(rand(b * h * w * cin), b, h, w, cin, pack(cin * kernel * kernel, cout, 2, kernel * kernel), cout, kernel, stride, pad, pad, ho, wo, null, o, 2, null, false);
       expect(finite(o)).toBe(true);
     }
-    const wino = poisoned(b * h * w * cout);
-    addon.conv3x3Winograd(rand(b * h * w * cin), b, h, w, cin, addon.packWinograd(rand(cout * cin * 9), cin, cout), cout, null, wino, 2, null, false);
-    expect(finite(wino)).toBe(true);
+    for (const tile of [2, 4]) {
+      const wino = poisoned(b * h * w * cout);
+      addon.conv3x3Winograd(rand(b * h * w * cin), b, h, w, cin, pack(9 * cin, cout, 2, 9), cout, null, wino, 2, null, false, tile);
+      expect(finite(wino)).toBe(true);
+    }
     const [nq, nk, heads, d] = [13, 300, 2, 40];
     const att = poisoned(b * nq * heads * d);
     addon.attention(rand(b * nq * heads * d), rand(b * nk * heads * d), rand(b * nk * heads * d), b, nq, nk, heads, d, 0.15, att, 2);
@@ -455,7 +474,8 @@ describe.runIf(built)('native kernels', () => {
     expect(() => addon.attention(f(80), f(80), f(79), 1, 2, 2, 1, 40, 0.1, f(80), 2)).toThrow(/v holds 79 floats/);
     expect(() => addon.attention(f(80), f(80), f(80), 1, 2, 2, 1.5, 40, 0.1, f(80), 2)).toThrow(/heads must be a non-negative integer/);
     expect(() => addon.conv3x3Winograd(f(12), 1, 2, 2, 3, f(16 * 16 * 3), 8, null, f(32), 2, null, false)).toThrow(/multiples of 8/);
-    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, f(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 values, the shapes need 2048/);
+    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, f(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 values, the shapes need 1152/);
+    expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, f(1152), 8, null, f(32), 2, null, false, 3)).toThrow(/tile m must be 2 or 4/);
     expect(() => addon.conv3x3Winograd(f(32), 1, 2, 2, 8, new Uint16Array(100), 8, null, f(32), 2, null, false)).toThrow(/packed holds 100 values, the shapes need 1152/);
     expect(() => addon.linear(new Float32Array(8), 2, 4, new Int32Array(64), 3, null, new Float32Array(6), 2)).toThrow(/packed must be a Float32Array, or a Uint16Array of halves/);
   });

@@ -52,20 +52,15 @@ interface Addon {
     stride: number, padTop: number, padLeft: number, hOut: number, wOut: number, bias: Float32Array | null,
     out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean, bf16?: boolean,
   ): void;
-  /** The 16 transformed matrices. */
-  packWinograd(w: Float32Array, cin: number, cout: number, asTaps?: false): Float32Array;
-  /**
-   * With asTaps: the taps as halves when every weight is exactly one, else the transformed matrices, or null when
-   * orMatrices is false (then nothing is transformed).
-   */
-  packWinograd(w: Float32Array, cin: number, cout: number, asTaps: true, orMatrices?: boolean): Uint16Array | Float32Array | null;
   /** Detaches the panels' buffer, freeing it now (false, and nothing done, for a view of part of a buffer). */
   releasePanels(panels: Float32Array | Uint16Array): boolean;
   widenHalves(src: Uint16Array, out: Float32Array): void;
   readAhead(fd: number, offset: number, length: number): boolean;
+  /** taps: the direct conv's panels (packWeights layout 2, float32 or halves); tile: Winograd's m, 2 or 4. */
   conv3x3Winograd(
-    x: Float32Array, b: number, h: number, w: number, cin: number, packed: Float32Array | Uint16Array, cout: number,
+    x: Float32Array, b: number, h: number, w: number, cin: number, taps: Float32Array | Uint16Array, cout: number,
     bias: Float32Array | null, out: Float32Array, threads: number, residual: Float32Array | null, biasPerImage: boolean,
+    tile: 2 | 4,
   ): void;
   attention(
     q: Float32Array, k: Float32Array, v: Float32Array, b: number, nq: number, nk: number, heads: number, d: number,
@@ -214,9 +209,9 @@ export function currentPrecision(): Precision {
 }
 
 /**
- * What is packed: a Linear weight [out, in] or a conv weight OIHW, and how. A conv asking for `winograd` runs as
- * Winograd F(2x2, 3x3) (native/kernels.c; 3x3, stride 1, padding 1 only, channels in multiples of 8: winogradFits)
- * unless its weights are float32 and more than WINOGRAD_MAX_WEIGHTS; PackedWeight.winograd says which it got.
+ * What is packed: a Linear weight [out, in] or a conv weight OIHW, and how. A conv asking for `winograd` (3x3,
+ * stride 1, padding 1, channels in multiples of 8: winogradFits) runs as Winograd (native/kernels.c) on an image of
+ * at least WINOGRAD_MIN_PIXELS; PackedWeight.winograd says it may.
  */
 export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; winograd?: boolean };
 
@@ -224,8 +219,7 @@ export type PackFormat = { kind: 'linear' } | { kind: 'conv'; kernel: number; wi
  * A weight matrix B [K, N] packed for the kernels (panels of 16 columns), with its bias. Under `--precision bf16` the
  * panels are bfloat16 pairs for the bfloat16 product (`bf16`). Otherwise they are IEEE halves
  * when every weight is exactly one (any weight read from an fp16 checkpoint): half the memory, the same products,
- * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block). A Winograd weight as halves holds
- * its untransformed taps (9/32 of the transformed matrices' bytes), transformed by each call.
+ * widened 256 x 32 at a time inside the kernel (native/kernels.c, gemm_block). A conv's K is taps x Cin.
  */
 export interface PackedWeight {
   readonly k: number;
@@ -233,8 +227,8 @@ export interface PackedWeight {
   readonly panels: Float32Array | Uint16Array;
   readonly bias: Float32Array | null;
   /**
-   * Packed for Winograd F(2x2, 3x3) (then k is Cin): its 16 transformed matrices [Cin, Cout], or its taps as halves
-   * (the direct kernel's half panels, which it runs on an image under WINOGRAD_MIN_PIXELS).
+   * The conv may run as Winograd: its panels (the direct kernel's, float32 or halves) are the taps each Winograd call
+   * transforms into its matrices U_xi.
    */
   readonly winograd?: boolean;
   /** The panels are bfloat16 pairs (packWeights with bf16), for the bfloat16 product. */
@@ -242,27 +236,34 @@ export interface PackedWeight {
 }
 
 /**
- * Winograd F(2x2, 3x3) computes a 3x3 conv with 16/36 of the multiplications: 1.8-2.1x faster than the direct
- * kernel on SD's convs from 32x32 up (2-core EPYC), within 3e-7 of it; on the UNet's 1280-channel convs 1.4-1.8x
- * at 16x16 and 0.94-1.3x at 8x8 (Xeon @ 2.80GHz, AVX-512). Its float32 weights take 16/9 the memory of the direct
- * kernel's, so a float32 layer with more weights than this (the UNet's 1280-channel convs, most of its conv weights)
- * keeps the direct kernel; a layer whose weights are all halves (any fp16 checkpoint) holds its taps as halves,
- * the same bytes as the direct kernel's half panels, and runs Winograd whatever its size (each call transforms them
- * into a buffer it frees: 210 MB for the UNet's 2560 -> 1280 conv, the largest).
- */
-export const WINOGRAD_MAX_WEIGHTS = 1280 * 640 * 9;
-
-/**
- * Taps as halves are transformed by every Winograd call: a cost in proportion to the weights, which a small image
- * does not earn back. Below this many output pixels (batch x height x width) such a conv runs its taps directly
- * (they are the direct kernel's half panels): on SD 1.5's 8x8 level (batch 2, 128 pixels) the direct conv took
- * 0.71x Winograd's time, at 16x16 (512 pixels) Winograd 0.71x the direct one's (2-core AMD EPYC, AVX-512).
+ * Winograd F(m x m, 3x3) computes a 3x3 conv with 16/36 (m = 2) or 36/144 (m = 4) of the multiplications. Its weights
+ * at rest are the direct kernel's panels, so it costs no memory: each call turns them into the (m+2)^2 matrices U_xi
+ * in one block the kernels keep (210 MB for the UNet's 2560 -> 1280 conv, the largest), a cost in proportion to the
+ * weights, which a small image does not earn back. Below this many output pixels (batch x height x width) a conv runs
+ * its taps directly: on SD 1.5's 8x8 level (batch 2, 128 pixels) the direct conv took 0.71x Winograd's time, at
+ * 16x16 (512 pixels) Winograd 0.71x the direct one's (2-core AMD EPYC, AVX-512).
  */
 export const WINOGRAD_MIN_PIXELS = 256;
 
-/** Whether a conv of this shape and geometry can run as Winograd (packWeight then decides by its weights). */
+/**
+ * F(4x4, 3x3) does 0.56x F(2x2)'s multiplications, but its 36 matrices U_xi are 2.25x F(2x2)'s 16 to make and to
+ * read, and its larger tiles leave fewer rows per GEMM: it runs where the image gives at least this many 4x4 tiles
+ * (batch x ceil(H/4) x ceil(W/4)) and its matrices (36 Cin Cout floats) fit in WINOGRAD_F4_MAX_MATRICES.
+ */
+export const WINOGRAD_F4_MIN_TILES = 128;
+
+/** The most floats F(4x4)'s matrices may take: F(2x2)'s for the UNet's 2560 -> 1280 conv (210 MB), the kernels' largest. */
+export const WINOGRAD_F4_MAX_MATRICES = 16 * 2560 * 1280;
+
+/** Whether a conv of this shape and geometry can run as Winograd (conv2dHost then decides by the image's size). */
 export function winogradFits(cin: number, cout: number, g: ConvGeometry): boolean {
   return g.kernel === 3 && g.stride === 1 && g.pad.every((p) => p === 1) && cin % 8 === 0 && cout % 8 === 0;
+}
+
+/** Winograd's tile for a conv of Cin -> Cout on [b, h, w]: 4 where F(4x4, 3x3) pays (WINOGRAD_F4_MIN_TILES), else 2. */
+export function winogradTile(b: number, h: number, w: number, cin: number, cout: number): 2 | 4 {
+  const tiles = b * Math.ceil(h / 4) * Math.ceil(w / 4);
+  return tiles >= WINOGRAD_F4_MIN_TILES && 36 * cin * cout <= WINOGRAD_F4_MAX_MATRICES ? 4 : 2;
 }
 
 /** Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight. */
@@ -275,14 +276,9 @@ export function packWeight(w: Float32Array, out: number, format: PackFormat, bia
     const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps, true);
     return { k, n: out, panels, bias, bf16: true };
   }
-  if (format.kind === 'conv' && format.winograd === true) {
-    // a float32 layer over WINOGRAD_MAX_WEIGHTS gets no 16/9-size matrices: it packs direct below
-    const cin = k / taps, small = w.length <= WINOGRAD_MAX_WEIGHTS;
-    const panels = halfPanels() ? kernels().packWinograd(w, cin, out, true, small) : small ? kernels().packWinograd(w, cin, out) : null;
-    if (panels !== null) return { k: cin, n: out, panels, bias, winograd: true };
-  }
   const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
-  return { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
+  const packed = { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
+  return format.kind === 'conv' && format.winograd === true && taps === 9 ? { ...packed, winograd: true } : packed;
 }
 
 /**
@@ -426,17 +422,14 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   }
   const residual = checkResidual(extras.residual, shape);
   const perImage = extras.imageBias !== undefined;
-  if (w.winograd === true) {
-    if (!winogradFits(cin, w.n, g) || cin !== w.k) throw new RangeError(`a Winograd-packed weight [${w.k} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
-    // taps as halves on a small image run below as what they also are: the direct kernel's panels
-    const small = w.panels instanceof Uint16Array && b * hOut * wOut < WINOGRAD_MIN_PIXELS;
-    if (!small) {
-      return timed('conv2d 3x3/1 winograd', x.shape, () => {
-        const out = output(b * hOut * wOut * w.n);
-        kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage);
-        return { data: out, shape };
-      });
-    }
+  if (w.winograd === true && b * hOut * wOut >= WINOGRAD_MIN_PIXELS) {
+    if (!winogradFits(cin, w.n, g) || w.k !== 9 * cin) throw new RangeError(`a Winograd weight [${w.k / 9} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
+    const tile = winogradTile(b, h, wd, cin, w.n);
+    return timed(`conv2d 3x3/1 winograd F(${tile}x${tile})`, x.shape, () => {
+      const out = output(b * hOut * wOut * w.n);
+      kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage, tile);
+      return { data: out, shape };
+    });
   }
   return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}${w.bf16 === true ? ' bf16' : ''}`, x.shape, () => {
     const out = output(b * hOut * wOut * w.n);
