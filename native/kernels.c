@@ -1438,9 +1438,9 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   if (!a.failed && (Cin == 0 || Cin % 8 || Cout % 8)) fail(&a, "sd_kernels: conv3x3Winograd needs Cin and Cout that are positive multiples of 8");
   if (!a.failed && m != 2 && m != 4) fail(&a, "sd_kernels: conv3x3Winograd's tile m must be 2 or 4");
   const float *x = f32(&a, 0, "x", B * H * W * Cin, 0);
-  const float *tf;
-  const uint16_t *th;
-  panels_arg(&a, 5, packed_len(9 * Cin, Cout), packed_len(9 * Cin, Cout), &tf, &th);
+  const float *taps_f; /* the taps as floats, or */
+  const uint16_t *taps_h; /* as halves */
+  panels_arg(&a, 5, packed_len(9 * Cin, Cout), packed_len(9 * Cin, Cout), &taps_f, &taps_h);
   bool per_image = false;
   if (!a.failed && a.argc > 11) napi_get_value_bool(env, argv[11], &per_image);
   const float *bias = f32(&a, 7, "bias", per_image ? B * Cout : Cout, 1);
@@ -1450,10 +1450,10 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
   float *made = wino_scratch((m + 2) * (m + 2) * packed_len(Cin, Cout)); /* U_xi from the taps, this call */
   if (!kstart || !zero_row(KC) || !made) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
-  const wino_w_t ws = { tf, th, made, Cin, Cout, (int)m };
+  const wino_w_t ws = { taps_f, taps_h, made, Cin, Cout, (int)m };
   parallel(wino_weights_task, (void *)&ws, threads);
-  const size_t th_ = (H + m - 1) / m, tw = (W + m - 1) / m;
-  wino_t s = { x, made, bias, res, out, B, H, W, Cin, Cout, th_, tw, B * th_ * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 } };
+  const size_t th = (H + m - 1) / m, tw = (W + m - 1) / m;
+  wino_t s = { x, made, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 } };
   units_of(&s.blocks, s.tiles, WT, 1, threads);
   parallel(wino_task, &s, threads);
   free(kstart);

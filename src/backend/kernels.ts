@@ -422,8 +422,10 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   }
   const residual = checkResidual(extras.residual, shape);
   const perImage = extras.imageBias !== undefined;
+  if (w.winograd === true && (!winogradFits(cin, w.n, g) || w.k !== 9 * cin)) {
+    throw new RangeError(`a Winograd weight [${w.k / 9} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
+  }
   if (w.winograd === true && b * hOut * wOut >= WINOGRAD_MIN_PIXELS) {
-    if (!winogradFits(cin, w.n, g) || w.k !== 9 * cin) throw new RangeError(`a Winograd weight [${w.k / 9} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
     const tile = winogradTile(b, h, wd, cin, w.n);
     return timed(`conv2d 3x3/1 winograd F(${tile}x${tile})`, x.shape, () => {
       const out = output(b * hOut * wOut * w.n);
