@@ -22,6 +22,7 @@ import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { dropScratch, kernelOutput, setScratchRelease } from './scratch.js';
 import * as tf from './tf.js';
 
 /** The addon's functions (native/kernels.c documents each). Arrays are float32, row-major, channels last. */
@@ -118,6 +119,7 @@ function load(): Addon | null {
     const bf16 = process.env.SD_KERNELS_BF16;
     if (bf16 !== undefined && bf16 !== '') a.bf16(bf16);
     addon = a;
+    setScratchRelease((out) => a.releasePanels(out)); // reused outputs freed at once when dropped
   } catch (e) {
     loadProblem = `${path} does not load: ${(e as Error).message}`;
   }
@@ -317,6 +319,7 @@ function loadedAddon(): Addon | null {
  * memory for the next step otherwise). A no-op where the kernels are not loaded.
  */
 export function trimHeap(): void {
+  dropScratch();
   if (addon !== undefined && addon !== null && allocatorTuned) addon.trimHeap();
 }
 
@@ -339,16 +342,6 @@ function timed<R>(name: string, shape: readonly number[], f: () => R): R {
   const r = f();
   timer(name, shape, performance.now() - t0);
   return r;
-}
-
-/**
- * A kernel's output: memory taken without zeroing it (Buffer.allocUnsafeSlow, one malloc'd block of its own), since
- * every kernel below writes each element of its output (NaN where it could not allocate its scratch). A zeroed
- * Float32Array would first clear the block, or fault its pages in zeroed: the memory written twice. On SD 1.5's
- * [8192, 320] x [320, 1280] Linear that first write was ~15% of the call (2-core AMD EPYC).
- */
-function output(length: number): Float32Array {
-  return new Float32Array(Buffer.allocUnsafeSlow(length * Float32Array.BYTES_PER_ELEMENT).buffer, 0, length);
 }
 
 export interface ConvGeometry {
@@ -395,7 +388,7 @@ export function linearHost(x: Host, w: PackedWeight, residual?: Host): Host {
   return timed(w.bf16 === true ? 'linear bf16' : 'linear', x.shape, () => {
     const m = x.data.length / w.k;
     const shape = [...x.shape.slice(0, -1), w.n];
-    const out = output(m * w.n);
+    const out = kernelOutput(m * w.n);
     kernels().linear(x.data, m, w.k, w.panels, w.n, w.bias, out, threads(), checkResidual(residual, shape), w.bf16 === true);
     return { data: out, shape };
   });
@@ -428,13 +421,13 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   if (w.winograd === true && b * hOut * wOut >= WINOGRAD_MIN_PIXELS) {
     const tile = winogradTile(b, h, wd, cin, w.n);
     return timed(`conv2d 3x3/1 winograd F(${tile}x${tile})`, x.shape, () => {
-      const out = output(b * hOut * wOut * w.n);
+      const out = kernelOutput(b * hOut * wOut * w.n);
       kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage, tile);
       return { data: out, shape };
     });
   }
   return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}${w.bf16 === true ? ' bf16' : ''}`, x.shape, () => {
-    const out = output(b * hOut * wOut * w.n);
+    const out = kernelOutput(b * hOut * wOut * w.n);
     kernels().conv2d(
       x.data, b, h, wd, cin, w.panels, w.n, g.kernel, g.stride, t, l, hOut, wOut, bias, out, threads(), residual, perImage,
       w.bf16 === true,
@@ -448,7 +441,7 @@ export function attentionHost(q: Host, k: Host, v: Host, heads: number): Host {
   const [b, nq, c] = q.shape;
   const d = c / heads;
   return timed(precision === 'bf16' ? 'attention bf16' : 'attention', [...q.shape, k.shape[1]], () => {
-    const out = output(b * nq * c);
+    const out = kernelOutput(b * nq * c);
     kernels().attention(q.data, k.data, v.data, b, nq, k.shape[1], heads, d, 1 / Math.sqrt(d), out, threads(), precision === 'bf16');
     return { data: out, shape: q.shape };
   });
@@ -459,7 +452,7 @@ export function groupNormHost(x: Host, groups: number, eps: number, gamma: Float
   const b = x.shape[0];
   const c = x.shape[x.shape.length - 1];
   return timed(silu ? 'groupNorm+silu' : 'groupNorm', x.shape, () => {
-    const out = output(x.data.length);
+    const out = kernelOutput(x.data.length);
     kernels().groupNorm(x.data, b, x.data.length / (b * c), c, groups, eps, gamma, beta, silu, out, threads());
     return { data: out, shape: x.shape };
   });
@@ -469,7 +462,7 @@ export function groupNormHost(x: Host, groups: number, eps: number, gamma: Float
 export function layerNormHost(x: Host, eps: number, gamma: Float32Array, beta: Float32Array): Host {
   const c = x.shape[x.shape.length - 1];
   return timed('layerNorm', x.shape, () => {
-    const out = output(x.data.length);
+    const out = kernelOutput(x.data.length);
     kernels().layerNorm(x.data, x.data.length / c, c, eps, gamma, beta, out, threads());
     return { data: out, shape: x.shape };
   });
@@ -479,7 +472,7 @@ export function layerNormHost(x: Host, eps: number, gamma: Float32Array, beta: F
 export function gegluHost(value: Host, gate: Host): Host {
   if (value.data.length !== gate.data.length) throw new RangeError(`geglu: value [${value.shape}] and gate [${gate.shape}] differ`);
   return timed('geglu', value.shape, () => {
-    const out = output(value.data.length);
+    const out = kernelOutput(value.data.length);
     kernels().geglu(value.data, gate.data, out, out.length, threads());
     return { data: out, shape: value.shape };
   });
@@ -495,7 +488,7 @@ export function linearGegluHost(x: Host, value: PackedWeight, gate: PackedWeight
   if (value.bf16 === true || gate.bf16 === true) return gegluHost(linearHost(x, value), linearHost(x, gate));
   return timed('linear+geglu', x.shape, () => {
     const m = x.data.length / value.k;
-    const out = output(m * value.n);
+    const out = kernelOutput(m * value.n);
     kernels().linearGeglu(x.data, m, value.k, value.panels, gate.panels, value.n, value.bias, gate.bias, out, threads());
     return { data: out, shape: [...x.shape.slice(0, -1), value.n] };
   });

@@ -9,9 +9,13 @@
  * takes the function made here instead, chosen once at load. Each function computes exactly its block's definition;
  * tests/native-blocks.test.ts runs both on the same random weights and compares them, for every block.
  *
+ * Each block runs in a scratchScope (backend/scratch.ts): the arrays its layers make are reused by the next block
+ * once it has returned, instead of left to the garbage collector.
+ *
  * The parts are described by what the native path needs of them (their `applyHost`), not by their classes, so this
  * room imports nothing from the layers above it.
  */
+import { scratchScope } from './scratch.js';
 import * as tf from './tf.js';
 import { attentionHost, linearGegluHost, reshapeHost, toHost, toTensor, type ConvExtras, type Host, type PackedWeight } from './kernels.js';
 
@@ -46,10 +50,12 @@ export interface ResnetOnHost {
 export function resnetOnHost(b: ResnetOnHost): (x: tf.Tensor4D, tembAct?: tf.Tensor2D) => tf.Tensor4D {
   return (x, tembAct) => {
     const xh = toHost(x);
-    const imageBias = b.timeProj !== null && tembAct !== undefined ? b.timeProj.applyHost(toHost(tembAct)).data : undefined;
-    const h = b.conv1.applyHost(b.norm1.applyHost(xh, true), { imageBias });
-    const skip = b.shortcut === null ? xh : b.shortcut.applyHost(xh);
-    return toTensor(b.conv2.applyHost(b.norm2.applyHost(h, true), { residual: skip }));
+    return toTensor(scratchScope(() => {
+      const imageBias = b.timeProj !== null && tembAct !== undefined ? b.timeProj.applyHost(toHost(tembAct)).data : undefined;
+      const h = b.conv1.applyHost(b.norm1.applyHost(xh, true), { imageBias });
+      const skip = b.shortcut === null ? xh : b.shortcut.applyHost(xh);
+      return b.conv2.applyHost(b.norm2.applyHost(h, true), { residual: skip });
+    }));
   };
 }
 
@@ -105,6 +111,15 @@ function gatedOnHost(ff: { readonly value: HostLinear; readonly gate: HostLinear
   return linearGegluHost(x, value, gate);
 }
 
+/** One BasicTransformerBlock: self-attention, cross-attention, the gated feed-forward, each with its residual. */
+function transformerBlockOnHost(block: TransformerBlockOnHost, tokens: Host, context: Host, extra: readonly { tokens: Host; scale: number }[]): Host {
+  const n1 = block.norm1.applyHost(tokens);
+  let y = attendOnHost(block.attn1, n1, n1, [], tokens);
+  y = attendOnHost(block.attn2, block.norm2.applyHost(y), context, extra, y);
+  const n3 = block.norm3.applyHost(y);
+  return block.ff.out.applyHost(gatedOnHost(block.ff, n3), { residual: y });
+}
+
 /** unet/transformer.ts SpatialTransformer: x [B, H, W, C] and its context -> [B, H, W, C]. */
 export function spatialTransformerOnHost(t: SpatialTransformerOnHost): (x: tf.Tensor4D, c: HostContext) => tf.Tensor4D {
   return (x, c) => {
@@ -112,16 +127,13 @@ export function spatialTransformerOnHost(t: SpatialTransformerOnHost): (x: tf.Te
     const xh = toHost(x);
     const context = toHost(c.context);
     const extra = (c.extraTokens ?? []).map(({ tokens, scale }) => ({ tokens: toHost(tokens), scale }));
-    // proj_in is a 1x1 conv or a Linear: the same map of the channels, on [B, H, W, C] either way
-    let tokens = reshapeHost(t.projIn.applyHost(t.norm.applyHost(xh, false)), [b, h * w, ch]);
-    for (const block of t.blocks) {
-      const n1 = block.norm1.applyHost(tokens);
-      let y = attendOnHost(block.attn1, n1, n1, [], tokens);
-      y = attendOnHost(block.attn2, block.norm2.applyHost(y), context, extra, y);
-      const n3 = block.norm3.applyHost(y);
-      tokens = block.ff.out.applyHost(gatedOnHost(block.ff, n3), { residual: y });
-    }
-    return toTensor(t.projOut.applyHost(reshapeHost(tokens, [b, h, w, ch]), { residual: xh }));
+    const out = scratchScope(() => {
+      // proj_in is a 1x1 conv or a Linear: the same map of the channels, on [B, H, W, C] either way
+      let tokens = reshapeHost(t.projIn.applyHost(t.norm.applyHost(xh, false)), [b, h * w, ch]);
+      for (const block of t.blocks) tokens = scratchScope(() => transformerBlockOnHost(block, tokens, context, extra));
+      return t.projOut.applyHost(reshapeHost(tokens, [b, h, w, ch]), { residual: xh });
+    });
+    return toTensor(out);
   };
 }
 
@@ -138,9 +150,11 @@ export function vaeAttentionOnHost(a: VaeAttentionOnHost): (x: tf.Tensor4D) => t
   return (x) => {
     const [b, h, w, c] = x.shape;
     const xh = toHost(x);
-    const normed = a.norm.applyHost(xh, false);
-    const tokens = (conv: HostLayer) => reshapeHost(conv.applyHost(normed), [b, h * w, c]); // [B, H*W, C]
-    const attended = attentionHost(tokens(a.q), tokens(a.k), tokens(a.v), 1);
-    return toTensor(a.projOut.applyHost(reshapeHost(attended, [b, h, w, c]), { residual: xh }));
+    return toTensor(scratchScope(() => {
+      const normed = a.norm.applyHost(xh, false);
+      const tokens = (conv: HostLayer) => reshapeHost(conv.applyHost(normed), [b, h * w, c]); // [B, H*W, C]
+      const attended = attentionHost(tokens(a.q), tokens(a.k), tokens(a.v), 1);
+      return a.projOut.applyHost(reshapeHost(attended, [b, h, w, c]), { residual: xh });
+    }));
   };
 }
