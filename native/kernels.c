@@ -1944,8 +1944,29 @@ static napi_value group_norm(napi_env env, napi_callback_info info) {
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* layerNorm(x [M, C], M, C, eps, gamma, beta, out, threads): per row, biased variance, centred, in double.          */
+/* The row's sums run in 16 double lanes (four AVX2 registers), added in one fixed order at the end: one scalar      */
+/* double chain waited out each add's latency (SDXL's [2048, 1280] LayerNorm: 3.4 ms, bound by it).                  */
 
 typedef struct { const float *x, *gamma, *beta; float *out; size_t M, C; double eps; } ln_t;
+
+/* sum over c of (r[c] - centre)^power, power 1 or 2 */
+AVX2 static double ln_sum(const float *r, size_t C, double centre, int power) {
+  const __m256d cv = _mm256_set1_pd(centre);
+  __m256d a[4] = { _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd() };
+  size_t c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int i = 0; i < 4; i++) {
+      const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r + c + 4 * i)), cv);
+      a[i] = power == 1 ? _mm256_add_pd(a[i], d) : _mm256_fmadd_pd(d, d, a[i]);
+    }
+  double lanes[4], tail = 0;
+  _mm256_storeu_pd(lanes, _mm256_add_pd(_mm256_add_pd(a[0], a[1]), _mm256_add_pd(a[2], a[3])));
+  for (; c < C; c++) {
+    const double d = (double)r[c] - centre;
+    tail += power == 1 ? d : d * d;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+}
 
 AVX2 static void ln_task(void *ctx, int t, int n) {
   const ln_t *l = ctx;
@@ -1953,10 +1974,7 @@ AVX2 static void ln_task(void *ctx, int t, int n) {
   for (size_t m = m0; m < m1; m++) {
     const float *r = l->x + m * C;
     float *o = l->out + m * C;
-    double s = 0, v = 0;
-    for (size_t c = 0; c < C; c++) s += r[c];
-    const double mean = s / (double)C;
-    for (size_t c = 0; c < C; c++) v += (r[c] - mean) * (r[c] - mean);
+    const double mean = ln_sum(r, C, 0.0, 1) / (double)C, v = ln_sum(r, C, mean, 2);
     const float inv = (float)(1.0 / sqrt(v / (double)C + l->eps)), mf = (float)mean;
     for (size_t c = 0; c < C; c++) o[c] = (r[c] - mf) * inv * l->gamma[c] + l->beta[c];
   }

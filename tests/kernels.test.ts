@@ -460,6 +460,23 @@ describe.runIf(built)('native kernels', () => {
     expect(() => addon.conv2d(new Float32Array(0), 1, 2, 2, 0, new Float32Array(0), 8, 1, 1, 0, 0, 2, 2, null, poisoned(32), 2, null, false)).toThrow(/Cin must be/);
   });
 
+  it.each([[20], [1280], [1285]])('LayerNorm over rows of %i matches a double-precision reference, far from a zero mean too', (c) => {
+    const addon = createRequire(import.meta.url)(kernelsPath()) as { layerNorm(...a: unknown[]): void };
+    const rows = 7;
+    const x = rand(rows * c).map((v, i) => v + (i < 3 * c ? 0 : 10)); // rows 3.. centred near 10: the variance is of the centred row
+    const [gamma, beta] = [rand(c), rand(c)];
+    const out = new Float32Array(rows * c);
+    addon.layerNorm(x, rows, c, 1e-5, gamma, beta, out, 2);
+    const want = new Float32Array(rows * c);
+    for (let r = 0; r < rows; r++) {
+      const row = Array.from(x.subarray(r * c, (r + 1) * c));
+      const mean = row.reduce((a, v) => a + v, 0) / c;
+      const inv = 1 / Math.sqrt(row.reduce((a, v) => a + (v - mean) ** 2, 0) / c + 1e-5);
+      row.forEach((v, i) => (want[r * c + i] = (v - mean) * inv * gamma[i] + beta[i]));
+    }
+    expect(maxRelError(out, want)).toBeLessThan(1e-5);
+  });
+
   it('refuses arrays shorter than the shapes say, naming the argument', () => {
     const addon = createRequire(import.meta.url)(kernelsPath()) as {
       linear(...a: unknown[]): void;
