@@ -317,6 +317,7 @@ if (args.controlnet || args.ipAdapter) {
   if (args.ipAdapter) ipAdapterPart = await benchIpAdapter(setup);
 }
 unet.dispose();
+trimHeap(); // as the pipeline does before its decode: the UNet's pages and reused outputs back before the VAE allocates
 
 say('VAE');
 t0 = performance.now();
