@@ -316,7 +316,8 @@ function loadedAddon(): Addon | null {
 
 /**
  * Gives the heap's free pages back to the system, after a model is freed (tuneAllocator's allocator keeps freed
- * memory for the next step otherwise). A no-op where the kernels are not loaded.
+ * memory for the next step otherwise), once the kernel outputs kept for reuse (scratch.ts) are freed. A no-op
+ * where the kernels are not loaded.
  */
 export function trimHeap(): void {
   dropScratch();

@@ -127,13 +127,12 @@ export function spatialTransformerOnHost(t: SpatialTransformerOnHost): (x: tf.Te
     const xh = toHost(x);
     const context = toHost(c.context);
     const extra = (c.extraTokens ?? []).map(({ tokens, scale }) => ({ tokens: toHost(tokens), scale }));
-    const out = scratchScope(() => {
+    return toTensor(scratchScope(() => {
       // proj_in is a 1x1 conv or a Linear: the same map of the channels, on [B, H, W, C] either way
       let tokens = reshapeHost(t.projIn.applyHost(t.norm.applyHost(xh, false)), [b, h * w, ch]);
       for (const block of t.blocks) tokens = scratchScope(() => transformerBlockOnHost(block, tokens, context, extra));
       return t.projOut.applyHost(reshapeHost(tokens, [b, h, w, ch]), { residual: xh });
-    });
-    return toTensor(out);
+    }));
   };
 }
 
