@@ -883,42 +883,86 @@ static napi_value bf16_panels(napi_env env, const float *w, size_t K, size_t N, 
   return out;
 }
 
-/* p = the packWeights panels of w (outputs past N zero). */
-static void pack_panels(const float *w, size_t K, size_t N, size_t layout, size_t taps, float *p) {
-  const size_t cin = K / taps;
-  for (size_t jp = 0; jp * NR < N; jp++) {
-    const size_t cols = min_sz(NR, N - jp * NR);
-    for (size_t k = 0; k < K; k++) {
-      float *dst = p + (jp * K + k) * NR;
-      for (size_t j = 0; j < NR; j++) {
-        const size_t n = jp * NR + j;
-        dst[j] = j >= cols ? 0.0f
-          : layout == 0 ? w[k * N + n]
-          : layout == 1 ? w[n * K + k]
-          : w[(n * cin + k % cin) * taps + k / cin];
-      }
-    }
+/*
+ * Panel jp of the packWeights panels of w, whose elements are `es` bytes (float32, or IEEE halves packed as they are
+ * stored): K rows of NR outputs, the outputs past N zero. Inlined for each element size, so each copy is one move.
+ * The source is read in its own order (a Linear's row, a filter's taps), the panel written across.
+ */
+__attribute__((always_inline)) static inline void pack_panel(const char *w, size_t K, size_t N, size_t layout, size_t taps,
+                                                             size_t jp, char *p, const size_t es) {
+  const size_t cin = K / taps, cols = min_sz(NR, N - jp * NR);
+  char *panel = p + jp * K * NR * es;
+  if (cols < NR) memset(panel, 0, K * NR * es);
+  if (layout == 0) {
+    for (size_t k = 0; k < K; k++) memcpy(panel + k * NR * es, w + (k * N + jp * NR) * es, cols * es);
+    return;
+  }
+  for (size_t j = 0; j < cols; j++) {
+    const char *src = w + (jp * NR + j) * K * es; /* [N, K] and OIHW both hold output n's K values together */
+    if (layout == 1)
+      for (size_t k = 0; k < K; k++) memcpy(panel + (k * NR + j) * es, src + k * es, es);
+    else
+      for (size_t ci = 0; ci < cin; ci++)
+        for (size_t t = 0; t < taps; t++) memcpy(panel + ((t * cin + ci) * NR + j) * es, src + (ci * taps + t) * es, es);
   }
 }
 
+typedef struct { const char *w; size_t K, N, layout, taps, es; char *p; units_t panels; } pack_t;
+
+static void pack_task(void *ctx, int t, int n) {
+  (void)t, (void)n;
+  pack_t *s = ctx;
+  size_t j0, j1;
+  while (take(&s->panels, &j0, &j1))
+    for (size_t jp = j0; jp < j1; jp++)
+      if (s->es == 2) pack_panel(s->w, s->K, s->N, s->layout, s->taps, jp, s->p, 2);
+      else pack_panel(s->w, s->K, s->N, s->layout, s->taps, jp, s->p, 4);
+}
+
+/* p = the packWeights panels of w, float32 (es 4) or halves (es 2), the panels shared out among `threads`. */
+static void pack_panels(const void *w, size_t K, size_t N, size_t layout, size_t taps, size_t es, void *p, int threads) {
+  pack_t s = { w, K, N, layout, taps, es, p };
+  units_of(&s.panels, (N + NR - 1) / NR, 4, 1, threads);
+  parallel(pack_task, &s, threads);
+}
+
+/*
+ * packWeights(w, K, N, layout, taps, bf16 = false, threads = 1): w a Float32Array, or a Uint16Array of IEEE halves
+ * (a weight as an fp16 file stores it), whose panels are then halves too: what halvePanels makes of the float32
+ * panels of the same values, with no float32 copy on the way (loading an fp16 file packs at the speed of its reads).
+ */
 static napi_value pack_weights(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
+  napi_value argv[7];
   args_t a;
-  if (!get_args(env, info, argv, 6, &a)) return NULL;
+  if (!get_args(env, info, argv, 7, &a)) return NULL;
   const size_t K = dim(&a, 1, "K"), N = dim(&a, 2, "N"), layout = dim(&a, 3, "layout");
   const size_t taps = layout == 2 ? dim(&a, 4, "taps") : 1;
   const int bf = bool_arg(&a, 5);
+  const int threads = a.argc > 6 ? threads_arg(&a, 6) : 1;
   if (!a.failed && (layout > 2 || taps == 0 || K % taps != 0)) fail(&a, "sd_kernels: packWeights: layout must be 0, 1 or 2 and taps must divide K");
   if (!a.failed && bf && (K / taps) % 2) fail(&a, "sd_kernels: packWeights: bf16 panels need an even shared segment (a conv's Cin)");
-  const float *w = f32(&a, 0, "w", K * N, 0);
+  napi_typedarray_type tt = napi_float32_array;
+  bool is = false;
+  size_t have = 0;
+  void *w = NULL;
+  if (!a.failed && a.argc > 0) napi_is_typedarray(env, argv[0], &is);
+  if (!a.failed && (!is || napi_get_typedarray_info(env, argv[0], &tt, &have, &w, NULL, NULL) != napi_ok ||
+                    (tt != napi_float32_array && tt != napi_uint16_array)))
+    fail(&a, "sd_kernels: packWeights: w must be a Float32Array, or a Uint16Array of IEEE halves");
+  if (!a.failed && tt == napi_uint16_array && bf) fail(&a, "sd_kernels: packWeights: bf16 panels are made from float32 weights, not halves");
+  if (!a.failed && have < K * N) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "sd_kernels: w holds %zu values, the shapes need %zu", have, K * N);
+    fail(&a, msg);
+  }
   if (a.failed) return NULL;
+  if (bf) return bf16_panels(env, w, K, N, layout, taps);
+  const size_t len = packed_len(K, N), es = tt == napi_uint16_array ? 2 : 4;
   napi_value buf, out;
   void *data;
-  const size_t len = packed_len(K, N);
-  if (bf) return bf16_panels(env, w, K, N, layout, taps);
-  if (napi_create_arraybuffer(env, len * sizeof(float), &data, &buf) != napi_ok) return NULL;
-  pack_panels(w, K, N, layout, taps, data);
-  napi_create_typedarray(env, napi_float32_array, len, buf, 0, &out);
+  if (napi_create_arraybuffer(env, len * es, &data, &buf) != napi_ok) return NULL;
+  pack_panels(w, K, N, layout, taps, es, data, threads);
+  napi_create_typedarray(env, es == 2 ? napi_uint16_array : napi_float32_array, len, buf, 0, &out);
   return out;
 }
 
@@ -1028,7 +1072,33 @@ static napi_value widen_halves(napi_env env, napi_callback_info info) {
 /*
  * readAhead(fd, offset, length) -> whether the system was asked to read that part of the file into its page cache
  * in the background (posix_fadvise WILLNEED): weights files read ahead of their decoding (src/weights/safetensors.ts).
+ * Linux reads at most max(the device's largest request, its readahead window) per WILLNEED (one call for 128 MB read
+ * 8 MB on a virtio disk), so the range is asked for in steps of AHEAD_STEP, 1 MB: within that bound on common disks
+ * (1280 KB by default), and large requests (steps of 256 KB loaded an fp16 file at half the speed, a virtio disk).
+ * Asking blocks while the disk's queue is full, so a thread of its own asks, on a copy of the descriptor (the caller
+ * may close its own).
  */
+#define AHEAD_STEP ((off_t)1 << 20)
+
+typedef struct { int fd; off_t offset, length; } ahead_t;
+
+static void advise_ahead(const ahead_t *a) {
+#ifdef POSIX_FADV_WILLNEED
+  for (off_t o = 0; o < a->length; o += AHEAD_STEP)
+    posix_fadvise(a->fd, a->offset + o, a->length - o < AHEAD_STEP ? a->length - o : AHEAD_STEP, POSIX_FADV_WILLNEED);
+#else
+  (void)a;
+#endif
+}
+
+static void *ahead_thread(void *p) {
+  ahead_t *a = p;
+  advise_ahead(a);
+  close(a->fd);
+  free(a);
+  return NULL;
+}
+
 static napi_value read_ahead(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3], r;
@@ -1036,7 +1106,25 @@ static napi_value read_ahead(napi_env env, napi_callback_info info) {
   bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3;
   for (int i = 0; ok && i < 3; i++) ok = napi_get_value_int64(env, argv[i], &v[i]) == napi_ok && v[i] >= 0;
 #ifdef POSIX_FADV_WILLNEED
-  ok = ok && posix_fadvise((int)v[0], (off_t)v[1], (off_t)v[2], POSIX_FADV_WILLNEED) == 0;
+  ok = ok && fcntl((int)v[0], F_GETFD) != -1;
+  ahead_t *a = ok ? malloc(sizeof *a) : NULL;
+  if (a) {
+    *a = (ahead_t){ fcntl((int)v[0], F_DUPFD_CLOEXEC, 0), (off_t)v[1], (off_t)v[2] };
+    pthread_t id;
+    pthread_attr_t attr;
+    int started = 0;
+    if (a->fd >= 0 && pthread_attr_init(&attr) == 0) {
+      pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+      started = pthread_create(&id, &attr, ahead_thread, a) == 0;
+      pthread_attr_destroy(&attr);
+    }
+    if (!started) { /* no thread (or no descriptor to spare): ask from here */
+      if (a->fd >= 0) close(a->fd);
+      a->fd = (int)v[0];
+      advise_ahead(a);
+      free(a);
+    }
+  }
 #else
   ok = false;
 #endif

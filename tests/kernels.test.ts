@@ -5,8 +5,10 @@
  * agree; then the model fixtures must pass their parity checks with every layer on the kernels (SD_KERNELS=1).
  * Whole blocks on the kernels: tests/native-blocks.test.ts.
  */
-import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
-import { decodeToFloat32 } from '../src/weights/dtypes.js';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { decodeToFloat32, encodeFloat16 } from '../src/weights/dtypes.js';
 import { createRequire } from 'node:module';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { maxRelError } from '../src/parity/compare.js';
@@ -18,9 +20,9 @@ import { kernelsPath, kernelsProblem, kernelsSourceHash, microKernel, WINOGRAD_F
 import { Conv2d, GroupNorm, Linear, type ConvPadding } from '../src/nn/layers.js';
 import { WeightView } from '../src/nn/weight-view.js';
 import { OPENAI_RESNET, ResnetBlock } from '../src/nn/resnet.js';
-import { SafetensorsFile } from '../src/weights/safetensors.js';
+import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
 import * as tf from '../src/backend/tf.js';
-import { rand, source } from './helpers.js';
+import { MemorySource, rand, source } from './helpers.js';
 
 /** Built, and from this native/kernels.c (a stale build is refused by the loader, so there is nothing to test). */
 function buildProblem(): string | null {
@@ -387,6 +389,56 @@ describe.runIf(built)('native kernels', () => {
       expect(differ).toEqual([]);
       expect(widened[0x3c00]).toBe(1);
       expect(widened[0x0001]).toBe(2 ** -24); // the smallest subnormal
+    });
+
+    it('pack weights stored as halves into the panels halvePanels makes of their float32 ones, on any number of threads', () => {
+      const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
+      const halves = (n: number) => Uint16Array.from(rand(n), (v) => 0x3000 + Math.round((v + 0.5) * 0x1000)); // positive halves
+      const bytes = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+      // [K, N, layout, taps]: N past a whole panel (45 = 2 panels + 13), a Linear [N, K], OIHW 3x3 and 1x1 filters, B itself
+      for (const [k, n, layout, taps] of [[37, 45, 1, 1], [9 * 24, 45, 2, 9], [24, 45, 2, 1], [37, 45, 0, 1], [1280, 16, 1, 1]]) {
+        const h = halves(k * n);
+        const wide = new Float32Array(h.length);
+        kernels.widenHalves(h, wide);
+        const want = addon.halvePanels(addon.packWeights(wide, k, n, layout, taps)) as Uint16Array;
+        const f32 = bytes(addon.packWeights(wide, k, n, layout, taps) as Float32Array);
+        for (const threads of [1, 2, 3]) {
+          const got = addon.packWeights(h, k, n, layout, taps, false, threads) as Uint16Array;
+          expect(got, `${[k, n, layout, taps, threads]}`).toBeInstanceOf(Uint16Array);
+          expect(bytes(got).equals(bytes(want)), `${[k, n, layout, taps, threads]}`).toBe(true);
+          expect(bytes(addon.packWeights(wide, k, n, layout, taps, false, threads) as Float32Array).equals(f32)).toBe(true);
+        }
+      }
+      const h = halves(64);
+      expect(() => addon.packWeights(h, 8, 8, 1, 1, true)).toThrow(/bf16 panels are made from float32 weights, not halves/);
+      expect(() => addon.packWeights(new Int32Array(64), 8, 8, 1, 1)).toThrow(/w must be a Float32Array, or a Uint16Array of IEEE halves/);
+      expect(() => addon.packWeights(h, 8, 9, 1, 1)).toThrow(/w holds 64 values, the shapes need 72/);
+    });
+
+    it('load an fp16 file\'s Linear and Conv2d weights as halves, packed as they are: the same products as from float32', () => {
+      const dir = mkdtempSync(join(tmpdir(), 'sd-halves-'));
+      try {
+        const shapes: [string, number[]][] = [['l.weight', [40, 24]], ['l.bias', [40]], ['g.weight', [48, 24]], ['c.weight', [16, 8, 3, 3]], ['c.bias', [16]]];
+        const values = new Map(shapes.map(([name, shape]) => [name, rand(shape.reduce((a, b) => a * b, 1)).map((v) => Math.round(v * 1024) / 1024)]));
+        const file = join(dir, 'half.safetensors');
+        writeSafetensors(file, shapes.map(([name, shape]) => [name, { dtype: 'F16', shape }]), (name) => encodeFloat16(values.get(name)!));
+        const half = WeightView.root(SafetensorsFile.open(file), '', { native: true });
+        const float = WeightView.root(new MemorySource(new Map(shapes.map(([name, shape]) => [name, { shape, data: values.get(name)! }]))), '', { native: true });
+        const x = tf.tensor2d(rand(5 * 24), [5, 24]), img = tf.tensor4d(rand(2 * 6 * 6 * 8), [2, 6, 6, 8]);
+        const run = (p: WeightView) => {
+          const [l] = [Linear.load(p.child('l'), 24, 40)];
+          const [g0, g1] = Linear.loadBlocks(p.child('g'), 24, 24, 2, { bias: false });
+          const c = Conv2d.load(p.child('c'), 8, 16, 3);
+          const outs = [l.apply(x), g0.apply(x), g1.apply(x), c.apply(img)].map((t) => { const v = t.dataSync() as Float32Array; t.dispose(); return v; });
+          for (const m of [l, g0, g1, c]) m.dispose();
+          return outs;
+        };
+        const [fromHalves, fromFloats] = [run(half), run(float)];
+        fromHalves.forEach((v, i) => expect(Buffer.from(v.buffer).equals(Buffer.from(fromFloats[i].buffer)), `output ${i}`).toBe(true));
+        tf.dispose([x, img]);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
     });
 
     it('ask the system to read a weights file ahead', () => {

@@ -17,6 +17,7 @@ import { unpickle, type PickleHooks } from '../src/weights/pickle.js';
 import { SafetensorsFile, writeSafetensors } from '../src/weights/safetensors.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../src/weights/types.js';
 import { ZipArchive } from '../src/weights/zip.js';
+import { DelegatingSource } from '../src/weights/delegating.js';
 import { buildZip } from './zip-builder.js';
 
 const PIPELINE = 'tests/fixtures/pipeline';
@@ -447,5 +448,58 @@ describe('diffusers folder', () => {
     const partial = join(tmp, 'partial');
     mkdirSync(join(partial, 'unet'), { recursive: true });
     expect(() => openWeights(partial)).toThrow(/diffusers folder has no unet weights/);
+  });
+});
+
+describe('reading a tensor in place (bytesInto)', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sd-bytes-into-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const file = join(dir, 'w.safetensors');
+  const values = Float32Array.from({ length: 12 }, (_, i) => i / 8);
+  writeSafetensors(file, [['a', { dtype: 'F16', shape: [3, 4] }], ['b', { dtype: 'F32', shape: [12] }]], (n) => (n === 'a' ? encodeFloat16(values) : values));
+
+  it('gives the bytes `bytes` gives, into a buffer of exactly their length', () => {
+    const f = SafetensorsFile.open(file);
+    try {
+      for (const k of ['a', 'b']) {
+        const want = f.bytes(k);
+        const out = new Uint8Array(want.byteLength).fill(0xee);
+        f.bytesInto(k, out);
+        expect(Buffer.from(out).equals(Buffer.from(want)), k).toBe(true);
+      }
+      expect(() => f.bytesInto('a', new Uint8Array(23))).toThrow(/tensor a is 24 bytes, not 23/);
+    } finally {
+      f.close();
+    }
+  });
+
+  it('through a delegating source: from the base, unless the source serves bytes of its own', () => {
+    const f = SafetensorsFile.open(file);
+    try {
+      let inPlace = 0;
+      const counted = Object.assign(Object.create(f) as SafetensorsFile, {
+        bytes: (k: string) => f.bytes(k),
+        bytesInto: (k: string, out: Uint8Array) => {
+          inPlace++;
+          f.bytesInto(k, out);
+        },
+      });
+      const plain = new DelegatingSource(counted);
+      const out = new Uint8Array(24);
+      plain.bytesInto('a', out);
+      expect(inPlace).toBe(1);
+      expect(Buffer.from(out).equals(Buffer.from(f.bytes('a')))).toBe(true);
+      class Shifted extends DelegatingSource {
+        override bytes(key: string): Uint8Array {
+          return this.base.bytes(key).map((b) => b ^ 1);
+        }
+      }
+      new Shifted(counted).bytesInto('a', out);
+      expect(inPlace).toBe(1); // its own bytes, not the base's read in place
+      expect(Buffer.from(out).equals(Buffer.from(f.bytes('a').map((b) => b ^ 1)))).toBe(true);
+      expect(() => new Shifted(counted).bytesInto('a', new Uint8Array(8))).toThrow(WeightsError);
+    } finally {
+      f.close();
+    }
   });
 });

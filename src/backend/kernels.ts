@@ -34,7 +34,9 @@ interface Addon {
   trimHeap(): boolean;
   /** The micro-kernel in use ('avx2' | 'avx512'); with a name, switches to it (RangeError where the CPU lacks it). */
   microKernel(name?: string): string;
-  packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number): Float32Array;
+  packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number, bf16?: false, threads?: number): Float32Array;
+  /** Weights as IEEE halves (as an fp16 file stores them) packed into panels of halves, with no float32 copy. */
+  packWeights(w: Uint16Array, k: number, n: number, layout: number, taps: number, bf16?: false, threads?: number): Uint16Array;
   /** The same panels as bfloat16 pairs [n][K/2][16][2] (K / taps even), for the bfloat16 product. */
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number, bf16: true): Uint16Array;
   /** The panels as IEEE halves, or null when a value is not exactly a half. */
@@ -268,19 +270,38 @@ export function winogradTile(b: number, h: number, w: number, cin: number, cout:
   return tiles >= WINOGRAD_F4_MIN_TILES && 36 * cin * cout <= WINOGRAD_F4_MAX_MATRICES ? 4 : 2;
 }
 
-/** Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight. */
-export function packWeight(w: Float32Array, out: number, format: PackFormat, bias: Float32Array | null): PackedWeight {
+/**
+ * Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight: float32, or IEEE halves as an
+ * fp16 file stores them (WeightView.stored), which are packed as halves straight away where panels may be halves.
+ */
+export function packWeight(w: Float32Array | Uint16Array, out: number, format: PackFormat, bias: Float32Array | null): PackedWeight {
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
+  const layout = format.kind === 'conv' ? 2 : 1;
   const k = w.length / out;
-  if (precision === 'bf16' && (k / taps) % 2 === 0) {
+  const bf16 = precision === 'bf16' && (k / taps) % 2 === 0;
+  if (w instanceof Uint16Array && (bf16 || !halfPanels())) w = widened(w);
+  if (bf16) {
     // bf16 runs a 3x3 conv directly at or above Winograd's float32 speed (AMX several times; AVX512-BF16 1.05-1.2x
     // on a Zen 5 EPYC): no Winograd under bf16
-    const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps, true);
+    const panels = kernels().packWeights(w as Float32Array, k, out, layout, taps, true);
     return { k, n: out, panels, bias, bf16: true };
   }
-  const panels = kernels().packWeights(w, k, out, format.kind === 'conv' ? 2 : 1, taps);
-  const packed = { k, n: out, panels: (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels, bias };
+  const panels = w instanceof Uint16Array
+    ? kernels().packWeights(w, k, out, layout, taps, false, threads())
+    : halvedIfExact(kernels().packWeights(w, k, out, layout, taps, false, threads()));
+  const packed = { k, n: out, panels, bias };
   return format.kind === 'conv' && format.winograd === true && taps === 9 ? { ...packed, winograd: true } : packed;
+}
+
+/** Float32 panels as halves where every value is exactly one and halves are allowed (SD_HALF_PANELS), else as they are. */
+function halvedIfExact(panels: Float32Array): Float32Array | Uint16Array {
+  return (halfPanels() ? kernels().halvePanels(panels) : null) ?? panels;
+}
+
+function widened(h: Uint16Array): Float32Array {
+  const out = new Float32Array(h.length);
+  kernels().widenHalves(h, out);
+  return out;
 }
 
 /**

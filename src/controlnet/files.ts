@@ -13,7 +13,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cannotOpen } from '../weights/files.js';
 import { openWeightFile } from '../weights/open.js';
-import { DelegatingSource } from '../weights/delegating.js';
+import { DelegatingSource, copyInto } from '../weights/delegating.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 import type { UNetConfig } from '../unet/config.js';
 import { checkFitsUNet, controlNetConfig, controlNetConfigFromDiffusers, type ControlNetConfig, type DiffusersControlNetJson } from './config.js';
@@ -57,6 +57,12 @@ class RenamedSource extends DelegatingSource {
 
   override bytes(key: string): Uint8Array {
     return this.base.bytes(this.mapped(key));
+  }
+
+  override bytesInto(key: string, out: Uint8Array): void {
+    const k = this.mapped(key), base = this.base;
+    if (base.bytesInto !== undefined) base.bytesInto(k, out);
+    else copyInto(this.path, key, base.bytes(k), out);
   }
 
   override float32(key: string): Float32Array {

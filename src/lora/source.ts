@@ -8,7 +8,7 @@
  * weight of the model, or one whose shapes do not fit is refused (LoraError) naming the first such module.
  * Merging runs when a weight is read, once per read; the models read each weight once, at load.
  */
-import { DelegatingSource } from '../weights/delegating.js';
+import { DelegatingSource, copyInto } from '../weights/delegating.js';
 import type { TensorInfo, TensorSource } from '../weights/types.js';
 import { readLora } from './format.js';
 import { loraTargets, sdxlModuleHint } from './keys.js';
@@ -94,6 +94,12 @@ class LoraMergedSource extends DelegatingSource {
     if (!this.merged.has(key)) return this.base.bytes(key);
     const w = this.float32(key);
     return new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
+  }
+
+  override bytesInto(key: string, out: Uint8Array): void {
+    const base = this.base;
+    if (this.merged.has(key) || base.bytesInto === undefined) copyInto(this.path, key, this.bytes(key), out);
+    else base.bytesInto(key, out);
   }
 
   override float32(key: string): Float32Array {

@@ -121,12 +121,13 @@ export class Linear {
     const rows = outFeatures * count;
     const blocks = Array.from({ length: count }, (_, index) => index);
     if (p.native) {
-      const w = p.array('weight', [rows, inFeatures]);
-      const b = bias ? p.array('bias', [rows]) : null;
       const size = outFeatures * inFeatures;
-      return blocks.map((i) => {
-        const blockBias = b === null ? null : b.slice(i * outFeatures, (i + 1) * outFeatures);
-        return kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias);
+      return p.withStored('weight', [rows, inFeatures], (w) => {
+        const b = bias ? p.array('bias', [rows]) : null; // read after the weight, in the checkpoint's order
+        return blocks.map((i) => {
+          const blockBias = b === null ? null : b.slice(i * outFeatures, (i + 1) * outFeatures);
+          return kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias);
+        });
       });
     }
     const n = splits ?? inputSplits(inFeatures, 1, outFeatures);
@@ -253,7 +254,7 @@ export class Conv2d {
     if (p.native) {
       const geometry = { kernel, stride, pad };
       const format = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
-      const packed = kernels.packWeight(p.array('weight', [cout, cin, kernel, kernel]), cout, format, p.array('bias', [cout]));
+      const packed = p.withStored('weight', [cout, cin, kernel, kernel], (w) => kernels.packWeight(w, cout, format, p.array('bias', [cout])));
       return { packed, geometry };
     }
     const count = splits ?? inputSplits(cin, kernel * kernel, cout);

@@ -43,6 +43,8 @@ export class WeightView {
     private readonly probed: Map<string, readonly number[]> | null,
     /** Where layers record how to load their weights again (reload.ts): a view of a LoggedSource; else null. */
     private readonly log: LayerLog | null = null,
+    /** The buffer withStored reads halves into, shared by a root and all its children. */
+    private readonly reads: { halves: Uint16Array } = { halves: new Uint16Array(0) },
   ) {}
 
   /** A view of `src` under `prefix` (e.g. 'model.diffusion_model'; '' for the whole file). */
@@ -67,7 +69,7 @@ export class WeightView {
 
   /** The view one level down: `${prefix}.${name}`. */
   child(name: string | number): WeightView {
-    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used, this.native, this.probed, this.log);
+    return new WeightView(this.src, this.key(String(name)), this.rootPrefix, this.used, this.native, this.probed, this.log, this.reads);
   }
 
   /**
@@ -114,6 +116,25 @@ export class WeightView {
   array(name: string, shape: readonly number[]): Float32Array {
     const key = this.checked(name, shape);
     return this.probed === null ? this.src.float32(key) : new Float32Array(0);
+  }
+
+  /**
+   * Calls `use` with the values of `${prefix}.${name}` as the file stores them where that is IEEE halves (an fp16
+   * file: a Uint16Array of the halves' bits, no decoding), else as float32; checkpoint layout, its shape must equal
+   * `shape`. The kernels pack halves as they are (kernels.packWeight), so an fp16 file loads with no float32 copy.
+   * Halves are read into a buffer the whole model's views reuse for the next weight (where the source reads in
+   * place): `use` must not keep them.
+   */
+  withStored<R>(name: string, shape: readonly number[], use: (values: Float32Array | Uint16Array) => R): R {
+    const key = this.checked(name, shape);
+    if (this.probed !== null) return use(new Float32Array(0));
+    if (this.src.info(key).dtype !== 'F16') return use(this.src.float32(key));
+    if (this.src.bytesInto === undefined) return use(halvesOf(this.src.bytes(key)));
+    const n = this.src.info(key).shape.reduce((a, b) => a * b, 1);
+    if (this.reads.halves.length < n) this.reads.halves = new Uint16Array(n);
+    const halves = this.reads.halves.subarray(0, n);
+    this.src.bytesInto(key, new Uint8Array(halves.buffer, 0, 2 * n));
+    return use(halves);
   }
 
   /** The full key of `name`, after checking that it exists with exactly `shape`; records it as read. */
@@ -207,4 +228,9 @@ export function probeShapes(prefix: string, load: (p: WeightView) => { dispose()
   const probe = WeightView.probe(prefix);
   load(probe).dispose();
   return probe.shapes();
+}
+
+/** A tensor's raw bytes as the halves they hold (copied where they do not start at an even byte). */
+function halvesOf(raw: Uint8Array): Uint16Array {
+  return raw.byteOffset % 2 === 0 ? new Uint16Array(raw.buffer, raw.byteOffset, raw.byteLength / 2) : new Uint16Array(raw.slice().buffer);
 }

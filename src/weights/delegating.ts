@@ -2,7 +2,7 @@
  * A TensorSource that serves another one's tensors: the base of the sources that change one thing about a file
  * (log its loads, rename its keys, merge LoRAs into some of its weights) and forward everything else.
  */
-import type { TensorInfo, TensorSource } from './types.js';
+import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
 
 export class DelegatingSource implements TensorSource {
   constructor(protected readonly base: TensorSource) {}
@@ -27,6 +27,16 @@ export class DelegatingSource implements TensorSource {
     return this.base.bytes(key);
   }
 
+  /**
+   * Reads in place through the base, unless a subclass serves bytes of its own (it overrides `bytes`): then they are
+   * copied from there, so that both ways to read a tensor always agree. Such a subclass may override this too.
+   */
+  bytesInto(key: string, out: Uint8Array): void {
+    const base = this.base;
+    if (this.bytes === DelegatingSource.prototype.bytes && base.bytesInto !== undefined) return base.bytesInto(key, out);
+    copyInto(this.path, key, this.bytes(key), out);
+  }
+
   float32(key: string): Float32Array {
     return this.base.float32(key);
   }
@@ -34,4 +44,10 @@ export class DelegatingSource implements TensorSource {
   close(): void {
     this.base.close();
   }
+}
+
+/** `bytes` into `out`, which must be exactly as long (TensorSource.bytesInto). */
+export function copyInto(path: string, key: string, bytes: Uint8Array, out: Uint8Array): void {
+  if (bytes.byteLength !== out.byteLength) throw new WeightsError(`${path}: tensor ${key} is ${bytes.byteLength} bytes, not ${out.byteLength}`);
+  out.set(bytes);
 }

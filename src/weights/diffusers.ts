@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { DTYPE_BYTES, decodeToFloat32, isFloatDType } from './dtypes.js';
 import { diffusersToOriginal, type Component, type DiffusersName, type FolderFamily } from './layout.js';
 import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
+import { copyInto } from './delegating.js';
 
 /** File names diffusers saves a component's weights under, in the order they are tried. */
 const COMPONENT_FILES: Readonly<Record<Component, readonly string[]>> = {
@@ -94,6 +95,13 @@ export class DiffusersFolder implements TensorSource {
     if (m.stack !== undefined) return concatBytes(m.stack.map((k) => src.bytes(k)));
     if (m.transpose === true) return transposeBytes(src.bytes(m.key), src.info(m.key).shape, DTYPE_BYTES[src.info(m.key).dtype]);
     return src.bytes(m.key);
+  }
+
+  bytesInto(key: string, out: Uint8Array): void {
+    const m = this.mapped(key);
+    const src = this.source(m);
+    if (m.stack === undefined && m.transpose !== true && src.bytesInto !== undefined) src.bytesInto(m.key, out);
+    else copyInto(this.path, key, this.bytes(key), out);
   }
 
   float32(key: string): Float32Array {

@@ -36,9 +36,11 @@ export class SafetensorsFile implements TensorSource {
   private fd: number | null;
   /** Reused for the raw bytes of tensors decoded to float32 (fp16, bf16): one fresh array per tensor, not two. */
   private scratch: Uint8Array | null = null;
-  /** Bytes of tensors read so far, and how far into the file the system has been asked to read ahead. */
-  private consumed = 0;
+  /** The part of the file the system has been asked to read ahead: [aheadFrom, ahead). */
+  private aheadFrom: number;
   private ahead: number;
+  /** False once the system said it takes no such advice (or the kernels that ask are not built). */
+  private advising = true;
 
   private constructor(
     readonly path: string,
@@ -51,27 +53,30 @@ export class SafetensorsFile implements TensorSource {
     private readonly size: number,
   ) {
     this.fd = fd;
-    this.ahead = dataStart;
+    this.aheadFrom = this.ahead = dataStart;
   }
 
   /**
-   * Keeps the system reading READ_AHEAD bytes past what has been read (kernels.readAhead, where the native kernels
-   * are built): the disk works while the last tensor is decoded. Read order is the model's, not the file's, so how
-   * much was read stands for how far.
+   * Before reading [begin, begin + bytes) of the file: keeps the system reading READ_AHEAD bytes past it in the
+   * background (kernels.readAhead, where the native kernels are built), so that the disk works while the tensors
+   * before are decoded and packed. A read outside the part asked for (a model reads its tensors in its own order,
+   * not always the file's) starts asking again from there.
    */
-  private readAheadOf(bytes: number): void {
-    if (this.fd === null) return;
-    this.consumed += bytes;
-    const want = Math.min(this.dataStart + this.consumed + READ_AHEAD, this.size);
-    if (want - this.ahead < READ_AHEAD / 4) return;
-    if (!readAhead(this.fd, this.ahead, want - this.ahead)) this.ahead = this.size; // not there: stop asking
+  private readAheadOf(begin: number, bytes: number): void {
+    if (this.fd === null || !this.advising) return;
+    if (begin < this.aheadFrom || begin > this.ahead) this.aheadFrom = this.ahead = begin;
+    const want = Math.min(begin + bytes + READ_AHEAD, this.size);
+    if (want <= this.ahead || (want - this.ahead < READ_AHEAD / 4 && want < this.size)) return; // a quarter at a time, or the rest
+    if (!readAhead(this.fd, this.ahead, want - this.ahead)) this.advising = false;
     else this.ahead = want;
   }
 
   static open(path: string): SafetensorsFile {
     return openOwned(path, (fd) => {
       const { entries, dataStart, metadata } = parseHeader(path, fd);
-      return new SafetensorsFile(path, fd, entries, dataStart, metadata, fstatSync(fd).size);
+      const file = new SafetensorsFile(path, fd, entries, dataStart, metadata, fstatSync(fd).size);
+      file.readAheadOf(dataStart, 0); // the disk starts on the first tensors while the caller is still setting up
+      return file;
     });
   }
 
@@ -90,12 +95,18 @@ export class SafetensorsFile implements TensorSource {
 
   bytes(key: string): Uint8Array {
     const e = this.entry(key);
-    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     checkTensorBytes(this.path, key, e.end - e.begin);
     const out = new Uint8Array(e.end - e.begin);
-    this.readAheadOf(out.byteLength);
-    readAt(this.fd, out, this.dataStart + e.begin, this.path);
+    this.bytesInto(key, out);
     return out;
+  }
+
+  bytesInto(key: string, out: Uint8Array): void {
+    const e = this.entry(key);
+    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
+    if (out.byteLength !== e.end - e.begin) throw new WeightsError(`${this.path}: tensor ${key} is ${e.end - e.begin} bytes, not ${out.byteLength}`);
+    this.readAheadOf(this.dataStart + e.begin, out.byteLength);
+    readAt(this.fd, out, this.dataStart + e.begin, this.path);
   }
 
   float32(key: string): Float32Array {
@@ -107,7 +118,7 @@ export class SafetensorsFile implements TensorSource {
       // Read straight into the result: no intermediate copy, so loading runs at the speed of the reads.
       if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
       const out = new Float32Array((e.end - e.begin) / 4);
-      this.readAheadOf(out.byteLength);
+      this.readAheadOf(this.dataStart + e.begin, out.byteLength);
       readAt(this.fd, new Uint8Array(out.buffer), this.dataStart + e.begin, this.path);
       return out;
     }
@@ -115,7 +126,7 @@ export class SafetensorsFile implements TensorSource {
     const n = e.end - e.begin;
     if (this.scratch === null || this.scratch.byteLength < n) this.scratch = new Uint8Array(n);
     const raw = this.scratch.subarray(0, n);
-    this.readAheadOf(n);
+    this.readAheadOf(this.dataStart + e.begin, n);
     readAt(this.fd, raw, this.dataStart + e.begin, this.path);
     return decodeToFloat32(raw, e.dtype);
   }

@@ -18,6 +18,11 @@ export interface TensorSource {
   info(key: string): TensorInfo;
   /** The raw little-endian bytes of one tensor, read from the file now. */
   bytes(key: string): Uint8Array;
+  /**
+   * The same bytes read into `out` (exactly their length), where a source can read in place: loading an fp16 file
+   * reads every weight into one reused buffer (WeightView.withStored) instead of a fresh one each.
+   */
+  bytesInto?(key: string, out: Uint8Array): void;
   /** One floating-point tensor decoded to float32 (F16, BF16, F64 converted). */
   float32(key: string): Float32Array;
   /** Free file handles. The source must not be used afterwards. */
