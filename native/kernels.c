@@ -1587,21 +1587,61 @@ static void pack_kv_bf16_task(void *ctx, int t, int n) {
   }
 }
 
+/* dst rows [0, 8) of 8 = the 8x8 block of src (rows ld apart) transposed; dst rows ldd apart. */
+AVX2 static void transpose8(const float *src, size_t ld, float *dst, size_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; i++) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+/*
+ * One item's K^T panels: 16 keys' D values each as [D][16] (8x8 blocks transposed, the rest one by one, keys past
+ * Nk zero), and its V panels: each key's D values in runs of 16, [Nk][16] per 16 of D (the D past the last 16 zero).
+ */
+AVX2 static void pack_kv_item(const attn_t *s, const float *k, const float *v, float *kp, float *vp) {
+  const size_t D = s->D, C = s->C, Nk = s->Nk, d8 = D / 8 * 8;
+  for (size_t j0 = 0; j0 < Nk; j0 += NR) {
+    float *panel = kp + j0 / NR * D * NR;
+    const size_t keys = min_sz(NR, Nk - j0);
+    if (keys < NR) memset(panel, 0, D * NR * sizeof(float));
+    size_t jj = 0;
+    for (; jj + 8 <= keys; jj += 8)
+      for (size_t d = 0; d < d8; d += 8) transpose8(k + (j0 + jj) * C + d, C, panel + d * NR + jj, NR);
+    for (size_t j = 0; j < keys; j++)
+      for (size_t d = j < jj ? d8 : 0; d < D; d++) panel[d * NR + j] = k[(j0 + j) * C + d];
+  }
+  const size_t dfull = D / NR * NR;
+  for (size_t j = 0; j < Nk; j++) {
+    const float *vj = v + j * C;
+    for (size_t d = 0; d < dfull; d += NR) memcpy(vp + ((d / NR) * Nk + j) * NR, vj + d, NR * sizeof(float));
+    if (dfull < D) {
+      float *last = vp + ((dfull / NR) * Nk + j) * NR;
+      memcpy(last, vj + dfull, (D - dfull) * sizeof(float));
+      memset(last + (D - dfull), 0, (NR - (D - dfull)) * sizeof(float));
+    }
+  }
+}
+
 static void pack_kv_task(void *ctx, int t, int n) {
   attn_t *s = ctx;
   const size_t items = s->B * s->heads;
   for (size_t it = (size_t)t; it < items; it += (size_t)n) {
     const size_t b = it / s->heads, h = it % s->heads;
     const float *k = s->k + b * s->Nk * s->C + h * s->D, *v = s->v + b * s->Nk * s->C + h * s->D;
-    float *kp = s->kp + it * s->kp_item, *vp = s->vp + it * s->vp_item;
-    memset(kp, 0, s->kp_item * sizeof(float));
-    memset(vp, 0, s->vp_item * sizeof(float));
-    for (size_t j = 0; j < s->Nk; j++) {
-      const float *kj = k + j * s->C, *vj = v + j * s->C;
-      float *kpanel = kp + (j / NR) * s->D * NR + j % NR;
-      for (size_t d = 0; d < s->D; d++) kpanel[d * NR] = kj[d];
-      for (size_t d = 0; d < s->D; d++) vp[((d / NR) * s->Nk + j) * NR + d % NR] = vj[d];
-    }
+    pack_kv_item(s, k, v, s->kp + it * s->kp_item, s->vp + it * s->vp_item);
   }
 }
 

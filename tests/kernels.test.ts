@@ -190,6 +190,8 @@ describe.runIf(built)('native kernels', () => {
     ['cross-attention over 77 context tokens', 2, 130, 77, 8, 40],
     ['one head of 512 (the VAE mid-block)', 1, 257, 257, 1, 512],
     ['heads of 160 over 1100 keys (three key blocks)', 1, 64, 1100, 2, 160],
+    ['heads of 36 over 53 and 61 keys (head width and keys past whole 8x8 blocks when K and V are packed)', 1, 40, 53, 3, 36],
+    ['heads of 37 over 61 keys', 2, 9, 61, 2, 37],
   ])('attention: %s', (_name, b, nq, nk, heads, d) => {
     const q = tf.tensor3d(rand(b * nq * heads * d), [b, nq, heads * d]);
     const k = tf.tensor3d(rand(b * nk * heads * d).map((v) => v * 4), [b, nk, heads * d]);
