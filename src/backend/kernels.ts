@@ -272,7 +272,7 @@ export function winogradTile(b: number, h: number, w: number, cin: number, cout:
 
 /**
  * Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight: float32, or IEEE halves as an
- * fp16 file stores them (WeightView.stored), which are packed as halves straight away where panels may be halves.
+ * fp16 file stores them (WeightView.withStored), which are packed as halves straight away where panels may be halves.
  */
 export function packWeight(w: Float32Array | Uint16Array, out: number, format: PackFormat, bias: Float32Array | null): PackedWeight {
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;

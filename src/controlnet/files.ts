@@ -11,9 +11,9 @@
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { cannotOpen } from '../weights/files.js';
+import { cannotOpen, copyInto } from '../weights/files.js';
 import { openWeightFile } from '../weights/open.js';
-import { DelegatingSource, copyInto } from '../weights/delegating.js';
+import { DelegatingSource } from '../weights/delegating.js';
 import { WeightsError, type TensorInfo, type TensorSource } from '../weights/types.js';
 import type { UNetConfig } from '../unet/config.js';
 import { checkFitsUNet, controlNetConfig, controlNetConfigFromDiffusers, type ControlNetConfig, type DiffusersControlNetJson } from './config.js';

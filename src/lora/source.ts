@@ -8,7 +8,8 @@
  * weight of the model, or one whose shapes do not fit is refused (LoraError) naming the first such module.
  * Merging runs when a weight is read, once per read; the models read each weight once, at load.
  */
-import { DelegatingSource, copyInto } from '../weights/delegating.js';
+import { DelegatingSource } from '../weights/delegating.js';
+import { copyInto } from '../weights/files.js';
 import type { TensorInfo, TensorSource } from '../weights/types.js';
 import { readLora } from './format.js';
 import { loraTargets, sdxlModuleHint } from './keys.js';

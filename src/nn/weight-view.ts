@@ -130,7 +130,7 @@ export class WeightView {
     if (this.probed !== null) return use(new Float32Array(0));
     if (this.src.info(key).dtype !== 'F16') return use(this.src.float32(key));
     if (this.src.bytesInto === undefined) return use(halvesOf(this.src.bytes(key)));
-    const n = this.src.info(key).shape.reduce((a, b) => a * b, 1);
+    const n = shape.reduce((a, b) => a * b, 1);
     if (this.reads.halves.length < n) this.reads.halves = new Uint16Array(n);
     const halves = this.reads.halves.subarray(0, n);
     this.src.bytesInto(key, new Uint8Array(halves.buffer, 0, 2 * n));

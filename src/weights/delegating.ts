@@ -2,7 +2,8 @@
  * A TensorSource that serves another one's tensors: the base of the sources that change one thing about a file
  * (log its loads, rename its keys, merge LoRAs into some of its weights) and forward everything else.
  */
-import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
+import { copyInto } from './files.js';
+import type { TensorInfo, TensorSource } from './types.js';
 
 export class DelegatingSource implements TensorSource {
   constructor(protected readonly base: TensorSource) {}
@@ -44,10 +45,4 @@ export class DelegatingSource implements TensorSource {
   close(): void {
     this.base.close();
   }
-}
-
-/** `bytes` into `out`, which must be exactly as long (TensorSource.bytesInto). */
-export function copyInto(path: string, key: string, bytes: Uint8Array, out: Uint8Array): void {
-  if (bytes.byteLength !== out.byteLength) throw new WeightsError(`${path}: tensor ${key} is ${bytes.byteLength} bytes, not ${out.byteLength}`);
-  out.set(bytes);
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { DTYPE_BYTES, decodeToFloat32, isFloatDType } from './dtypes.js';
 import { diffusersToOriginal, type Component, type DiffusersName, type FolderFamily } from './layout.js';
 import { WeightsError, type TensorInfo, type TensorSource } from './types.js';
-import { copyInto } from './delegating.js';
+import { copyInto } from './files.js';
 
 /** File names diffusers saves a component's weights under, in the order they are tried. */
 const COMPONENT_FILES: Readonly<Record<Component, readonly string[]>> = {

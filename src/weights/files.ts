@@ -70,3 +70,14 @@ export function checkTensorBytes(path: string, name: string, bytes: number, what
     MAX_TENSOR_BYTES,
   );
 }
+
+/** A tensor of `bytes` bytes is read into `out` (TensorSource.bytesInto) only when `out` is exactly that long. */
+export function checkInto(path: string, name: string, bytes: number, out: Uint8Array): void {
+  if (out.byteLength !== bytes) throw new WeightsError(`${path}: tensor ${name} is ${bytes} bytes, not ${out.byteLength}`);
+}
+
+/** A tensor's `bytes`, already read, into `out` (TensorSource.bytesInto for a source that cannot read in place). */
+export function copyInto(path: string, name: string, bytes: Uint8Array, out: Uint8Array): void {
+  checkInto(path, name, bytes.byteLength, out);
+  out.set(bytes);
+}

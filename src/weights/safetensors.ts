@@ -9,7 +9,7 @@
  */
 import { closeSync, fstatSync, openSync, renameSync, rmSync } from 'node:fs';
 import { DTYPE_BYTES, decodeToFloat32, isDType, isFloatDType, type DType } from './dtypes.js';
-import { checkTensorBytes, openOwned, readFully, writeFully } from './files.js';
+import { checkInto, checkTensorBytes, openOwned, readFully, writeFully } from './files.js';
 import { parseHeaderText, type RawEntry } from './safetensors-header.js';
 import { WeightsError, WeightsLimitError, count, type TensorInfo, type TensorSource } from './types.js';
 import { readAhead } from '../backend/kernels.js';
@@ -104,7 +104,7 @@ export class SafetensorsFile implements TensorSource {
   bytesInto(key: string, out: Uint8Array): void {
     const e = this.entry(key);
     if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
-    if (out.byteLength !== e.end - e.begin) throw new WeightsError(`${this.path}: tensor ${key} is ${e.end - e.begin} bytes, not ${out.byteLength}`);
+    checkInto(this.path, key, e.end - e.begin, out);
     this.readAheadOf(this.dataStart + e.begin, out.byteLength);
     readAt(this.fd, out, this.dataStart + e.begin, this.path);
   }
@@ -114,20 +114,17 @@ export class SafetensorsFile implements TensorSource {
     if (!isFloatDType(e.dtype)) throw new WeightsError(`${this.path}: tensor ${key} is ${e.dtype}, not floating point`);
     checkTensorBytes(this.path, key, e.end - e.begin);
     checkTensorBytes(this.path, key, ((e.end - e.begin) / DTYPE_BYTES[e.dtype]) * 4, ' as float32');
+    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     if (e.dtype === 'F32') {
       // Read straight into the result: no intermediate copy, so loading runs at the speed of the reads.
-      if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
       const out = new Float32Array((e.end - e.begin) / 4);
-      this.readAheadOf(this.dataStart + e.begin, out.byteLength);
-      readAt(this.fd, new Uint8Array(out.buffer), this.dataStart + e.begin, this.path);
+      this.bytesInto(key, new Uint8Array(out.buffer));
       return out;
     }
-    if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     const n = e.end - e.begin;
     if (this.scratch === null || this.scratch.byteLength < n) this.scratch = new Uint8Array(n);
     const raw = this.scratch.subarray(0, n);
-    this.readAheadOf(this.dataStart + e.begin, n);
-    readAt(this.fd, raw, this.dataStart + e.begin, this.path);
+    this.bytesInto(key, raw);
     return decodeToFloat32(raw, e.dtype);
   }
 
