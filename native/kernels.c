@@ -19,6 +19,7 @@
  *
  * Work is shared out between `threads` POSIX threads made per call (a call lasts milliseconds) in units each takes
  * in turn (blocks of output rows, of Winograd tiles, of attention queries), so a core held up elsewhere does less.
+ * Loading packs weights on a thread of its own, while the next weight is read past the page cache (readDirect).
  * Every entry point checks that each array holds what the shapes claim before touching memory, and throws a
  * RangeError naming the argument when not. Built by `sd setup-native` (src/setup/kernels.ts) with plain
  * `cc -O3 -shared`; the AVX2 and AVX-512 code is compiled per function (target attribute), and `available()` says
@@ -41,6 +42,8 @@
 #endif
 #include <string.h>
 #ifdef __linux__
+#include <errno.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -795,6 +798,8 @@ static float *f32(args_t *a, size_t i, const char *name, size_t need, int option
   return data;
 }
 
+static void settle_packs(napi_env env); /* waits for packing in the background (packWeights with later) */
+
 /*
  * Packed panels of at least `need` values: a Float32Array (into *packed), or a Uint16Array of halves from halvePanels
  * (into *half).
@@ -803,6 +808,7 @@ static void panels_arg(args_t *a, size_t i, size_t need, size_t need_half, const
   *packed = NULL;
   *half = NULL;
   if (a->failed) return;
+  settle_packs(a->env); /* panels are read only once packed */
   bool is = false;
   napi_typedarray_type tt;
   size_t len = 0;
@@ -927,18 +933,180 @@ static void pack_panels(const void *w, size_t K, size_t N, size_t layout, size_t
 }
 
 /*
- * packWeights(w, K, N, layout, taps, bf16 = false, threads = 1): w a Float32Array, or a Uint16Array of IEEE halves
- * (a weight as an fp16 file stores it), whose panels are then halves too: what halvePanels makes of the float32
- * panels of the same values, with no float32 copy on the way (loading an fp16 file packs at the speed of its reads).
+ * Packing in the background. packWeights(..., later = true) hands the packing to a thread of this environment's
+ * (napi instance data) and returns the panels at once, so that a loader reads the next weight from the disk while
+ * this one is packed: the reads wait on the disk, the packing keeps the cores busy. Until a job is done its source
+ * and panels are held (napi references, dropped on this thread once it is), and:
+ * - every entry point that reads panels (panels_arg), frees them (releasePanels) or halves them first waits for
+ *   every job (settle_packs), so no one sees panels half packed;
+ * - the caller must not change a source until awaitPacks(source) returns (the loader reuses its buffers).
+ */
+typedef struct pack_job {
+  pack_t work;
+  const char *src;
+  size_t src_bytes;
+  int threads, done;
+  napi_ref src_ref, dst_ref;
+  struct pack_job *next;
+} pack_job_t;
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t work, finished;
+  pack_job_t *jobs; /* oldest first, done or not: done ones wait for reap() to drop their references */
+  int started, stop;
+  pthread_t thread;
+} packer_t;
+
+static void *packer_thread(void *p) {
+  packer_t *q = p;
+  pthread_mutex_lock(&q->mu);
+  for (;;) {
+    pack_job_t *j = q->jobs;
+    while (j && j->done) j = j->next;
+    if (!j) {
+      if (q->stop) break;
+      pthread_cond_wait(&q->work, &q->mu);
+      continue;
+    }
+    pthread_mutex_unlock(&q->mu);
+    units_of(&j->work.panels, (j->work.N + NR - 1) / NR, 4, 1, j->threads);
+    parallel(pack_task, &j->work, j->threads);
+    pthread_mutex_lock(&q->mu);
+    j->done = 1;
+    pthread_cond_broadcast(&q->finished);
+  }
+  pthread_mutex_unlock(&q->mu);
+  return NULL;
+}
+
+/* At the environment's end (a worker thread's exit): the jobs are finished, the thread stopped. */
+static void packer_free(napi_env env, void *data, void *hint) {
+  (void)env, (void)hint;
+  packer_t *q = data;
+  if (q->started) {
+    pthread_mutex_lock(&q->mu);
+    q->stop = 1;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->mu);
+    pthread_join(q->thread, NULL);
+  }
+  for (pack_job_t *j = q->jobs, *next; j; j = next) next = j->next, free(j);
+  free(q);
+}
+
+/* This environment's packer, made on first use; NULL where there is none (no memory, or no instance data). */
+static packer_t *packer_of(napi_env env, int make) {
+  packer_t *q = NULL;
+  if (napi_get_instance_data(env, (void **)&q) != napi_ok) return NULL;
+  if (q || !make) return q;
+  q = calloc(1, sizeof *q);
+  if (!q) return NULL;
+  pthread_mutex_init(&q->mu, NULL);
+  pthread_cond_init(&q->work, NULL);
+  pthread_cond_init(&q->finished, NULL);
+  if (napi_set_instance_data(env, q, packer_free, NULL) != napi_ok) return free(q), NULL;
+  return q;
+}
+
+/* Drops the references of finished jobs (on the environment's own thread, as napi requires). */
+static void reap(napi_env env, packer_t *q) {
+  pthread_mutex_lock(&q->mu);
+  pack_job_t *done = NULL, **at = &q->jobs;
+  while (*at) {
+    pack_job_t *j = *at;
+    if (j->done) *at = j->next, j->next = done, done = j;
+    else at = &j->next;
+  }
+  pthread_mutex_unlock(&q->mu);
+  while (done) {
+    pack_job_t *next = done->next;
+    napi_delete_reference(env, done->src_ref);
+    napi_delete_reference(env, done->dst_ref);
+    free(done);
+    done = next;
+  }
+}
+
+/* Waits for the jobs that read [from, from + bytes), or for every job where from is NULL. */
+static void wait_packs(napi_env env, const void *from, size_t bytes) {
+  packer_t *q = packer_of(env, 0);
+  if (!q) return;
+  pthread_mutex_lock(&q->mu);
+  for (;;) {
+    pack_job_t *j = q->jobs;
+    while (j && (j->done || (from && (j->src >= (const char *)from + bytes || j->src + j->src_bytes <= (const char *)from)))) j = j->next;
+    if (!j) break;
+    pthread_cond_wait(&q->finished, &q->mu);
+  }
+  pthread_mutex_unlock(&q->mu);
+  reap(env, q);
+}
+
+static void settle_packs(napi_env env) { wait_packs(env, NULL, 0); }
+
+/* Queues the job of packing w into p; false (nothing queued) where no thread can take it, and the caller packs. */
+static int pack_later(napi_env env, napi_value w_value, napi_value p_value, const pack_t *work, size_t src_bytes, int threads) {
+  packer_t *q = packer_of(env, 1);
+  if (!q) return 0;
+  reap(env, q);
+  pack_job_t *j = calloc(1, sizeof *j);
+  if (!j) return 0;
+  *j = (pack_job_t){ .work = *work, .src = work->w, .src_bytes = src_bytes, .threads = threads };
+  if (napi_create_reference(env, w_value, 1, &j->src_ref) != napi_ok) return free(j), 0;
+  if (napi_create_reference(env, p_value, 1, &j->dst_ref) != napi_ok) {
+    napi_delete_reference(env, j->src_ref);
+    return free(j), 0;
+  }
+  pthread_mutex_lock(&q->mu);
+  if (!q->started) q->started = pthread_create(&q->thread, NULL, packer_thread, q) == 0;
+  const int ok = q->started;
+  if (ok) {
+    pack_job_t **at = &q->jobs;
+    while (*at) at = &(*at)->next;
+    *at = j;
+    pthread_cond_signal(&q->work);
+  }
+  pthread_mutex_unlock(&q->mu);
+  if (!ok) {
+    napi_delete_reference(env, j->src_ref);
+    napi_delete_reference(env, j->dst_ref);
+    free(j);
+  }
+  return ok;
+}
+
+/*
+ * awaitPacks(source) returns once no packing in the background reads that typed array's memory, and drops what
+ * finished jobs held; awaitPacks() once every job is done.
+ */
+static napi_value await_packs(napi_env env, napi_callback_info info) {
+  size_t argc = 1, n = 0;
+  napi_value argv[1];
+  void *data = NULL;
+  napi_typedarray_type t = napi_uint8_array;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc == 0) settle_packs(env);
+  else if (napi_get_typedarray_info(env, argv[0], &t, &n, &data, NULL, NULL) == napi_ok)
+    wait_packs(env, data, n * (t == napi_uint16_array ? 2 : t == napi_uint8_array ? 1 : 4));
+  else settle_packs(env);
+  return NULL;
+}
+
+/*
+ * packWeights(w, K, N, layout, taps, bf16 = false, threads = 1, later = false): w a Float32Array, or a Uint16Array of
+ * IEEE halves (a weight as an fp16 file stores it), whose panels are then halves too: what halvePanels makes of the
+ * float32 panels of the same values, with no float32 copy on the way. With `later`, packed in the background (see
+ * "Packing in the background" above).
  */
 static napi_value pack_weights(napi_env env, napi_callback_info info) {
-  napi_value argv[7];
+  napi_value argv[8];
   args_t a;
-  if (!get_args(env, info, argv, 7, &a)) return NULL;
+  if (!get_args(env, info, argv, 8, &a)) return NULL;
   const size_t K = dim(&a, 1, "K"), N = dim(&a, 2, "N"), layout = dim(&a, 3, "layout");
   const size_t taps = layout == 2 ? dim(&a, 4, "taps") : 1;
   const int bf = bool_arg(&a, 5);
-  const int threads = a.argc > 6 ? threads_arg(&a, 6) : 1;
+  const int threads = a.argc > 6 ? threads_arg(&a, 6) : 1, later = bool_arg(&a, 7);
   if (!a.failed && (layout > 2 || taps == 0 || K % taps != 0)) fail(&a, "sd_kernels: packWeights: layout must be 0, 1 or 2 and taps must divide K");
   if (!a.failed && bf && (K / taps) % 2) fail(&a, "sd_kernels: packWeights: bf16 panels need an even shared segment (a conv's Cin)");
   napi_typedarray_type tt = napi_float32_array;
@@ -961,8 +1129,9 @@ static napi_value pack_weights(napi_env env, napi_callback_info info) {
   napi_value buf, out;
   void *data;
   if (napi_create_arraybuffer(env, len * es, &data, &buf) != napi_ok) return NULL;
-  pack_panels(w, K, N, layout, taps, es, data, threads);
   napi_create_typedarray(env, es == 2 ? napi_uint16_array : napi_float32_array, len, buf, 0, &out);
+  const pack_t work = { w, K, N, layout, taps, es, data };
+  if (!later || !pack_later(env, argv[0], out, &work, K * N * es, threads)) pack_panels(w, K, N, layout, taps, es, data, threads);
   return out;
 }
 
@@ -1003,6 +1172,7 @@ static napi_value halve_panels(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   args_t a;
   if (!get_args(env, info, argv, 1, &a)) return NULL;
+  settle_packs(env);
   const float *x = f32(&a, 0, "panels", 0, 0);
   if (a.failed) return NULL;
   size_t len = 0;
@@ -1133,6 +1303,86 @@ static napi_value read_ahead(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * readDirect(fd, position, out) -> whether out now holds the file's bytes [position, position + out.byteLength), read
+ * past the page cache: fd is the file opened with O_DIRECT (src/weights/safetensors.ts). A read through the cache
+ * costs the system a page of its cache for every 4 KB, which on a VM that hands its freed memory back to the host
+ * is a fault in the host as well: loading an fp16 SD 1.5 file from a cold cache took 11 s of system time against 3
+ * s with the file cached, and `dd` through the cache read at 390-500 MB/s where direct reads ran at 0.9-1.4 GB/s
+ * with a tenth of its CPU time (2-core AMD EPYC VM). The disk reads whole aligned blocks, DIRECT_CHUNK at a time, into
+ * a buffer kept for the next call (the main thread's alone), whose part in range is copied to out. False, with out
+ * unspecified, where the system refuses (EINVAL: a file system without direct I/O) or the file ends first; the caller
+ * then reads through the cache, which says why.
+ */
+#define DIRECT_ALIGN ((size_t)4096) /* the largest logical block size of common disks */
+#define DIRECT_CHUNK ((size_t)8 << 20)
+
+static void *direct_buf = NULL;
+
+static napi_value read_direct(napi_env env, napi_callback_info info) {
+  size_t argc = 3, len = 0;
+  napi_value argv[3], r;
+  int64_t fd = -1, pos = -1;
+  napi_typedarray_type type = napi_int8_array;
+  void *out = NULL;
+  bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3 &&
+            napi_get_value_int64(env, argv[0], &fd) == napi_ok && napi_get_value_int64(env, argv[1], &pos) == napi_ok &&
+            fd >= 0 && pos >= 0 && napi_get_typedarray_info(env, argv[2], &type, &len, &out, NULL, NULL) == napi_ok;
+  if (ok && type != napi_uint8_array) {
+    napi_throw_type_error(env, NULL, "sd_kernels: readDirect(fd, position, out Uint8Array)");
+    return NULL;
+  }
+#ifdef __linux__
+  if (ok && !direct_buf && posix_memalign(&direct_buf, DIRECT_ALIGN, DIRECT_CHUNK) != 0) direct_buf = NULL;
+  ok = ok && direct_buf;
+  const size_t begin = (size_t)pos, end = begin + len;
+  for (size_t at = begin & ~(DIRECT_ALIGN - 1); ok && at < end;) {
+    const size_t want = min_sz(DIRECT_CHUNK, ((end + DIRECT_ALIGN - 1) & ~(DIRECT_ALIGN - 1)) - at);
+    const ssize_t got = pread((int)fd, direct_buf, want, (off_t)at);
+    if (got < 0 && errno == EINTR) continue;
+    ok = got > 0;
+    if (!ok) break;
+    const size_t from = at < begin ? begin : at, to = min_sz(end, at + (size_t)got);
+    if (to > from) memcpy((char *)out + (from - begin), (char *)direct_buf + (from - at), to - from);
+    at += (size_t)got;
+    ok = (size_t)got == want || at >= end; /* a short read ends the file */
+  }
+#else
+  ok = false;
+#endif
+  napi_get_boolean(env, ok, &r);
+  return r;
+}
+
+/*
+ * pageCached(fd, position, length) -> whether most of that part of the file is in the page cache (mincore on a
+ * mapping that is never read), so that copying it from there beats reading the disk past it (readDirect). False
+ * where the system cannot say.
+ */
+static napi_value page_cached(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], r;
+  int64_t v[3] = { -1, -1, -1 };
+  bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3;
+  for (int i = 0; ok && i < 3; i++) ok = napi_get_value_int64(env, argv[i], &v[i]) == napi_ok && v[i] >= 0;
+  bool cached = false;
+#ifdef __linux__
+  const size_t page = (size_t)sysconf(_SC_PAGESIZE), start = (size_t)v[1] & ~(page - 1);
+  const size_t span = (size_t)v[1] + (size_t)v[2] - start, pages = (span + page - 1) / page;
+  void *map = ok && pages > 0 ? mmap(NULL, span, PROT_READ, MAP_SHARED, (int)v[0], (off_t)start) : MAP_FAILED;
+  unsigned char *in = map != MAP_FAILED ? malloc(pages) : NULL;
+  if (in && mincore(map, span, in) == 0) {
+    size_t resident = 0;
+    for (size_t i = 0; i < pages; i++) resident += in[i] & 1;
+    cached = 2 * resident > pages;
+  }
+  free(in);
+  if (map != MAP_FAILED) munmap(map, span);
+#endif
+  napi_get_boolean(env, cached, &r);
+  return r;
+}
+
+/*
  * releasePanels(panels) -> whether their memory was freed now: the ArrayBuffer is detached (every view of it reads
  * as empty from then on), so its bytes go back to the allocator at once instead of at some later garbage collection
  * (a disposed model's weights, before the next allocation that could reuse them). Only a view of the whole buffer is
@@ -1144,6 +1394,7 @@ static napi_value release_panels(napi_env env, napi_callback_info info) {
   size_t offset = 0, length = 0, bytes = 0;
   napi_typedarray_type type;
   bool done = false;
+  settle_packs(env); /* no job writes them any more */
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 1 &&
       napi_get_typedarray_info(env, argv[0], &type, &length, NULL, &buf, &offset) == napi_ok &&
       napi_get_arraybuffer_info(env, buf, NULL, &bytes) == napi_ok) {
@@ -2305,11 +2556,14 @@ NAPI_MODULE_INIT() {
     { "tuneAllocator", NULL, tune_allocator, NULL, NULL, NULL, napi_default, NULL },
     { "trimHeap", NULL, trim_heap, NULL, NULL, NULL, napi_default, NULL },
     { "packWeights", NULL, pack_weights, NULL, NULL, NULL, napi_default, NULL },
+    { "awaitPacks", NULL, await_packs, NULL, NULL, NULL, napi_default, NULL },
     { "halvePanels", NULL, halve_panels, NULL, NULL, NULL, napi_default, NULL },
     { "bf16", NULL, bf16_isa, NULL, NULL, NULL, napi_default, NULL },
     { "releasePanels", NULL, release_panels, NULL, NULL, NULL, napi_default, NULL },
     { "widenHalves", NULL, widen_halves, NULL, NULL, NULL, napi_default, NULL },
     { "readAhead", NULL, read_ahead, NULL, NULL, NULL, napi_default, NULL },
+    { "readDirect", NULL, read_direct, NULL, NULL, NULL, napi_default, NULL },
+    { "pageCached", NULL, page_cached, NULL, NULL, NULL, napi_default, NULL },
     { "linear", NULL, linear, NULL, NULL, NULL, napi_default, NULL },
     { "conv2d", NULL, conv2d, NULL, NULL, NULL, napi_default, NULL },
     { "conv3x3Winograd", NULL, conv3x3_winograd, NULL, NULL, NULL, napi_default, NULL },

@@ -5,7 +5,7 @@
  * agree; then the model fixtures must pass their parity checks with every layer on the kernels (SD_KERNELS=1).
  * Whole blocks on the kernels: tests/native-blocks.test.ts.
  */
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { decodeToFloat32, encodeFloat16 } from '../src/weights/dtypes.js';
@@ -438,6 +438,95 @@ describe.runIf(built)('native kernels', () => {
         const [fromHalves, fromFloats] = [run(half), run(float)];
         fromHalves.forEach((v, i) => expect(Buffer.from(v.buffer).equals(Buffer.from(fromFloats[i].buffer)), `output ${i}`).toBe(true));
         tf.dispose([x, img]);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    it('pack halves in the background: the same panels, a source held until its packing is done, and every call that reads panels waits', () => {
+      const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
+      const bytes = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+      const [k, n] = [2560, 2048]; // 10 MB of halves each: still packing when the call returns
+      const sources = [0, 1, 2].map(() => Uint16Array.from(rand(k * n), (v) => 0x3000 + Math.round((v + 0.5) * 0x1000)));
+      const want = sources.map((h) => bytes(addon.packWeights(h, k, n, 1, 1, false, 2) as Uint16Array));
+      const x = new Float32Array(rand(3 * k)), got = new Float32Array(3 * n), expected = new Float32Array(3 * n);
+      addon.linear(x, 3, k, addon.packWeights(sources[2], k, n, 1, 1, false, 2), n, null, expected, 2, null);
+      const later = sources.map((h) => addon.packWeights(h, k, n, 1, 1, false, 2, true) as Uint16Array);
+      // linear reads the last one's panels only once they are packed: the product of the finished panels
+      addon.linear(x, 3, k, later[2], n, null, got, 2, null);
+      expect(bytes(got).equals(bytes(expected))).toBe(true);
+      later.forEach((panels, i) => expect(bytes(panels).equals(want[i]), `${i}`).toBe(true));
+      later.push(addon.packWeights(sources[1], k, n, 1, 1, false, 2, true) as Uint16Array);
+      addon.awaitPacks(sources[1]);
+      expect(bytes(later[3]).equals(want[1])).toBe(true);
+      // freed while packing: the packing finishes first
+      const h = sources[0];
+      expect(addon.releasePanels(addon.packWeights(h, k, n, 1, 1, false, 2, true))).toBe(true);
+      addon.awaitPacks();
+    });
+
+    it('load weights from an fp16 file into two buffers in turn while each is packed in the background: the panels of packing them one by one', () => {
+      const dir = mkdtempSync(join(tmpdir(), 'sd-background-'));
+      try {
+        const [k, n, count] = [1024, 1536, 5]; // 3 MB each: the third reads into the first one's buffer
+        const values = Array.from({ length: count }, () => rand(k * n).map((v) => Math.round(v * 1024) / 1024));
+        const file = join(dir, 'half.safetensors');
+        writeSafetensors(file, values.map((_, i) => [`l${i}.weight`, { dtype: 'F16', shape: [n, k] }]), (name) => encodeFloat16(values[Number(name.slice(1, -7))]));
+        const src = SafetensorsFile.open(file);
+        const p = WeightView.root(src, '', { native: true });
+        const layers = values.map((_, i) => Linear.load(p.child(`l${i}`), k, n, { bias: false }));
+        src.close();
+        kernels.awaitPacks();
+        const bytes = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+        layers.forEach((l, i) => {
+          const one = kernels.packWeight(Uint16Array.from(encodeFloat16(values[i])), n, { kind: 'linear' }, null);
+          expect(bytes(l.packed!.panels).equals(bytes(one.panels)), `l${i}`).toBe(true);
+          l.dispose();
+        });
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    it('read a file past the page cache at any position and length, and say what the cache holds', () => {
+      const dir = mkdtempSync(join(tmpdir(), 'sd-direct-'));
+      try {
+        const file = join(dir, 'bytes.bin');
+        const data = Uint8Array.from({ length: 17 * 2 ** 20 + 4321 }, (_, i) => (i * 2654435761) >>> 24); // past two 8 MB chunks, not whole blocks
+        writeFileSync(file, data);
+        let fd: number;
+        try {
+          fd = openSync(file, constants.O_RDONLY | constants.O_DIRECT);
+        } catch {
+          return void console.warn('skipping the direct reads: this file system opens no file with O_DIRECT');
+        }
+        try {
+          for (const [at, len] of [[0, 4096], [1, 100], [4095, 2], [12345, 9 * 2 ** 20], [2 ** 23 - 7, 2 ** 23 + 14], [data.length - 5000, 5000], [0, data.length]]) {
+            const out = new Uint8Array(len);
+            expect(kernels.readDirect(fd, at, out), `${at} + ${len}`).toBe(true);
+            expect(Buffer.from(out).equals(Buffer.from(data.subarray(at, at + len))), `${at} + ${len}`).toBe(true);
+          }
+          expect(kernels.readDirect(fd, data.length - 10, new Uint8Array(11))).toBe(false); // past the end
+          const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
+          expect(() => addon.readDirect(fd, 0, new Uint16Array(8))).toThrow(/readDirect\(fd, position, out Uint8Array\)/);
+        } finally {
+          closeSync(fd);
+        }
+        const plain = openSync(file, 'r');
+        try {
+          expect(kernels.pageCached(plain, 0, data.length)).toBe(true); // just written
+        } finally {
+          closeSync(plain);
+        }
+        const sparse = join(dir, 'sparse.bin');
+        closeSync(openSync(sparse, 'w'));
+        truncateSync(sparse, 2 ** 24); // a hole: nothing of it is cached until read
+        const hole = openSync(sparse, 'r');
+        try {
+          expect(kernels.pageCached(hole, 2 ** 20, 2 ** 22)).toBe(false);
+        } finally {
+          closeSync(hole);
+        }
       } finally {
         rmSync(dir, { recursive: true, force: true });
       }

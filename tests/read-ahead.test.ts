@@ -1,20 +1,31 @@
 /**
- * What a safetensors file asks the system to read ahead of its reads (SafetensorsFile.readAheadOf): the native
- * readAhead is replaced by a recorder here, so the ranges asked for are seen whether or not the kernels are built.
+ * What a safetensors file asks the system to read ahead of its reads through the page cache
+ * (SafetensorsFile.readAheadOf), and which reads go past it (readDirectly): the native readAhead, readDirect and
+ * pageCached are replaced by recorders here, so what is asked for is seen whether or not the kernels are built.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, constants, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeEach, describe, expect, it, vi } from 'vitest';
 
 const asked: [number, number][] = [];
 let answer = true;
+/** Direct reads asked for, [position, bytes]; whether they succeed (filling out with 7s); what pageCached says. */
+const direct: [number, number][] = [];
+let directAnswer = true;
+let cached = false;
 vi.mock('../src/backend/kernels.js', async (original) => ({
   ...(await original<typeof import('../src/backend/kernels.js')>()),
   readAhead: (_fd: number, offset: number, length: number) => {
     asked.push([offset, length]);
     return answer;
   },
+  readDirect: (_fd: number, position: number, out: Uint8Array) => {
+    direct.push([position, out.byteLength]);
+    if (directAnswer) out.fill(7);
+    return directAnswer;
+  },
+  pageCached: () => cached,
 }));
 const { SafetensorsFile, writeSafetensors } = await import('../src/weights/safetensors.js');
 
@@ -37,7 +48,9 @@ describe('a safetensors file reads ahead', () => {
   beforeEach(() => {
     asked.length = 0;
     answer = true;
+    process.env.SD_DIRECT_READS = '0'; // every read through the page cache
   });
+  afterAll(() => void delete process.env.SD_DIRECT_READS);
 
   it('from the first tensor on open, then 128 MB past each read, asking again once a quarter of that (or the rest of the file) is wanted', () => {
     const MB = 2 ** 20;
@@ -73,5 +86,72 @@ describe('a safetensors file reads ahead', () => {
     f.float32('t0');
     f.close();
     expect(asked.length).toBe(1);
+  });
+});
+
+/** Whether this file system opens files for direct reads at all (tmpfs before Linux 6.6 does not). */
+function opensDirect(): boolean {
+  const probe = join(dir, 'probe');
+  writeFileSync(probe, 'x');
+  try {
+    closeSync(openSync(probe, constants.O_RDONLY | (constants.O_DIRECT ?? 0)));
+    return constants.O_DIRECT !== undefined;
+  } catch {
+    return false;
+  }
+}
+
+describe.skipIf(!opensDirect())('a safetensors file reads large tensors past the page cache', () => {
+  beforeEach(() => {
+    asked.length = direct.length = 0;
+    answer = directAnswer = true;
+    cached = false;
+  });
+
+  it('tensors of 256 KB or more, at their place in the file, asking for no read-ahead; smaller ones through the cache', () => {
+    const { path, at } = file(3, 64 * 1024); // 256 KB tensors
+    const small = file(2, 1024);
+    const f = SafetensorsFile.open(path);
+    expect(f.bytes('t1').every((b) => b === 7)).toBe(true);
+    expect(f.float32('t2').length).toBe(64 * 1024);
+    f.close();
+    expect(direct).toEqual([[at(1), 256 * 1024], [at(2), 256 * 1024]]);
+    const g = SafetensorsFile.open(small.path);
+    expect(g.float32('t1')).toEqual(new Float32Array(1024)); // the file's zeros, not the 7s
+    g.close();
+    expect(direct.length).toBe(2);
+    expect(asked).toEqual([]);
+  });
+
+  it('not what the page cache holds', () => {
+    cached = true;
+    const { path } = file(2, 64 * 1024);
+    const f = SafetensorsFile.open(path);
+    expect(f.float32('t0')).toEqual(new Float32Array(64 * 1024));
+    f.close();
+    expect(direct).toEqual([]);
+  });
+
+  it('through the cache from the first refusal on, the file\'s own bytes', () => {
+    directAnswer = false;
+    const { path } = file(3, 64 * 1024);
+    const f = SafetensorsFile.open(path);
+    expect(f.float32('t0')).toEqual(new Float32Array(64 * 1024));
+    expect(f.float32('t1')).toEqual(new Float32Array(64 * 1024));
+    f.close();
+    expect(direct.length).toBe(1);
+  });
+
+  it('not at all with SD_DIRECT_READS=0', () => {
+    process.env.SD_DIRECT_READS = '0';
+    try {
+      const { path } = file(2, 64 * 1024);
+      const f = SafetensorsFile.open(path);
+      f.float32('t0');
+      f.close();
+    } finally {
+      delete process.env.SD_DIRECT_READS;
+    }
+    expect(direct).toEqual([]);
   });
 });

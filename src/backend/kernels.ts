@@ -36,7 +36,9 @@ interface Addon {
   microKernel(name?: string): string;
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number, bf16?: false, threads?: number): Float32Array;
   /** Weights as IEEE halves (as an fp16 file stores them) packed into panels of halves, with no float32 copy. */
-  packWeights(w: Uint16Array, k: number, n: number, layout: number, taps: number, bf16?: false, threads?: number): Uint16Array;
+  packWeights(w: Uint16Array, k: number, n: number, layout: number, taps: number, bf16?: false, threads?: number, later?: boolean): Uint16Array;
+  /** Returns once no packing in the background (packWeights with later) reads `source`; with none, once all are done. */
+  awaitPacks(source?: Uint16Array): void;
   /** The same panels as bfloat16 pairs [n][K/2][16][2] (K / taps even), for the bfloat16 product. */
   packWeights(w: Float32Array, k: number, n: number, layout: number, taps: number, bf16: true): Uint16Array;
   /** The panels as IEEE halves, or null when a value is not exactly a half. */
@@ -59,6 +61,8 @@ interface Addon {
   releasePanels(panels: Float32Array | Uint16Array): boolean;
   widenHalves(src: Uint16Array, out: Float32Array): void;
   readAhead(fd: number, offset: number, length: number): boolean;
+  readDirect(fd: number, position: number, out: Uint8Array): boolean;
+  pageCached(fd: number, position: number, length: number): boolean;
   /** taps: the direct conv's panels (packWeights layout 2, float32 or halves); tile: Winograd's m, 2 or 4. */
   conv3x3Winograd(
     x: Float32Array, b: number, h: number, w: number, cin: number, taps: Float32Array | Uint16Array, cout: number,
@@ -273,8 +277,13 @@ export function winogradTile(b: number, h: number, w: number, cin: number, cout:
 /**
  * Packs a Linear's [out, in] or a Conv2d's OIHW [out, in, k, k] checkpoint weight: float32, or IEEE halves as an
  * fp16 file stores them (WeightView.withStored), which are packed as halves straight away where panels may be halves.
+ * With `background`, halves are packed by a thread of the kernels' while the caller goes on (a loader reads the next
+ * weight meanwhile): the caller then leaves `w` as it is until awaitPacks(w) returns, and reads the panels itself
+ * only after awaitPacks() (the kernels' own calls wait for them).
  */
-export function packWeight(w: Float32Array | Uint16Array, out: number, format: PackFormat, bias: Float32Array | null): PackedWeight {
+export function packWeight(
+  w: Float32Array | Uint16Array, out: number, format: PackFormat, bias: Float32Array | null, { background = false }: { background?: boolean } = {},
+): PackedWeight {
   const taps = format.kind === 'conv' ? format.kernel * format.kernel : 1;
   const layout = format.kind === 'conv' ? 2 : 1;
   const k = w.length / out;
@@ -287,7 +296,7 @@ export function packWeight(w: Float32Array | Uint16Array, out: number, format: P
     return { k, n: out, panels, bias, bf16: true };
   }
   const panels = w instanceof Uint16Array
-    ? kernels().packWeights(w, k, out, layout, taps, false, threads())
+    ? kernels().packWeights(w, k, out, layout, taps, false, threads(), background)
     : halvedIfExact(kernels().packWeights(w, k, out, layout, taps, false, threads()));
   const packed = { k, n: out, panels, bias };
   return format.kind === 'conv' && format.winograd === true && taps === 9 ? { ...packed, winograd: true } : packed;
@@ -328,6 +337,30 @@ export function widenHalves(src: Uint16Array, out: Float32Array): boolean {
  */
 export function readAhead(fd: number, offset: number, length: number): boolean {
   return loadedAddon()?.readAhead(fd, offset, length) ?? false;
+}
+
+/**
+ * Returns once no packing in the background (packWeight with background) reads `source`; without one, once every
+ * such packing is done. Nothing to wait for without the kernels.
+ */
+export function awaitPacks(source?: Uint16Array): void {
+  const a = loadedAddon();
+  if (a === null) return;
+  if (source === undefined) a.awaitPacks();
+  else a.awaitPacks(source);
+}
+
+/**
+ * Reads out.byteLength bytes at `position` of a file opened with O_DIRECT, past the page cache, where the kernels are
+ * built (any backend); false when it could not (nothing is then promised about out: read it through the cache).
+ */
+export function readDirect(fd: number, position: number, out: Uint8Array): boolean {
+  return loadedAddon()?.readDirect(fd, position, out) ?? false;
+}
+
+/** Whether most of [position, position + length) of an open file is in the page cache; false where that is unknown. */
+export function pageCached(fd: number, position: number, length: number): boolean {
+  return loadedAddon()?.pageCached(fd, position, length) ?? false;
 }
 
 /** The addon for loading's helpers (any backend), unless SD_KERNELS=0 or it is not built for this CPU. */

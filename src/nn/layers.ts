@@ -23,6 +23,12 @@ function own<T extends tf.Tensor>(make: () => T): T {
 }
 
 /**
+ * Weights read through WeightView.withStored are packed in the background while the next one is read
+ * (kernels.packWeight): withStored waits before it reads into a buffer a packing still reads.
+ */
+const BACKGROUND = { background: true } as const;
+
+/**
  * Into how many equal slices of its input channels a Linear or Conv2d is split: one matMul or conv per slice, the
  * results summed. The same sum in another order (not PyTorch's grouped convolution, which is another operation).
  *
@@ -56,7 +62,10 @@ function runValues(run: LinearRun | ConvRun): Float32Array[] {
     panels instanceof Uint16Array
       ? decodeToFloat32(new Uint8Array(panels.buffer, panels.byteOffset, panels.byteLength), bf16 ? 'BF16' : 'F16')
       : panels.slice();
-  const packed = (w: kernels.PackedWeight) => [widened(w.panels, w.bf16 === true), ...(w.bias === null ? [] : [w.bias.slice()])];
+  const packed = (w: kernels.PackedWeight) => {
+    kernels.awaitPacks(); // packed in the background (BACKGROUND) until then
+    return [widened(w.panels, w.bf16 === true), ...(w.bias === null ? [] : [w.bias.slice()])];
+  };
   const copies = (tensors: tf.Tensor[]) => tensors.map((t) => Float32Array.from(t.dataSync()));
   if ('panels' in run) return packed(run);
   if ('packed' in run) return packed(run.packed);
@@ -126,7 +135,7 @@ export class Linear {
         const b = bias ? p.array('bias', [rows]) : null; // read after the weight, in the checkpoint's order
         return blocks.map((i) => {
           const blockBias = b === null ? null : b.slice(i * outFeatures, (i + 1) * outFeatures);
-          return kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias);
+          return kernels.packWeight(w.subarray(i * size, (i + 1) * size), outFeatures, { kind: 'linear' }, blockBias, BACKGROUND);
         });
       });
     }
@@ -159,7 +168,11 @@ export class Linear {
     return 'panels' in this.run;
   }
 
-  /** The kernels' packed weight in use, for a layer loaded for the native kernels (else null). */
+  /**
+   * The kernels' packed weight in use, for a layer loaded for the native kernels (else null). Its panels may still be
+   * packing in the background (BACKGROUND): the kernels' calls wait for that, JavaScript reads them after
+   * kernels.awaitPacks().
+   */
   get packed(): kernels.PackedWeight | null {
     return 'panels' in this.run ? this.run : null;
   }
@@ -254,7 +267,7 @@ export class Conv2d {
     if (p.native) {
       const geometry = { kernel, stride, pad };
       const format = { kind: 'conv', kernel, winograd: kernels.winogradFits(cin, cout, geometry) } as const;
-      const packed = p.withStored('weight', [cout, cin, kernel, kernel], (w) => kernels.packWeight(w, cout, format, p.array('bias', [cout])));
+      const packed = p.withStored('weight', [cout, cin, kernel, kernel], (w) => kernels.packWeight(w, cout, format, p.array('bias', [cout]), BACKGROUND));
       return { packed, geometry };
     }
     const count = splits ?? inputSplits(cin, kernel * kernel, cout);

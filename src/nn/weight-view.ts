@@ -13,7 +13,7 @@ import * as tf from '../backend/tf.js';
 import { filledTensor } from '../backend/heap.js';
 import { laidOutShape, type Arrangement } from './arrangement.js';
 import { HostTensors } from './residency.js';
-import { useKernels } from '../backend/kernels.js';
+import { awaitPacks, useKernels } from '../backend/kernels.js';
 import { ShapeError } from './errors.js';
 import { LoggedSource, type LayerLog } from './reload.js';
 
@@ -43,8 +43,11 @@ export class WeightView {
     private readonly probed: Map<string, readonly number[]> | null,
     /** Where layers record how to load their weights again (reload.ts): a view of a LoggedSource; else null. */
     private readonly log: LayerLog | null = null,
-    /** The buffer withStored reads halves into, shared by a root and all its children. */
-    private readonly reads: { halves: Uint16Array } = { halves: new Uint16Array(0) },
+    /**
+     * The buffers withStored reads halves into, in turn, shared by a root and all its children: one is read into
+     * while the weight in the other is packed in the background.
+     */
+    private readonly reads: { halves: [Uint16Array, Uint16Array]; turn: 0 | 1 } = { halves: [new Uint16Array(0), new Uint16Array(0)], turn: 0 },
   ) {}
 
   /** A view of `src` under `prefix` (e.g. 'model.diffusion_model'; '' for the whole file). */
@@ -122,8 +125,8 @@ export class WeightView {
    * Calls `use` with the values of `${prefix}.${name}` as the file stores them where that is IEEE halves (an fp16
    * file: a Uint16Array of the halves' bits, no decoding), else as float32; checkpoint layout, its shape must equal
    * `shape`. The kernels pack halves as they are (kernels.packWeight), so an fp16 file loads with no float32 copy.
-   * Halves are read into a buffer the whole model's views reuse for the next weight (where the source reads in
-   * place): `use` must not keep them.
+   * Halves are read into buffers the whole model's views reuse for the weights after (where the source reads in
+   * place): `use` must not keep them, and may pack them in the background (kernels.packWeight with background).
    */
   withStored<R>(name: string, shape: readonly number[], use: (values: Float32Array | Uint16Array) => R): R {
     const key = this.checked(name, shape);
@@ -131,8 +134,11 @@ export class WeightView {
     if (this.src.info(key).dtype !== 'F16') return use(this.src.float32(key));
     if (this.src.bytesInto === undefined) return use(halvesOf(this.src.bytes(key)));
     const n = shape.reduce((a, b) => a * b, 1);
-    if (this.reads.halves.length < n) this.reads.halves = new Uint16Array(n);
-    const halves = this.reads.halves.subarray(0, n);
+    const turn = this.reads.turn;
+    this.reads.turn = turn === 0 ? 1 : 0;
+    if (this.reads.halves[turn].length < n) this.reads.halves[turn] = new Uint16Array(n);
+    else awaitPacks(this.reads.halves[turn]); // the weight read into it last may still be packed in the background
+    const halves = this.reads.halves[turn].subarray(0, n);
     this.src.bytesInto(key, new Uint8Array(halves.buffer, 0, 2 * n));
     return use(halves);
   }

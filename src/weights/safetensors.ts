@@ -7,12 +7,12 @@
  * range and not overlapping) and reads each tensor by offset, so multi-GB files never become one Buffer. The
  * header is parsed strictly (safetensors-header.ts: no key twice, bounded nesting), never with JSON.parse.
  */
-import { closeSync, fstatSync, openSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, renameSync, rmSync } from 'node:fs';
 import { DTYPE_BYTES, decodeToFloat32, isDType, isFloatDType, type DType } from './dtypes.js';
 import { checkInto, checkTensorBytes, openOwned, readFully, writeFully } from './files.js';
 import { parseHeaderText, type RawEntry } from './safetensors-header.js';
 import { WeightsError, WeightsLimitError, count, type TensorInfo, type TensorSource } from './types.js';
-import { readAhead } from '../backend/kernels.js';
+import { pageCached, readAhead, readDirect } from '../backend/kernels.js';
 
 /**
  * The most header bytes read or written: 16 MiB. SD 1.x and SDXL headers are 50-300 KB (~110 bytes a tensor);
@@ -32,6 +32,13 @@ interface Entry extends TensorInfo {
 /** How far past what has been read the system is asked to read the file (see readAheadOf). */
 const READ_AHEAD = 128 * 2 ** 20;
 
+/**
+ * Tensors of at least this many bytes that are not in the page cache are read past it (kernels.readDirect): a
+ * Linear's or a conv's weight. Smaller ones (norms, biases) read through the cache, where one read costs less than
+ * the disk's own latency.
+ */
+const DIRECT_MIN_BYTES = 256 * 2 ** 10;
+
 export class SafetensorsFile implements TensorSource {
   private fd: number | null;
   /** Reused for the raw bytes of tensors decoded to float32 (fp16, bf16): one fresh array per tensor, not two. */
@@ -41,6 +48,8 @@ export class SafetensorsFile implements TensorSource {
   private ahead: number;
   /** False once the system said it takes no such advice (or the kernels that ask are not built). */
   private advising = true;
+  /** The file opened again with O_DIRECT, for reads past the page cache (readDirectly); null where that cannot be. */
+  private direct: number | null = null;
 
   private constructor(
     readonly path: string,
@@ -63,7 +72,7 @@ export class SafetensorsFile implements TensorSource {
    * not always the file's) starts asking again from there.
    */
   private readAheadOf(begin: number, bytes: number): void {
-    if (this.fd === null || !this.advising) return;
+    if (this.fd === null || !this.advising || this.direct !== null) return;
     if (begin < this.aheadFrom || begin > this.ahead) this.aheadFrom = this.ahead = begin;
     const want = Math.min(begin + bytes + READ_AHEAD, this.size);
     if (want <= this.ahead || (want - this.ahead < READ_AHEAD / 4 && want < this.size)) return; // a quarter at a time, or the rest
@@ -75,6 +84,7 @@ export class SafetensorsFile implements TensorSource {
     return openOwned(path, (fd) => {
       const { entries, dataStart, metadata } = parseHeader(path, fd);
       const file = new SafetensorsFile(path, fd, entries, dataStart, metadata, fstatSync(fd).size);
+      file.direct = openDirect(path);
       file.readAheadOf(dataStart, 0); // the disk starts on the first tensors while the caller is still setting up
       return file;
     });
@@ -105,8 +115,23 @@ export class SafetensorsFile implements TensorSource {
     const e = this.entry(key);
     if (this.fd === null) throw new WeightsError(`${this.path}: read after close`);
     checkInto(this.path, key, e.end - e.begin, out);
+    if (this.readDirectly(this.dataStart + e.begin, out)) return;
     this.readAheadOf(this.dataStart + e.begin, out.byteLength);
     readAt(this.fd, out, this.dataStart + e.begin, this.path);
+  }
+
+  /**
+   * Reads a large tensor that is not in the page cache past it, from the O_DIRECT descriptor: a cold load then costs
+   * the system no cache pages to fill and copy from (kernels.readDirect says what that saves). False where it did not,
+   * and the caller reads through the cache; the first refusal ends direct reads for this file.
+   */
+  private readDirectly(position: number, out: Uint8Array): boolean {
+    if (this.direct === null || this.fd === null || out.byteLength < DIRECT_MIN_BYTES) return false;
+    if (pageCached(this.fd, position, out.byteLength)) return false;
+    if (readDirect(this.direct, position, out)) return true;
+    closeSync(this.direct);
+    this.direct = null;
+    return false;
   }
 
   float32(key: string): Float32Array {
@@ -130,7 +155,8 @@ export class SafetensorsFile implements TensorSource {
 
   close(): void {
     if (this.fd !== null) closeSync(this.fd);
-    this.fd = null;
+    if (this.direct !== null) closeSync(this.direct);
+    this.fd = this.direct = null;
     this.scratch = null;
   }
 
@@ -138,6 +164,19 @@ export class SafetensorsFile implements TensorSource {
     const e = this.entries.get(key);
     if (e === undefined) throw new WeightsError(`${this.path}: no tensor named ${key}`);
     return e;
+  }
+}
+
+/**
+ * The file opened for direct reads (O_DIRECT, Linux), or null where the system or the file system refuses, or
+ * SD_DIRECT_READS=0 says to read everything through the page cache.
+ */
+function openDirect(path: string): number | null {
+  if (constants.O_DIRECT === undefined || process.env.SD_DIRECT_READS === '0') return null;
+  try {
+    return openSync(path, constants.O_RDONLY | constants.O_DIRECT);
+  } catch {
+    return null;
   }
 }
 
