@@ -1269,12 +1269,21 @@ static void *ahead_thread(void *p) {
   return NULL;
 }
 
-static napi_value read_ahead(napi_env env, napi_callback_info info) {
+/*
+ * The three arguments of the file helpers (readAhead, readDirect, pageCached) into argv, the first `ints` of them
+ * as non-negative integers into v (a descriptor, a position, a length); false unless all of that holds.
+ */
+static bool file_args(napi_env env, napi_callback_info info, napi_value argv[3], int64_t *v, int ints) {
   size_t argc = 3;
+  bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3;
+  for (int i = 0; ok && i < ints; i++) ok = napi_get_value_int64(env, argv[i], &v[i]) == napi_ok && v[i] >= 0;
+  return ok;
+}
+
+static napi_value read_ahead(napi_env env, napi_callback_info info) {
   napi_value argv[3], r;
   int64_t v[3] = { -1, -1, -1 };
-  bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3;
-  for (int i = 0; ok && i < 3; i++) ok = napi_get_value_int64(env, argv[i], &v[i]) == napi_ok && v[i] >= 0;
+  bool ok = file_args(env, info, argv, v, 3);
 #ifdef POSIX_FADV_WILLNEED
   ok = ok && fcntl((int)v[0], F_GETFD) != -1;
   ahead_t *a = ok ? malloc(sizeof *a) : NULL;
@@ -1319,14 +1328,13 @@ static napi_value read_ahead(napi_env env, napi_callback_info info) {
 static void *direct_buf = NULL;
 
 static napi_value read_direct(napi_env env, napi_callback_info info) {
-  size_t argc = 3, len = 0;
+  size_t len = 0;
   napi_value argv[3], r;
-  int64_t fd = -1, pos = -1;
+  int64_t v[2] = { -1, -1 };
   napi_typedarray_type type = napi_int8_array;
   void *out = NULL;
-  bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3 &&
-            napi_get_value_int64(env, argv[0], &fd) == napi_ok && napi_get_value_int64(env, argv[1], &pos) == napi_ok &&
-            fd >= 0 && pos >= 0 && napi_get_typedarray_info(env, argv[2], &type, &len, &out, NULL, NULL) == napi_ok;
+  bool ok = file_args(env, info, argv, v, 2) && napi_get_typedarray_info(env, argv[2], &type, &len, &out, NULL, NULL) == napi_ok;
+  const int64_t fd = v[0], pos = v[1];
   if (ok && type != napi_uint8_array) {
     napi_throw_type_error(env, NULL, "sd_kernels: readDirect(fd, position, out Uint8Array)");
     return NULL;
@@ -1359,11 +1367,9 @@ static napi_value read_direct(napi_env env, napi_callback_info info) {
  * where the system cannot say.
  */
 static napi_value page_cached(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3], r;
   int64_t v[3] = { -1, -1, -1 };
-  bool ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3;
-  for (int i = 0; ok && i < 3; i++) ok = napi_get_value_int64(env, argv[i], &v[i]) == napi_ok && v[i] >= 0;
+  const bool ok = file_args(env, info, argv, v, 3);
   bool cached = false;
 #ifdef __linux__
   const size_t page = (size_t)sysconf(_SC_PAGESIZE), start = (size_t)v[1] & ~(page - 1);
