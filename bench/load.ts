@@ -71,7 +71,12 @@ function readThrough(): number {
 function readDirectThrough(): number | null {
   if (constants.O_DIRECT === undefined) return null;
   dropCaches();
-  const fd = openSync(weights, constants.O_RDONLY | constants.O_DIRECT);
+  let fd: number;
+  try {
+    fd = openSync(weights, constants.O_RDONLY | constants.O_DIRECT);
+  } catch {
+    return null; // a file system without direct I/O
+  }
   const size = statSync(weights).size, chunk = 16 * 2 ** 20;
   const buf = new Uint8Array(chunk);
   const t0 = performance.now();
