@@ -74,6 +74,8 @@ describe.runIf(built)('native kernels', () => {
     ['3x3 stride 2, pad (0,1,0,1) (VAE Downsample)', 8, 24, 3, 2, [0, 1, 0, 1], 10, 12],
     ['1x1 with more than 256 input channels', 300, 33, 1, 1, 0, 5, 6],
     ['3x3 from 4 channels (conv_in)', 4, 32, 3, 1, 'same-as-torch', 8, 8],
+    ['3x3 to 4 channels over several shared blocks (the UNet\'s conv_out: one partial panel)', 320, 4, 3, 1, 'same-as-torch', 9, 7],
+    ['3x3 to 3 channels (the VAE\'s conv_out)', 128, 3, 3, 1, 'same-as-torch', 6, 5],
   ];
   it.each(convCases)('Conv2d %s matches the tfjs conv', (_name, cin, cout, k, stride, padding, h, w) => {
     const src = source({ 'c.weight': [cout, cin, k, k], 'c.bias': [cout] });
@@ -150,6 +152,39 @@ describe.runIf(built)('native kernels', () => {
     });
     expect(maxRelError(native, tfjs)).toBeLessThan(1e-5);
     x.dispose();
+  });
+
+  /*
+   * The last panel when N is not a multiple of 16 is summed in a buffer of its own over every shared block and its
+   * bias, per-image bias and residual added once (gemm_block's edge): against sums in double, for column counts with
+   * that panel alone, after whole ones and after a pair of the AVX-512 kernel's, over one and several shared blocks
+   * and row blocks.
+   */
+  it.each([
+    [29, 40, 4], [29, 600, 4], [200, 300, 24], [13, 520, 40], [7, 50, 3],
+  ])('a partial last panel gets each product, bias, per-image bias and residual once (M %i, K %i, N %i)', (m, k, n) => {
+    const w = rand(n * k), bias = rand(n), x = rand(m * k), res = rand(m * n);
+    const reference = (withRes: boolean, rowBias: (row: number) => Float64Array | Float32Array) => {
+      const out = new Float32Array(m * n);
+      for (let i = 0; i < m; i++) {
+        for (let j = 0; j < n; j++) {
+          let acc = rowBias(i)[j] + (withRes ? res[i * n + j] : 0);
+          for (let t = 0; t < k; t++) acc += x[i * k + t] * w[j * k + t];
+          out[i * n + j] = acc;
+        }
+      }
+      return out;
+    };
+    const packed = kernels.packWeight(w, n, { kind: 'linear' }, bias);
+    const y = kernels.linearHost({ data: x, shape: [m, k] }, packed, { data: res, shape: [m, n] });
+    expect(maxRelError(y.data, reference(true, () => bias))).toBeLessThan(1e-5);
+    // a 1x1 conv on two images, each with its own bias row (a ResnetBlock's time embedding)
+    const half = Math.floor(m / 2), rows = half * 2;
+    const conv = kernels.packWeight(w, n, { kind: 'conv', kernel: 1 }, bias);
+    const imageBias = rand(2 * n);
+    const z = kernels.conv2dHost({ data: x.subarray(0, rows * k), shape: [2, 1, half, k] }, conv, { kernel: 1, stride: 1, pad: [0, 0, 0, 0] }, { imageBias });
+    const perImage = (i: number) => Float64Array.from({ length: n }, (_, j) => imageBias[Math.floor(i / half) * n + j] + bias[j]);
+    expect(maxRelError(z.data, reference(false, perImage).subarray(0, rows * n))).toBeLessThan(1e-5);
   });
 
   it.each([
