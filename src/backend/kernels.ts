@@ -383,19 +383,22 @@ function halfPanels(): boolean {
   return process.env.SD_HALF_PANELS !== '0';
 }
 
-/** Called after each native kernel with its name, input shape and milliseconds (bench/profile.ts listens). */
-export type KernelTimer = (name: string, shape: readonly number[], ms: number) => void;
+/**
+ * Called after each native kernel with its name, input shape, milliseconds and, for the products, the multiply-adds'
+ * FLOPs (2 per multiply-add; a Winograd conv's counted as the direct conv's) (bench/profile.ts listens).
+ */
+export type KernelTimer = (name: string, shape: readonly number[], ms: number, flops?: number) => void;
 let timer: KernelTimer | null = null;
 
 export function setKernelTimer(t: KernelTimer | null): void {
   timer = t;
 }
 
-function timed<R>(name: string, shape: readonly number[], f: () => R): R {
+function timed<R>(name: string, shape: readonly number[], f: () => R, flops?: number): R {
   if (timer === null) return f();
   const t0 = performance.now();
   const r = f();
-  timer(name, shape, performance.now() - t0);
+  timer(name, shape, performance.now() - t0, flops);
   return r;
 }
 
@@ -440,13 +443,13 @@ function checkResidual(res: Host | undefined, shape: readonly number[]): Float32
 
 /** x [..., K] W + b (+ residual) -> [..., N]. */
 export function linearHost(x: Host, w: PackedWeight, residual?: Host): Host {
+  const m = x.data.length / w.k;
   return timed(w.bf16 === true ? 'linear bf16' : 'linear', x.shape, () => {
-    const m = x.data.length / w.k;
     const shape = [...x.shape.slice(0, -1), w.n];
     const out = kernelOutput(m * w.n);
     kernels().linear(x.data, m, w.k, w.panels, w.n, w.bias, out, threads(), checkResidual(residual, shape), w.bf16 === true);
     return { data: out, shape };
-  });
+  }, 2 * m * w.k * w.n);
 }
 
 export interface ConvExtras {
@@ -470,6 +473,7 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
   }
   const residual = checkResidual(extras.residual, shape);
   const perImage = extras.imageBias !== undefined;
+  const flops = 2 * b * hOut * wOut * w.k * w.n;
   if (w.winograd === true && (!winogradFits(cin, w.n, g) || w.k !== 9 * cin)) {
     throw new RangeError(`a Winograd weight [${w.k / 9} -> ${w.n}] cannot run this conv (input [${x.shape}])`);
   }
@@ -479,7 +483,7 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
       const out = kernelOutput(b * hOut * wOut * w.n);
       kernels().conv3x3Winograd(x.data, b, h, wd, cin, w.panels, w.n, bias, out, threads(), residual, perImage, tile);
       return { data: out, shape };
-    });
+    }, flops);
   }
   return timed(`conv2d ${g.kernel}x${g.kernel}/${g.stride}${w.bf16 === true ? ' bf16' : ''}`, x.shape, () => {
     const out = kernelOutput(b * hOut * wOut * w.n);
@@ -488,7 +492,7 @@ export function conv2dHost(x: Host, w: PackedWeight, g: ConvGeometry, extras: Co
       w.bf16 === true,
     );
     return { data: out, shape };
-  });
+  }, flops);
 }
 
 /** softmax(q k^T / sqrt(D)) v per head: q [B, Nq, H*D], k, v [B, Nk, H*D] -> [B, Nq, H*D]. */
@@ -499,7 +503,7 @@ export function attentionHost(q: Host, k: Host, v: Host, heads: number): Host {
     const out = kernelOutput(b * nq * c);
     kernels().attention(q.data, k.data, v.data, b, nq, k.shape[1], heads, d, 1 / Math.sqrt(d), out, threads(), precision === 'bf16');
     return { data: out, shape: q.shape };
-  });
+  }, 4 * b * nq * k.shape[1] * c);
 }
 
 /** GroupNorm over channels-last x [B, ..., C] (biased variance per group), then SiLU when `silu`. */
@@ -541,12 +545,12 @@ export function gegluHost(value: Host, gate: Host): Host {
 export function linearGegluHost(x: Host, value: PackedWeight, gate: PackedWeight): Host {
   if (value.k !== gate.k || value.n !== gate.n) throw new RangeError(`linearGeglu: value [${value.k} -> ${value.n}] and gate [${gate.k} -> ${gate.n}] differ`);
   if (value.bf16 === true || gate.bf16 === true) return gegluHost(linearHost(x, value), linearHost(x, gate));
+  const m = x.data.length / value.k;
   return timed('linear+geglu', x.shape, () => {
-    const m = x.data.length / value.k;
     const out = kernelOutput(m * value.n);
     kernels().linearGeglu(x.data, m, value.k, value.panels, gate.panels, value.n, value.bias, gate.bias, out, threads());
     return { data: out, shape: [...x.shape.slice(0, -1), value.n] };
-  });
+  }, 4 * m * value.k * value.n);
 }
 
 /** x [..., K] W + b -> [..., N]. */
