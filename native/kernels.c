@@ -1612,11 +1612,15 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void g_rows(con
   }
 }
 
-__attribute__((target("avx2,f16c,fma"), always_inline)) static inline void wino_weights_m(const wino_w_t *s, size_t cp0, size_t cp1, const int m, const float (*G)[3]) {
-  const size_t one = packed_len(s->Cin, s->Cout);
+/*
+ * U_xi for the output panels [cp0, cp1) and input channels [ci0, ci1) into out: U_xi's value for (ci, the panel's
+ * column j) at out[xi * xi_stride + (cp - cp0) * panel_stride + (ci - ci0) * 16 + j].
+ */
+__attribute__((target("avx2,f16c,fma"), always_inline)) static inline void wino_weights_m(const wino_w_t *s, size_t cp0, size_t cp1, size_t ci0, size_t ci1,
+                                                                                     float *out, size_t xi_stride, size_t panel_stride, const int m, const float (*G)[3]) {
   const int a = m + 2;
   for (size_t cp = cp0; cp < cp1; cp++)
-    for (size_t ci = 0; ci < s->Cin; ci++)
+    for (size_t ci = ci0; ci < ci1; ci++)
       for (int lane = 0; lane < 2; lane++) { /* 16 outputs as two vectors of 8 */
         const size_t at = (cp * 9 * s->Cin + ci) * NR + (size_t)lane * 8, tap = s->Cin * NR;
         __m256 g[9], t[3][6], tc[6], u[6];
@@ -1626,34 +1630,37 @@ __attribute__((target("avx2,f16c,fma"), always_inline)) static inline void wino_
           g_rows(G, a, g + j, 3, tc);
           for (int i = 0; i < a; i++) t[j][i] = tc[i];
         }
-        float *o = s->p + (cp * s->Cin + ci) * NR + (size_t)lane * 8;
+        float *o = out + (cp - cp0) * panel_stride + (ci - ci0) * NR + (size_t)lane * 8;
         for (int i = 0; i < a; i++) { /* u = t G^T: row i of t to row i of u */
           const __m256 row[3] = { t[0][i], t[1][i], t[2][i] };
           g_rows(G, a, row, 1, u);
-          for (int k = 0; k < a; k++) _mm256_storeu_ps(o + (size_t)(a * i + k) * one, u[k]);
+          for (int k = 0; k < a; k++) _mm256_storeu_ps(o + (size_t)(a * i + k) * xi_stride, u[k]);
         }
       }
 }
 
-__attribute__((target("avx2,f16c,fma"))) static void wino_weights(const wino_w_t *s, size_t cp0, size_t cp1) {
-  if (s->m == 4) wino_weights_m(s, cp0, cp1, 4, G4);
-  else wino_weights_m(s, cp0, cp1, 2, G2);
+__attribute__((target("avx2,f16c,fma"))) static void wino_weights(const wino_w_t *s, size_t cp0, size_t cp1, size_t ci0, size_t ci1, float *out,
+                                                                   size_t xi_stride, size_t panel_stride) {
+  if (s->m == 4) wino_weights_m(s, cp0, cp1, ci0, ci1, out, xi_stride, panel_stride, 4, G4);
+  else wino_weights_m(s, cp0, cp1, ci0, ci1, out, xi_stride, panel_stride, 2, G2);
 }
 
+/* Every U_xi, whole, into s->p: (m+2)^2 packed matrices packed_len(Cin, Cout) apart, the panels shared by the threads. */
 static void wino_weights_task(void *ctx, int t, int n) {
   const wino_w_t *s = ctx;
-  const size_t panels = (s->Cout + NR - 1) / NR;
-  wino_weights(s, panels * (size_t)t / (size_t)n, panels * (size_t)(t + 1) / (size_t)n);
+  const size_t panels = (s->Cout + NR - 1) / NR, cp0 = panels * (size_t)t / (size_t)n, cp1 = panels * (size_t)(t + 1) / (size_t)n;
+  wino_weights(s, cp0, cp1, 0, s->Cin, s->p + cp0 * s->Cin * NR, packed_len(s->Cin, s->Cout), s->Cin * NR);
 }
 
 typedef struct {
-  const float *x, *packed, *bias, *res;
+  const float *x, *packed, *bias, *res; /* packed: every U_xi, made before (NULL: made block by block, from taps) */
   float *out;
   size_t B, H, W, Cin, Cout, th, tw, tiles, bias_rows;
   int m;
   const size_t *kstart;
   size_t kblocks;
   units_t blocks; /* the tiles in blocks of at most WT */
+  wino_w_t taps;  /* where packed is NULL: the taps U_xi are made from */
 } wino_t;
 
 /* B^T d for one column (or row) d of the patch: m + 2 values to m + 2. */
@@ -1691,7 +1698,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void output_1d(
 }
 
 /* Tiles [t0, t0 + n) -> v[xi][n][Cin]: B^T d B per channel, 8 channels at a time; outside the image reads zeros. */
-__attribute__((target("avx2,fma"), always_inline)) static inline void wino_input_m(const wino_t *s, size_t t0, size_t n, float *v, const int m) {
+__attribute__((target("avx2,fma"), always_inline)) static inline void wino_input_m(const wino_t *s, size_t t0, size_t n, float *v, size_t ld, const int m) {
   const size_t C = s->Cin;
   const int a = m + 2;
   for (size_t i = 0; i < n; i++) {
@@ -1711,15 +1718,18 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void wino_input
       }
       for (int k = 0; k < a; k++) { /* (B^T d) B: row k */
         input_1d(m, t[k], r);
-        float *o = v + (size_t)(a * k) * n * C + i * C + c;
-        for (int q = 0; q < a; q++) _mm256_storeu_ps(o + (size_t)q * n * C, r[q]);
+        float *o = v + (size_t)(a * k) * ld * C + i * C + c;
+        for (int q = 0; q < a; q++) _mm256_storeu_ps(o + (size_t)q * ld * C, r[q]);
       }
     }
   }
 }
 
-/* p[xi][n][Cout] -> the m x m outputs of tiles [t0, t0 + n): A^T p A, plus bias and residual; edges past H, W dropped. */
-__attribute__((target("avx2,fma"), always_inline)) static inline void wino_output_m(const wino_t *s, size_t t0, size_t n, const float *p, const int m) {
+/*
+ * p[xi][ld][Cout] (its first n rows of each xi) -> the m x m outputs of tiles [t0, t0 + n): A^T p A, plus bias and
+ * residual; edges past H, W dropped.
+ */
+__attribute__((target("avx2,fma"), always_inline)) static inline void wino_output_m(const wino_t *s, size_t t0, size_t n, const float *p, size_t ld, const int m) {
   const size_t C = s->Cout;
   const int a = m + 2;
   for (size_t i = 0; i < n; i++) {
@@ -1728,8 +1738,8 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void wino_outpu
     for (size_t c = 0; c < C; c += 8) {
       __m256 u[6][4], row[6], col[6], y[4];
       for (int r = 0; r < a; r++) { /* p A: row r */
-        const float *at = p + (size_t)(a * r) * n * C + i * C + c;
-        for (int q = 0; q < a; q++) row[q] = _mm256_loadu_ps(at + (size_t)q * n * C);
+        const float *at = p + (size_t)(a * r) * ld * C + i * C + c;
+        for (int q = 0; q < a; q++) row[q] = _mm256_loadu_ps(at + (size_t)q * ld * C);
         output_1d(m, row, u[r]);
       }
       const __m256 bv = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
@@ -1749,14 +1759,103 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void wino_outpu
   }
 }
 
-AVX2 static void wino_input(const wino_t *s, size_t t0, size_t n, float *v) {
-  if (s->m == 4) wino_input_m(s, t0, n, v, 4);
-  else wino_input_m(s, t0, n, v, 2);
+/* v[xi][ld][Cin] (rows [0, n) of each xi) = B^T d B for the tiles [t0, t0 + n). */
+AVX2 static void wino_input(const wino_t *s, size_t t0, size_t n, float *v, size_t ld) {
+  if (s->m == 4) wino_input_m(s, t0, n, v, ld, 4);
+  else wino_input_m(s, t0, n, v, ld, 2);
 }
 
-AVX2 static void wino_output(const wino_t *s, size_t t0, size_t n, const float *p) {
-  if (s->m == 4) wino_output_m(s, t0, n, p, 4);
-  else wino_output_m(s, t0, n, p, 2);
+AVX2 static void wino_output(const wino_t *s, size_t t0, size_t n, const float *p, size_t ld) {
+  if (s->m == 4) wino_output_m(s, t0, n, p, ld, 4);
+  else wino_output_m(s, t0, n, p, ld, 2);
+}
+
+/*
+ * A conv with few tiles (at most one block of WT per thread: SD's 16x16 and 32x32 levels) against many channels
+ * spends less on U_xi made where it is used than on U_xi made whole before: each xi's matrix (105 MB for 1280 ->
+ * 1280 at F(2x2)) was written out by one pass and read back by the next, and SD 1.5's step ran 0.33-0.53 s (9-14%)
+ * faster with that pass skipped. Such a conv runs in three passes instead: the input transform of every tile (v,
+ * [xi][tiles][Cin]); the threads share out the output panels, each making U_xi for one panel pair and shared block at
+ * a time (ub, nxi x 2 x KC x 16 floats) and using it on every tile and xi while it is in cache (p, [xi][tiles][Cout]);
+ * then the output transform. The products are summed in the same order as gemm_rows over U_xi made whole, so the
+ * same bits.
+ */
+typedef struct {
+  const wino_t *s;
+  float *v, *p;
+  units_t in, out; /* blocks of tiles for the first and third passes */
+  size_t pairs;    /* output panel pairs, shared out by the second */
+} wino_fused_t;
+
+static void wino_fused_in(void *ctx, int t, int n) {
+  (void)t, (void)n;
+  wino_fused_t *f = ctx;
+  size_t b0, t1;
+  while (take(&f->in, &b0, &t1)) wino_input(f->s, b0, t1 - b0, f->v + b0 * f->s->Cin, f->s->tiles);
+}
+
+static void wino_fused_out(void *ctx, int t, int n) {
+  (void)t, (void)n;
+  wino_fused_t *f = ctx;
+  size_t b0, t1;
+  while (take(&f->out, &b0, &t1)) wino_output(f->s, b0, t1 - b0, f->p + b0 * f->s->Cout, f->s->tiles);
+}
+
+static void wino_fused_gemms(void *ctx, int t, int nthreads) {
+  const wino_fused_t *f = ctx;
+  const wino_t *s = f->s;
+  const size_t nxi = (size_t)(s->m + 2) * (size_t)(s->m + 2), panels = (s->Cout + NR - 1) / NR, mr = micro.mr, n = s->tiles;
+  const size_t jp0 = 2 * (f->pairs * (size_t)t / (size_t)nthreads), jp1 = min_sz(panels, 2 * (f->pairs * (size_t)(t + 1) / (size_t)nthreads));
+  const float **rows = malloc(sizeof(float *) * (n + MR_MAX));
+  float *ub = aligned_alloc(64, sizeof(float) * nxi * 2 * KC * NR);
+  float tile[MR_MAX * 2 * NR];
+  for (size_t kb = 0; rows && ub && kb < s->kblocks; kb++) {
+    const size_t k0 = s->kstart[kb], kc = s->kstart[kb + 1] - k0;
+    size_t np;
+    for (size_t jp = jp0; jp < jp1; jp += np) {
+      const micro_fn kernel = micro_for(jp, jp1, &np);
+      wino_weights(&s->taps, jp, jp + np, k0, k0 + kc, ub, np * kc * NR, kc * NR);
+      const int whole_cols = (jp + np) * NR <= s->Cout;
+      for (size_t xi = 0; xi < nxi; xi++) {
+        for (size_t i = 0; i < n; i++) rows[i] = f->v + (xi * n + i) * s->Cin + k0;
+        for (size_t i = n; i % mr; i++) rows[i] = zeros;
+        const float *b = ub + xi * np * kc * NR;
+        for (size_t ir = 0; ir < n; ir += mr) {
+          float *c = f->p + (xi * n + ir) * s->Cout + jp * NR;
+          if (whole_cols && ir + mr <= n) {
+            kernel((int)kc, rows + ir, b, kc * NR, c, s->Cout, kb > 0);
+            continue;
+          }
+          kernel((int)kc, rows + ir, b, kc * NR, tile, np * NR, 0);
+          for (size_t q = 0; q < np; q++)
+            write_tile(tile + q * NR, np * NR, c + q * NR, s->Cout, (int)min_sz(mr, n - ir), (int)min_sz(NR, s->Cout - (jp + q) * NR), 0, 0, NULL, kb > 0);
+        }
+      }
+    }
+  }
+  if (!rows || !ub) /* no scratch: this thread's columns as NaN, never passing for a result */
+    for (size_t xi = 0; xi < nxi; xi++)
+      for (size_t i = 0; i < n; i++)
+        for (size_t j = jp0 * NR; j < min_sz(jp1 * NR, s->Cout); j++) f->p[(xi * n + i) * s->Cout + j] = NAN;
+  free(rows);
+  free(ub);
+}
+
+/* The three passes of a conv with few tiles; false where its v and p could not be allocated. */
+static int wino_fused_conv(const wino_t *s, int threads) {
+  const size_t nxi = (size_t)(s->m + 2) * (size_t)(s->m + 2);
+  wino_fused_t f = { s, malloc(sizeof(float) * nxi * s->tiles * s->Cin), malloc(sizeof(float) * nxi * s->tiles * s->Cout), { 0 }, { 0 },
+                     ((s->Cout + NR - 1) / NR + 1) / 2 };
+  if (f.v && f.p) {
+    units_of(&f.in, s->tiles, WT, 1, threads);
+    units_of(&f.out, s->tiles, WT, 1, threads);
+    parallel(wino_fused_in, &f, threads);
+    parallel(wino_fused_gemms, &f, threads);
+    parallel(wino_fused_out, &f, threads);
+  }
+  free(f.v);
+  free(f.p);
+  return f.v && f.p;
 }
 
 /* Blocks of tiles taken in turn: transform, (m+2)^2 GEMMs (this thread alone), transform back. */
@@ -1769,14 +1868,14 @@ static void wino_task(void *ctx, int t, int nthreads) {
   while (take(&s->blocks, &b0, &t1)) {
     if (v && p) {
       const size_t one = packed_len(s->Cin, s->Cout), n = t1 - b0;
-      wino_input(s, b0, n, v);
+      wino_input(s, b0, n, v, n);
       for (size_t xi = 0; xi < nxi; xi++) {
         dense_rows_t rows = { v + xi * n * s->Cin, s->Cin };
         gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->packed + xi * one, NULL,
                      { NULL, 0, 0, NULL, 0 }, p + xi * n * s->Cout, s->Cout };
         gemm_rows(&g, 0, n);
       }
-      wino_output(s, b0, n, p);
+      wino_output(s, b0, n, p, n);
       continue;
     }
     const size_t m = (size_t)s->m;
@@ -1797,6 +1896,14 @@ static void wino_task(void *ctx, int t, int nthreads) {
  * 2560 -> 1280) rarely found that much free in the heap between the feature maps, so its pages faulted in zeroed
  * every time: SD 1.5's 16x16 2560 -> 1280 conv took ~100 ms in the UNet against ~57 ms alone. trimHeap frees it.
  */
+/* Whether U_xi is made where it is used (wino_fused_conv) rather than whole before (SD_WINO_FUSED=0/1 for measuring). */
+static int wino_fused(size_t tiles, int threads) {
+  const char *e = getenv("SD_WINO_FUSED");
+  if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  const size_t n = (size_t)(threads < 1 ? 1 : threads);
+  return (tiles + n * WT - 1) / (n * WT) <= 1; /* each thread one block of tiles */
+}
+
 static float *wino_scratch(size_t len) {
   if (len > wino_made_len) {
     free(wino_made);
@@ -1826,15 +1933,17 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   float *out = f32(&a, 8, "out", B * H * W * Cout, 0);
   const float *res = f32(&a, 10, "residual", B * H * W * Cout, 1);
   if (a.failed || B * H * W == 0 || Cout == 0) return NULL;
-  size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
-  float *made = wino_scratch((m + 2) * (m + 2) * packed_len(Cin, Cout)); /* U_xi from the taps, this call */
-  if (!kstart || !zero_row(KC) || !made) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
-  const wino_w_t ws = { taps_f, taps_h, made, Cin, Cout, (int)m };
-  parallel(wino_weights_task, (void *)&ws, threads);
   const size_t th = (H + m - 1) / m, tw = (W + m - 1) / m;
-  wino_t s = { x, made, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 } };
+  const int fused = wino_fused(B * th * tw, threads);
+  size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
+  float *made = fused ? NULL : wino_scratch((m + 2) * (m + 2) * packed_len(Cin, Cout)); /* U_xi from the taps, this call */
+  if (!kstart || !zero_row(KC) || (!fused && !made)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
+  const wino_w_t ws = { taps_f, taps_h, made, Cin, Cout, (int)m };
+  if (!fused) parallel(wino_weights_task, (void *)&ws, threads);
+  wino_t s = { x, made, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 }, ws };
   units_of(&s.blocks, s.tiles, WT, 1, threads);
-  parallel(wino_task, &s, threads);
+  if (fused && !wino_fused_conv(&s, threads)) fail(&a, "sd_kernels: out of memory");
+  if (!fused) parallel(wino_task, &s, threads);
   free(kstart);
   return NULL;
 }

@@ -112,9 +112,11 @@ describe.runIf(built)('native kernels', () => {
     expect(winogradFits(320, 320, { kernel: 1, stride: 1, pad: [0, 0, 0, 0] })).toBe(false);
   });
 
-  it.each([2, 4] as const)('conv3x3Winograd with tile m = %i computes the direct conv: edge tiles, 1x1 and thin images, Cin over a block, residual, per-image bias; half taps as float32 ones', (tile) => {
+  it.each([2, 4] as const)('conv3x3Winograd with tile m = %i computes the direct conv: edge tiles, 1x1 and thin images, Cin over a block, residual, per-image bias; half taps as float32 ones; U made where used or whole before, the same bits', (tile) => {
     const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
-    const shapes = [[2, 9, 7, 24, 40], [1, 1, 1, 16, 16], [1, 2, 13, 8, 8], [2, 5, 6, 264, 24], [1, 12, 8, 8, 56], [1, 17, 3, 32, 8]];
+    // [2, 6, 5, 264, 48]: whole panels over two shared blocks; [1, 60, 60, 8, 24]: over one block of 96 tiles per
+    // thread (225 at F(4x4)), so U_xi is made whole before the GEMMs
+    const shapes = [[2, 9, 7, 24, 40], [1, 1, 1, 16, 16], [1, 2, 13, 8, 8], [2, 5, 6, 264, 24], [1, 12, 8, 8, 56], [1, 17, 3, 32, 8], [2, 6, 5, 264, 48], [1, 60, 60, 8, 24]];
     for (const [b, h, w, cin, cout] of shapes) {
       const weights = rand(cout * cin * 9).map((v) => Math.round(v * 1024) / 1024); // every one exactly a half
       const taps = addon.packWeights(weights, 9 * cin, cout, 2, 9) as Float32Array;
@@ -131,6 +133,14 @@ describe.runIf(built)('native kernels', () => {
       // F(4x4)'s transforms scale by up to 8 (G by 1/24): a few more bits lost than F(2x2)'s adds and halvings
       expect(maxRelError(wino, direct), `${[b, h, w, cin, cout]}`).toBeLessThan(tile === 2 ? 1e-6 : 1e-5);
       expect(Buffer.from(run(halfTaps, false).buffer).equals(Buffer.from(wino.buffer)), `${[b, h, w, cin, cout]}`).toBe(true);
+      for (const how of ['0', '1']) { // SD_WINO_FUSED: U_xi made whole before the GEMMs (0), or one panel pair at a time (1)
+        process.env.SD_WINO_FUSED = how;
+        try {
+          expect(Buffer.from(run(halfTaps, false).buffer).equals(Buffer.from(wino.buffer)), `${[b, h, w, cin, cout]} SD_WINO_FUSED=${how}`).toBe(true);
+        } finally {
+          delete process.env.SD_WINO_FUSED;
+        }
+      }
     }
   });
 
