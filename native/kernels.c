@@ -1907,12 +1907,19 @@ static void wino_task(void *ctx, int t, int nthreads) {
  * 2560 -> 1280) rarely found that much free in the heap between the feature maps, so its pages faulted in zeroed
  * every time: SD 1.5's 16x16 2560 -> 1280 conv took ~100 ms in the UNet against ~57 ms alone. trimHeap frees it.
  */
-/* Whether U_xi is made where it is used (wino_fused_conv) rather than whole before (SD_WINO_FUSED=0/1 for measuring). */
-static int wino_fused(size_t tiles, int threads) {
+/* The most floats of U_xi made whole: F(2x2)'s for SD's 2560 -> 1280 conv (kernels.ts, WINOGRAD_F4_MAX_MATRICES). */
+#define WINO_MAX_MATRICES ((size_t)16 * 2560 * 1280)
+
+/*
+ * Whether U_xi is made where it is used (wino_fused_conv) rather than whole before: where each thread has at most one
+ * block of tiles, or U_xi whole would not fit in WINO_MAX_MATRICES (F(4x4) for SD's 1280-channel convs, which
+ * kernels.ts asks for only with few tiles). SD_WINO_FUSED=0|1 forces one way (measuring; 0 then makes any size).
+ */
+static int wino_fused(size_t tiles, size_t Cin, size_t Cout, int m, int threads) {
   const char *e = getenv("SD_WINO_FUSED");
   if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
   const size_t n = (size_t)(threads < 1 ? 1 : threads);
-  return (tiles + n * WT - 1) / (n * WT) <= 1; /* each thread one block of tiles */
+  return (tiles + n * WT - 1) / (n * WT) <= 1 || (size_t)(m + 2) * (size_t)(m + 2) * Cin * Cout > WINO_MAX_MATRICES;
 }
 
 static float *wino_scratch(size_t len) {
@@ -1945,7 +1952,7 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   const float *res = f32(&a, 10, "residual", B * H * W * Cout, 1);
   if (a.failed || B * H * W == 0 || Cout == 0) return NULL;
   const size_t th = (H + m - 1) / m, tw = (W + m - 1) / m;
-  const int fused = wino_fused(B * th * tw, threads);
+  const int fused = wino_fused(B * th * tw, Cin, Cout, (int)m, threads);
   size_t *kstart = malloc(sizeof(size_t) * (Cin / KC + 2));
   float *made = fused ? NULL : wino_scratch((m + 2) * (m + 2) * wino_stride(Cin, Cout)); /* U_xi from the taps, this call */
   if (!kstart || !zero_row(KC) || (!fused && !made)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }

@@ -100,16 +100,33 @@ describe.runIf(built)('native kernels', () => {
     // the cases above: F(2x2) at 2 x 13 x 11, F(4x4) at 2 x 31 x 29
     expect(winogradTile(2, 13, 11, 24, 40)).toBe(2);
     expect(winogradTile(2, 31, 29, 24, 40)).toBe(4);
-    // SD 1.5's UNet at 512x512 (batch 2): 64x64 and 32x32 levels F(4x4); 1280 channels F(2x2) (36 x 1280 x 1280 floats
-    // is over the matrices' limit)
+    // SD 1.5's UNet at 512x512 (batch 2): 64x64 and 32x32 levels F(4x4); its 16x16 level's 1280 channels too, and
+    // SDXL's 32x32 ones: 36 x 1280 x 1280 floats is over the limit of matrices made whole, but with at most
+    // WINOGRAD_F4_FEW_TILES the kernels make them where they are used. With more tiles (SDXL's 64x64 1280-channel
+    // conv), or matrices that fit but too few tiles for F(4x4) to pay, F(2x2)
     expect(winogradTile(2, 64, 64, 320, 320)).toBe(4);
     expect(winogradTile(2, 32, 32, 640, 640)).toBe(4);
     expect(36 * 1280 * 1280).toBeGreaterThan(WINOGRAD_F4_MAX_MATRICES);
-    expect(winogradTile(2, 32, 32, 1280, 1280)).toBe(2);
+    expect(winogradTile(2, 16, 16, 1280, 1280)).toBe(4);
+    expect(winogradTile(2, 16, 16, 2560, 1280)).toBe(4);
+    expect(winogradTile(2, 32, 32, 1280, 1280)).toBe(4);
+    expect(winogradTile(2, 64, 64, 1280, 1280)).toBe(2);
+    expect(winogradTile(2, 16, 16, 640, 1280)).toBe(2);
     expect(winogradFits(4, 320, same)).toBe(false); // conv_in
     expect(winogradFits(320, 320, { ...same, stride: 2 })).toBe(false);
     expect(winogradFits(320, 320, { kernel: 3, stride: 1, pad: [0, 1, 0, 1] })).toBe(false);
     expect(winogradFits(320, 320, { kernel: 1, stride: 1, pad: [0, 0, 0, 0] })).toBe(false);
+  });
+
+  it('F(4x4) with 1280 channels (its matrices too large to make whole: made where used) stays within 1e-5 of the direct conv', () => {
+    const addon = createRequire(import.meta.url)(kernelsPath()) as Record<string, (...a: unknown[]) => unknown>;
+    const [b, h, w, cin, cout] = [2, 6, 7, 1280, 1280];
+    const taps = addon.halvePanels(addon.packWeights(rand(cout * cin * 9).map((v) => Math.round(v * 1024) / 1024), 9 * cin, cout, 2, 9)) as Uint16Array;
+    const x = rand(b * h * w * cin), bias = rand(cout);
+    const direct = new Float32Array(b * h * w * cout), wino = new Float32Array(b * h * w * cout).fill(Number.NaN);
+    addon.conv2d(x, b, h, w, cin, taps, cout, 3, 1, 1, 1, h, w, bias, direct, 2, null, false);
+    addon.conv3x3Winograd(x, b, h, w, cin, taps, cout, bias, wino, 2, null, false, 4);
+    expect(maxRelError(wino, direct)).toBeLessThan(1e-5);
   });
 
   it.each([2, 4] as const)('conv3x3Winograd with tile m = %i computes the direct conv: edge tiles, 1x1 and thin images, Cin over a block, residual, per-image bias; half taps as float32 ones; U made where used or whole before, the same bits', (tile) => {

@@ -256,22 +256,33 @@ export const WINOGRAD_MIN_PIXELS = 256;
 /**
  * F(4x4, 3x3) does 0.56x F(2x2)'s multiplications, but its 36 matrices U_xi are 2.25x F(2x2)'s 16 to make and to
  * read, and its larger tiles leave fewer rows per GEMM: it runs where the image gives at least this many 4x4 tiles
- * (batch x ceil(H/4) x ceil(W/4)) and its matrices (36 Cin Cout floats) fit in WINOGRAD_F4_MAX_MATRICES.
+ * (batch x ceil(H/4) x ceil(W/4)) and its matrices (36 Cin Cout floats) fit in WINOGRAD_F4_MAX_MATRICES, or where
+ * they do not fit and the image gives at most WINOGRAD_F4_FEW_TILES (native/kernels.c then makes them a panel pair at
+ * a time where they are used, never whole).
  */
 export const WINOGRAD_F4_MIN_TILES = 128;
 
-/** The most floats F(4x4)'s matrices may take: F(2x2)'s for the UNet's 2560 -> 1280 conv (210 MB), the kernels' largest. */
+/** The most floats F(4x4)'s matrices may take made whole: F(2x2)'s for the UNet's 2560 -> 1280 conv (210 MB), the kernels' largest. */
 export const WINOGRAD_F4_MAX_MATRICES = 16 * 2560 * 1280;
+
+/**
+ * The most 4x4 tiles of a conv whose F(4x4) matrices are too large to make whole that runs F(4x4) all the same: SD's
+ * 1280-channel convs at 16x16 (32 tiles, batch 2) and SDXL's at 32x32 (128), 1.4-1.6x faster than F(2x2) (2-core Zen 5
+ * EPYC: 1280 -> 1280 at [2, 32, 32] 82 -> 52 ms, at [2, 16, 16] 18 -> 13 ms); at [2, 64, 64] (512 tiles) F(2x2) made
+ * whole stays faster (301 against 345 ms).
+ */
+export const WINOGRAD_F4_FEW_TILES = 128;
 
 /** Whether a conv of this shape and geometry can run as Winograd (conv2dHost then decides by the image's size). */
 export function winogradFits(cin: number, cout: number, g: ConvGeometry): boolean {
   return g.kernel === 3 && g.stride === 1 && g.pad.every((p) => p === 1) && cin % 8 === 0 && cout % 8 === 0;
 }
 
-/** Winograd's tile for a conv of Cin -> Cout on [b, h, w]: 4 where F(4x4, 3x3) pays (WINOGRAD_F4_MIN_TILES), else 2. */
+/** Winograd's tile for a conv of Cin -> Cout on [b, h, w]: 4 where F(4x4, 3x3) pays (WINOGRAD_F4_MIN_TILES, _FEW_TILES), else 2. */
 export function winogradTile(b: number, h: number, w: number, cin: number, cout: number): 2 | 4 {
   const tiles = b * Math.ceil(h / 4) * Math.ceil(w / 4);
-  return tiles >= WINOGRAD_F4_MIN_TILES && 36 * cin * cout <= WINOGRAD_F4_MAX_MATRICES ? 4 : 2;
+  const whole = 36 * cin * cout <= WINOGRAD_F4_MAX_MATRICES;
+  return (whole && tiles >= WINOGRAD_F4_MIN_TILES) || (!whole && tiles <= WINOGRAD_F4_FEW_TILES) ? 4 : 2;
 }
 
 /**
