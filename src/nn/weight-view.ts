@@ -143,6 +143,20 @@ export class WeightView {
     return use(halves);
   }
 
+  /**
+   * `${prefix}.${name}` as the IEEE halves an fp16 file stores (a Uint16Array of their bits, in an array of its own
+   * that the caller keeps), or null where the file stores another dtype, this is a probe, or the source is held in
+   * memory already (HostTensors); checkpoint layout, its shape must equal `shape`.
+   */
+  storedHalves(name: string, shape: readonly number[]): Uint16Array | null {
+    const key = this.checked(name, shape);
+    if (this.probed !== null || this.src instanceof HostTensors || this.src.info(key).dtype !== 'F16') return null;
+    if (this.src.bytesInto === undefined) return halvesOf(this.src.bytes(key)).slice();
+    const halves = new Uint16Array(shape.reduce((a, b) => a * b, 1));
+    this.src.bytesInto(key, new Uint8Array(halves.buffer));
+    return halves;
+  }
+
   /** The full key of `name`, after checking that it exists with exactly `shape`; records it as read. */
   private checked(name: string, shape: readonly number[]): string {
     const key = this.key(name);
