@@ -463,9 +463,7 @@ export class Embedding {
       if (!(id >= 0 && id < this.num)) throw new RangeError(`Embedding: id ${at[i]} is not in [0, ${this.num - 1}]`);
       rows.set(this.halves.subarray(id * dim, (id + 1) * dim), i * dim);
     }
-    const out = new Float32Array(rows.length);
-    if (!kernels.widenHalves(rows, out)) out.set(decodeToFloat32(new Uint8Array(rows.buffer), 'F16'));
-    return tf.tensor(out, [...ids.shape, dim], 'float32');
+    return tf.tensor(decodeToFloat32(new Uint8Array(rows.buffer), 'F16'), [...ids.shape, dim], 'float32');
   }
 
   dispose(): void {
