@@ -374,7 +374,7 @@ __attribute__((target("avx2,f16c"))) static void widen(const uint16_t *h, size_t
 }
 
 /*
- * The edge panel's first shared block done (edge_add): its bias and residual added to the block's sums in edge, as
+ * gemm_block's edge panel after its first shared block: its bias and residual added to the block's sums in edge, as
  * write_tile adds them to a first block's tile, so that C's values are summed in the same order as a whole panel's.
  */
 static void edge_epilogue(float *edge, int rows, int cols, size_t row0, size_t col0, const epi_t *e) {
@@ -398,6 +398,28 @@ static const float *panels_for(const gemm_t *g, size_t jp, size_t np, size_t k0,
 }
 
 /*
+ * Rows [0, n) (the row pointers `rows`) times np panels b, bstride apart, over one shared block of kc, into C at c
+ * (rows ldc apart; `cols` of the np * 16 columns in C; row0, col0 where c sits in C, for the epilogue e): a whole
+ * tile is added into C by the kernel itself after the first shared block (`later`), or written there straight when
+ * there is no epilogue; any other goes through a tile and write_tile (the epilogue added with the first block).
+ */
+AVX2 static void micro_tiles(micro_fn kernel, int kc, const float *const *rows, size_t n, const float *b, size_t bstride, float *c,
+                             size_t ldc, size_t np, size_t cols, size_t row0, size_t col0, const epi_t *e, int later) {
+  float tile[MR_MAX * 2 * NR];
+  const size_t mr = micro.mr;
+  for (size_t ir = 0; ir < n; ir += mr) {
+    float *o = c + ir * ldc;
+    if ((later || !e) && cols == np * NR && ir + mr <= n) {
+      kernel(kc, rows + ir, b, bstride, o, ldc, later);
+      continue;
+    }
+    kernel(kc, rows + ir, b, bstride, tile, np * NR, 0);
+    for (size_t q = 0; q < np; q++)
+      write_tile(tile + q * NR, np * NR, o + q * NR, ldc, (int)min_sz(mr, n - ir), (int)min_sz(NR, cols - q * NR), row0 + ir, col0 + q * NR, e, later);
+  }
+}
+
+/*
  * One block of rows [ic, ic + mc) times the panels [jp0, jp1) of B, over all of the shared dimension.
  *
  * A panel that C holds only part of (the last one, where N is not a multiple of 16: a conv_out's 4 channels) is
@@ -409,7 +431,6 @@ static const float *panels_for(const gemm_t *g, size_t jp, size_t np, size_t k0,
  */
 AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, size_t jp1) {
   const float *rows[MC + MR_MAX];
-  float tile[MR_MAX * 2 * NR];
   float wide[2 * KC * NR] __attribute__((aligned(64))); /* half panels, widened once for all the block's rows */
   float edge[(MC + MR_MAX) * NR] __attribute__((aligned(64)));
   const size_t mr = micro.mr;
@@ -422,17 +443,8 @@ AVX2 static void gemm_block(const gemm_t *g, size_t ic, size_t mc, size_t jp0, s
     for (size_t jp = jp0; jp < whole; jp += np) {
       const micro_fn kernel = micro_for(jp, whole, &np);
       const float *b = panels_for(g, jp, np, k0, kc, wide, &bstride);
-      for (size_t ir = 0; ir < mc; ir += mr) {
-        float *c = g->c + (ic + ir - g->c_row0) * g->ldc + (jp * NR - g->c_col0);
-        if (kb > 0 && ir + mr <= mc) {
-          /* a whole tile after the first shared block: added into C by the kernel itself */
-          kernel((int)kc, rows + ir, b, bstride, c, g->ldc, 1);
-          continue;
-        }
-        kernel((int)kc, rows + ir, b, bstride, tile, np * NR, 0);
-        for (size_t p = 0; p < np; p++)
-          write_tile(tile + p * NR, np * NR, c + p * NR, g->ldc, (int)min_sz(mr, mc - ir), NR, ic + ir, (jp + p) * NR, &g->epi, kb > 0);
-      }
+      micro_tiles(kernel, (int)kc, rows, mc, b, bstride, g->c + (ic - g->c_row0) * g->ldc + (jp * NR - g->c_col0), g->ldc, np, np * NR, ic,
+                  jp * NR, &g->epi, kb > 0);
     }
     if (whole == jp1) continue;
     const float *b = panels_for(g, whole, 1, k0, kc, wide, &bstride);
@@ -1663,14 +1675,14 @@ static void wino_weights_task(void *ctx, int t, int n) {
 }
 
 typedef struct {
-  const float *x, *packed, *bias, *res; /* packed: every U_xi, made before (NULL: made block by block, from taps) */
+  const float *x, *bias, *res;
   float *out;
   size_t B, H, W, Cin, Cout, th, tw, tiles, bias_rows;
   int m;
   const size_t *kstart;
   size_t kblocks;
   units_t blocks; /* the tiles in blocks of at most WT */
-  wino_w_t taps;  /* where packed is NULL: the taps U_xi are made from */
+  wino_w_t taps;  /* the taps, and in taps.p every U_xi made whole before (wino_task) or NULL (wino_fused_conv) */
 } wino_t;
 
 /* B^T d for one column (or row) d of the patch: m + 2 values to m + 2. */
@@ -1816,32 +1828,21 @@ static void wino_fused_gemms(void *ctx, int t, int nthreads) {
   const wino_t *s = f->s;
   const size_t nxi = (size_t)(s->m + 2) * (size_t)(s->m + 2), panels = (s->Cout + NR - 1) / NR, mr = micro.mr, n = s->tiles;
   const size_t jp0 = 2 * (f->pairs * (size_t)t / (size_t)nthreads), jp1 = min_sz(panels, 2 * (f->pairs * (size_t)(t + 1) / (size_t)nthreads));
-  const float **rows = malloc(sizeof(float *) * (n + MR_MAX));
+  const size_t nr = (n + mr - 1) / mr * mr; /* each xi's row pointers, the last micro-tile's missing rows as zeros */
+  const float **rows = malloc(sizeof(float *) * nxi * nr);
   float *ub = aligned_alloc(64, sizeof(float) * nxi * (2 * KC * NR + WINO_GAP));
-  float tile[MR_MAX * 2 * NR];
   for (size_t kb = 0; rows && ub && kb < s->kblocks; kb++) {
     const size_t k0 = s->kstart[kb], kc = s->kstart[kb + 1] - k0;
+    for (size_t xi = 0; xi < nxi; xi++)
+      for (size_t i = 0; i < nr; i++) rows[xi * nr + i] = i < n ? f->v + (xi * n + i) * s->Cin + k0 : zeros;
     size_t np;
     for (size_t jp = jp0; jp < jp1; jp += np) {
       const micro_fn kernel = micro_for(jp, jp1, &np);
       const size_t ld = np * kc * NR + WINO_GAP; /* U_xi of the pair, xi by xi */
       wino_weights(&s->taps, jp, jp + np, k0, k0 + kc, ub, ld, kc * NR);
-      const int whole_cols = (jp + np) * NR <= s->Cout;
-      for (size_t xi = 0; xi < nxi; xi++) {
-        for (size_t i = 0; i < n; i++) rows[i] = f->v + (xi * n + i) * s->Cin + k0;
-        for (size_t i = n; i % mr; i++) rows[i] = zeros;
-        const float *b = ub + xi * ld;
-        for (size_t ir = 0; ir < n; ir += mr) {
-          float *c = f->p + (xi * n + ir) * s->Cout + jp * NR;
-          if (whole_cols && ir + mr <= n) {
-            kernel((int)kc, rows + ir, b, kc * NR, c, s->Cout, kb > 0);
-            continue;
-          }
-          kernel((int)kc, rows + ir, b, kc * NR, tile, np * NR, 0);
-          for (size_t q = 0; q < np; q++)
-            write_tile(tile + q * NR, np * NR, c + q * NR, s->Cout, (int)min_sz(mr, n - ir), (int)min_sz(NR, s->Cout - (jp + q) * NR), 0, 0, NULL, kb > 0);
-        }
-      }
+      for (size_t xi = 0; xi < nxi; xi++)
+        micro_tiles(kernel, (int)kc, rows + xi * nr, n, ub + xi * ld, kc * NR, f->p + xi * n * s->Cout + jp * NR, s->Cout, np,
+                    min_sz(np * NR, s->Cout - jp * NR), 0, 0, NULL, kb > 0);
     }
   }
   if (!rows || !ub) /* no scratch: this thread's columns as NaN, never passing for a result */
@@ -1882,7 +1883,7 @@ static void wino_task(void *ctx, int t, int nthreads) {
       wino_input(s, b0, n, v, n);
       for (size_t xi = 0; xi < nxi; xi++) {
         dense_rows_t rows = { v + xi * n * s->Cin, s->Cin };
-        gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->packed + xi * one, NULL,
+        gemm_t g = { n, s->Cout, s->Cin, dense_row, &rows, s->kstart, s->kblocks, s->taps.p + xi * one, NULL,
                      { NULL, 0, 0, NULL, 0 }, p + xi * n * s->Cout, s->Cout };
         gemm_rows(&g, 0, n);
       }
@@ -1901,12 +1902,6 @@ static void wino_task(void *ctx, int t, int nthreads) {
   free(p);
 }
 
-/*
- * Where a call turns taps into U_xi: one block kept from call to call and grown to the largest conv's (only the main
- * thread calls in, as with zero_row). A block of its own per call (105 MB for a 1280 -> 1280 conv, 210 MB for
- * 2560 -> 1280) rarely found that much free in the heap between the feature maps, so its pages faulted in zeroed
- * every time: SD 1.5's 16x16 2560 -> 1280 conv took ~100 ms in the UNet against ~57 ms alone. trimHeap frees it.
- */
 /* The most floats of U_xi made whole: F(2x2)'s for SD's 2560 -> 1280 conv (kernels.ts, WINOGRAD_F4_MAX_MATRICES). */
 #define WINO_MAX_MATRICES ((size_t)16 * 2560 * 1280)
 
@@ -1922,6 +1917,12 @@ static int wino_fused(size_t tiles, size_t Cin, size_t Cout, int m, int threads)
   return (tiles + n * WT - 1) / (n * WT) <= 1 || (size_t)(m + 2) * (size_t)(m + 2) * Cin * Cout > WINO_MAX_MATRICES;
 }
 
+/*
+ * Where a call turns taps into U_xi: one block kept from call to call and grown to the largest conv's (only the main
+ * thread calls in, as with zero_row). A block of its own per call (105 MB for a 1280 -> 1280 conv, 210 MB for
+ * 2560 -> 1280) rarely found that much free in the heap between the feature maps, so its pages faulted in zeroed
+ * every time: SD 1.5's 16x16 2560 -> 1280 conv took ~100 ms in the UNet against ~57 ms alone. trimHeap frees it.
+ */
 static float *wino_scratch(size_t len) {
   if (len > wino_made_len) {
     free(wino_made);
@@ -1958,10 +1959,10 @@ static napi_value conv3x3_winograd(napi_env env, napi_callback_info info) {
   if (!kstart || !zero_row(KC) || (!fused && !made)) { free(kstart); fail(&a, "sd_kernels: out of memory"); return NULL; }
   const wino_w_t ws = { taps_f, taps_h, made, Cin, Cout, (int)m };
   if (!fused) parallel(wino_weights_task, (void *)&ws, threads);
-  wino_t s = { x, made, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 }, ws };
+  wino_t s = { x, bias, res, out, B, H, W, Cin, Cout, th, tw, B * th * tw, per_image, (int)m, kstart, k_blocks(Cin, Cin, kstart), { 0 }, ws };
   units_of(&s.blocks, s.tiles, WT, 1, threads);
-  if (fused && !wino_fused_conv(&s, threads)) fail(&a, "sd_kernels: out of memory");
   if (!fused) parallel(wino_task, &s, threads);
+  else if (!wino_fused_conv(&s, threads)) fail(&a, "sd_kernels: out of memory");
   free(kstart);
   return NULL;
 }
